@@ -1,0 +1,117 @@
+"""Converters from the released Würstchen weights to this project's modules.
+
+Stage A: a ``diffusers`` ``PaellaVQModel`` state dict, or the original Würstchen/Paella VQGAN
+checkpoint (same layout, codebook under ``vquantizer.codebook``), to our ``StageA``.
+
+    python -m stages.convert stage_a --src path/to/vqgan --out stage_a_release.safetensors
+
+``--src`` may be a diffusers model folder (``diffusion_pytorch_model.safetensors``), a
+``.safetensors`` file, or a ``.pt``/``.bin``/``.ckpt`` state dict (read with ``weights_only=True``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from stages.stage_a import StageA, StageAConfig
+
+
+def read_state_dict(src: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, diffusers config or {}) from a diffusers folder or a weights file."""
+    src = Path(src)
+    config: dict = {}
+    if src.is_dir():
+        if (src / "config.json").exists():
+            config = json.loads((src / "config.json").read_text())
+        files = sorted(src.glob("*.safetensors")) or sorted(src.glob("*.bin"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors or .bin weights in {src}")
+        src = files[0]
+    if not src.exists():
+        raise FileNotFoundError(f"{src} not found")
+    if src.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(src))
+    else:
+        state = torch.load(src, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # training checkpoints wrap the weights
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state, config
+
+
+def stage_a_config_from_release(state: dict[str, torch.Tensor], config: dict | None = None) -> StageAConfig:
+    """Infer our config from a PaellaVQModel / original VQGAN state dict (levels must be 2)."""
+    config = config or {}
+    if config.get("levels", 2) != 2 or config.get("up_down_scale_factor", 2) != 2:
+        raise ValueError("only the f4 layout (levels=2, up_down_scale_factor=2) converts to Stage A")
+    c0 = state["in_block.1.weight"].shape[0]
+    c1 = state["down_blocks.1.weight"].shape[0]
+    codebook = state.get("vquantizer.embedding.weight", state.get("vquantizer.codebook.weight"))
+    if codebook is None:
+        raise ValueError("no codebook (vquantizer.embedding.weight or vquantizer.codebook.weight) in the state dict")
+    n_up = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"up_blocks\.(\d+)\.", k)))
+    return StageAConfig(widths=(c0, c1), bottleneck_blocks=n_up - 3, latent_channels=codebook.shape[1],
+                        codebook_size=codebook.shape[0], scale_factor=config.get("scale_factor", 0.3764))
+
+
+def stage_a_from_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename PaellaVQModel (or original VQGAN) keys to ``StageA`` keys; values are unchanged."""
+    for prefix in ("in_block.", "down_blocks.", "up_blocks.", "out_block."):
+        if not any(k.startswith(prefix) for k in state):
+            raise ValueError(f"no {prefix}* keys: not a PaellaVQModel / Würstchen VQGAN state dict")
+    n_down = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"down_blocks\.(\d+)\.", k)))
+    n_up = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"up_blocks\.(\d+)\.", k)))
+    out = {}
+    for key, value in state.items():
+        key = key.replace("depthwise.1.", "depthwise.")  # ReplicationPad2d + conv -> conv (pad in forward)
+        if key.startswith("in_block.1."):
+            new = "encoder.1." + key[len("in_block.1."):]
+        elif m := re.match(rf"down_blocks\.{n_down - 1}\.(\d)\.(.*)", key):  # 1x1 conv + BatchNorm
+            new = f"encoder.{n_down + 1 + int(m.group(1))}.{m.group(2)}"
+        elif m := re.match(r"down_blocks\.(\d+)\.(.*)", key):
+            new = f"encoder.{int(m.group(1)) + 2}.{m.group(2)}"
+        elif key in ("vquantizer.embedding.weight", "vquantizer.codebook.weight"):
+            new = "quantizer.codebook.weight"
+        elif key.startswith("up_blocks.0.0."):
+            new = "decoder.0." + key[len("up_blocks.0.0."):]
+        elif m := re.match(r"up_blocks\.(\d+)\.(.*)", key):
+            new = f"decoder.{m.group(1)}.{m.group(2)}"
+        elif key.startswith("out_block.0."):
+            new = f"decoder.{n_up}." + key[len("out_block.0."):]
+        else:
+            raise ValueError(f"unexpected key {key!r}: not a PaellaVQModel / Würstchen VQGAN state dict")
+        out[new] = value
+    return out
+
+
+def load_stage_a_release(src: str | Path) -> StageA:
+    """Our ``StageA`` with the released VQGAN weights (diffusers folder or original checkpoint)."""
+    from stages.checkpoint import load_into
+
+    state, config = read_state_dict(src)
+    model = StageA(stage_a_config_from_release(state, config))
+    return load_into(model, stage_a_from_release(state), str(src)).eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from stages.checkpoint import save_safetensors
+
+    ap = argparse.ArgumentParser(description="Convert released Würstchen weights to this project's format.")
+    ap.add_argument("stage", choices=["stage_a"])
+    ap.add_argument("--src", required=True, help="diffusers model folder or weights file")
+    ap.add_argument("--out", required=True, help="output .safetensors (never overwritten)")
+    args = ap.parse_args(argv)
+    model = load_stage_a_release(args.src)
+    path = save_safetensors(model, args.out, "stage_a", model.config.to_dict())
+    n = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"out": str(path), "params": n, "config": model.config.to_dict()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Shared building blocks behave as SPEC describes."""
+import math
+
+import torch
+
+from stages.blocks import (AttentionBlock, ConvNeXtBlock, GlobalResponseNorm, LayerNorm2d, MixingBlock,
+                           TimestepBlock, timestep_embedding)
+
+
+def test_layernorm2d_normalises_channels():
+    x = torch.randn(2, 8, 5, 7) * 3 + 1
+    y = LayerNorm2d(8, elementwise_affine=False)(x)
+    assert torch.allclose(y.mean(1), torch.zeros(2, 5, 7), atol=1e-5)
+    assert torch.allclose(y.var(1, unbiased=False), torch.ones(2, 5, 7), atol=1e-3)
+
+
+def test_mixing_block_is_identity_at_init_and_learns():
+    block = MixingBlock(16)
+    x = torch.randn(2, 16, 9, 9)
+    assert torch.equal(block(x), x)
+    with torch.no_grad():
+        block.gammas.fill_(0.5)
+    assert not torch.allclose(block(x), x)
+    assert block(x).shape == x.shape
+
+
+def test_convnext_block_with_skip():
+    block = ConvNeXtBlock(16, c_skip=4)
+    x, skip = torch.randn(2, 16, 6, 6), torch.randn(2, 4, 6, 6)
+    assert block(x, skip).shape == x.shape
+    # GRN starts at zero gamma/beta: identity on its input
+    grn = GlobalResponseNorm(8)
+    h = torch.randn(2, 3, 3, 8)
+    assert torch.equal(grn(h), h)
+
+
+def test_timestep_embedding_formula_and_block_identity():
+    r = torch.tensor([0.0, 0.25, 1.0])
+    emb = timestep_embedding(r, 64)
+    half = 32
+    freqs = torch.exp(-math.log(10000) * torch.arange(half) / (half - 1))
+    expected = torch.cat([(r[:, None] * 10000 * freqs).sin(), (r[:, None] * 10000 * freqs).cos()], 1)
+    assert torch.allclose(emb, expected, atol=1e-4)
+    block = TimestepBlock(16)
+    x = torch.randn(3, 16, 4, 4)
+    assert torch.equal(block(x, emb), x)  # zero-initialised
+
+
+def test_attention_block_self_and_cross():
+    x, cond = torch.randn(2, 32, 4, 5), torch.randn(2, 7, 24)
+    for self_attn in (True, False):
+        blk = AttentionBlock(32, 24, nhead=4, self_attn=self_attn).eval()
+        y = blk(x, cond)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+    # the condition tokens matter
+    blk = AttentionBlock(32, 24, nhead=4).eval()
+    assert not torch.allclose(blk(x, cond), blk(x, torch.randn_like(cond)))
