@@ -1,7 +1,9 @@
 """Losses for Stage A (paper E.1): perceptual (LPIPS) and adversarial (patch discriminator, hinge)."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import warnings
 
 import torch
@@ -25,8 +27,8 @@ class Perceptual(nn.Module):
         import lpips
 
         self.net_name = net
-        try:
-            with warnings.catch_warnings():
+        try:  # torch.hub reports its download on stdout: keep stdout clean for JSON-printing commands
+            with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
                 warnings.simplefilter("ignore")
                 self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=False, verbose=False)
             self.pretrained_backbone = True

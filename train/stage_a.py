@@ -94,8 +94,9 @@ class StageATraining(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None:
-            update_ema(self.ema, self.model, self.hparams.ema_decay)
+        if self.ema is not None:  # warm-up: short memory early, while the weights move fast
+            step = self.global_step
+            update_ema(self.ema, self.model, min(self.hparams.ema_decay, (1 + step) / (10 + step)))
 
     def configure_optimizers(self):
         h = self.hparams

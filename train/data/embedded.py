@@ -82,6 +82,10 @@ def build_openmoji(out_dir: str | os.PathLike, size: int = 128, overwrite: bool 
             "remove it or pass --overwrite to rebuild"
         )
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # a half-done rebuild must not look complete, nor list shards left from the old build
+        index_path.unlink(missing_ok=True)
+        for old in [*out.glob("train-*.tar"), *out.glob("val-*.tar")]:
+            old.unlink()
     font = _font()
     splits: dict[str, list] = {"train": [], "val": []}
     for ch, caption in emoji_captions():

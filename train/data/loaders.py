@@ -114,6 +114,11 @@ class ShardDataset(IterableDataset):
         self.epoch = 0  # set by the data module from the trainer's epoch; advanced by each new pass
         self.skipped: Counter = Counter()
         self._passes = 0
+        self._dist: tuple[int, int] | None = None
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by spawn/forkserver (not fork) see no process group; send the rank along
+        return {**self.__dict__, "_dist": rank_and_world()}
 
     def samples_per_rank(self, world: int) -> int | None:
         return None if self.count is None else self.count // world
@@ -159,6 +164,8 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rank, world = rank_and_world()
+        if info is not None and self._dist is not None and not torch.distributed.is_initialized():
+            rank, world = self._dist  # a spawned worker has no process group: the rank it was sent with
         epoch = self.epoch + self._passes
         self._passes += 1
         rng = random.Random(hash((self.seed, epoch, rank, worker)))
@@ -231,19 +238,19 @@ class FolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict:
-        path = self.files[i]
-        caption_file = path.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.exists() else ""
-        try:
-            image = resize_crop(decode_image(path.read_bytes()), self.size, self.resize, self.crop)
-        except Exception as e:
-            log.warning("unreadable image %s (%s); using the next one instead", path, e)
-            return self[(i + 1) % len(self)] if len(self) > 1 else _raise(e, path)
-        return {"image": image, "caption": caption, "key": str(path.relative_to(self.root))}
-
-
-def _raise(e: Exception, path: Path):
-    raise ValueError(f"cannot decode the only image {path}: {e}") from e
+        for tries in range(len(self)):  # a loop, not recursion: many unreadable files in a row must not overflow
+            path = self.files[(i + tries) % len(self)]
+            try:
+                image = resize_crop(decode_image(path.read_bytes()), self.size, self.resize, self.crop)
+            except Exception as e:
+                if len(self) == 1:
+                    raise ValueError(f"cannot decode the only image {path}: {e}") from e
+                log.warning("unreadable image %s (%s); using the next one instead", path, e)
+                continue
+            caption_file = path.with_suffix(".txt")
+            caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.exists() else ""
+            return {"image": image, "caption": caption, "key": str(path.relative_to(self.root))}
+        raise ValueError(f"cannot decode any of the {len(self)} images under {self.root}")
 
 
 def collate(samples: list[dict]) -> dict:
