@@ -142,13 +142,15 @@ class StageA(nn.Module):
         return self.decoder(z)
 
     def forward(self, images: torch.Tensor, quantize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training pass on raw (unscaled) latents: returns (reconstruction, vq loss)."""
+        """Training pass on raw (unscaled) latents: returns (reconstruction, vq loss).
+
+        The codebook loss is computed on every pass, so the codebook keeps learning (and every
+        parameter gets a gradient, as DDP requires) when ``quantize=False`` decodes the raw latents.
+        """
         self.check_images(images)
         z = self.encoder(images)
-        vq_loss = z.new_zeros(())
-        if quantize:
-            z, vq_loss, _ = self.quantizer(z)
-        return self.decoder(z), vq_loss
+        zq, vq_loss, _ = self.quantizer(z)
+        return self.decoder(zq if quantize else z), vq_loss
 
 
 def load_stage_a(path: str, config: str | StageAConfig | dict | None = None) -> StageA:

@@ -34,7 +34,7 @@ def test_cli_fit_writes_checkpoints_grids_metrics_and_safetensors(openmoji_dir, 
     assert (run / "config.yaml").exists()
     assert list((run / "samples").glob("recon_step*.png"))
     metrics = (run / "metrics.csv").read_text()
-    assert "val/psnr" in metrics and "train/d_loss" in metrics  # adversarial term on after step 2
+    assert "val/psnr" in metrics and "train/g_adv" in metrics  # adversarial term on after step 2
     assert list(run.glob("events.out.tfevents*"))  # TensorBoard in the same run folder
     from stages.stage_a import load_stage_a
     model = load_stage_a(str(run / "model.safetensors"))

@@ -4,6 +4,7 @@ Loss = MSE + 0.1 * LPIPS + (vq + 0.25 * commitment) + w_adv * adversarial, with 
 term switched on after ``adv_start_step`` (paper: 0 for 10k steps, then 0.01) and quantisation
 skipped with probability 0.1, since Stage B later works in the unquantised space.
 
+The discriminator trains from step 0; its term reaches the generator only from ``adv_start_step``.
 Generator and discriminator share one AdamW optimizer (two parameter groups): the discriminator's
 weights take no gradient from the generator's term and the generator's none from the
 discriminator's, so one backward and one step per batch train both, and ``global_step`` counts batches.
@@ -29,7 +30,7 @@ class StageATraining(L.LightningModule):
     """LightningModule for Stage A; ``size`` names a preset (``tiny``, ``paper``) or gives its fields."""
 
     def __init__(self, size: str | dict = "tiny", lr: float = 1e-4, weight_decay: float = 0.01,
-                 warmup_steps: int = 0, mse_weight: float = 1.0, perceptual_weight: float = 0.1,
+                 warmup_steps: int = 0, lr_schedule: str = "constant", mse_weight: float = 1.0, perceptual_weight: float = 0.1,
                  perceptual_net: str = "alex", adv_weight: float = 0.01, adv_start_step: int = 10_000,
                  disc_widths: tuple[int, ...] = (64, 128, 256), quantize_skip_prob: float = 0.1,
                  ema_decay: float | None = 0.999, codebook_init_from_data: bool = True,
@@ -74,14 +75,19 @@ class StageATraining(L.LightningModule):
         mse = F.mse_loss(recon, images)
         perceptual = self.perceptual(recon, images).mean() if h.perceptual_weight > 0 else mse.new_zeros(())
         loss = h.mse_weight * mse + h.perceptual_weight * perceptual + vq_loss
-        w_adv = self.adv_weight_at(self.global_step)
-        if w_adv > 0:
-            self.discriminator.requires_grad_(False)  # generator term: no gradient into D
-            g_adv = generator_adv_loss(self.discriminator(recon))
-            self.discriminator.requires_grad_(True)
+        if self.discriminator is not None:
+            # D trains from the start (so every parameter gets a gradient each step, as DDP needs);
+            # the generator feels it only from adv_start_step on.
             d_loss = hinge_d_loss(self.discriminator(images), self.discriminator(recon.detach()))
-            loss = loss + w_adv * g_adv + d_loss
-            self.log_dict({"train/g_adv": g_adv, "train/d_loss": d_loss})
+            loss = loss + d_loss
+            self.log("train/d_loss", d_loss)
+            w_adv = self.adv_weight_at(self.global_step)
+            if w_adv > 0:
+                self.discriminator.requires_grad_(False)  # generator term: no gradient into D
+                g_adv = generator_adv_loss(self.discriminator(recon))
+                self.discriminator.requires_grad_(True)
+                loss = loss + w_adv * g_adv
+                self.log("train/g_adv", g_adv)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"Stage A loss is {loss.item()} at step {self.global_step} (mse {mse.item():.4g}, "
@@ -104,9 +110,17 @@ class StageATraining(L.LightningModule):
         if self.discriminator is not None:
             groups.append({"params": self.discriminator.parameters()})
         opt = torch.optim.AdamW(groups, lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.95))
-        if not h.warmup_steps:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / h.warmup_steps))
+        if h.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {h.lr_schedule!r}")
+        total = max(1, self.trainer.max_steps) if self.trainer is not None else 1
+
+        def factor(step: int) -> float:  # linear warm-up, then constant or cosine down to 10%
+            warm = min(1.0, (step + 1) / h.warmup_steps) if h.warmup_steps else 1.0
+            if h.lr_schedule == "constant" or self.trainer.max_steps < 0:
+                return warm
+            return warm * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, step / total))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -138,22 +152,30 @@ class StageATraining(L.LightningModule):
         self.val_lpips.update(self.metric_lpips(recon, images))
         self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim, "val/lpips": self.val_lpips},
                       prog_bar=True)
-        if batch_idx == 0 and self.trainer.is_global_zero and self.hparams.grid_images:
+        if batch_idx == 0 and self.hparams.grid_images:
+            out = self.run_dir / "samples" / f"recon_step{self.global_step:07d}.png"  # every rank: log_dir syncs
+            if not self.trainer.is_global_zero:
+                return
             n = min(self.hparams.grid_images, images.shape[0])
-            out = Path(self.trainer.log_dir or ".") / "samples" / f"recon_step{self.global_step:07d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             save_image(torch.cat([images[:n], recon[:n]]), out, nrow=n, padding=2, pad_value=1.0)
 
+    @property
+    def run_dir(self) -> Path:
+        """The run's folder; under DDP every rank must ask (``trainer.log_dir`` is a collective call)."""
+        return Path(self.trainer.log_dir or ".")
+
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+        if not self.trainer.sanity_checking:
             self.export()
 
     def on_train_end(self) -> None:
-        if self.trainer.is_global_zero:
-            self.export()
+        self.export()
 
-    def export(self, path: str | Path | None = None) -> Path:
-        """Write the (EMA) weights to ``<log_dir>/model.safetensors``, config in the metadata."""
-        path = Path(path) if path else Path(self.trainer.log_dir or ".") / "model.safetensors"
+    def export(self) -> Path | None:
+        """Write the (EMA) weights to ``<run dir>/model.safetensors`` (rank 0), config in the metadata."""
+        path = self.run_dir / "model.safetensors"
+        if not self.trainer.is_global_zero:
+            return None
         return save_safetensors(self.eval_model, path, "stage_a", self.model.config.to_dict(), overwrite=True,
                                 extra={"global_step": self.global_step, "lpips": self.perceptual.description})
