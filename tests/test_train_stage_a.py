@@ -125,3 +125,27 @@ def test_evaluate_command_prints_json_and_never_overwrites(openmoji_dir, tmp_pat
     assert report["openmoji_val"]["bicubic_f4"]["psnr"] > report["openmoji_val"]["stage_a_unquantized"]["psnr"]
     with pytest.raises(SystemExit):
         evaluate(["--checkpoint", str(path), "--data-dir", str(openmoji_dir), "--out", str(out)])
+
+
+def test_cli_runs_under_two_process_ddp_on_cpu(openmoji_dir, tmp_path):
+    """The documented command with --trainer.strategy=ddp --trainer.devices=2 (gloo on CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "train", "fit", "--config", "configs/stage_a/tiny.yaml",
+           "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+           "--trainer.default_root_dir", str(root), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+           "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+           "--model.init_args.size", json.dumps(TINY["size"]), "--model.init_args.disc_widths", "[8, 16]",
+           "--model.init_args.adv_start_step", "2",
+           "--data.init_args.embedded_dir", str(openmoji_dir), "--data.init_args.image_size", "32",
+           "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = root / "tiny" / "version_0"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert (run / "model.safetensors").exists()

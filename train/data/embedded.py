@@ -132,33 +132,50 @@ def openmoji_shards(data_dir: str | os.PathLike, split: str, build: bool = True)
     return [str(data_dir / s) for s in info["shards"]], info["count"]
 
 
-# Held-out real photos for reconstruction checks (never trained on).
-HELDOUT_SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field",
-                   "immunohistochemistry", "retina", "camera", "moon", "brick", "grass", "gravel")
-HELDOUT_SKLEARN = ("china.jpg", "flower.jpg")
+# Real photos that ship with scikit-image / scikit-learn, in two disjoint sets: the held-out colour
+# photos for reconstruction checks (never trained on), and the rest, which Stage A may train on.
+HELDOUT_SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+HELDOUT_SKLEARN = ("china", "flower")
+TRAIN_SKIMAGE = ("camera", "moon", "brick", "grass", "gravel", "coins", "page", "text", "clock", "colorwheel", "cell",
+                 "stereo_motorcycle")
 
 
-def heldout_photos(size: int = 256) -> list[tuple[str, torch.Tensor]]:
-    """Real photos from scikit-image and scikit-learn, centre-cropped and resized to ``size``.
-
-    Photos a package does not ship (some scikit-image images are fetched on demand) are left out.
-    """
+def _skimage_photos(names: tuple[str, ...]) -> list[tuple[str, Image.Image]]:
+    """The named scikit-image photos that are available offline (some are fetched on demand)."""
     import skimage.data
-    from sklearn.datasets import load_sample_images
 
     photos = []
-    for name in HELDOUT_SKIMAGE:
+    for name in names:
         try:
             arr = getattr(skimage.data, name)()
         except Exception:  # fetched on demand and not available offline
             continue
-        if arr.dtype != np.uint8:
-            arr = (np.clip(arr, 0, 1) * 255).astype(np.uint8) if arr.dtype.kind == "f" else arr.astype(np.uint8)
-        photos.append((name, Image.fromarray(arr)))
+        arrays = [(f"{name}_left", arr[0]), (f"{name}_right", arr[1])] if isinstance(arr, tuple) else [(name, arr)]
+        for n, a in arrays:
+            if a.dtype != np.uint8:
+                a = (np.clip(a, 0, 1) * 255).astype(np.uint8) if a.dtype.kind == "f" else a.astype(np.uint8)
+            photos.append((n, to_rgb(Image.fromarray(a))))
+    return photos
+
+
+def heldout_photos(size: int = 256) -> list[tuple[str, torch.Tensor]]:
+    """Held-out real colour photos (scikit-image, scikit-learn), centre-cropped and resized to ``size``."""
+    from sklearn.datasets import load_sample_images
+
+    photos = _skimage_photos(HELDOUT_SKIMAGE)
     sk = load_sample_images()
     for name, arr in zip(sk.filenames, sk.images):
-        photos.append((Path(name).stem, Image.fromarray(arr)))
+        if Path(name).stem in HELDOUT_SKLEARN:
+            photos.append((Path(name).stem, Image.fromarray(arr)))
     return [(name, resize_crop(to_rgb(im), size)) for name, im in photos]
+
+
+def training_photos() -> list[tuple[str, Image.Image]]:
+    """Real photos disjoint from the held-out set, for Stage A's extra training crops."""
+    photos = _skimage_photos(TRAIN_SKIMAGE)
+    held = set(HELDOUT_SKIMAGE) | set(HELDOUT_SKLEARN)
+    assert not held & {n.split("_left")[0].split("_right")[0] for n, _ in photos}
+    return photos
 
 
 def main() -> None:

@@ -2,11 +2,12 @@
 
 Both yield dicts ``{"image": (3, S, S) float in [0, 1], "caption": str, "key": str}``.
 
-Shards are split across DDP ranks and dataloader workers so that, within an epoch, no sample is
-seen twice: by shard when there are at least as many shards as consumers (ranks x workers),
-otherwise by sample index. When the total count is known, every rank yields the same number of
-samples (``count // world_size``), so DDP ranks stay in step; at most ``world_size - 1`` samples
-an epoch are left out for that.
+Shards are split across DDP ranks and dataloader workers so that the consumers' parts are
+disjoint and together cover the data: by shard when there are at least as many shards as consumers
+(ranks x workers), otherwise by sample index. When the total count is known, every rank yields
+exactly ``count // world_size`` samples so that DDP ranks stay in step: with uneven shard sizes a
+rank short of that repeats some of its own samples and a rank over it stops early (with the sample
+split, at most ``world_size - 1`` samples an epoch are left out and none repeat).
 """
 from __future__ import annotations
 
@@ -251,6 +252,41 @@ class FolderDataset(Dataset):
             caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.exists() else ""
             return {"image": image, "caption": caption, "key": str(path.relative_to(self.root))}
         raise ValueError(f"cannot decode any of the {len(self)} images under {self.root}")
+
+
+class PhotoCrops(IterableDataset):
+    """Endless random crops of a few real photos, at a random scale (``key`` is ``photo:<name>``)."""
+
+    def __init__(self, photos: list, size: int, seed: int = 0):
+        if not photos:
+            raise ValueError("no photos to crop from")
+        self.photos, self.size, self.seed = photos, size, seed
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        rank, _ = rank_and_world()
+        rng = random.Random(hash((self.seed, rank, info.id if info else 0, random.random())))
+        while True:
+            name, image = self.photos[rng.randrange(len(self.photos))]
+            resize = rng.randint(self.size, max(self.size, min(image.size)))
+            yield {"image": resize_crop(image, self.size, resize, "random", rng=rng), "caption": "",
+                   "key": f"photo:{name}"}
+
+
+class Interleaved(IterableDataset):
+    """``primary`` with one sample of ``extra`` after every ``every - 1`` of its own (epoch ends with primary)."""
+
+    def __init__(self, primary: IterableDataset, extra: IterableDataset, every: int):
+        if every < 2:
+            raise ValueError(f"every must be at least 2, got {every}")
+        self.primary, self.extra, self.every = primary, extra, every
+
+    def __iter__(self) -> Iterator[dict]:
+        extra = iter(self.extra)
+        for i, sample in enumerate(self.primary, start=1):
+            yield sample
+            if i % (self.every - 1) == 0:
+                yield next(extra)
 
 
 def collate(samples: list[dict]) -> dict:

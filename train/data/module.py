@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from train.data.embedded import openmoji_shards
-from train.data.loaders import FolderDataset, ShardDataset, collate
+from train.data.embedded import openmoji_shards, training_photos
+from train.data.loaders import FolderDataset, Interleaved, PhotoCrops, ShardDataset, collate
 
 
 class ImageTextData(L.LightningDataModule):
@@ -20,13 +20,17 @@ class ImageTextData(L.LightningDataModule):
     Training images are resized (shorter side to ``resize``, default ``image_size``) and cropped to
     ``image_size`` (``crop``: random or center); validation images are resized and centre-cropped to
     ``val_size`` (default: ``resize`` or ``image_size``).
+
+    ``photo_crops_every`` (Stage A only; 0 = off): every n-th training sample is a random crop of
+    one of the real photos that ship with scikit-image and are not in the held-out set.
     """
 
     def __init__(self, train: str = "openmoji", val: str | None = "openmoji", image_size: int = 128,
                  resize: int | None = None, val_size: int | None = None, crop: str = "random",
                  min_size: int = 0, batch_size: int = 16, val_batch_size: int | None = None,
                  num_workers: int = 2, shuffle_buffer: int = 1000, embedded_dir: str = "data/openmoji",
-                 train_count: int | None = None, val_count: int | None = None, seed: int = 0):
+                 train_count: int | None = None, val_count: int | None = None, seed: int = 0,
+                 photo_crops_every: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.train_set: Dataset | ShardDataset | None = None
@@ -52,16 +56,23 @@ class ImageTextData(L.LightningDataModule):
         h = self.hparams
         if self.train_set is None and stage in (None, "fit"):
             self.train_set = self._source(h.train, "train", True, h.train_count)
+            if h.photo_crops_every:
+                if not isinstance(self.train_set, ShardDataset):
+                    raise ValueError("photo_crops_every works with shard sources (openmoji or .tar shards)")
+                self.train_set = Interleaved(self.train_set, PhotoCrops(training_photos(), h.image_size, h.seed),
+                                             h.photo_crops_every)
         if self.val_set is None and h.val and stage in (None, "fit", "validate"):
             self.val_set = self._source(h.val, "val", False, h.val_count)
 
     def _loader(self, dataset, batch_size: int, train: bool) -> DataLoader:
         workers = self.hparams.num_workers
-        if isinstance(dataset, ShardDataset) and self.trainer is not None:
-            dataset.epoch = self.trainer.current_epoch  # continue the shuffle sequence after a resume
+        shards = dataset.primary if isinstance(dataset, Interleaved) else dataset
+        if isinstance(shards, ShardDataset) and self.trainer is not None:
+            shards.epoch = self.trainer.current_epoch  # continue the shuffle sequence after a resume
         return DataLoader(
             dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-            shuffle=train and not isinstance(dataset, ShardDataset), drop_last=train,
+            shuffle=train and isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset),
+            drop_last=train,
             persistent_workers=workers > 0, pin_memory=False,
         )
 
