@@ -641,3 +641,19 @@ def test_image_text_data_picks_folder_or_shard_loader(tmp_path):
     assert isinstance(dm.train_set, ShardDataset) and dm.train_set.shuffle and dm.val_set is None
     assert dm.val_dataloader() == []
     assert sum(len(b["key"]) for b in dm.train_dataloader()) == 8  # 11 samples, drop_last with batches of 4
+
+
+def test_training_photos_are_disjoint_from_heldout_and_interleave():
+    from train.data.embedded import HELDOUT_SKIMAGE, HELDOUT_SKLEARN, heldout_photos, training_photos
+    from train.data.loaders import Interleaved, PhotoCrops
+
+    held = heldout_photos(64)
+    train = training_photos()
+    assert len(held) == 9 and len(train) >= 8
+    assert {n for n, _ in held} == set(HELDOUT_SKIMAGE) | set(HELDOUT_SKLEARN)
+    assert not {n for n, _ in held} & {n for n, _ in train}
+    primary = [{"image": torch.zeros(3, 8, 8), "caption": "x", "key": str(i)} for i in range(9)]
+    mixed = list(Interleaved(primary, PhotoCrops(train, 8), every=4))
+    keys = [s["key"] for s in mixed]
+    assert len(mixed) == 12 and all(k.startswith("photo:") for k in keys[3::4])
+    assert all(s["image"].shape == (3, 8, 8) for s in mixed)
