@@ -114,28 +114,36 @@ class AttentionBlock(nn.Module):
 
     Keys/values come from ``Linear(SiLU(cond))``; with ``self_attn`` the image tokens are
     concatenated to the condition tokens, giving self- plus cross-attention in one call.
+    With ``c_cond=None`` there are no condition tokens and the block is plain self-attention.
     """
 
-    def __init__(self, channels: int, c_cond: int, nhead: int, self_attn: bool = True, dropout: float = 0.0):
+    def __init__(self, channels: int, c_cond: int | None, nhead: int, self_attn: bool = True, dropout: float = 0.0):
         super().__init__()
         if channels % nhead:
             raise ValueError(f"channels ({channels}) must be divisible by nhead ({nhead})")
+        if c_cond is None and not self_attn:
+            raise ValueError("an attention block without condition tokens must be a self-attention block")
         self.self_attn = self_attn
         self.nhead = nhead
         self.dropout = dropout
         self.norm = LayerNorm2d(channels, elementwise_affine=False, eps=1e-6)
-        self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, channels))
+        self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, channels)) if c_cond else None
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         q_in = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        kv_in = self.kv_mapper(cond)
-        if self.self_attn:
-            kv_in = torch.cat([q_in, kv_in], dim=1)
+        if self.kv_mapper is None:  # no condition tokens: self-attention only
+            kv_in = q_in
+        else:
+            if cond is None:
+                raise ValueError("this attention block needs condition tokens (B, tokens, c_cond)")
+            kv_in = self.kv_mapper(cond)
+            if self.self_attn:
+                kv_in = torch.cat([q_in, kv_in], dim=1)
         heads = lambda t: t.unflatten(-1, (self.nhead, -1)).transpose(1, 2)  # noqa: E731
         out = F.scaled_dot_product_attention(
             heads(self.to_q(q_in)), heads(self.to_k(kv_in)), heads(self.to_v(kv_in)),

@@ -84,3 +84,27 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
                          + ". Build the model with the config the checkpoint was trained with.")
     model.load_state_dict(state)
     return model
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A file, or a run folder (newest ``version_*/model.safetensors`` under it)."""
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(p.glob("**/model.safetensors"), key=lambda f: f.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"no model.safetensors under {p}; train first or pass the file itself")
+        return found[-1]
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} not found")
+    return p
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's weights: tells whether a later stage was trained on this exact model."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

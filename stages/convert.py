@@ -1,9 +1,12 @@
 """Converters from the released Würstchen weights to this project's modules.
 
+Stage B: a ``diffusers`` ``WuerstchenDiffNeXt`` state dict (the released decoder) to our ``StageB``.
+
 Stage A: a ``diffusers`` ``PaellaVQModel`` state dict, or the original Würstchen/Paella VQGAN
 checkpoint (same layout, codebook under ``vquantizer.codebook``), to our ``StageA``.
 
     python -m stages.convert stage_a --src path/to/vqgan --out stage_a_release.safetensors
+    python -m stages.convert stage_b --src path/to/decoder --out stage_b_release.safetensors
 
 ``--src`` may be a diffusers model folder (``diffusion_pytorch_model.safetensors``), a
 ``.safetensors`` file, or a ``.pt``/``.bin``/``.ckpt`` state dict (read with ``weights_only=True``).
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 
 from stages.stage_a import StageA, StageAConfig
+from stages.stage_b import StageB, StageBConfig
 
 
 def read_state_dict(src: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -45,6 +49,10 @@ def read_state_dict(src: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, config
 
 
+def _levels(state: dict[str, torch.Tensor], prefix: str) -> int:
+    return 1 + max(int(m.group(1)) for k in state if (m := re.match(rf"{prefix}\.(\d+)\.", k)))
+
+
 def stage_a_config_from_release(state: dict[str, torch.Tensor], config: dict | None = None) -> StageAConfig:
     """Infer our config from a PaellaVQModel / original VQGAN state dict (levels must be 2)."""
     config = config or {}
@@ -55,7 +63,7 @@ def stage_a_config_from_release(state: dict[str, torch.Tensor], config: dict | N
     codebook = state.get("vquantizer.embedding.weight", state.get("vquantizer.codebook.weight"))
     if codebook is None:
         raise ValueError("no codebook (vquantizer.embedding.weight or vquantizer.codebook.weight) in the state dict")
-    n_up = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"up_blocks\.(\d+)\.", k)))
+    n_up = _levels(state, "up_blocks")
     return StageAConfig(widths=(c0, c1), bottleneck_blocks=n_up - 3, latent_channels=codebook.shape[1],
                         codebook_size=codebook.shape[0], scale_factor=config.get("scale_factor", 0.3764))
 
@@ -65,8 +73,7 @@ def stage_a_from_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     for prefix in ("in_block.", "down_blocks.", "up_blocks.", "out_block."):
         if not any(k.startswith(prefix) for k in state):
             raise ValueError(f"no {prefix}* keys: not a PaellaVQModel / Würstchen VQGAN state dict")
-    n_down = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"down_blocks\.(\d+)\.", k)))
-    n_up = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"up_blocks\.(\d+)\.", k)))
+    n_down, n_up = _levels(state, "down_blocks"), _levels(state, "up_blocks")
     out = {}
     for key, value in state.items():
         key = key.replace("depthwise.1.", "depthwise.")  # ReplicationPad2d + conv -> conv (pad in forward)
@@ -99,16 +106,64 @@ def load_stage_a_release(src: str | Path) -> StageA:
     return load_into(model, stage_a_from_release(state), str(src)).eval()
 
 
+def stage_b_config_from_release(state: dict[str, torch.Tensor], config: dict | None = None) -> StageBConfig:
+    """Infer our config from a WuerstchenDiffNeXt state dict (and its diffusers config, when given).
+
+    Without a config, attention heads default to width // 64 (as in the release: 640/10, 1280/20).
+    """
+    config = config or {}
+    if "embedding.1.weight" not in state or "clf.1.weight" not in state:
+        raise ValueError("no embedding.1.* / clf.1.* keys: not a WuerstchenDiffNeXt state dict")
+    n = _levels(state, "down_blocks")
+    widths = [state["embedding.1.weight"].shape[0]] + [state[f"down_blocks.{i}.0.1.weight"].shape[0] for i in range(1, n)]
+    blocks = [sum(1 for k in state if re.fullmatch(rf"down_blocks\.{i}\.\d+\.depthwise\.weight", k)) for i in range(n)]
+    has_attn = [any(re.match(rf"down_blocks\.{i}\.\d+\.attention\.", k) for k in state) for i in range(n)]
+    heads = [h if a else 0 for h, a in zip(config.get("nhead", [w // 64 for w in widths]), has_attn)]
+    inject = [f"effnet_mappers.{i}.weight" in state for i in range(n)]
+    mapper = next(state[f"effnet_mappers.{i}.weight"] for i in range(2 * n) if f"effnet_mappers.{i}.weight" in state)
+    patch = config.get("patch_size", 2)
+    return StageBConfig(
+        widths=tuple(widths), blocks=tuple(blocks), heads=tuple(heads), inject_semantic=tuple(inject),
+        c_semantic=mapper.shape[1], c_cond=state["clip_mapper.weight"].shape[0],
+        c_text=state["clip_mapper.weight"].shape[1], c_latent=state["embedding.1.weight"].shape[1] // patch ** 2,
+        c_r=config.get("c_r", 64), patch_size=patch, kernel_size=state["down_blocks.0.0.depthwise.weight"].shape[-1],
+        dropout=config.get("dropout", 0.1) if not isinstance(config.get("dropout"), list) else config["dropout"][0],
+    )
+
+
+def stage_b_from_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename WuerstchenDiffNeXt keys to ``StageB`` keys; values are unchanged."""
+    renames = [("clip_mapper.", "text_mapper."), ("effnet_mappers.", "semantic_mappers."), ("clf.", "head."),
+               ("attention.to_out.0.", "to_out."), ("attention.", "")]
+    out = {}
+    for key, value in state.items():
+        if not key.startswith(("clip_mapper.", "effnet_mappers.", "embedding.", "down_blocks.", "up_blocks.", "clf.")):
+            raise ValueError(f"unexpected key {key!r}: not a WuerstchenDiffNeXt state dict")
+        for old, new in renames:
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def load_stage_b_release(src: str | Path) -> StageB:
+    """Our ``StageB`` with the released decoder weights (diffusers folder or state-dict file)."""
+    from stages.checkpoint import load_into
+
+    state, config = read_state_dict(src)
+    model = StageB(stage_b_config_from_release(state, config))
+    return load_into(model, stage_b_from_release(state), str(src)).eval()
+
+
 def main(argv: list[str] | None = None) -> None:
     from stages.checkpoint import save_safetensors
 
     ap = argparse.ArgumentParser(description="Convert released Würstchen weights to this project's format.")
-    ap.add_argument("stage", choices=["stage_a"])
+    ap.add_argument("stage", choices=["stage_a", "stage_b"])
     ap.add_argument("--src", required=True, help="diffusers model folder or weights file")
     ap.add_argument("--out", required=True, help="output .safetensors (never overwritten)")
     args = ap.parse_args(argv)
-    model = load_stage_a_release(args.src)
-    path = save_safetensors(model, args.out, "stage_a", model.config.to_dict())
+    model = {"stage_a": load_stage_a_release, "stage_b": load_stage_b_release}[args.stage](args.src)
+    path = save_safetensors(model, args.out, args.stage, model.config.to_dict())
     n = sum(p.numel() for p in model.parameters())
     print(json.dumps({"out": str(path), "params": n, "config": model.config.to_dict()}))
 

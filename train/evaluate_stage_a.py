@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
+from stages.checkpoint import resolve_checkpoint
 from stages.stage_a import StageA, load_stage_a
 from train.data.embedded import heldout_photos, openmoji_shards
 from train.data.loaders import ShardDataset
@@ -65,19 +66,6 @@ def evaluate(model: StageA, images: list[torch.Tensor], lpips: Perceptual, batch
         r = out[k]
         out[k]["beats_baseline"] = r["psnr"] > base["psnr"] and r["ssim"] > base["ssim"] and r["lpips"] < base["lpips"]
     return {"n_images": len(images), "side": int(images[0].shape[-1]), **out}
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A file, or a run folder (newest ``version_*/model.safetensors`` under it)."""
-    p = Path(path)
-    if p.is_dir():
-        found = sorted(p.glob("**/model.safetensors"), key=lambda f: f.stat().st_mtime)
-        if not found:
-            raise FileNotFoundError(f"no model.safetensors under {p}; train first or pass the file itself")
-        return found[-1]
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} not found")
-    return p
 
 
 def main(argv: list[str] | None = None) -> dict:

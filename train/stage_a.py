@@ -11,7 +11,6 @@ discriminator's, so one backward and one step per batch train both, and ``global
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import lightning as L
@@ -23,6 +22,7 @@ from torchvision.utils import save_image
 from stages.checkpoint import save_safetensors
 from stages.stage_a import StageA, stage_a_config
 from train.ema import make_ema, update_ema
+from train.optim import with_schedule
 from train.losses import PatchDiscriminator, Perceptual, generator_adv_loss, hinge_d_loss
 
 
@@ -110,18 +110,7 @@ class StageATraining(L.LightningModule):
         if self.discriminator is not None:
             groups.append({"params": self.discriminator.parameters()})
         opt = torch.optim.AdamW(groups, lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.95))
-        if h.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {h.lr_schedule!r}")
-        total = max(1, self.trainer.max_steps) if self.trainer is not None else 1
-
-        def factor(step: int) -> float:  # linear warm-up, then constant or cosine down to 10%
-            warm = min(1.0, (step + 1) / h.warmup_steps) if h.warmup_steps else 1.0
-            if h.lr_schedule == "constant" or self.trainer.max_steps < 0:
-                return warm
-            return warm * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, step / total))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return with_schedule(opt, h.warmup_steps, h.lr_schedule, self.trainer.max_steps if self.trainer else -1)
 
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

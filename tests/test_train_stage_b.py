@@ -1,0 +1,93 @@
+"""Stage B training: CLI run outputs, semantic reconstruction, Stage A pairing, clear errors."""
+import json
+
+import pytest
+import torch
+
+from stages.checkpoint import save_safetensors
+from stages.stage_a import StageA
+from train.cli import main as cli_main
+
+TINY_A = dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64)
+TINY_B = dict(widths=[16, 32, 32], blocks=[1, 1, 1], heads=[0, 2, 2], inject_semantic=[False, True, True],
+              c_cond=16, c_text=None, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def stage_a_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = StageA(TINY_A)
+    return save_safetensors(model, tmp_path_factory.mktemp("a") / "model.safetensors", "stage_a",
+                            model.config.to_dict())
+
+
+def _fit(root, openmoji_dir, stage_a, steps=4, extra=()):
+    cli_main(["fit", "--config", "configs/stage_b/tiny.yaml",
+              "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
+              "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+              "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+              "--model.init_args.size", json.dumps(TINY_B), "--model.init_args.stage_a", str(stage_a),
+              "--data.init_args.embedded_dir", str(openmoji_dir), "--data.init_args.image_size", "64",
+              "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
+              "--data.init_args.val_batch_size", "4", *extra])
+
+
+def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_a_file, tmp_path):
+    _fit(tmp_path / "runs", openmoji_dir, stage_a_file)
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert list((run / "samples").glob("semantic_recon_step*.png"))
+    metrics = (run / "metrics.csv").read_text()
+    assert "val/fid" in metrics and "val/lpips" in metrics and "train/loss" in metrics
+    from safetensors import safe_open
+
+    from stages.stage_b import load_stage_b
+    model = load_stage_b(str(run / "model.safetensors"))
+    assert model.config.widths == (16, 32, 32)
+    with safe_open(str(run / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["stage_a_config"])["widths"] == [8, 16]
+    with safe_open(str(run / "compressor.safetensors"), "pt") as f:
+        assert f.metadata()["stage"] == "semantic_compressor"
+    # frozen networks (Stage A, LPIPS, Inception) are not stored in the Lightning checkpoint
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not any(k.startswith(("stage_a.", "perceptual.", "val_fid.")) for k in ckpt["state_dict"])
+    assert ckpt["stage"] == "stage_b" and len(ckpt["stage_a_fingerprint"]) == 16
+    assert load_stage_b(str(run / "checkpoints" / "last.ckpt")).config == model.config
+
+
+def test_resume_with_another_stage_a_is_refused(openmoji_dir, stage_a_file, tmp_path):
+    # Stage B follows the newest export in a Stage A run folder; a Stage A retrained in the meantime
+    # must not be silently paired with a Stage B checkpoint trained on the earlier one
+    a_run = tmp_path / "stage_a"
+    (a_run / "version_0").mkdir(parents=True)
+    (a_run / "version_0" / "model.safetensors").write_bytes(stage_a_file.read_bytes())
+    _fit(tmp_path / "runs", openmoji_dir, a_run, steps=2)
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    other = StageA(TINY_A)
+    with torch.no_grad():
+        other.decoder[0].weight.add_(0.1)
+    save_safetensors(other, a_run / "version_1" / "model.safetensors", "stage_a", other.config.to_dict())
+    with pytest.raises(ValueError, match="different Stage A"):
+        _fit(tmp_path / "runs", openmoji_dir, a_run, steps=3, extra=["--ckpt_path", str(ckpt)])
+
+
+def test_mismatched_text_setting_is_named(stage_a_file):
+    from train.stage_b import StageBTraining
+
+    with pytest.raises(ValueError, match="text_encoder"):
+        StageBTraining(size=TINY_B, stage_a=str(stage_a_file), text_encoder="minilm", val_fid=False)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        StageBTraining(size=TINY_B, stage_a="no/such/model.safetensors", val_fid=False)
+
+
+def test_semantic_decoder_gives_images_of_the_asked_size(stage_a_file):
+    from train.stage_b import StageBTraining
+
+    module = StageBTraining(size=dict(TINY_B, c_text=384), stage_a=str(stage_a_file), text_encoder="minilm",
+                            val_fid=False).eval()
+    images = torch.rand(2, 3, 64, 96)
+    semantic, text = module.condition(images, ["red apple", ""], train=False)
+    assert semantic.shape == (2, 16, 2, 3) and text.shape == (2, 77, 384)
+    out = module.decoder()(semantic, (64, 96), ["red apple", "café ☕"], steps=2, guidance=2.0)
+    assert out.shape == (2, 3, 64, 96) and 0 <= out.min() and out.max() <= 1

@@ -1,0 +1,221 @@
+"""Training Stage B (Würstchen paper Sec. 3.2 and App. E.2).
+
+A frozen Stage A encodes each image to its unquantised latents x_0; the semantic compressor
+(trainable head, frozen backbone by default) gives the 16-channel condition. Stage B learns to
+predict the noise of x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps with a p2-weighted MSE. As in the
+paper, the semantic latents are noised at a small random t 30% of the time (so B accepts
+imperfect Stage C output) and zeroed 10% of the time (classifier-free guidance); text, when
+used, is replaced by the empty prompt 10% of the time.
+
+Validation performs semantic reconstruction: image -> compressor latents -> Stage B sampling
+(12 DDPM steps) -> Stage A decode, scored by PSNR, LPIPS and FID against the validation images.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torchvision.utils import save_image
+
+from sample.decoders import SemanticDecoder
+from semantic_compressor import SemanticCompressor
+from stages.checkpoint import fingerprint, resolve_checkpoint, save_safetensors
+from stages.diffusion import add_noise, p2_weight
+from stages.stage_a import load_stage_a
+from stages.stage_b import StageB, stage_b_config
+from stages.text_encoder import build_text_encoder
+from train.ema import make_ema, update_ema
+from train.inception import fid_metric
+from train.losses import Perceptual
+from train.optim import with_schedule
+
+FROZEN = ("stage_a.", "text_encoder.", "perceptual.", "val_fid.")  # rebuilt on load, never saved
+
+
+class StageBTraining(L.LightningModule):
+    """LightningModule for Stage B; ``size`` names a preset (``tiny``, ``paper``) or gives its fields.
+
+    ``stage_a``: a trained Stage A (``model.safetensors``, a ``.ckpt``, or its run folder: the
+    newest export under it). ``compressor``: ``SemanticCompressor`` arguments. ``text_encoder``:
+    ``minilm``, ``open_clip`` or ``null`` (must agree with the preset's ``c_text``).
+    """
+
+    def __init__(self, size: str | dict = "tiny", stage_a: str = "runs/stage_a/tiny",
+                 compressor: dict | None = None, text_encoder: str | None = None,
+                 lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int = 0,
+                 lr_schedule: str = "constant", p2_form: str = "paper",
+                 semantic_noise_prob: float = 0.3, semantic_noise_max_t: float = 0.3,
+                 semantic_drop_prob: float = 0.1, text_drop_prob: float = 0.1,
+                 ema_decay: float | None = 0.999, sample_steps: int = 12, guidance: float = 1.0,
+                 grid_images: int = 8, metric_net: str = "alex", val_fid: bool = True):
+        super().__init__()
+        self.save_hyperparameters()
+        config = stage_b_config(size)
+        stage_a_path = resolve_checkpoint(stage_a)
+        self.stage_a_path = str(stage_a_path)
+        self.stage_a = load_stage_a(str(stage_a_path)).requires_grad_(False)
+        self.stage_a_fingerprint = fingerprint(self.stage_a)
+        if self.stage_a.config.latent_channels != config.c_latent:
+            raise ValueError(f"Stage A at {stage_a_path} has {self.stage_a.config.latent_channels} latent channels; "
+                             f"this Stage B expects {config.c_latent}")
+        self.text_encoder = build_text_encoder(text_encoder)
+        want_text = config.c_text is not None
+        if want_text != (self.text_encoder is not None) or (want_text and self.text_encoder.dim != config.c_text):
+            raise ValueError(f"Stage B size {size!r} expects text states of width {config.c_text}, but text_encoder "
+                             f"is {text_encoder!r}" + (f" (width {self.text_encoder.dim})" if self.text_encoder else "")
+                             + "; pick a matching text_encoder or set c_text in the size")
+        self.model = StageB(config)
+        self.compressor = SemanticCompressor(**(compressor or {}))
+        if self.compressor.config.latent_channels != config.c_semantic:
+            raise ValueError(f"the compressor gives {self.compressor.config.latent_channels} channels; "
+                             f"Stage B expects {config.c_semantic}")
+        self.ema = make_ema(self.model) if ema_decay else None
+        self.compressor_ema = make_ema(self.compressor) if ema_decay and self.compressor.trainable != "none" else None
+        self.perceptual = Perceptual(metric_net)
+        self.val_psnr = torchmetrics.image.PeakSignalNoiseRatio(data_range=1.0)
+        self.val_lpips = torchmetrics.MeanMetric()
+        self.val_fid = fid_metric() if val_fid else None
+
+    def train(self, mode: bool = True) -> "StageBTraining":
+        super().train(mode)
+        self.stage_a.eval()  # frozen: BatchNorm statistics never move
+        if self.ema is not None:
+            self.ema.eval()
+        if self.compressor_ema is not None:
+            self.compressor_ema.eval()
+        return self
+
+    # -- training ---------------------------------------------------------------------------
+    def condition(self, images: torch.Tensor, captions: list[str], train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Semantic latents (noised / dropped in training) and text states (dropped in training)."""
+        h = self.hparams
+        semantic = self.compressor(images) if train else self.eval_compressor(images)
+        text = None
+        if self.text_encoder is not None:
+            text = self.text_encoder(captions)
+        if not train:
+            return semantic, text
+        b = images.shape[0]
+        noised = torch.rand(b, device=self.device) < h.semantic_noise_prob
+        if noised.any():
+            t = torch.rand(b, device=self.device) * h.semantic_noise_max_t
+            semantic = torch.where(noised[:, None, None, None], add_noise(semantic, t, torch.randn_like(semantic)), semantic)
+        keep = (torch.rand(b, device=self.device) >= h.semantic_drop_prob)[:, None, None, None]
+        semantic = semantic * keep
+        if text is not None:
+            drop_text = (torch.rand(b, device=self.device) < h.text_drop_prob)[:, None, None]
+            text = torch.where(drop_text, self.text_encoder.empty(b).to(text), text)
+        return semantic, text
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        with torch.no_grad():
+            x0 = self.stage_a.encode(images)
+        semantic, text = self.condition(images, batch["caption"], train=True)
+        t = torch.rand(images.shape[0], device=self.device)
+        noise = torch.randn_like(x0)
+        eps = self.model.predict_eps(add_noise(x0, t, noise), t, semantic, text)
+        per_sample = F.mse_loss(eps, noise, reduction="none").flatten(1).mean(1)
+        loss = (per_sample * p2_weight(t, self.hparams.p2_form).to(per_sample)).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Stage B loss is {loss.item()} at step {self.global_step}; lower the learning rate (model.lr) or "
+                "enable gradient clipping (trainer.gradient_clip_val) and resume from the last checkpoint")
+        self.log("train/loss", loss)
+        self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        step = self.global_step
+        decay = min(self.hparams.ema_decay or 0.0, (1 + step) / (10 + step))
+        if self.ema is not None:
+            update_ema(self.ema, self.model, decay)
+        if self.compressor_ema is not None:
+            update_ema(self.compressor_ema, self.compressor, decay)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        params = [p for p in [*self.model.parameters(), *self.compressor.parameters()] if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.95))
+        return with_schedule(opt, h.warmup_steps, h.lr_schedule, self.trainer.max_steps if self.trainer else -1)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["stage"] = "stage_b"
+        checkpoint["model_config"] = self.model.config.to_dict()
+        checkpoint["stage_a_fingerprint"] = self.stage_a_fingerprint
+        for k in [k for k in checkpoint["state_dict"] if k.startswith(FROZEN)]:
+            del checkpoint["state_dict"][k]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("stage", "stage_b") != "stage_b":
+            raise ValueError(f"this is a {checkpoint['stage']} checkpoint, not a Stage B one")
+        saved = checkpoint.get("stage_a_fingerprint")
+        if saved is not None and saved != self.stage_a_fingerprint:
+            raise ValueError(f"this Stage B checkpoint was trained on a different Stage A (fingerprint {saved}, "
+                             f"the given one is {self.stage_a_fingerprint}); pass the Stage A it was trained with")
+        for k, v in self.state_dict().items():
+            if k.startswith(FROZEN):
+                checkpoint["state_dict"][k] = v
+
+    # -- validation: semantic reconstruction --------------------------------------------------
+    @property
+    def eval_model(self) -> StageB:
+        return self.ema if self.ema is not None else self.model
+
+    @property
+    def eval_compressor(self) -> SemanticCompressor:
+        return self.compressor_ema if self.compressor_ema is not None else self.compressor
+
+    def decoder(self) -> SemanticDecoder:
+        return SemanticDecoder(self.eval_model, self.stage_a, self.text_encoder)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        h = self.hparams
+        images = batch["image"]
+        semantic, _ = self.condition(images, batch["caption"], train=False)
+        gen = torch.Generator(device=self.device).manual_seed(batch_idx)
+        recon = self.decoder()(semantic, images.shape[-2:], batch["caption"], h.sample_steps, h.guidance, gen)
+        self.val_psnr(recon, images)
+        self.val_lpips.update(self.perceptual(recon, images))
+        self.log_dict({"val/psnr": self.val_psnr, "val/lpips": self.val_lpips}, prog_bar=True)
+        if self.val_fid is not None:
+            self.val_fid.update(images, real=True)
+            self.val_fid.update(recon, real=False)
+        if batch_idx == 0 and h.grid_images:
+            out = self.run_dir / "samples" / f"semantic_recon_step{self.global_step:07d}.png"
+            if self.trainer.is_global_zero:
+                n = min(h.grid_images, images.shape[0])
+                out.parent.mkdir(parents=True, exist_ok=True)
+                save_image(torch.cat([images[:n], recon[:n]]), out, nrow=n, padding=2, pad_value=1.0)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_fid is not None:
+            self.log("val/fid", self.val_fid.compute(), prog_bar=True)
+            self.val_fid.reset()
+        if not self.trainer.sanity_checking:
+            self.export()
+
+    def on_train_end(self) -> None:
+        self.export()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.log_dir or ".")
+
+    def export(self) -> Path | None:
+        """``<run>/model.safetensors`` (Stage B, EMA) and ``<run>/compressor.safetensors`` (rank 0)."""
+        path = self.run_dir / "model.safetensors"
+        if not self.trainer.is_global_zero:
+            return None
+        extra = {"global_step": self.global_step, "stage_a_fingerprint": self.stage_a_fingerprint,
+                 "stage_a_path": self.stage_a_path,
+                 "stage_a_config": self.stage_a.config.to_dict(), "text_encoder": self.hparams.text_encoder,
+                 "compressor_config": self.compressor.config.to_dict()}
+        save_safetensors(self.eval_compressor, self.run_dir / "compressor.safetensors", "semantic_compressor",
+                         self.compressor.config.to_dict(), overwrite=True, extra={"global_step": self.global_step})
+        return save_safetensors(self.eval_model, path, "stage_b", self.model.config.to_dict(), overwrite=True,
+                                extra=extra)
