@@ -8,6 +8,7 @@ from semantic_compressor.compressor import (
     SemanticCompressor,
     denormalize_latents,
     latent_grid,
+    load_compressor,
     normalize_latents,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "SemanticCompressor",
     "denormalize_latents",
     "latent_grid",
+    "load_compressor",
     "normalize_latents",
 ]

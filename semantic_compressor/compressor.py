@@ -274,3 +274,17 @@ class SemanticCompressor(nn.Module):
         with torch.set_grad_enabled(keep_graph):
             features = self.backbone(x)
         return self.mapper(features)
+
+
+def load_compressor(path: str | os.PathLike) -> "SemanticCompressor":
+    """A trained compressor: ``compressor.safetensors``, or a Stage B run folder holding one."""
+    from pathlib import Path
+
+    from stages.checkpoint import load_into, read_weights, resolve_checkpoint
+
+    path = Path(path)
+    if path.is_dir() or path.name == "model.safetensors":
+        path = resolve_checkpoint(path).with_name("compressor.safetensors")
+    state, config = read_weights(path, "semantic_compressor")
+    model = SemanticCompressor(**{**(config or {}), "trainable": "none"}, pretrained=False)
+    return load_into(model, state, str(path)).eval()

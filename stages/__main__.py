@@ -2,16 +2,27 @@
 import json
 
 import torch
+from torch import nn
 
 from stages.stage_a import PRESETS as STAGE_A_PRESETS, StageA
+from stages.stage_b import PRESETS as STAGE_B_PRESETS, StageB
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def parameter_counts() -> dict:
+    from semantic_compressor import SemanticCompressor
+
     counts = {}
     with torch.device("meta"):
         for name in STAGE_A_PRESETS:
-            model = StageA(name)
-            counts[f"stage_a/{name}"] = sum(p.numel() for p in model.parameters())
+            counts[f"stage_a/{name}"] = _count(StageA(name))
+        for name in STAGE_B_PRESETS:
+            counts[f"stage_b/{name}"] = _count(StageB(name))
+        for backbone in ("efficientnet_v2_s", "efficientnet_lite0"):
+            counts[f"semantic_compressor/{backbone}"] = _count(SemanticCompressor(backbone, pretrained=False))
     return counts
 
 

@@ -1,12 +1,14 @@
 """Converters from the released Würstchen weights to this project's modules.
 
 Stage B: a ``diffusers`` ``WuerstchenDiffNeXt`` state dict (the released decoder) to our ``StageB``.
+Stage C: a ``diffusers`` ``WuerstchenPrior`` state dict (the released prior) to our ``StageC``.
 
 Stage A: a ``diffusers`` ``PaellaVQModel`` state dict, or the original Würstchen/Paella VQGAN
 checkpoint (same layout, codebook under ``vquantizer.codebook``), to our ``StageA``.
 
     python -m stages.convert stage_a --src path/to/vqgan --out stage_a_release.safetensors
     python -m stages.convert stage_b --src path/to/decoder --out stage_b_release.safetensors
+    python -m stages.convert stage_c --src path/to/prior --out stage_c_release.safetensors
 
 ``--src`` may be a diffusers model folder (``diffusion_pytorch_model.safetensors``), a
 ``.safetensors`` file, or a ``.pt``/``.bin``/``.ckpt`` state dict (read with ``weights_only=True``).
@@ -22,6 +24,7 @@ import torch
 
 from stages.stage_a import StageA, StageAConfig
 from stages.stage_b import StageB, StageBConfig
+from stages.stage_c import StageC, StageCConfig
 
 
 def read_state_dict(src: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -131,18 +134,24 @@ def stage_b_config_from_release(state: dict[str, torch.Tensor], config: dict | N
     )
 
 
-def stage_b_from_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename WuerstchenDiffNeXt keys to ``StageB`` keys; values are unchanged."""
-    renames = [("clip_mapper.", "text_mapper."), ("effnet_mappers.", "semantic_mappers."), ("clf.", "head."),
-               ("attention.to_out.0.", "to_out."), ("attention.", "")]
+def _rename_diffusers(state: dict[str, torch.Tensor], prefixes: dict[str, str], model: str) -> dict[str, torch.Tensor]:
+    """Rename top-level prefixes (``prefixes``: old -> new, every allowed prefix listed) and diffusers'
+    ``attention.to_q/k/v/to_out.0`` to our attention block's ``to_q/k/v/to_out``; values are unchanged."""
     out = {}
     for key, value in state.items():
-        if not key.startswith(("clip_mapper.", "effnet_mappers.", "embedding.", "down_blocks.", "up_blocks.", "clf.")):
-            raise ValueError(f"unexpected key {key!r}: not a WuerstchenDiffNeXt state dict")
-        for old, new in renames:
-            key = key.replace(old, new)
-        out[key] = value
+        top = key.split(".", 1)[0] + "."
+        if top not in prefixes:
+            raise ValueError(f"unexpected key {key!r}: not a {model} state dict")
+        key = prefixes[top] + key[len(top):]
+        out[key.replace(".attention.to_out.0.", ".to_out.").replace(".attention.", ".")] = value
     return out
+
+
+def stage_b_from_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename WuerstchenDiffNeXt keys to ``StageB`` keys."""
+    prefixes = {"clip_mapper.": "text_mapper.", "effnet_mappers.": "semantic_mappers.", "clf.": "head.",
+                "embedding.": "embedding.", "down_blocks.": "down_blocks.", "up_blocks.": "up_blocks."}
+    return _rename_diffusers(state, prefixes, "WuerstchenDiffNeXt")
 
 
 def load_stage_b_release(src: str | Path) -> StageB:
@@ -154,15 +163,43 @@ def load_stage_b_release(src: str | Path) -> StageB:
     return load_into(model, stage_b_from_release(state), str(src)).eval()
 
 
+def stage_c_config_from_release(state: dict[str, torch.Tensor], config: dict | None = None) -> StageCConfig:
+    """Infer our config from a WuerstchenPrior state dict; heads default to width // 64 without a config."""
+    config = config or {}
+    if "projection.weight" not in state or "cond_mapper.0.weight" not in state:
+        raise ValueError("no projection.* / cond_mapper.* keys: not a WuerstchenPrior state dict")
+    width, c_latent = state["projection.weight"].shape[:2]
+    dropout = config.get("dropout", 0.1)
+    return StageCConfig(width=width, depth=_levels(state, "blocks") // 3, heads=config.get("nhead", width // 64),
+                        c_text=state["cond_mapper.0.weight"].shape[1], c_latent=c_latent,
+                        c_r=config.get("c_r", 64), dropout=dropout)
+
+
+def stage_c_from_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename WuerstchenPrior keys to ``StageC`` keys."""
+    prefixes = {"cond_mapper.": "text_mapper.", "out.": "head.", "projection.": "projection.", "blocks.": "blocks."}
+    return _rename_diffusers(state, prefixes, "WuerstchenPrior")
+
+
+def load_stage_c_release(src: str | Path) -> StageC:
+    """Our ``StageC`` with the released prior weights (diffusers folder or state-dict file)."""
+    from stages.checkpoint import load_into
+
+    state, config = read_state_dict(src)
+    model = StageC(stage_c_config_from_release(state, config))
+    return load_into(model, stage_c_from_release(state), str(src)).eval()
+
+
 def main(argv: list[str] | None = None) -> None:
     from stages.checkpoint import save_safetensors
 
     ap = argparse.ArgumentParser(description="Convert released Würstchen weights to this project's format.")
-    ap.add_argument("stage", choices=["stage_a", "stage_b"])
+    ap.add_argument("stage", choices=["stage_a", "stage_b", "stage_c"])
     ap.add_argument("--src", required=True, help="diffusers model folder or weights file")
     ap.add_argument("--out", required=True, help="output .safetensors (never overwritten)")
     args = ap.parse_args(argv)
-    model = {"stage_a": load_stage_a_release, "stage_b": load_stage_b_release}[args.stage](args.src)
+    loaders = {"stage_a": load_stage_a_release, "stage_b": load_stage_b_release, "stage_c": load_stage_c_release}
+    model = loaders[args.stage](args.src)
     path = save_safetensors(model, args.out, args.stage, model.config.to_dict())
     n = sum(p.numel() for p in model.parameters())
     print(json.dumps({"out": str(path), "params": n, "config": model.config.to_dict()}))

@@ -24,7 +24,7 @@ def test_cli_fit_writes_checkpoints_grids_metrics_and_safetensors(openmoji_dir, 
     cli_main(["fit", "--config", "configs/stage_a/tiny.yaml",
               "--trainer.default_root_dir", str(root), "--trainer.max_steps", "4",
               "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
-              "--trainer.enable_progress_bar", "false",
+             
               "--model.init_args.size", json.dumps(TINY["size"]), "--model.init_args.adv_start_step", "2",
               "--model.init_args.disc_widths", "[8, 16]",
               "--data.init_args.embedded_dir", str(openmoji_dir), "--data.init_args.image_size", "32",
@@ -44,7 +44,7 @@ def test_cli_fit_writes_checkpoints_grids_metrics_and_safetensors(openmoji_dir, 
     # a second run goes to a new folder: nothing written before is overwritten
     before = (run / "model.safetensors").stat().st_mtime_ns
     cli_main(["fit", "--config", "configs/stage_a/tiny.yaml", "--trainer.default_root_dir", str(root),
-              "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+              "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
               "--model.init_args.size", json.dumps(TINY["size"]), "--model.init_args.disc_widths", "[8, 16]",
               "--data.init_args.embedded_dir", str(openmoji_dir), "--data.init_args.num_workers", "0",
               "--data.init_args.image_size", "32"])
@@ -137,7 +137,7 @@ def test_cli_runs_under_two_process_ddp_on_cpu(openmoji_dir, tmp_path):
     cmd = [sys.executable, "-m", "train", "fit", "--config", "configs/stage_a/tiny.yaml",
            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
            "--trainer.default_root_dir", str(root), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-           "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+           "--trainer.limit_val_batches", "1",
            "--model.init_args.size", json.dumps(TINY["size"]), "--model.init_args.disc_widths", "[8, 16]",
            "--model.init_args.adv_start_step", "2",
            "--data.init_args.embedded_dir", str(openmoji_dir), "--data.init_args.image_size", "32",

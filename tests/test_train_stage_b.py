@@ -25,7 +25,7 @@ def _fit(root, openmoji_dir, stage_a, steps=4, extra=()):
     cli_main(["fit", "--config", "configs/stage_b/tiny.yaml",
               "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
               "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-              "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+              "--trainer.log_every_n_steps", "1",
               "--model.init_args.size", json.dumps(TINY_B), "--model.init_args.stage_a", str(stage_a),
               "--data.init_args.embedded_dir", str(openmoji_dir), "--data.init_args.image_size", "64",
               "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
@@ -54,6 +54,28 @@ def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_a_file, tm
     assert not any(k.startswith(("stage_a.", "perceptual.", "val_fid.")) for k in ckpt["state_dict"])
     assert ckpt["stage"] == "stage_b" and len(ckpt["stage_a_fingerprint"]) == 16
     assert load_stage_b(str(run / "checkpoints" / "last.ckpt")).config == model.config
+
+    # the decoder finds the Stage A that Stage B recorded, and refuses any other
+    from sample.decoders import load_semantic_decoder
+    assert load_semantic_decoder(run).stage_a.config.widths == (8, 16)
+    other = StageA(TINY_A)
+    with torch.no_grad():
+        other.decoder[0].weight.add_(0.1)
+    other_file = save_safetensors(other, tmp_path / "other_a.safetensors", "stage_a", other.config.to_dict())
+    with pytest.raises(ValueError, match="different Stage A"):
+        load_semantic_decoder(run, other_file)
+
+    # the evaluation prints JSON for own and shuffled latents, and never overwrites its --out
+    from train.evaluate_stage_b import main as evaluate
+    out = tmp_path / "eval.json"
+    report = evaluate(["--checkpoint", str(run), "--data-dir", str(openmoji_dir), "--size", "64", "--limit", "6",
+                       "--steps", "2", "--batch-size", "3", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    for key in ("own_latents", "shuffled_latents"):
+        assert set(report[key]) == {"lpips", "psnr", "fid"}
+    assert report["n_images"] == 6
+    with pytest.raises(SystemExit):
+        evaluate(["--checkpoint", str(run), "--out", str(out)])
 
 
 def test_resume_with_another_stage_a_is_refused(openmoji_dir, stage_a_file, tmp_path):

@@ -19,18 +19,12 @@ from pathlib import Path
 import torch
 
 from sample.decoders import load_semantic_decoder, stage_b_metadata
-from semantic_compressor import SemanticCompressor
-from stages.checkpoint import load_into, read_weights, resolve_checkpoint
+from semantic_compressor import load_compressor
+from stages.checkpoint import resolve_checkpoint
 from train.data.embedded import openmoji_shards
 from train.data.loaders import ShardDataset
 from train.inception import InceptionFeatures, fid_metric
 from train.losses import Perceptual
-
-
-def load_compressor(path: str | Path) -> SemanticCompressor:
-    state, config = read_weights(path, "semantic_compressor")
-    model = SemanticCompressor(**(config or {}), pretrained=False)
-    return load_into(model, state, str(path)).eval()
 
 
 @torch.no_grad()

@@ -214,7 +214,8 @@ class StageBTraining(L.LightningModule):
         extra = {"global_step": self.global_step, "stage_a_fingerprint": self.stage_a_fingerprint,
                  "stage_a_path": self.stage_a_path,
                  "stage_a_config": self.stage_a.config.to_dict(), "text_encoder": self.hparams.text_encoder,
-                 "compressor_config": self.compressor.config.to_dict()}
+                 "compressor_config": self.compressor.config.to_dict(),
+                 "compressor_fingerprint": fingerprint(self.eval_compressor)}
         save_safetensors(self.eval_compressor, self.run_dir / "compressor.safetensors", "semantic_compressor",
                          self.compressor.config.to_dict(), overwrite=True, extra={"global_step": self.global_step})
         return save_safetensors(self.eval_model, path, "stage_b", self.model.config.to_dict(), overwrite=True,

@@ -1,0 +1,129 @@
+"""Stage C: the text-conditional prior in the semantic latent space (paper Sec. 3.3, App. E.3; SPEC "Stage C").
+
+Input: noised, normalised compressor latents ``x_t`` (B, 16, h, w), time ``r`` in [0, 1] and
+text token states (B, T, c_text). A 1x1 conv lifts the latents to ``width`` channels; ``depth``
+groups of [ConvNeXt block, timestep block, self+cross attention block] run at that one
+resolution; the A/B head gives eps = (x_t - A) / (|1 - B| + 1e-5).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from stages.blocks import AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, timestep_embedding
+from stages.diffusion import eps_from_abs_ab
+
+
+@dataclass(frozen=True)
+class StageCConfig:
+    width: int = 1280
+    depth: int = 16
+    heads: int = 16
+    c_text: int = 1024  # text state width (CLIP-H: 1024, CLIP-bigG: 1280, MiniLM: 384)
+    c_latent: int = 16
+    c_r: int = 64
+    dropout: float = 0.1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageCConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown Stage C config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, StageCConfig] = {
+    "tiny": StageCConfig(width=128, depth=4, heads=4, c_text=384, dropout=0.0),  # MiniLM text, 2 CPU cores
+    "paper": StageCConfig(),  # 347.0 M: 16 blocks, width 1280, CLIP-H text (paper Sec. 4.1)
+    "release": StageCConfig(width=1536, depth=32, heads=24, c_text=1280),  # 993.6 M: the v2 release, CLIP-bigG
+}
+
+
+def stage_c_config(size: str | StageCConfig | dict) -> StageCConfig:
+    """A preset name (``tiny``, ``paper``, ``release``), a dict of fields, or a config."""
+    if isinstance(size, StageCConfig):
+        return size
+    if isinstance(size, dict):
+        return StageCConfig.from_dict(size)
+    if size not in PRESETS:
+        raise ValueError(f"unknown Stage C size {size!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[size]
+
+
+class StageC(nn.Module):
+    """The prior; ``forward`` returns the A/B head ``(a, b)``, ``predict_eps`` the noise estimate."""
+
+    def __init__(self, config: StageCConfig | str = "tiny"):
+        super().__init__()
+        self.config = cfg = stage_c_config(config)
+        self.projection = nn.Conv2d(cfg.c_latent, cfg.width, kernel_size=1)
+        self.text_mapper = nn.Sequential(nn.Linear(cfg.c_text, cfg.width), nn.LeakyReLU(0.2),
+                                         nn.Linear(cfg.width, cfg.width))
+        self.blocks = nn.ModuleList()
+        for _ in range(cfg.depth):
+            self.blocks.append(ConvNeXtBlock(cfg.width, dropout=cfg.dropout))
+            self.blocks.append(TimestepBlock(cfg.width, cfg.c_r))
+            self.blocks.append(AttentionBlock(cfg.width, cfg.width, cfg.heads, self_attn=True, dropout=cfg.dropout))
+        self.head = nn.Sequential(LayerNorm2d(cfg.width, elementwise_affine=False, eps=1e-6),
+                                  nn.Conv2d(cfg.width, 2 * cfg.c_latent, kernel_size=1))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Xavier; zero output conv and timestep mappers; residual outputs scaled by sqrt(1/depth) (SPEC)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.head[1].weight)
+        scale = math.sqrt(1 / self.config.depth)
+        for m in self.blocks:
+            if isinstance(m, ConvNeXtBlock):
+                m.channelwise[-1].weight.data.mul_(scale)
+            elif isinstance(m, AttentionBlock):
+                m.to_out.weight.data.mul_(scale)
+            elif isinstance(m, TimestepBlock):
+                nn.init.zeros_(m.mapper.weight)
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        if x.dim() != 4 or x.shape[1] != cfg.c_latent:
+            raise ValueError(f"Stage C expects semantic latents (B, {cfg.c_latent}, h, w), got {tuple(x.shape)}")
+        if text is None or text.dim() != 3 or text.shape[-1] != cfg.c_text:
+            got = None if text is None else tuple(text.shape)
+            raise ValueError(f"Stage C needs text states (B, tokens, {cfg.c_text}), got {got}; "
+                             "use the empty prompt's states for unconditional sampling")
+        r_embed = timestep_embedding(r, cfg.c_r).to(x.dtype)
+        cond = self.text_mapper(text)
+        h = self.projection(x)
+        for block in self.blocks:
+            if isinstance(block, AttentionBlock):
+                h = block(h, cond)
+            elif isinstance(block, TimestepBlock):
+                h = block(h, r_embed)
+            else:
+                h = block(h)
+        a, b = self.head(h).chunk(2, dim=1)
+        return a, b
+
+    def predict_eps(self, x: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """eps = (x_t - A) / (|1 - B| + 1e-5)."""
+        a, b = self(x, r, text)
+        return eps_from_abs_ab(x, a, b)
+
+
+def load_stage_c(path: str, config: StageCConfig | str | dict | None = None) -> StageC:
+    """Build and load a Stage C from a safetensors file or Lightning checkpoint (config from the file if not given)."""
+    from stages.checkpoint import load_into, read_weights
+
+    state, stored = read_weights(path, "stage_c")
+    if config is None and stored is None:
+        raise ValueError(f"{path} carries no Stage C config; pass config= (a preset name or dict)")
+    model = StageC(stage_c_config(config if config is not None else stored))
+    return load_into(model, state, str(path)).eval()

@@ -1,0 +1,201 @@
+"""Training Stage C, the text-to-latent prior (Würstchen paper Sec. 3.3 and App. E.3).
+
+Targets are the frozen semantic compressor's latents of the training images, normalised as in
+the release ((x + 1) / 42). The prior predicts the noise of x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps
+from x_t, t and the text states, with a p2-weighted MSE; text is replaced by the empty prompt 5%
+of the time for classifier-free guidance.
+
+Validation logs the same loss on the val split at fixed noise, and, when a Stage B is given,
+samples latents for the val captions and decodes them with Stage B + Stage A into a PNG grid.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
+
+from sample.decoders import load_semantic_decoder
+from semantic_compressor import denormalize_latents, load_compressor, normalize_latents
+from stages.checkpoint import fingerprint, save_safetensors
+from stages.diffusion import add_noise, ddpm_sample, guide, p2_weight
+from stages.stage_c import StageC, stage_c_config
+from stages.text_encoder import build_text_encoder
+from train.ema import make_ema, update_ema
+from train.optim import with_schedule
+
+FROZEN = ("compressor.", "text_encoder.", "decoder.")  # rebuilt on load, never saved
+
+
+class StageCTraining(L.LightningModule):
+    """LightningModule for Stage C; ``size`` names a preset (``tiny``, ``paper``, ``release``) or gives its fields.
+
+    ``compressor``: the trained compressor (``compressor.safetensors`` or the Stage B run folder).
+    ``stage_b``: optional Stage B (file or run folder) for validation grids. ``cache_latents``
+    keeps each training image's latents in memory by sample key (only valid without random crops).
+    """
+
+    def __init__(self, size: str | dict = "tiny", compressor: str = "runs/stage_b/tiny",
+                 text_encoder: str = "minilm", stage_b: str | None = None,
+                 lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int = 0,
+                 lr_schedule: str = "constant", p2_form: str = "paper", text_drop_prob: float = 0.05,
+                 ema_decay: float | None = 0.999, sample_steps: int = 60, guidance: float = 4.0,
+                 decoder_steps: int = 12, grid_images: int = 8, cache_latents: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        config = stage_c_config(size)
+        self.compressor = load_compressor(compressor).requires_grad_(False)
+        self.compressor_fingerprint = fingerprint(self.compressor)
+        self.text_encoder = build_text_encoder(text_encoder)
+        if self.text_encoder is None or self.text_encoder.dim != config.c_text:
+            raise ValueError(f"Stage C size {size!r} expects text states of width {config.c_text}, but text_encoder "
+                             f"is {text_encoder!r}; pick a matching text_encoder or set c_text in the size")
+        self.model = StageC(config)
+        self.ema = make_ema(self.model) if ema_decay else None
+        self.decoder = load_semantic_decoder(stage_b) if stage_b else None
+        self.latent_cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> "StageCTraining":
+        super().train(mode)
+        for frozen in (self.compressor, self.ema, self.decoder):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    @torch.no_grad()
+    def targets(self, batch: dict) -> torch.Tensor:
+        """Normalised compressor latents of the batch's images (cached by key when asked)."""
+        if not self.hparams.cache_latents:
+            return normalize_latents(self.compressor(batch["image"]))
+        missing = [i for i, k in enumerate(batch["key"]) if k not in self.latent_cache]
+        if missing:
+            fresh = normalize_latents(self.compressor(batch["image"][missing])).cpu()
+            self.latent_cache.update({batch["key"][i]: z for i, z in zip(missing, fresh)})
+        return torch.stack([self.latent_cache[k] for k in batch["key"]]).to(self.device)
+
+    def loss(self, x0: torch.Tensor, text: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        eps = self.model.predict_eps(add_noise(x0, t, noise), t, text)
+        per_sample = F.mse_loss(eps, noise, reduction="none").flatten(1).mean(1)
+        return (per_sample * p2_weight(t, self.hparams.p2_form).to(per_sample)).mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x0 = self.targets(batch)
+        b = x0.shape[0]
+        text = self.text_encoder(batch["caption"])
+        drop = (torch.rand(b, device=self.device) < self.hparams.text_drop_prob)[:, None, None]
+        text = torch.where(drop, self.text_encoder.empty(b).to(text), text)
+        loss = self.loss(x0, text, torch.rand(b, device=self.device), torch.randn_like(x0))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Stage C loss is {loss.item()} at step {self.global_step}; lower the learning rate (model.lr) or "
+                "enable gradient clipping (trainer.gradient_clip_val) and resume from the last checkpoint")
+        self.log("train/loss", loss)
+        self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            step = self.global_step
+            update_ema(self.ema, self.model, min(self.hparams.ema_decay, (1 + step) / (10 + step)))
+
+    def configure_optimizers(self):
+        h = self.hparams
+        opt = torch.optim.AdamW(self.model.parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.95))
+        return with_schedule(opt, h.warmup_steps, h.lr_schedule, self.trainer.max_steps if self.trainer else -1)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["stage"] = "stage_c"
+        checkpoint["model_config"] = self.model.config.to_dict()
+        checkpoint["compressor_fingerprint"] = self.compressor_fingerprint
+        for k in [k for k in checkpoint["state_dict"] if k.startswith(FROZEN)]:
+            del checkpoint["state_dict"][k]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("stage", "stage_c") != "stage_c":
+            raise ValueError(f"this is a {checkpoint['stage']} checkpoint, not a Stage C one")
+        saved = checkpoint.get("compressor_fingerprint")
+        if saved is not None and saved != self.compressor_fingerprint:
+            raise ValueError(f"this Stage C checkpoint was trained on a different semantic compressor (fingerprint "
+                             f"{saved}, the given one is {self.compressor_fingerprint}); pass the one it was trained with")
+        for k, v in self.state_dict().items():
+            if k.startswith(FROZEN):
+                checkpoint["state_dict"][k] = v
+
+    # -- validation -------------------------------------------------------------------------
+    @property
+    def eval_model(self) -> StageC:
+        return self.ema if self.ema is not None else self.model
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x0 = normalize_latents(self.compressor(batch["image"]))
+        text = self.text_encoder(batch["caption"])
+        gen = torch.Generator(device=self.device).manual_seed(batch_idx)  # the same noise at every validation
+        t = torch.rand(x0.shape[0], generator=gen, device=self.device)
+        noise = torch.randn(x0.shape, generator=gen, device=self.device)
+        model, self.model = self.model, self.eval_model
+        try:
+            self.log("val/loss", self.loss(x0, text, t, noise), prog_bar=True)
+        finally:
+            self.model = model
+        if batch_idx == 0 and self.decoder is not None and self.hparams.grid_images:
+            self.write_grid(batch)
+
+    @torch.no_grad()
+    def sample_latents(self, captions: list[str], grid: tuple[int, int], generator: torch.Generator | None = None,
+                       steps: int | None = None, guidance: float | None = None) -> torch.Tensor:
+        """Raw (denormalised) semantic latents for ``captions``, ready for Stage B."""
+        h = self.hparams
+        w = h.guidance if guidance is None else guidance
+        text, empty = self.text_encoder(captions), self.text_encoder.empty(len(captions))
+        model = self.eval_model
+
+        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            eps = model.predict_eps(x, t, text)
+            return eps if w == 1.0 else guide(eps, model.predict_eps(x, t, empty), w)
+
+        noise = torch.randn((len(captions), model.config.c_latent, *grid), generator=generator,
+                            device=generator.device if generator else "cpu").to(self.device)
+        return denormalize_latents(ddpm_sample(eps_fn, noise, steps or h.sample_steps, generator))
+
+    def write_grid(self, batch: dict) -> None:
+        out = self.run_dir / "samples" / f"text_to_image_step{self.global_step:07d}.png"
+        if not self.trainer.is_global_zero:
+            return
+        n = min(self.hparams.grid_images, batch["image"].shape[0])
+        images, captions = batch["image"][:n], batch["caption"][:n]
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        latents = self.sample_latents(captions, self.compressor_grid(images), gen)
+        generated = self.decoder(latents, images.shape[-2:], captions, self.hparams.decoder_steps, 1.0, gen)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_image(torch.cat([images, generated]), out, nrow=n, padding=2, pad_value=1.0)
+        (out.with_suffix(".txt")).write_text("\n".join(captions) + "\n")
+
+    @staticmethod
+    def compressor_grid(images: torch.Tensor) -> tuple[int, int]:
+        from semantic_compressor import latent_grid
+
+        return latent_grid(*images.shape[-2:])
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.log_dir or ".")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.export()
+
+    def on_train_end(self) -> None:
+        self.export()
+
+    def export(self) -> Path | None:
+        """``<run>/model.safetensors`` (Stage C, EMA), with the compressor and text encoder it needs."""
+        path = self.run_dir / "model.safetensors"
+        if not self.trainer.is_global_zero:
+            return None
+        extra = {"global_step": self.global_step, "compressor_fingerprint": self.compressor_fingerprint,
+                 "text_encoder": self.hparams.text_encoder}
+        return save_safetensors(self.eval_model, path, "stage_c", self.model.config.to_dict(), overwrite=True,
+                                extra=extra)
