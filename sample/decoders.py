@@ -26,6 +26,11 @@ class SemanticDecoder(torch.nn.Module):
         super().__init__()
         self.stage_b, self.stage_a, self.text_encoder = stage_b, stage_a, text_encoder
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (Stage A's f4 times Stage B's downsampling)."""
+        return 4 * self.stage_b.config.downsampling
+
     @torch.no_grad()
     def forward(self, semantic: torch.Tensor, size: tuple[int, int], prompts: list[str] | None = None,
                 steps: int | list[float] = 12, guidance: float = 1.0, generator: torch.Generator | None = None,

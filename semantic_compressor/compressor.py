@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stages.config import DictConfig
 
 # Release latent normalisation (SPEC): the prior works on (x + LATENT_SHIFT) / LATENT_SCALE.
 LATENT_SHIFT = 1.0
@@ -50,14 +52,18 @@ BACKBONES = tuple(BACKBONE_NORMALIZATION)
 TIMM_V2_S = "tf_efficientnetv2_s"  # timm name; its .in1k weights are the ImageNet-1k ones
 
 
-def normalize_latents(latents: torch.Tensor) -> torch.Tensor:
-    """Raw compressor output -> the space Stage C is trained in: ``(x + 1) / 42``."""
-    return (latents + LATENT_SHIFT) / LATENT_SCALE
+def normalize_latents(latents: torch.Tensor, shift: float = LATENT_SHIFT, scale: float = LATENT_SCALE) -> torch.Tensor:
+    """Raw compressor output -> the space Stage C is trained in: ``(x + shift) / scale`` (release: 1, 42).
+
+    The release's constants bring its compressor's latents to about unit variance; a compressor
+    whose BatchNorm output is already about N(0, 1) (ours) uses shift 0, scale 1.
+    """
+    return (latents + shift) / scale
 
 
-def denormalize_latents(latents: torch.Tensor) -> torch.Tensor:
-    """Stage C output -> the raw compressor space Stage B consumes: ``x * 42 - 1``."""
-    return latents * LATENT_SCALE - LATENT_SHIFT
+def denormalize_latents(latents: torch.Tensor, shift: float = LATENT_SHIFT, scale: float = LATENT_SCALE) -> torch.Tensor:
+    """Stage C output -> the raw compressor space Stage B consumes: ``x * scale - shift`` (release: x * 42 - 1)."""
+    return latents * scale - shift
 
 
 def resized_side(side: int) -> int:
@@ -82,7 +88,9 @@ def latent_grid(height: int, width: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class CompressorConfig:
+class CompressorConfig(DictConfig):
+    name = "semantic compressor config"
+
     backbone: str = "efficientnet_lite0"  # one of BACKBONES
     latent_channels: int = 16
     trainable: str = "head"  # "none": all frozen; "head": backbone frozen; "all": all trained
@@ -97,16 +105,6 @@ class CompressorConfig:
             )
         if self.latent_channels < 1:
             raise ValueError(f"latent_channels must be positive, got {self.latent_channels}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CompressorConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown semantic compressor config keys {sorted(unknown)}")
-        return cls(**d)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -6,35 +6,25 @@ multiplies them back and runs the decoder, optionally quantising first.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stages.blocks import MixingBlock
+from stages.config import DictConfig
 
 
 @dataclass(frozen=True)
-class StageAConfig:
+class StageAConfig(DictConfig):
+    name = "Stage A config"
+
     widths: tuple[int, ...] = (192, 384)  # channels of the two levels (full and half resolution)
     bottleneck_blocks: int = 12  # decoder blocks at the lowest level
     latent_channels: int = 4
     codebook_size: int = 8192
     scale_factor: float = 0.3764  # release value; latents are divided by it on encode
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StageAConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown Stage A config keys {sorted(unknown)}")
-        d = dict(d)
-        if "widths" in d:
-            d["widths"] = tuple(d["widths"])
-        return cls(**d)
 
 
 PRESETS: dict[str, StageAConfig] = {
@@ -45,13 +35,7 @@ PRESETS: dict[str, StageAConfig] = {
 
 def stage_a_config(size: str | StageAConfig | dict) -> StageAConfig:
     """A preset name (``tiny``, ``paper``), a dict of fields, or a config."""
-    if isinstance(size, StageAConfig):
-        return size
-    if isinstance(size, dict):
-        return StageAConfig.from_dict(size)
-    if size not in PRESETS:
-        raise ValueError(f"unknown Stage A size {size!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[size]
+    return StageAConfig.pick(size, PRESETS)
 
 
 class VectorQuantizer(nn.Module):

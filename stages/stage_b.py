@@ -9,18 +9,21 @@ with eps = (x_t - a) / (sigmoid(b) (1 - 2e-3) + 1e-3).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stages.blocks import AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, timestep_embedding
+from stages.config import DictConfig
 from stages.diffusion import eps_from_sigmoid_ab
 
 
 @dataclass(frozen=True)
-class StageBConfig:
+class StageBConfig(DictConfig):
+    name = "Stage B config"
+
     widths: tuple[int, ...] = (320, 640, 1280, 1280)  # channels per U-Net level
     blocks: tuple[int, ...] = (4, 4, 14, 4)  # ConvNeXt+timestep(+attention) groups per level
     heads: tuple[int, ...] = (0, 10, 20, 20)  # attention heads per level; 0 = no attention there
@@ -39,16 +42,6 @@ class StageBConfig:
         if not (len(self.blocks) == len(self.heads) == len(self.inject_semantic) == n):
             raise ValueError("widths, blocks, heads and inject_semantic need one entry per level")
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StageBConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown Stage B config keys {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
     @property
     def downsampling(self) -> int:
         """Stage A latent pixels per level-(n-1) pixel: H/4 and W/4 must be multiples of this."""
@@ -65,13 +58,7 @@ PRESETS: dict[str, StageBConfig] = {
 
 def stage_b_config(size: str | StageBConfig | dict) -> StageBConfig:
     """A preset name (``tiny``, ``paper``), a dict of fields, or a config."""
-    if isinstance(size, StageBConfig):
-        return size
-    if isinstance(size, dict):
-        return StageBConfig.from_dict(size)
-    if size not in PRESETS:
-        raise ValueError(f"unknown Stage B size {size!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[size]
+    return StageBConfig.pick(size, PRESETS)
 
 
 class StageB(nn.Module):

@@ -8,17 +8,20 @@ resolution; the A/B head gives eps = (x_t - A) / (|1 - B| + 1e-5).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from stages.blocks import AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, timestep_embedding
+from stages.config import DictConfig
 from stages.diffusion import eps_from_abs_ab
 
 
 @dataclass(frozen=True)
-class StageCConfig:
+class StageCConfig(DictConfig):
+    name = "Stage C config"
+
     width: int = 1280
     depth: int = 16
     heads: int = 16
@@ -26,16 +29,6 @@ class StageCConfig:
     c_latent: int = 16
     c_r: int = 64
     dropout: float = 0.1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StageCConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown Stage C config keys {sorted(unknown)}")
-        return cls(**d)
 
 
 PRESETS: dict[str, StageCConfig] = {
@@ -47,13 +40,7 @@ PRESETS: dict[str, StageCConfig] = {
 
 def stage_c_config(size: str | StageCConfig | dict) -> StageCConfig:
     """A preset name (``tiny``, ``paper``, ``release``), a dict of fields, or a config."""
-    if isinstance(size, StageCConfig):
-        return size
-    if isinstance(size, dict):
-        return StageCConfig.from_dict(size)
-    if size not in PRESETS:
-        raise ValueError(f"unknown Stage C size {size!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[size]
+    return StageCConfig.pick(size, PRESETS)
 
 
 class StageC(nn.Module):

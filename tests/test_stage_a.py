@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from stages.checkpoint import save_safetensors
-from stages.stage_a import PRESETS, StageA, load_stage_a, stage_a_config
+from stages.stage_a import StageA, load_stage_a, stage_a_config
 
 
 def n_params(model):

@@ -9,8 +9,6 @@ as Stage A with 3 instead of 4 channels, unquantised. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +19,7 @@ from stages.stage_a import StageA, load_stage_a
 from train.data.embedded import heldout_photos, openmoji_shards
 from train.data.loaders import ShardDataset
 from train.losses import Perceptual
+from train.report import emit, refuse_existing
 
 
 def bicubic_f4(images: torch.Tensor) -> torch.Tensor:
@@ -68,6 +67,7 @@ def evaluate(model: StageA, images: list[torch.Tensor], lpips: Perceptual, batch
     return {"n_images": len(images), "side": int(images[0].shape[-1]), **out}
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="model.safetensors, a Lightning .ckpt, or a run folder")
@@ -77,10 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
     args = ap.parse_args(argv)
-    if args.out and Path(args.out).exists():
-        ap.error(f"{args.out} exists; choose another --out")
+    refuse_existing(args.out)
     ckpt = resolve_checkpoint(args.checkpoint)
-    torch.set_grad_enabled(False)
     model = load_stage_a(str(ckpt))
     lpips = Perceptual("alex")
     shards, count = openmoji_shards(args.data_dir, "val")
@@ -94,11 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         "openmoji_val": evaluate(model, val, lpips, args.batch_size),
         "heldout_photos": evaluate(model, photos, lpips, args.batch_size),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
@@ -23,6 +21,7 @@ from semantic_compressor import load_compressor
 from stages.checkpoint import resolve_checkpoint
 from train.data.embedded import openmoji_shards
 from train.data.loaders import ShardDataset
+from train.report import emit, refuse_existing
 from train.inception import InceptionFeatures, fid_metric
 from train.losses import Perceptual
 
@@ -42,8 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
     args = ap.parse_args(argv)
-    if args.out and Path(args.out).exists():
-        ap.error(f"{args.out} exists; choose another --out")
+    refuse_existing(args.out)
     b_path = resolve_checkpoint(args.checkpoint)
     decoder = load_semantic_decoder(b_path, args.stage_a)
     compressor = load_compressor(args.compressor or b_path.with_name("compressor.safetensors"))
@@ -78,11 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     # LPIPS and PSNR pair each output with its own image; FID compares the two sets as wholes, and
     # shuffling the latents leaves the set of decoded images (nearly) the same, so FID barely moves.
     report["own_better_paired"] = own["lpips"] < other["lpips"] and own["psnr"] > other["psnr"]
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

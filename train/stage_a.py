@@ -22,11 +22,12 @@ from torchvision.utils import save_image
 from stages.checkpoint import save_safetensors
 from stages.stage_a import StageA, stage_a_config
 from train.ema import make_ema, update_ema
+from train.export import ExportsWeights
 from train.optim import with_schedule
 from train.losses import PatchDiscriminator, Perceptual, generator_adv_loss, hinge_d_loss
 
 
-class StageATraining(L.LightningModule):
+class StageATraining(ExportsWeights, L.LightningModule):
     """LightningModule for Stage A; ``size`` names a preset (``tiny``, ``paper``) or gives its fields."""
 
     def __init__(self, size: str | dict = "tiny", lr: float = 1e-4, weight_decay: float = 0.01,
@@ -149,22 +150,10 @@ class StageATraining(L.LightningModule):
             out.parent.mkdir(parents=True, exist_ok=True)
             save_image(torch.cat([images[:n], recon[:n]]), out, nrow=n, padding=2, pad_value=1.0)
 
-    @property
-    def run_dir(self) -> Path:
-        """The run's folder; under DDP every rank must ask (``trainer.log_dir`` is a collective call)."""
-        return Path(self.trainer.log_dir or ".")
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self.export()
-
-    def on_train_end(self) -> None:
-        self.export()
-
     def export(self) -> Path | None:
         """Write the (EMA) weights to ``<run dir>/model.safetensors`` (rank 0), config in the metadata."""
         path = self.run_dir / "model.safetensors"
         if not self.trainer.is_global_zero:
             return None
         return save_safetensors(self.eval_model, path, "stage_a", self.model.config.to_dict(), overwrite=True,
-                                extra={"global_step": self.global_step, "lpips": self.perceptual.description})
+                                extra={**self.export_metadata(), "lpips": self.perceptual.description})

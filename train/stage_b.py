@@ -30,12 +30,13 @@ from stages.text_encoder import build_text_encoder
 from train.ema import make_ema, update_ema
 from train.inception import fid_metric
 from train.losses import Perceptual
+from train.export import ExportsWeights
 from train.optim import with_schedule
 
 FROZEN = ("stage_a.", "text_encoder.", "perceptual.", "val_fid.")  # rebuilt on load, never saved
 
 
-class StageBTraining(L.LightningModule):
+class StageBTraining(ExportsWeights, L.LightningModule):
     """LightningModule for Stage B; ``size`` names a preset (``tiny``, ``paper``) or gives its fields.
 
     ``stage_a``: a trained Stage A (``model.safetensors``, a ``.ckpt``, or its run folder: the
@@ -196,27 +197,19 @@ class StageBTraining(L.LightningModule):
         if self.val_fid is not None:
             self.log("val/fid", self.val_fid.compute(), prog_bar=True)
             self.val_fid.reset()
-        if not self.trainer.sanity_checking:
-            self.export()
-
-    def on_train_end(self) -> None:
-        self.export()
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.trainer.log_dir or ".")
+        super().on_validation_epoch_end()
 
     def export(self) -> Path | None:
         """``<run>/model.safetensors`` (Stage B, EMA) and ``<run>/compressor.safetensors`` (rank 0)."""
         path = self.run_dir / "model.safetensors"
         if not self.trainer.is_global_zero:
             return None
-        extra = {"global_step": self.global_step, "stage_a_fingerprint": self.stage_a_fingerprint,
+        extra = {**self.export_metadata(), "stage_a_fingerprint": self.stage_a_fingerprint,
                  "stage_a_path": self.stage_a_path,
                  "stage_a_config": self.stage_a.config.to_dict(), "text_encoder": self.hparams.text_encoder,
                  "compressor_config": self.compressor.config.to_dict(),
                  "compressor_fingerprint": fingerprint(self.eval_compressor)}
         save_safetensors(self.eval_compressor, self.run_dir / "compressor.safetensors", "semantic_compressor",
-                         self.compressor.config.to_dict(), overwrite=True, extra={"global_step": self.global_step})
+                         self.compressor.config.to_dict(), overwrite=True, extra=self.export_metadata())
         return save_safetensors(self.eval_model, path, "stage_b", self.model.config.to_dict(), overwrite=True,
                                 extra=extra)

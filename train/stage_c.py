@@ -18,23 +18,27 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 from sample.decoders import load_semantic_decoder
-from semantic_compressor import denormalize_latents, load_compressor, normalize_latents
+from semantic_compressor import denormalize_latents, latent_grid, load_compressor, normalize_latents
 from stages.checkpoint import fingerprint, save_safetensors
 from stages.diffusion import add_noise, ddpm_sample, guide, p2_weight
 from stages.stage_c import StageC, stage_c_config
 from stages.text_encoder import build_text_encoder
 from train.ema import make_ema, update_ema
+from train.export import ExportsWeights
 from train.optim import with_schedule
 
 FROZEN = ("compressor.", "text_encoder.", "decoder.")  # rebuilt on load, never saved
 
 
-class StageCTraining(L.LightningModule):
+class StageCTraining(ExportsWeights, L.LightningModule):
     """LightningModule for Stage C; ``size`` names a preset (``tiny``, ``paper``, ``release``) or gives its fields.
 
     ``compressor``: the trained compressor (``compressor.safetensors`` or the Stage B run folder).
     ``stage_b``: optional Stage B (file or run folder) for validation grids. ``cache_latents``
     keeps each training image's latents in memory by sample key (only valid without random crops).
+    ``latent_shift``/``latent_scale``: targets are (x + shift) / scale; the release's 1 and 42 suit
+    its compressor, whose latents have a standard deviation of about 42; ours leave BatchNorm with
+    about unit variance, so the tiny config uses 0 and 1 (the same goal: unit-variance targets).
     """
 
     def __init__(self, size: str | dict = "tiny", compressor: str = "runs/stage_b/tiny",
@@ -42,7 +46,8 @@ class StageCTraining(L.LightningModule):
                  lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int = 0,
                  lr_schedule: str = "constant", p2_form: str = "paper", text_drop_prob: float = 0.05,
                  ema_decay: float | None = 0.999, sample_steps: int = 60, guidance: float = 4.0,
-                 decoder_steps: int = 12, grid_images: int = 8, cache_latents: bool = False):
+                 decoder_steps: int = 12, grid_images: int = 8, cache_latents: bool = False,
+                 latent_shift: float = 1.0, latent_scale: float = 42.0):
         super().__init__()
         self.save_hyperparameters()
         config = stage_c_config(size)
@@ -64,14 +69,17 @@ class StageCTraining(L.LightningModule):
                 frozen.eval()
         return self
 
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        return normalize_latents(latents, self.hparams.latent_shift, self.hparams.latent_scale)
+
     @torch.no_grad()
     def targets(self, batch: dict) -> torch.Tensor:
         """Normalised compressor latents of the batch's images (cached by key when asked)."""
         if not self.hparams.cache_latents:
-            return normalize_latents(self.compressor(batch["image"]))
+            return self.normalize(self.compressor(batch["image"]))
         missing = [i for i, k in enumerate(batch["key"]) if k not in self.latent_cache]
         if missing:
-            fresh = normalize_latents(self.compressor(batch["image"][missing])).cpu()
+            fresh = self.normalize(self.compressor(batch["image"][missing])).cpu()
             self.latent_cache.update({batch["key"][i]: z for i, z in zip(missing, fresh)})
         return torch.stack([self.latent_cache[k] for k in batch["key"]]).to(self.device)
 
@@ -130,7 +138,7 @@ class StageCTraining(L.LightningModule):
         return self.ema if self.ema is not None else self.model
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        x0 = normalize_latents(self.compressor(batch["image"]))
+        x0 = self.normalize(self.compressor(batch["image"]))
         text = self.text_encoder(batch["caption"])
         gen = torch.Generator(device=self.device).manual_seed(batch_idx)  # the same noise at every validation
         t = torch.rand(x0.shape[0], generator=gen, device=self.device)
@@ -158,7 +166,8 @@ class StageCTraining(L.LightningModule):
 
         noise = torch.randn((len(captions), model.config.c_latent, *grid), generator=generator,
                             device=generator.device if generator else "cpu").to(self.device)
-        return denormalize_latents(ddpm_sample(eps_fn, noise, steps or h.sample_steps, generator))
+        return denormalize_latents(ddpm_sample(eps_fn, noise, steps or h.sample_steps, generator),
+                                   h.latent_shift, h.latent_scale)
 
     def write_grid(self, batch: dict) -> None:
         out = self.run_dir / "samples" / f"text_to_image_step{self.global_step:07d}.png"
@@ -167,35 +176,19 @@ class StageCTraining(L.LightningModule):
         n = min(self.hparams.grid_images, batch["image"].shape[0])
         images, captions = batch["image"][:n], batch["caption"][:n]
         gen = torch.Generator(device=self.device).manual_seed(0)
-        latents = self.sample_latents(captions, self.compressor_grid(images), gen)
+        latents = self.sample_latents(captions, latent_grid(*images.shape[-2:]), gen)
         generated = self.decoder(latents, images.shape[-2:], captions, self.hparams.decoder_steps, 1.0, gen)
         out.parent.mkdir(parents=True, exist_ok=True)
         save_image(torch.cat([images, generated]), out, nrow=n, padding=2, pad_value=1.0)
         (out.with_suffix(".txt")).write_text("\n".join(captions) + "\n")
-
-    @staticmethod
-    def compressor_grid(images: torch.Tensor) -> tuple[int, int]:
-        from semantic_compressor import latent_grid
-
-        return latent_grid(*images.shape[-2:])
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.trainer.log_dir or ".")
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self.export()
-
-    def on_train_end(self) -> None:
-        self.export()
 
     def export(self) -> Path | None:
         """``<run>/model.safetensors`` (Stage C, EMA), with the compressor and text encoder it needs."""
         path = self.run_dir / "model.safetensors"
         if not self.trainer.is_global_zero:
             return None
-        extra = {"global_step": self.global_step, "compressor_fingerprint": self.compressor_fingerprint,
-                 "text_encoder": self.hparams.text_encoder}
+        extra = {**self.export_metadata(), "compressor_fingerprint": self.compressor_fingerprint,
+                 "text_encoder": self.hparams.text_encoder, "latent_shift": self.hparams.latent_shift,
+                 "latent_scale": self.hparams.latent_scale}
         return save_safetensors(self.eval_model, path, "stage_c", self.model.config.to_dict(), overwrite=True,
                                 extra=extra)

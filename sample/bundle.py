@@ -1,0 +1,103 @@
+"""Collect trained stages into one folder the sampler reads, with a model card.
+
+    python -m sample.bundle --stage-a runs/stage_a/tiny --stage-b runs/stage_b/tiny \\
+        --stage-c runs/stage_c/tiny --out checkpoints/tiny
+
+Copies ``stage_a``, ``stage_b``, ``compressor`` and ``stage_c`` safetensors (checking that they were
+trained together) and writes ``MODEL_CARD.md`` and ``model_card.json``: per stage the config, steps,
+training command, wall time (recorded in the export by the training module) and the metrics of
+the last validation. Refuses to write into a folder that holds a bundle.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+from stages.checkpoint import fingerprint, resolve_checkpoint
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: (json.loads(v) if k != "stage" else v) for k, v in (f.metadata() or {}).items()}
+
+
+def run_summary(export: Path) -> dict:
+    """Steps, wall time, last validation metrics and the command of the run that wrote ``export``."""
+    run = export.parent
+    meta = _metadata(export)
+    summary = {"stage": meta.get("stage"), "config": meta.get("config"), "steps": meta.get("global_step"),
+               "wall_time_min": round(meta["wall_time_s"] / 60, 1) if "wall_time_s" in meta else "not recorded"}
+    metrics = run / "metrics.csv"
+    if metrics.exists():
+        rows = list(csv.DictReader(metrics.open()))
+        last = {}
+        for row in rows:
+            last.update({k: v for k, v in row.items() if k.startswith("val/") and v})
+        summary["last_validation"] = {k: round(float(v), 4) for k, v in last.items()}
+    config = run / "config.yaml"
+    if config.exists():
+        summary["config_file"] = next((line.split(":", 1)[1].strip() for line in config.read_text().splitlines()
+                                       if line.startswith("# config:")), None)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stage-a", required=True)
+    ap.add_argument("--stage-b", required=True)
+    ap.add_argument("--stage-c", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--commands", nargs="*", default=[], help="the training commands, for the card")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if (out / "model_card.json").exists():
+        ap.error(f"{out} already holds a bundle; choose another --out")
+    a, b, c = (resolve_checkpoint(p) for p in (args.stage_a, args.stage_b, args.stage_c))
+    compressor = b.with_name("compressor.safetensors")
+    from sample.pipeline import load_text_to_image
+    from semantic_compressor import load_compressor
+    from stages.stage_a import load_stage_a
+
+    load_text_to_image(c, b, a)  # refuses stages that were not trained together
+    b_meta, c_meta = _metadata(b), _metadata(c)
+    if b_meta.get("stage_a_fingerprint") != fingerprint(load_stage_a(str(a))):
+        raise SystemExit(f"Stage B {b} was not trained on Stage A {a}")
+    if c_meta.get("compressor_fingerprint") != fingerprint(load_compressor(compressor)):
+        raise SystemExit(f"Stage C {c} was not trained on the compressor {compressor}")
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"stage_a.safetensors": a, "stage_b.safetensors": b, "compressor.safetensors": compressor,
+             "stage_c.safetensors": c}
+    for name, src in files.items():
+        shutil.copyfile(src, out / name)
+    card = {
+        "stages": {name.split(".")[0]: {"source": str(src), "size_mb": round(src.stat().st_size / 2**20, 2),
+                                        **(run_summary(src) if name != "compressor.safetensors"
+                                           else {"trained_with": "stage_b"})}
+                   for name, src in files.items()},
+        "hardware": f"{platform.machine()}, {torch.get_num_threads()} CPU threads (torch), no GPU",
+        "commands": args.commands,
+        "total_size_mb": round(sum((out / n).stat().st_size for n in files) / 2**20, 2),
+    }
+    (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    lines = ["# Tiny Würstchen checkpoints", "",
+             "Trained by this repository's own commands on the embedded OpenMoji data (CC BY-SA 4.0).", "",
+             "| stage | file | MB | steps | wall time (min) | last validation |", "|---|---|---|---|---|---|"]
+    for stage, info in card["stages"].items():
+        lines.append(f"| {stage} | `{stage}.safetensors` | {info['size_mb']} | {info.get('steps', '(with stage_b)')} | "
+                     f"{info.get('wall_time_min', '')} | {json.dumps(info.get('last_validation', {}))} |")
+    lines += ["", f"Hardware: {card['hardware']}.", "", "Commands:", ""] + [f"    {c}" for c in args.commands]
+    (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps({"out": str(out), "total_size_mb": card["total_size_mb"]}))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Text -> image: text encoder -> Stage C prior -> decoder (paper Fig. 3, right).
+
+The decoder is any module called as ``decoder(semantic, size, prompts, steps, guidance,
+generator, progress)`` with a ``size_multiple`` attribute (``sample.decoders``); Stage B + Stage A
+is the first, the greedy-grown pixel decoder can take its place without touching the rest.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from semantic_compressor import denormalize_latents, latent_grid
+from stages.checkpoint import resolve_checkpoint
+from stages.diffusion import ddpm_sample, guide, sampling_times
+from stages.stage_c import StageC, load_stage_c
+from stages.text_encoder import TextEncoder, build_text_encoder, check_prompts
+
+
+@dataclass
+class Prior:
+    """Stage C with its text encoder and the latent normalisation it was trained with."""
+
+    model: StageC
+    text_encoder: TextEncoder
+    latent_shift: float = 1.0
+    latent_scale: float = 42.0
+    compressor_fingerprint: str | None = None
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], negative: list[str], grid: tuple[int, int], steps: int | list[float],
+               guidance: float, generator: torch.Generator, progress: bool = True) -> torch.Tensor:
+        """Raw semantic latents (B, 16, *grid) for the prompts, ready for a decoder."""
+        text, uncond = self.text_encoder(prompts), self.text_encoder(negative)
+        model = self.model
+
+        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            eps = model.predict_eps(x, t, text)
+            return eps if guidance == 1.0 else guide(eps, model.predict_eps(x, t, uncond), guidance)
+
+        device = next(model.parameters()).device
+        noise = torch.randn((len(prompts), model.config.c_latent, *grid), generator=generator).to(device)
+        latents = ddpm_sample(eps_fn, noise, steps, generator, "Stage C" if progress else False)
+        return denormalize_latents(latents, self.latent_shift, self.latent_scale)
+
+
+def load_prior(path: str | os.PathLike, text_encoder: TextEncoder | None = None) -> Prior:
+    """Stage C (file or run folder) with the text encoder and normalisation recorded in its export."""
+    from safetensors import safe_open
+
+    path = resolve_checkpoint(path)
+    meta = {}
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != "stage"}
+    model = load_stage_c(str(path))
+    if text_encoder is None:
+        text_encoder = build_text_encoder(meta.get("text_encoder") or "minilm")
+    if text_encoder.dim != model.config.c_text:
+        raise ValueError(f"Stage C {path} expects text states of width {model.config.c_text}; the text encoder "
+                         f"gives {text_encoder.dim}")
+    return Prior(model, text_encoder, meta.get("latent_shift", 1.0), meta.get("latent_scale", 42.0),
+                 meta.get("compressor_fingerprint"))
+
+
+def snap_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """Round H and W up to the grid the decoder needs, with a note when they change."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image height and width must be positive, got {height}x{width}")
+    h, w = (math.ceil(s / multiple) * multiple for s in (height, width))
+    h, w = max(h, multiple), max(w, multiple)
+    if (h, w) != (height, width):
+        warnings.warn(f"image size {height}x{width} rounded up to {h}x{w}: the decoder needs multiples of "
+                      f"{multiple} px", stacklevel=3)
+    return h, w
+
+
+class TextToImage(nn.Module):
+    """The composable sampler: prompts -> images ``(B, 3, H, W)`` in [0, 1]."""
+
+    def __init__(self, prior: Prior, decoder: nn.Module):
+        super().__init__()
+        self.prior, self.decoder = prior, decoder
+        self.model, self.text_encoder = prior.model, prior.text_encoder  # registered: .to(device) moves them
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str] | str, negative_prompt: str = "", height: int = 128, width: int = 128,
+                images_per_prompt: int = 1, prior_steps: int | list[float] = 60, decoder_steps: int | list[float] = 12,
+                prior_guidance: float = 4.0, decoder_guidance: float = 3.0, seed: int = 0,
+                progress: bool = True) -> torch.Tensor:
+        """Images for every prompt, ``images_per_prompt`` each (prompt-major order).
+
+        The same arguments and seed give the same images. H and W are rounded up to the decoder's
+        grid with a note; step counts (or explicit decreasing time lists ending in 0) are per stage.
+        """
+        prompts = check_prompts([prompts] if isinstance(prompts, str) else prompts)
+        if images_per_prompt < 1:
+            raise ValueError(f"images_per_prompt must be at least 1, got {images_per_prompt}")
+        sampling_times(prior_steps), sampling_times(decoder_steps)  # bad step counts fail before any work
+        h, w = snap_size(height, width, self.decoder.size_multiple)
+        if not prompts or any(not p.strip() for p in prompts):
+            warnings.warn("an empty prompt samples unconditionally (no text guidance)", stacklevel=2)
+        batch = [p for p in prompts for _ in range(images_per_prompt)]
+        generator = torch.Generator().manual_seed(seed)
+        semantic = self.prior.sample(batch, [negative_prompt] * len(batch), latent_grid(h, w), prior_steps,
+                                     prior_guidance, generator, progress)
+        return self.decoder(semantic, (h, w), batch, decoder_steps, decoder_guidance, generator,
+                            "Stage B" if progress else False)
+
+
+def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
+                       stage_a: str | os.PathLike | None = None) -> TextToImage:
+    """The C -> B -> A sampler from checkpoints, refusing stages that were not trained together."""
+    from sample.decoders import load_semantic_decoder, stage_b_metadata
+
+    prior = load_prior(stage_c)
+    decoder = load_semantic_decoder(stage_b, stage_a)
+    b_meta = stage_b_metadata(resolve_checkpoint(stage_b))
+    c_fp, b_fp = prior.compressor_fingerprint, b_meta.get("compressor_fingerprint")
+    if c_fp and b_fp and c_fp != b_fp:
+        raise ValueError(f"Stage C {stage_c} was trained on a different semantic compressor ({c_fp}) than the one "
+                         f"Stage B {stage_b} was trained with ({b_fp}); use the Stage B whose compressor trained C")
+    return TextToImage(prior, decoder).eval()
+
+
+def save_images(images: torch.Tensor, out: str | os.PathLike, nrow: int, overwrite: bool = False) -> list[Path]:
+    """One image: ``out``. Several: ``out`` is the grid and ``<stem>_<i>.png`` the single images."""
+    from torchvision.utils import save_image
+
+    out = Path(out)
+    paths = [out] if images.shape[0] == 1 else [out] + [out.with_name(f"{out.stem}_{i}{out.suffix}")
+                                                      for i in range(images.shape[0])]
+    clash = [p for p in paths if p.exists()]
+    if clash and not overwrite:
+        raise FileExistsError(f"{clash[0]} exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, out, nrow=nrow, padding=2, pad_value=1.0)
+    for p, im in zip(paths[1:], images):
+        save_image(im, p)
+    return paths

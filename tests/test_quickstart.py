@@ -1,0 +1,17 @@
+"""The quickstart end to end at 2 steps per stage: trains A, B, C in order, bundles, samples a grid."""
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quickstart_smoke(tmp_path, monkeypatch):
+    from sample.quickstart import main
+
+    out = main(["--out", str(tmp_path / "qs"), "--max-steps", "2", "--prompts", "sun", "red apple"])
+    card = json.loads((out / "checkpoints" / "model_card.json").read_text())
+    assert set(card["stages"]) == {"stage_a", "stage_b", "compressor", "stage_c"}
+    assert card["stages"]["stage_c"]["steps"] == 2 and card["stages"]["stage_b"]["wall_time_min"] != "not recorded"
+    assert (out / "grid.png").exists()
+    with pytest.raises(SystemExit):  # never reuses a non-empty folder
+        main(["--out", str(out)])

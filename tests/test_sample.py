@@ -1,0 +1,123 @@
+"""The C -> B -> A sampler: CLI outputs, reproducibility, sizes, and clear errors for bad input."""
+import json
+
+import pytest
+import torch
+
+from sample.__main__ import main as sample_main
+from semantic_compressor import SemanticCompressor
+from stages.checkpoint import fingerprint, save_safetensors
+from stages.stage_a import StageA
+from stages.stage_b import StageB, StageBConfig
+from stages.stage_c import StageC, StageCConfig
+
+TINY_B = StageBConfig(widths=(16, 32), blocks=(1, 1), heads=(0, 2), inject_semantic=(False, True), c_cond=16,
+                      c_text=None, dropout=0.0)
+TINY_C = StageCConfig(width=32, depth=1, heads=2, c_text=384, dropout=0.0)
+
+
+def _randomised(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A consistent set of tiny random stages, exported as the training modules export them."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("bundle")
+    a = StageA(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64))
+    compressor = SemanticCompressor(pretrained=False, trainable="none")
+    b, c = _randomised(StageB(TINY_B)), _randomised(StageC(TINY_C))
+    save_safetensors(a, out / "stage_a.safetensors", "stage_a", a.config.to_dict())
+    save_safetensors(compressor, out / "compressor.safetensors", "semantic_compressor", compressor.config.to_dict())
+    save_safetensors(b, out / "stage_b.safetensors", "stage_b", b.config.to_dict(),
+                     extra={"stage_a_fingerprint": fingerprint(a), "compressor_fingerprint": fingerprint(compressor)})
+    save_safetensors(c, out / "stage_c.safetensors", "stage_c", c.config.to_dict(),
+                     extra={"compressor_fingerprint": fingerprint(compressor), "text_encoder": "minilm",
+                            "latent_shift": 0.0, "latent_scale": 1.0})
+    return out
+
+
+def _args(bundle, *extra):
+    return ["--stage-c", str(bundle / "stage_c.safetensors"), "--stage-b", str(bundle / "stage_b.safetensors"),
+            "--prior-steps", "2", "--decoder-steps", "2", "--quiet", *extra]
+
+
+def test_cli_writes_an_image_and_prints_where(bundle, tmp_path, capsys):
+    out = tmp_path / "apple.png"
+    sample_main(["a red apple", "--out", str(out), *_args(bundle)])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["image"] == str(out) and out.exists()
+    from PIL import Image
+    assert Image.open(out).size == (128, 128)
+
+
+def test_batches_grid_and_reproducible_seeds(bundle, tmp_path):
+    from sample.pipeline import load_text_to_image
+
+    pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
+                              bundle / "stage_a.safetensors")
+    kw = dict(height=64, width=64, images_per_prompt=2, prior_steps=2, decoder_steps=[1.0, 0.5, 0.0], progress=False)
+    one = pipe(["red apple", "café ☕ 寿司"], seed=1, **kw)
+    assert one.shape == (4, 3, 64, 64)
+    assert torch.equal(one, pipe(["red apple", "café ☕ 寿司"], seed=1, **kw))
+    assert not torch.equal(one, pipe(["red apple", "café ☕ 寿司"], seed=2, **kw))
+    paths = sample_main(["red apple", "sun", "--n", "2", "--out", str(tmp_path / "g.png"), *_args(bundle)])
+    assert len(paths) == 5 and all(p.exists() for p in paths)  # grid + 4 single images
+
+
+def test_sizes_are_rounded_to_the_grid_with_a_note(bundle, tmp_path, capsys):
+    sample_main(["sun", "--height", "100", "--width", "150", "--out", str(tmp_path / "s.png"), *_args(bundle)])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["size"] == [112, 160]  # multiples of 16 px
+    assert "rounded up to 112x160" in captured.err
+
+
+def test_odd_prompts_work_with_notes(bundle, tmp_path, capsys):
+    sample_main(["", "--out", str(tmp_path / "e.png"), *_args(bundle)])
+    assert "unconditionally" in capsys.readouterr().err
+    sample_main([" ".join(["word"] * 1000), "--out", str(tmp_path / "long.png"), *_args(bundle)])
+    assert "truncated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prior-steps", "0"], "at least 1"),
+    (["--decoder-steps", "-3"], "at least 1"),
+    (["--height", "-5"], "must be positive"),
+    (["--n", "0"], "at least 1"),
+])
+def test_bad_numbers_are_named(bundle, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        sample_main(["sun", "--out", str(tmp_path / "x.png"), *_args(bundle), *extra])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_and_mismatched_checkpoints_are_named(bundle, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sample_main(["sun", "--out", str(tmp_path / "x.png"), *_args(bundle), "--stage-c", str(tmp_path / "none.safetensors")])
+    assert "not found" in capsys.readouterr().err
+    other_a = _randomised(StageA(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64)))
+    save_safetensors(other_a, tmp_path / "other_a.safetensors", "stage_a", other_a.config.to_dict())
+    with pytest.raises(SystemExit):
+        sample_main(["sun", "--out", str(tmp_path / "x.png"), *_args(bundle), "--stage-a", str(tmp_path / "other_a.safetensors")])
+    assert "different Stage A" in capsys.readouterr().err
+    c = StageC(TINY_C)
+    save_safetensors(c, tmp_path / "c.safetensors", "stage_c", c.config.to_dict(),
+                     extra={"compressor_fingerprint": "0123456789abcdef", "text_encoder": "minilm"})
+    with pytest.raises(SystemExit):
+        sample_main(["sun", "--out", str(tmp_path / "x.png"), *_args(bundle), "--stage-c", str(tmp_path / "c.safetensors")])
+    assert "different semantic compressor" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a Stage B file given as Stage C
+        sample_main(["sun", "--out", str(tmp_path / "x.png"), *_args(bundle), "--stage-c", str(bundle / "stage_b.safetensors")])
+    assert "stage_b model, not a stage_c" in capsys.readouterr().err
+
+
+def test_existing_output_is_never_overwritten(bundle, tmp_path, capsys):
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"precious")
+    with pytest.raises(SystemExit):
+        sample_main(["sun", "--out", str(out), *_args(bundle)])
+    assert out.read_bytes() == b"precious" and "exists" in capsys.readouterr().err
