@@ -94,8 +94,13 @@ def test_resume_with_another_stage_a_is_refused(openmoji_dir, stage_a_file, tmp_
         _fit(tmp_path / "runs", openmoji_dir, a_run, steps=3, extra=["--ckpt_path", str(ckpt)])
 
 
-def test_mismatched_text_setting_is_named(stage_a_file):
+def test_mismatched_text_setting_is_named(stage_a_file, tmp_path):
     from train.stage_b import StageBTraining
+
+    wide = StageA(dict(TINY_A, latent_channels=8))  # a Stage A whose latents Stage B cannot take
+    wide_file = save_safetensors(wide, tmp_path / "wide.safetensors", "stage_a", wide.config.to_dict())
+    with pytest.raises(ValueError, match="8 latent channels"):
+        StageBTraining(size=TINY_B, stage_a=str(wide_file), val_fid=False)
 
     with pytest.raises(ValueError, match="text_encoder"):
         StageBTraining(size=TINY_B, stage_a=str(stage_a_file), text_encoder="minilm", val_fid=False)
