@@ -108,3 +108,11 @@ def fingerprint(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def load_model(path: str | os.PathLike, stage: str, build, config=None) -> nn.Module:
+    """``build(config)`` (config from the file unless given) with the file's weights, in eval mode."""
+    state, stored = read_weights(path, stage)
+    if config is None and stored is None:
+        raise ValueError(f"{path} carries no {stage} config; pass config= (a preset name or dict)")
+    return load_into(build(config if config is not None else stored), state, str(path)).eval()

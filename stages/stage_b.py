@@ -201,11 +201,7 @@ class StageB(nn.Module):
 
 
 def load_stage_b(path: str, config: StageBConfig | str | dict | None = None) -> StageB:
-    """Build and load a Stage B from a safetensors file or Lightning checkpoint (config from the file if not given)."""
-    from stages.checkpoint import load_into, read_weights
+    """A Stage B from a safetensors export or Lightning checkpoint (config from the file if not given)."""
+    from stages.checkpoint import load_model
 
-    state, stored = read_weights(path, "stage_b")
-    if config is None and stored is None:
-        raise ValueError(f"{path} carries no Stage B config; pass config= (a preset name or dict)")
-    model = StageB(stage_b_config(config if config is not None else stored))
-    return load_into(model, state, str(path)).eval()
+    return load_model(path, "stage_b", StageB, config)

@@ -106,11 +106,7 @@ class StageC(nn.Module):
 
 
 def load_stage_c(path: str, config: StageCConfig | str | dict | None = None) -> StageC:
-    """Build and load a Stage C from a safetensors file or Lightning checkpoint (config from the file if not given)."""
-    from stages.checkpoint import load_into, read_weights
+    """A Stage C from a safetensors export or Lightning checkpoint (config from the file if not given)."""
+    from stages.checkpoint import load_model
 
-    state, stored = read_weights(path, "stage_c")
-    if config is None and stored is None:
-        raise ValueError(f"{path} carries no Stage C config; pass config= (a preset name or dict)")
-    model = StageC(stage_c_config(config if config is not None else stored))
-    return load_into(model, state, str(path)).eval()
+    return load_model(path, "stage_c", StageC, config)

@@ -1,4 +1,6 @@
-"""What every stage trainer shares: its run folder, its wall-clock time, and exporting at each validation and at the end."""
+"""What every stage trainer shares: its run folder and wall-clock time, exporting at each validation and
+at the end, and checkpoints that name their stage, leave out frozen networks and remember what the
+stage was trained on."""
 from __future__ import annotations
 
 import time
@@ -6,7 +8,38 @@ from pathlib import Path
 
 
 class ExportsWeights:
-    """Mixin for the stage LightningModules; they implement ``export()`` and pass ``export_metadata()`` along."""
+    """Mixin for the stage LightningModules; they implement ``export()`` and pass ``export_metadata()`` along.
+
+    ``stage`` names the stage (``stage_a``...), ``frozen`` the prefixes of networks rebuilt on load
+    (never saved), and ``trained_on()`` the fingerprints of the frozen inputs the stage depends on,
+    as ``{key: (fingerprint, what)}``; resuming with different ones is refused.
+    """
+
+    stage: str = ""
+    frozen: tuple[str, ...] = ()
+
+    def trained_on(self) -> dict[str, tuple[str, str]]:
+        return {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["stage"] = self.stage
+        checkpoint["model_config"] = self.model.config.to_dict()
+        checkpoint.update({key: fp for key, (fp, _) in self.trained_on().items()})
+        for k in [k for k in checkpoint["state_dict"] if k.startswith(self.frozen)]:
+            del checkpoint["state_dict"][k]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        title = "Stage " + self.stage.removeprefix("stage_").upper()  # stage_b -> Stage B
+        if checkpoint.get("stage", self.stage) != self.stage:
+            raise ValueError(f"this is a {checkpoint['stage']} checkpoint, not a {title} one")
+        for key, (fp, what) in self.trained_on().items():
+            saved = checkpoint.get(key)
+            if saved is not None and saved != fp:
+                raise ValueError(f"this {title} checkpoint was trained on a different {what} (fingerprint {saved}, "
+                                 f"the given one is {fp}); pass the {what} it was trained with")
+        for k, v in self.state_dict().items():  # frozen networks come from the module, not the file
+            if k.startswith(self.frozen):
+                checkpoint["state_dict"][k] = v
 
     def on_fit_start(self) -> None:
         self._fit_started = time.time()

@@ -30,6 +30,9 @@ from train.losses import PatchDiscriminator, Perceptual, generator_adv_loss, hin
 class StageATraining(ExportsWeights, L.LightningModule):
     """LightningModule for Stage A; ``size`` names a preset (``tiny``, ``paper``) or gives its fields."""
 
+    stage = "stage_a"
+    frozen = ("perceptual.", "metric_lpips.")
+
     def __init__(self, size: str | dict = "tiny", lr: float = 1e-4, weight_decay: float = 0.01,
                  warmup_steps: int = 0, lr_schedule: str = "constant", mse_weight: float = 1.0, perceptual_weight: float = 0.1,
                  perceptual_net: str = "alex", adv_weight: float = 0.01, adv_start_step: int = 10_000,
@@ -114,20 +117,6 @@ class StageATraining(ExportsWeights, L.LightningModule):
         return with_schedule(opt, h.warmup_steps, h.lr_schedule, self.trainer.max_steps if self.trainer else -1)
 
     # -- checkpoints ------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Mark the stage and its config; leave out the frozen LPIPS networks (rebuilt on load)."""
-        checkpoint["stage"] = "stage_a"
-        checkpoint["model_config"] = self.model.config.to_dict()
-        for k in [k for k in checkpoint["state_dict"] if k.startswith(("perceptual.", "metric_lpips."))]:
-            del checkpoint["state_dict"][k]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if checkpoint.get("stage", "stage_a") != "stage_a":
-            raise ValueError(f"this is a {checkpoint['stage']} checkpoint, not a Stage A one")
-        for k, v in self.state_dict().items():
-            if k.startswith(("perceptual.", "metric_lpips.")):
-                checkpoint["state_dict"][k] = v
-
     # -- validation -------------------------------------------------------------------------
     @property
     def eval_model(self) -> StageA:

@@ -33,8 +33,6 @@ from train.losses import Perceptual
 from train.export import ExportsWeights
 from train.optim import with_schedule
 
-FROZEN = ("stage_a.", "text_encoder.", "perceptual.", "val_fid.")  # rebuilt on load, never saved
-
 
 class StageBTraining(ExportsWeights, L.LightningModule):
     """LightningModule for Stage B; ``size`` names a preset (``tiny``, ``paper``) or gives its fields.
@@ -43,6 +41,9 @@ class StageBTraining(ExportsWeights, L.LightningModule):
     newest export under it). ``compressor``: ``SemanticCompressor`` arguments. ``text_encoder``:
     ``minilm``, ``open_clip`` or ``null`` (must agree with the preset's ``c_text``).
     """
+
+    stage = "stage_b"
+    frozen = ("stage_a.", "text_encoder.", "perceptual.", "val_fid.")  # rebuilt on load, never saved
 
     def __init__(self, size: str | dict = "tiny", stage_a: str = "runs/stage_a/tiny",
                  compressor: dict | None = None, text_encoder: str | None = None,
@@ -144,23 +145,8 @@ class StageBTraining(ExportsWeights, L.LightningModule):
         return with_schedule(opt, h.warmup_steps, h.lr_schedule, self.trainer.max_steps if self.trainer else -1)
 
     # -- checkpoints ------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["stage"] = "stage_b"
-        checkpoint["model_config"] = self.model.config.to_dict()
-        checkpoint["stage_a_fingerprint"] = self.stage_a_fingerprint
-        for k in [k for k in checkpoint["state_dict"] if k.startswith(FROZEN)]:
-            del checkpoint["state_dict"][k]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if checkpoint.get("stage", "stage_b") != "stage_b":
-            raise ValueError(f"this is a {checkpoint['stage']} checkpoint, not a Stage B one")
-        saved = checkpoint.get("stage_a_fingerprint")
-        if saved is not None and saved != self.stage_a_fingerprint:
-            raise ValueError(f"this Stage B checkpoint was trained on a different Stage A (fingerprint {saved}, "
-                             f"the given one is {self.stage_a_fingerprint}); pass the Stage A it was trained with")
-        for k, v in self.state_dict().items():
-            if k.startswith(FROZEN):
-                checkpoint["state_dict"][k] = v
+    def trained_on(self) -> dict[str, tuple[str, str]]:
+        return {"stage_a_fingerprint": (self.stage_a_fingerprint, "Stage A")}
 
     # -- validation: semantic reconstruction --------------------------------------------------
     @property

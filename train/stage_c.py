@@ -27,8 +27,6 @@ from train.ema import make_ema, update_ema
 from train.export import ExportsWeights
 from train.optim import with_schedule
 
-FROZEN = ("compressor.", "text_encoder.", "decoder.")  # rebuilt on load, never saved
-
 
 class StageCTraining(ExportsWeights, L.LightningModule):
     """LightningModule for Stage C; ``size`` names a preset (``tiny``, ``paper``, ``release``) or gives its fields.
@@ -40,6 +38,9 @@ class StageCTraining(ExportsWeights, L.LightningModule):
     its compressor, whose latents have a standard deviation of about 42; ours leave BatchNorm with
     about unit variance, so the tiny config uses 0 and 1 (the same goal: unit-variance targets).
     """
+
+    stage = "stage_c"
+    frozen = ("compressor.", "text_encoder.", "decoder.")  # rebuilt on load, never saved
 
     def __init__(self, size: str | dict = "tiny", compressor: str = "runs/stage_b/tiny",
                  text_encoder: str = "minilm", stage_b: str | None = None,
@@ -114,23 +115,8 @@ class StageCTraining(ExportsWeights, L.LightningModule):
         return with_schedule(opt, h.warmup_steps, h.lr_schedule, self.trainer.max_steps if self.trainer else -1)
 
     # -- checkpoints ------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["stage"] = "stage_c"
-        checkpoint["model_config"] = self.model.config.to_dict()
-        checkpoint["compressor_fingerprint"] = self.compressor_fingerprint
-        for k in [k for k in checkpoint["state_dict"] if k.startswith(FROZEN)]:
-            del checkpoint["state_dict"][k]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if checkpoint.get("stage", "stage_c") != "stage_c":
-            raise ValueError(f"this is a {checkpoint['stage']} checkpoint, not a Stage C one")
-        saved = checkpoint.get("compressor_fingerprint")
-        if saved is not None and saved != self.compressor_fingerprint:
-            raise ValueError(f"this Stage C checkpoint was trained on a different semantic compressor (fingerprint "
-                             f"{saved}, the given one is {self.compressor_fingerprint}); pass the one it was trained with")
-        for k, v in self.state_dict().items():
-            if k.startswith(FROZEN):
-                checkpoint["state_dict"][k] = v
+    def trained_on(self) -> dict[str, tuple[str, str]]:
+        return {"compressor_fingerprint": (self.compressor_fingerprint, "semantic compressor")}
 
     # -- validation -------------------------------------------------------------------------
     @property
