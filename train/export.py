@@ -41,6 +41,11 @@ class ExportsWeights:
             if k.startswith(self.frozen):
                 checkpoint["state_dict"][k] = v
 
+    @property
+    def eval_model(self):
+        """The weights validation and exports use: the EMA copy when there is one."""
+        return self.ema if self.ema is not None else self.model
+
     def on_fit_start(self) -> None:
         self._fit_started = time.time()
 

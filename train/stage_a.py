@@ -118,10 +118,6 @@ class StageATraining(ExportsWeights, L.LightningModule):
 
     # -- checkpoints ------------------------------------------------------------------------
     # -- validation -------------------------------------------------------------------------
-    @property
-    def eval_model(self) -> StageA:
-        return self.ema if self.ema is not None else self.model
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]
         model = self.eval_model

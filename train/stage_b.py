@@ -150,10 +150,6 @@ class StageBTraining(ExportsWeights, L.LightningModule):
 
     # -- validation: semantic reconstruction --------------------------------------------------
     @property
-    def eval_model(self) -> StageB:
-        return self.ema if self.ema is not None else self.model
-
-    @property
     def eval_compressor(self) -> SemanticCompressor:
         return self.compressor_ema if self.compressor_ema is not None else self.compressor
 

@@ -119,10 +119,6 @@ class StageCTraining(ExportsWeights, L.LightningModule):
         return {"compressor_fingerprint": (self.compressor_fingerprint, "semantic compressor")}
 
     # -- validation -------------------------------------------------------------------------
-    @property
-    def eval_model(self) -> StageC:
-        return self.ema if self.ema is not None else self.model
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x0 = self.normalize(self.compressor(batch["image"]))
         text = self.text_encoder(batch["caption"])
