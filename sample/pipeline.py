@@ -45,7 +45,8 @@ class Prior:
             return eps if guidance == 1.0 else guide(eps, model.predict_eps(x, t, uncond), guidance)
 
         device = next(model.parameters()).device
-        noise = torch.randn((len(prompts), model.config.c_latent, *grid), generator=generator).to(device)
+        noise = torch.randn((len(prompts), model.config.c_latent, *grid), generator=generator,
+                            device=generator.device).to(device)
         latents = ddpm_sample(eps_fn, noise, steps, generator, "Stage C" if progress else False)
         return denormalize_latents(latents, self.latent_shift, self.latent_scale)
 

@@ -45,6 +45,12 @@ def p2_weight(t: torch.Tensor, form: str = "paper") -> torch.Tensor:
     raise ValueError(f"p2 weight form must be 'paper', 'release' or 'none', got {form!r}")
 
 
+def eps_loss(eps: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, form: str = "paper") -> torch.Tensor:
+    """Training loss of Stages B and C: per-sample MSE between predicted and true noise, times the p2 weight."""
+    per_sample = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
+    return (per_sample * p2_weight(t, form).to(per_sample)).mean()
+
+
 def eps_from_sigmoid_ab(x_t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, margin: float = 1e-3) -> torch.Tensor:
     """Stage B's A/B head: b = sigmoid(b) (1 - 2 margin) + margin; eps = (x_t - a) / b."""
     return (x_t - a) / (b.sigmoid() * (1 - 2 * margin) + margin)

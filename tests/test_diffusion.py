@@ -88,3 +88,9 @@ def test_seeded_sampling_is_reproducible():
     a = d.ddpm_sample(fn, torch.ones(1, 2, 2, 2), 5, torch.Generator().manual_seed(3))
     b = d.ddpm_sample(fn, torch.ones(1, 2, 2, 2), 5, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_eps_loss_is_p2_weighted_mse():
+    eps, noise, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0.1, 0.5, 0.9])
+    per_sample = ((eps - noise) ** 2).flatten(1).mean(1)
+    assert torch.allclose(d.eps_loss(eps, noise, t, "paper"), (per_sample * d.p2_weight(t, "paper")).mean())

@@ -11,6 +11,11 @@ def make_ema(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).requires_grad_(False).eval()
 
 
+def warmup_decay(decay: float, step: int) -> float:
+    """EMA decay with warm-up: a short memory early, while the weights move fast."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema = decay * ema + (1 - decay) * model for parameters; buffers (e.g. BatchNorm stats) are copied."""

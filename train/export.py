@@ -18,6 +18,10 @@ class ExportsWeights:
     stage: str = ""
     frozen: tuple[str, ...] = ()
 
+    @property
+    def title(self) -> str:
+        return "Stage " + self.stage.removeprefix("stage_").upper()  # stage_b -> Stage B
+
     def trained_on(self) -> dict[str, tuple[str, str]]:
         return {}
 
@@ -29,17 +33,27 @@ class ExportsWeights:
             del checkpoint["state_dict"][k]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        title = "Stage " + self.stage.removeprefix("stage_").upper()  # stage_b -> Stage B
         if checkpoint.get("stage", self.stage) != self.stage:
-            raise ValueError(f"this is a {checkpoint['stage']} checkpoint, not a {title} one")
+            raise ValueError(f"this is a {checkpoint['stage']} checkpoint, not a {self.title} one")
         for key, (fp, what) in self.trained_on().items():
             saved = checkpoint.get(key)
             if saved is not None and saved != fp:
-                raise ValueError(f"this {title} checkpoint was trained on a different {what} (fingerprint {saved}, "
+                raise ValueError(f"this {self.title} checkpoint was trained on a different {what} (fingerprint {saved}, "
                                  f"the given one is {fp}); pass the {what} it was trained with")
         for k, v in self.state_dict().items():  # frozen networks come from the module, not the file
             if k.startswith(self.frozen):
                 checkpoint["state_dict"][k] = v
+
+    def log_training_loss(self, loss):
+        """Log the step's loss; a NaN or infinite loss stops training with what to change."""
+        if not loss.isfinite():
+            raise FloatingPointError(
+                f"{self.title} loss is {loss.item()} at "
+                f"step {self.global_step}; lower the learning rate (model.lr) or enable gradient clipping "
+                "(trainer.gradient_clip_val) and resume from the last checkpoint")
+        self.log("train/loss", loss)
+        self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
 
     @property
     def eval_model(self):

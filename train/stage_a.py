@@ -21,7 +21,7 @@ from torchvision.utils import save_image
 
 from stages.checkpoint import save_safetensors
 from stages.stage_a import StageA, stage_a_config
-from train.ema import make_ema, update_ema
+from train.ema import make_ema, update_ema, warmup_decay
 from train.export import ExportsWeights
 from train.optim import with_schedule
 from train.losses import PatchDiscriminator, Perceptual, generator_adv_loss, hinge_d_loss
@@ -106,7 +106,7 @@ class StageATraining(ExportsWeights, L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:  # warm-up: short memory early, while the weights move fast
             step = self.global_step
-            update_ema(self.ema, self.model, min(self.hparams.ema_decay, (1 + step) / (10 + step)))
+            update_ema(self.ema, self.model, warmup_decay(self.hparams.ema_decay, step))
 
     def configure_optimizers(self):
         h = self.hparams

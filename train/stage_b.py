@@ -16,18 +16,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 import torchmetrics
 from torchvision.utils import save_image
 
 from sample.decoders import SemanticDecoder
 from semantic_compressor import SemanticCompressor
 from stages.checkpoint import fingerprint, resolve_checkpoint, save_safetensors
-from stages.diffusion import add_noise, p2_weight
+from stages.diffusion import add_noise, eps_loss
 from stages.stage_a import load_stage_a
 from stages.stage_b import StageB, stage_b_config
 from stages.text_encoder import build_text_encoder
-from train.ema import make_ema, update_ema
+from train.ema import make_ema, update_ema, warmup_decay
 from train.inception import fid_metric
 from train.losses import Perceptual
 from train.export import ExportsWeights
@@ -120,19 +119,11 @@ class StageBTraining(ExportsWeights, L.LightningModule):
         t = torch.rand(images.shape[0], device=self.device)
         noise = torch.randn_like(x0)
         eps = self.model.predict_eps(add_noise(x0, t, noise), t, semantic, text)
-        per_sample = F.mse_loss(eps, noise, reduction="none").flatten(1).mean(1)
-        loss = (per_sample * p2_weight(t, self.hparams.p2_form).to(per_sample)).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"Stage B loss is {loss.item()} at step {self.global_step}; lower the learning rate (model.lr) or "
-                "enable gradient clipping (trainer.gradient_clip_val) and resume from the last checkpoint")
-        self.log("train/loss", loss)
-        self.log("loss", loss, prog_bar=True, logger=False)
-        return loss
+        return self.log_training_loss(eps_loss(eps, noise, t, self.hparams.p2_form))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         step = self.global_step
-        decay = min(self.hparams.ema_decay or 0.0, (1 + step) / (10 + step))
+        decay = warmup_decay(self.hparams.ema_decay or 0.0, step)
         if self.ema is not None:
             update_ema(self.ema, self.model, decay)
         if self.compressor_ema is not None:

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchvision.utils import save_image
 
 from sample.decoders import load_semantic_decoder
-from semantic_compressor import denormalize_latents, latent_grid, load_compressor, normalize_latents
+from sample.pipeline import Prior
+from semantic_compressor import latent_grid, load_compressor, normalize_latents
 from stages.checkpoint import fingerprint, save_safetensors
-from stages.diffusion import add_noise, ddpm_sample, guide, p2_weight
+from stages.diffusion import add_noise, eps_loss
 from stages.stage_c import StageC, stage_c_config
 from stages.text_encoder import build_text_encoder
-from train.ema import make_ema, update_ema
+from train.ema import make_ema, update_ema, warmup_decay
 from train.export import ExportsWeights
 from train.optim import with_schedule
 
@@ -85,9 +85,7 @@ class StageCTraining(ExportsWeights, L.LightningModule):
         return torch.stack([self.latent_cache[k] for k in batch["key"]]).to(self.device)
 
     def loss(self, x0: torch.Tensor, text: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        eps = self.model.predict_eps(add_noise(x0, t, noise), t, text)
-        per_sample = F.mse_loss(eps, noise, reduction="none").flatten(1).mean(1)
-        return (per_sample * p2_weight(t, self.hparams.p2_form).to(per_sample)).mean()
+        return eps_loss(self.model.predict_eps(add_noise(x0, t, noise), t, text), noise, t, self.hparams.p2_form)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = self.targets(batch)
@@ -95,19 +93,12 @@ class StageCTraining(ExportsWeights, L.LightningModule):
         text = self.text_encoder(batch["caption"])
         drop = (torch.rand(b, device=self.device) < self.hparams.text_drop_prob)[:, None, None]
         text = torch.where(drop, self.text_encoder.empty(b).to(text), text)
-        loss = self.loss(x0, text, torch.rand(b, device=self.device), torch.randn_like(x0))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"Stage C loss is {loss.item()} at step {self.global_step}; lower the learning rate (model.lr) or "
-                "enable gradient clipping (trainer.gradient_clip_val) and resume from the last checkpoint")
-        self.log("train/loss", loss)
-        self.log("loss", loss, prog_bar=True, logger=False)
-        return loss
+        return self.log_training_loss(self.loss(x0, text, torch.rand(b, device=self.device), torch.randn_like(x0)))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
             step = self.global_step
-            update_ema(self.ema, self.model, min(self.hparams.ema_decay, (1 + step) / (10 + step)))
+            update_ema(self.ema, self.model, warmup_decay(self.hparams.ema_decay, step))
 
     def configure_optimizers(self):
         h = self.hparams
@@ -133,24 +124,6 @@ class StageCTraining(ExportsWeights, L.LightningModule):
         if batch_idx == 0 and self.decoder is not None and self.hparams.grid_images:
             self.write_grid(batch)
 
-    @torch.no_grad()
-    def sample_latents(self, captions: list[str], grid: tuple[int, int], generator: torch.Generator | None = None,
-                       steps: int | None = None, guidance: float | None = None) -> torch.Tensor:
-        """Raw (denormalised) semantic latents for ``captions``, ready for Stage B."""
-        h = self.hparams
-        w = h.guidance if guidance is None else guidance
-        text, empty = self.text_encoder(captions), self.text_encoder.empty(len(captions))
-        model = self.eval_model
-
-        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            eps = model.predict_eps(x, t, text)
-            return eps if w == 1.0 else guide(eps, model.predict_eps(x, t, empty), w)
-
-        noise = torch.randn((len(captions), model.config.c_latent, *grid), generator=generator,
-                            device=generator.device if generator else "cpu").to(self.device)
-        return denormalize_latents(ddpm_sample(eps_fn, noise, steps or h.sample_steps, generator),
-                                   h.latent_shift, h.latent_scale)
-
     def write_grid(self, batch: dict) -> None:
         out = self.run_dir / "samples" / f"text_to_image_step{self.global_step:07d}.png"
         if not self.trainer.is_global_zero:
@@ -158,7 +131,9 @@ class StageCTraining(ExportsWeights, L.LightningModule):
         n = min(self.hparams.grid_images, batch["image"].shape[0])
         images, captions = batch["image"][:n], batch["caption"][:n]
         gen = torch.Generator(device=self.device).manual_seed(0)
-        latents = self.sample_latents(captions, latent_grid(*images.shape[-2:]), gen)
+        prior = Prior(self.eval_model, self.text_encoder, self.hparams.latent_shift, self.hparams.latent_scale)
+        latents = prior.sample(captions, [""] * n, latent_grid(*images.shape[-2:]), self.hparams.sample_steps,
+                               self.hparams.guidance, gen, progress=False)
         generated = self.decoder(latents, images.shape[-2:], captions, self.hparams.decoder_steps, 1.0, gen)
         out.parent.mkdir(parents=True, exist_ok=True)
         save_image(torch.cat([images, generated]), out, nrow=n, padding=2, pad_value=1.0)
