@@ -6,6 +6,7 @@ from torch import nn
 
 from stages.stage_a import PRESETS as STAGE_A_PRESETS, StageA
 from stages.stage_b import PRESETS as STAGE_B_PRESETS, StageB
+from stages.stage_c import PRESETS as STAGE_C_PRESETS, StageC
 
 
 def _count(model: nn.Module) -> int:
@@ -21,6 +22,8 @@ def parameter_counts() -> dict:
             counts[f"stage_a/{name}"] = _count(StageA(name))
         for name in STAGE_B_PRESETS:
             counts[f"stage_b/{name}"] = _count(StageB(name))
+        for name in STAGE_C_PRESETS:
+            counts[f"stage_c/{name}"] = _count(StageC(name))
         for backbone in ("efficientnet_v2_s", "efficientnet_lite0"):
             counts[f"semantic_compressor/{backbone}"] = _count(SemanticCompressor(backbone, pretrained=False))
     return counts
