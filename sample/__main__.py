@@ -2,7 +2,8 @@
 
 Defaults to the tiny checkpoints shipped in ``checkpoints/tiny/``; ``--stage-c``, ``--stage-b`` and
 ``--stage-a`` take our safetensors exports, Lightning checkpoints or run folders (released weights
-go through ``python -m stages.convert`` first).
+go through ``python -m stages.convert`` first). ``--decoder pixel`` renders Stage C's latents with
+the greedy-grown pixel decoder (``--pixel-decoder``) instead of Stage B + Stage A.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import warnings
 from pathlib import Path
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
+PIXEL_TRAINING = ("python -m train fit --config configs/pixel_decoder/tiny_phase1.yaml, then "
+                  "--config configs/pixel_decoder/tiny_phase2.yaml, and pass --pixel-decoder "
+                  "runs/pixel_decoder/tiny_phase2_greedy")
 
 
 def steps_arg(text: str) -> int | list[float]:
@@ -31,12 +35,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
     ap.add_argument("--height", type=int, default=128)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--prior-steps", type=steps_arg, default=60, help="Stage C DDPM steps, or times '1,0.5,0'")
-    ap.add_argument("--decoder-steps", type=steps_arg, default=12, help="Stage B DDPM steps, or times")
+    ap.add_argument("--decoder-steps", type=steps_arg, default=None,
+                    help="decoder DDPM steps, or times (default: Stage B 12, pixel decoder 50)")
     ap.add_argument("--prior-guidance", type=float, default=4.0)
     ap.add_argument("--decoder-guidance", type=float, default=3.0, help="Stage B guidance (paper: 4; 1 = none)")
     ap.add_argument("--stage-c", default=str(SHIPPED / "stage_c.safetensors"))
     ap.add_argument("--stage-b", default=str(SHIPPED / "stage_b.safetensors"))
     ap.add_argument("--stage-a", default=None, help="default: stage_a.safetensors next to Stage B, else the one it recorded")
+    ap.add_argument("--decoder", choices=("semantic", "pixel"), default="semantic",
+                    help="semantic: Stage B + Stage A; pixel: the greedy-grown pixel decoder")
+    ap.add_argument("--pixel-decoder", default=str(SHIPPED / "pixel_decoder.safetensors"),
+                    help="pixel decoder export, .ckpt or run folder (with --decoder pixel)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -58,16 +67,22 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 def _sample(args: argparse.Namespace):
-    from sample.pipeline import load_text_to_image, save_images
+    from sample.pipeline import load_pixel_text_to_image, load_text_to_image, save_images
     from stages.checkpoint import resolve_checkpoint
 
-    stage_a = args.stage_a
-    if stage_a is None:  # a bundle keeps Stage A next to Stage B; else the path Stage B recorded
-        beside = resolve_checkpoint(args.stage_b).with_name("stage_a.safetensors")
-        stage_a = beside if beside.exists() else None
-    pipe = load_text_to_image(args.stage_c, args.stage_b, stage_a)
+    if args.decoder == "pixel":
+        if not Path(args.pixel_decoder).exists():
+            raise FileNotFoundError(f"no pixel decoder at {args.pixel_decoder}; train one with {PIXEL_TRAINING}")
+        pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder)
+    else:
+        stage_a = args.stage_a
+        if stage_a is None:  # a bundle keeps Stage A next to Stage B; else the path Stage B recorded
+            beside = resolve_checkpoint(args.stage_b).with_name("stage_a.safetensors")
+            stage_a = beside if beside.exists() else None
+        pipe = load_text_to_image(args.stage_c, args.stage_b, stage_a)
+    steps = args.decoder_steps if args.decoder_steps is not None else pipe.decoder.default_steps
     images = pipe(args.prompts, args.negative, args.height, args.width, args.n, args.prior_steps,
-                  args.decoder_steps, args.prior_guidance, args.decoder_guidance, args.seed, not args.quiet)
+                  steps, args.prior_guidance, args.decoder_guidance, args.seed, not args.quiet)
     nrow = args.n if len(args.prompts) > 1 else math.ceil(args.n ** 0.5)
     return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite), images
 

@@ -2,7 +2,8 @@
 
 A decoder is a module called as ``decoder(semantic, size, prompts, steps, guidance, generator,
 progress)`` returning images ``(B, 3, H, W)`` in [0, 1]. ``SemanticDecoder`` is Stage B + Stage A
-(paper Fig. 3); the greedy-grown pixel decoder has the same call.
+(paper Fig. 3); ``PixelDecoder`` (the greedy-grown pixel-space model, ``stages.pixel_decoder``) has
+the same call.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from stages.checkpoint import fingerprint, resolve_checkpoint
 from stages.diffusion import ddpm_sample, guide
@@ -21,6 +23,9 @@ from stages.text_encoder import TextEncoder, build_text_encoder
 
 class SemanticDecoder(torch.nn.Module):
     """Stage B samples Stage A latents from the semantic latents (12 DDPM steps), Stage A decodes them."""
+
+    default_steps = 12
+    progress_name = "Stage B"
 
     def __init__(self, stage_b: StageB, stage_a: StageA, text_encoder: TextEncoder | None = None):
         super().__init__()
@@ -95,3 +100,107 @@ def load_semantic_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike
     if model_b.config.c_text and text_encoder is None:
         text_encoder = build_text_encoder(meta.get("text_encoder") or "minilm")
     return SemanticDecoder(model_b, model_a, text_encoder).eval()
+
+
+class PixelDecoder(torch.nn.Module):
+    """The greedy-grown pixel decoder: DDPM in pixel space from the semantic latents, no Stage A.
+
+    ``model`` (``ShallowUViT`` or ``GrownUViT``) predicts eps of images in [-1, 1] on the logSNR
+    schedule shifted by ``logsnr_shift``; it sees semantic latents normalised as (x + shift) / scale.
+    A model trained on images of side ``resolution`` from the latents of images of side
+    ``semantic_size`` (a phase-1 model: 32 px from 128 px latents) renders at ``size`` scaled by
+    their ratio and the result is resized (bicubic) to ``size``; grown models render at ``size``.
+    """
+
+    default_steps = 50
+    progress_name = "pixel decoder"
+
+    def __init__(self, model: torch.nn.Module, latent_shift: float = 0.0, latent_scale: float = 1.0,
+                 logsnr_shift: float = 0.0, semantic_size: int | None = None,
+                 text_encoder: TextEncoder | None = None, compressor_fingerprint: str | None = None):
+        super().__init__()
+        self.model, self.text_encoder = model, text_encoder
+        self.latent_shift, self.latent_scale, self.logsnr_shift = latent_shift, latent_scale, logsnr_shift
+        cfg = model.config
+        resolution = cfg.target_resolution if cfg.grown else cfg.resolution
+        self.scale = resolution / semantic_size if semantic_size else 1.0
+        self.compressor_fingerprint = compressor_fingerprint
+
+    @property
+    def size_multiple(self) -> int:
+        """Requested sides must be multiples of this (after scaling, the network's own multiple)."""
+        import math
+
+        return max(1, math.ceil(self.model.size_multiple / self.scale))
+
+    def render_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        m = self.model.size_multiple
+        return tuple(max(m, round(s * self.scale / m) * m) for s in size)  # type: ignore[return-value]
+
+    def normalize(self, semantic: torch.Tensor) -> torch.Tensor:
+        return (semantic + self.latent_shift) / self.latent_scale
+
+    @torch.no_grad()
+    def render(self, semantic: torch.Tensor, size: tuple[int, int], prompts: list[str] | None = None,
+               steps: int | list[float] = 50, guidance: float = 1.0, generator: torch.Generator | None = None,
+               progress: bool | str = False) -> torch.Tensor:
+        """Images in [0, 1] at the network's own size ``size`` (multiples of its grid) from raw latents.
+
+        ``guidance`` w > 1: eps_uncond + w (eps_cond - eps_uncond), unconditional = zero latents
+        (and the empty prompt), as in training.
+        """
+        b = semantic.shape[0]
+        cond = self.normalize(semantic)
+        text = uncond_text = None
+        if self.model.config.c_text:
+            if self.text_encoder is None:
+                raise ValueError("this pixel decoder is text-conditional but no text encoder was given")
+            text = self.text_encoder(list(prompts) if prompts is not None else [""] * b)
+            uncond_text = self.text_encoder.empty(b)
+        uncond = torch.zeros_like(cond)
+
+        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            eps = self.model(x, t, cond, text)
+            return eps if guidance == 1.0 else guide(eps, self.model(x, t, uncond, uncond_text), guidance)
+
+        noise = torch.randn((b, 3, *size), generator=generator, device=generator.device if generator else "cpu")
+        x = ddpm_sample(eps_fn, noise.to(semantic.device), steps, generator, progress, shift=self.logsnr_shift)
+        return ((x + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def forward(self, semantic: torch.Tensor, size: tuple[int, int], prompts: list[str] | None = None,
+                steps: int | list[float] = 50, guidance: float = 1.0, generator: torch.Generator | None = None,
+                progress: bool | str = False) -> torch.Tensor:
+        """Images ``(B, 3, *size)`` in [0, 1] from raw semantic latents (the decoder interface)."""
+        size = tuple(int(s) for s in size)
+        images = self.render(semantic, self.render_size(size), prompts, steps, guidance, generator, progress)
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+        return images
+
+
+def pixel_decoder_metadata(path: str | os.PathLike) -> dict:
+    """What a pixel decoder export or Lightning checkpoint records besides the weights."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return stage_b_metadata(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer_states", "lr_schedulers", "loops",
+                                                       "callbacks", "hyper_parameters")} if isinstance(ckpt, dict) else {}
+
+
+def load_pixel_decoder(path: str | os.PathLike, text_encoder: TextEncoder | None = None) -> PixelDecoder:
+    """The pixel decoder of an export, Lightning checkpoint or run folder, with the settings it was trained with."""
+    from stages.pixel_decoder import load_pixel_model
+
+    path = resolve_checkpoint(path)
+    meta = pixel_decoder_metadata(path)
+    model = load_pixel_model(str(path))
+    if model.config.c_text and text_encoder is None:
+        text_encoder = build_text_encoder(meta.get("text_encoder") or "minilm")
+    if text_encoder is not None and model.config.c_text and text_encoder.dim != model.config.c_text:
+        raise ValueError(f"pixel decoder {path} expects text states of width {model.config.c_text}; the text encoder "
+                         f"gives {text_encoder.dim}")
+    return PixelDecoder(model, meta.get("latent_shift", 0.0), meta.get("latent_scale", 1.0),
+                        meta.get("logsnr_shift", 0.0), meta.get("semantic_size"), text_encoder,
+                        meta.get("compressor_fingerprint")).eval()

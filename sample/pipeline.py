@@ -112,7 +112,7 @@ class TextToImage(nn.Module):
         semantic = self.prior.sample(batch, [negative_prompt] * len(batch), latent_grid(h, w), prior_steps,
                                      prior_guidance, generator, progress)
         return self.decoder(semantic, (h, w), batch, decoder_steps, decoder_guidance, generator,
-                            "Stage B" if progress else False)
+                            getattr(self.decoder, "progress_name", "decoder") if progress else False)
 
 
 def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
@@ -127,6 +127,20 @@ def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
     if c_fp and b_fp and c_fp != b_fp:
         raise ValueError(f"Stage C {stage_c} was trained on a different semantic compressor ({c_fp}) than the one "
                          f"Stage B {stage_b} was trained with ({b_fp}); use the Stage B whose compressor trained C")
+    return TextToImage(prior, decoder).eval()
+
+
+def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os.PathLike) -> TextToImage:
+    """Stage C -> the greedy-grown pixel decoder, refusing a decoder trained on another compressor's latents."""
+    from sample.decoders import load_pixel_decoder
+
+    prior = load_prior(stage_c)
+    decoder = load_pixel_decoder(pixel_decoder)
+    c_fp, p_fp = prior.compressor_fingerprint, decoder.compressor_fingerprint
+    if c_fp and p_fp and c_fp != p_fp:
+        raise ValueError(f"Stage C {stage_c} was trained on a different semantic compressor ({c_fp}) than the one "
+                         f"pixel decoder {pixel_decoder} was trained with ({p_fp}); train the pixel decoder with "
+                         "the compressor that trained Stage C")
     return TextToImage(prior, decoder).eval()
 
 

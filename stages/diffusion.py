@@ -1,8 +1,15 @@
-"""The diffusion process shared by Stage B and Stage C, separate from the networks (SPEC "Stage C: Diffusion").
+"""The diffusion process shared by Stage B, Stage C and the pixel decoder, separate from the networks.
 
 Continuous time ``t`` in [0, 1] (1 = pure noise), the cosine schedule of Nichol & Dhariwal as
-used by Würstchen, eps-prediction through the A/B output heads, the p2 loss weight, classifier-free
-guidance and the DDPM sampler. Every function works on batches: ``t`` has shape ``(B,)``.
+used by Würstchen (SPEC "Stage C: Diffusion"), eps-prediction through the A/B output heads, the
+p2 loss weight, classifier-free guidance and the DDPM sampler. Every function works on batches:
+``t`` has shape ``(B,)``.
+
+The pixel decoder adds two things (SPEC "Greedy-grown pixel decoder", "Related techniques"):
+a ``shift`` of the schedule's log signal-to-noise ratio, logSNR(t) + shift with
+shift = 2 log(base / d) for images of side d (``logsnr_shift``; the shifted cosine of simple
+diffusion), and the sigmoid loss weight of SiD2, sigmoid(b - logSNR). ``shift=0`` (the default
+everywhere) is exactly the unshifted schedule.
 """
 from __future__ import annotations
 
@@ -16,39 +23,71 @@ COSINE_OFFSET = 0.008  # s in the cosine schedule
 ALPHA_BAR_RANGE = (1e-4, 0.9999)
 
 
-def alpha_bar(t: torch.Tensor, s: float = COSINE_OFFSET) -> torch.Tensor:
-    """Cosine schedule: cos^2(((t+s)/(1+s)) pi/2) / cos^2((s/(1+s)) pi/2), clamped to [1e-4, 0.9999]."""
+def alpha_bar(t: torch.Tensor, s: float = COSINE_OFFSET, shift: float = 0.0) -> torch.Tensor:
+    """Cosine schedule: cos^2(((t+s)/(1+s)) pi/2) / cos^2((s/(1+s)) pi/2), clamped to [1e-4, 0.9999].
+
+    ``shift`` moves its logSNR: alpha_bar = sigmoid(logit(alpha_bar) + shift) (0: unchanged).
+    """
+    return _alpha_bar64(t, s, shift).float()
+
+
+def _alpha_bar64(t: torch.Tensor, s: float = COSINE_OFFSET, shift: float = 0.0) -> torch.Tensor:
     t = torch.as_tensor(t, dtype=torch.float64)
     ab = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2 / math.cos(s / (1 + s) * math.pi / 2) ** 2
-    return ab.clamp(*ALPHA_BAR_RANGE).float()
+    ab = ab.clamp(*ALPHA_BAR_RANGE)
+    return torch.sigmoid(torch.logit(ab) + shift) if shift else ab
+
+
+def logsnr(t: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+    """log(alpha_bar / (1 - alpha_bar)) of the (shifted) cosine schedule (computed in float64)."""
+    return torch.logit(_alpha_bar64(t, shift=shift)).float()
+
+
+def logsnr_shift(base: int, resolution: int) -> float:
+    """2 log(base / d): the shift for images of side d = ``resolution`` when ``base`` had shift 0 (negative above)."""
+    if base <= 0 or resolution <= 0:
+        raise ValueError(f"resolutions must be positive, got base {base} and {resolution}")
+    return 2 * math.log(base / resolution)
 
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.to(like.device, like.dtype).view(-1, *[1] * (like.dim() - 1))
 
 
-def add_noise(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def add_noise(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
     """Forward process q(x_t | x_0): sqrt(ab) x0 + sqrt(1 - ab) noise."""
-    ab = _expand(alpha_bar(t), x0)
+    ab = _expand(alpha_bar(t, shift=shift), x0)
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 
-def p2_weight(t: torch.Tensor, form: str = "paper") -> torch.Tensor:
-    """Loss weight per sample: ``paper`` (1 - ab) / (1 + ab) (Sec. 4), ``release`` (1 + SNR)^-1, ``none`` 1."""
-    ab = alpha_bar(t)
+WEIGHT_FORMS = ("paper", "release", "none", "sigmoid")
+
+
+def p2_weight(t: torch.Tensor, form: str = "paper", shift: float = 0.0, bias: float = 0.0) -> torch.Tensor:
+    """Loss weight per sample on the eps-MSE.
+
+    ``paper`` (1 - ab) / (1 + ab) (Würstchen Sec. 4), ``release`` (1 + SNR)^-1, ``none`` 1 (plain
+    eps-MSE), ``sigmoid`` sigmoid(bias - logSNR) (SiD2 Sec. 2.1; bias ~0 at 128 px, about 1.5 lower per
+    doubling of resolution). With t ~ U(0, 1) the schedule's own density over logSNR multiplies
+    every form (SiD2's -dlambda/dt factor, which would cancel it, is not applied).
+    """
+    ab = alpha_bar(t, shift=shift)
     if form == "paper":
         return (1 - ab) / (1 + ab)
     if form == "release":
         return 1 / (1 + ab / (1 - ab))
     if form == "none":
         return torch.ones_like(ab)
-    raise ValueError(f"p2 weight form must be 'paper', 'release' or 'none', got {form!r}")
+    if form == "sigmoid":
+        return torch.sigmoid(bias - logsnr(t, shift))
+    raise ValueError(f"p2 weight form (the loss weight) must be one of {list(WEIGHT_FORMS)}, got {form!r}")
 
 
-def eps_loss(eps: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, form: str = "paper") -> torch.Tensor:
-    """Training loss of Stages B and C: per-sample MSE between predicted and true noise, times the p2 weight."""
+def eps_loss(eps: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, form: str = "paper",
+             shift: float = 0.0, bias: float = 0.0) -> torch.Tensor:
+    """Per-sample MSE between predicted and true noise, times the loss weight (``p2_weight``)."""
     per_sample = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
-    return (per_sample * p2_weight(t, form).to(per_sample)).mean()
+    return (per_sample * p2_weight(t, form, shift, bias).to(per_sample)).mean()
 
 
 def eps_from_sigmoid_ab(x_t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, margin: float = 1e-3) -> torch.Tensor:
@@ -79,9 +118,9 @@ def sampling_times(steps: int | Sequence[float]) -> torch.Tensor:
 
 
 def ddpm_step(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
-              noise: torch.Tensor | None) -> torch.Tensor:
+              noise: torch.Tensor | None, shift: float = 0.0) -> torch.Tensor:
     """One ancestral DDPM step from t to t_prev (SPEC): mu + sigma * noise, no noise where t_prev = 0."""
-    ab, ab_prev = _expand(alpha_bar(t), x), _expand(alpha_bar(t_prev), x)
+    ab, ab_prev = _expand(alpha_bar(t, shift=shift), x), _expand(alpha_bar(t_prev, shift=shift), x)
     alpha = ab / ab_prev
     mu = (x - (1 - alpha) * eps / (1 - ab).sqrt()) / alpha.sqrt()
     if noise is None:
@@ -95,8 +134,12 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t of shape
 
 @torch.no_grad()
 def ddpm_sample(eps_fn: EpsFn, noise: torch.Tensor, steps: int | Sequence[float],
-                generator: torch.Generator | None = None, progress: bool | str = False) -> torch.Tensor:
-    """Run the DDPM sampler from ``noise`` (x at t = 1) to x_0; ``progress`` may name the bar."""
+                generator: torch.Generator | None = None, progress: bool | str = False,
+                shift: float = 0.0) -> torch.Tensor:
+    """Run the DDPM sampler from ``noise`` (x at t = 1) to x_0; ``progress`` may name the bar.
+
+    ``shift``: the logSNR shift of the schedule the model was trained with (0 for Stages B and C).
+    """
     times = sampling_times(steps).to(noise.device)
     x = noise
     pairs = list(zip(times[:-1], times[1:]))
@@ -106,5 +149,5 @@ def ddpm_sample(eps_fn: EpsFn, noise: torch.Tensor, steps: int | Sequence[float]
         eps = eps_fn(x, tb).to(x.dtype)
         z = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device,
                         dtype=x.dtype).to(x.device)
-        x = ddpm_step(x, eps, tb, tpb, z)
+        x = ddpm_step(x, eps, tb, tpb, z, shift)
     return x

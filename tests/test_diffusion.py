@@ -32,7 +32,7 @@ def test_p2_weights():
     assert torch.allclose(d.p2_weight(t, "release"), 1 / (1 + snr))
     assert torch.equal(d.p2_weight(t, "none"), torch.ones(2))
     with pytest.raises(ValueError, match="p2 weight form"):
-        d.p2_weight(t, "sigmoid")
+        d.p2_weight(t, "edm")
 
 
 def test_ab_heads():
