@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from stages.blocks import AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, timestep_embedding
 from stages.config import DictConfig
@@ -36,6 +37,7 @@ class StageBConfig(DictConfig):
     patch_size: int = 2
     kernel_size: int = 3
     dropout: float = 0.1
+    activation_checkpointing: bool = False  # recompute each block in backward (saves memory; same results)
 
     def __post_init__(self):
         n = len(self.widths)
@@ -162,6 +164,7 @@ class StageB(nn.Module):
         self._check(x, semantic, text)
         r_embed = timestep_embedding(r, self.config.c_r).to(x.dtype)
         cond = self.text_norm(self.text_mapper(text)) if self.text_mapper is not None else None
+        recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
 
         def run(block: nn.Module, h: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
             if isinstance(block, ConvNeXtBlock):
@@ -171,6 +174,10 @@ class StageB(nn.Module):
             if isinstance(block, AttentionBlock):
                 return block(h, cond)
             return block(h)  # down- or up-sampling
+
+        if recompute:
+            plain = run
+            run = lambda block, h, skip: checkpoint(plain, block, h, skip, use_reentrant=False)  # noqa: E731
 
         h = self.embedding(x)
         levels = []

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from stages.blocks import AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, timestep_embedding
 from stages.config import DictConfig
@@ -29,6 +30,7 @@ class StageCConfig(DictConfig):
     c_latent: int = 16
     c_r: int = 64
     dropout: float = 0.1
+    activation_checkpointing: bool = False  # recompute each block in backward (saves memory; same results)
 
 
 PRESETS: dict[str, StageCConfig] = {
@@ -89,13 +91,10 @@ class StageC(nn.Module):
         r_embed = timestep_embedding(r, cfg.c_r).to(x.dtype)
         cond = self.text_mapper(text)
         h = self.projection(x)
+        recompute = cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            if isinstance(block, AttentionBlock):
-                h = block(h, cond)
-            elif isinstance(block, TimestepBlock):
-                h = block(h, r_embed)
-            else:
-                h = block(h)
+            extra = (cond,) if isinstance(block, AttentionBlock) else (r_embed,) if isinstance(block, TimestepBlock) else ()
+            h = checkpoint(block, h, *extra, use_reentrant=False) if recompute else block(h, *extra)
         a, b = self.head(h).chunk(2, dim=1)
         return a, b
 

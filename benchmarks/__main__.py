@@ -1,0 +1,188 @@
+"""``python -m benchmarks``: cost and efficiency of every stage (see ``--help`` and the README).
+
+Default on a CPU (about 10 minutes on 2 cores): counts for every size at 1024 px (meta device),
+throughput of the tiny models at 128 px and of the paper sizes at small images (batch 1; training
+steps only below 100 M parameters), the diffusers side by side, the tiny cascade's sampling
+latency measured with the real sampler at 256 px, the paper cascade's at 1024 px projected, and the
+paper schedule's cost. ``--full`` (meant for a GPU) measures everything at the paper's sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from benchmarks import cost, latency, reference, report
+from benchmarks.targets import SIZES, TRAIN_PX, targets
+from benchmarks.throughput import forward_flops, parameters, run_target, train_flops
+
+CPU_TRAIN_LIMIT = 100e6  # parameters; bigger models' AdamW steps are skipped on CPU unless --full
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    ap.add_argument("--sizes", default="tiny,paper,release", help="comma-separated subset of tiny,paper,release")
+    ap.add_argument("--batch-sizes", default=None, help="comma-separated (default: 1,2 on CPU, 1,2,4,8,16 on GPU)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                    help="autocast dtype (auto: bfloat16 on GPU, float32 on CPU); parameters stay float32")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every timed module (ours and diffusers')")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per measurement after warm-up (median)")
+    ap.add_argument("--latency-px", type=int, default=1024, help="image side for the end-to-end latency (paper: 1024)")
+    ap.add_argument("--parts", default="counts,throughput,reference,latency,cost,presets",
+                    help="comma-separated subset of counts,throughput,reference,latency,cost,presets")
+    ap.add_argument("--quick", action="store_true", help="tiny models only, batch 1, one repeat (CI smoke run, ~1 min)")
+    ap.add_argument("--full", action="store_true",
+                    help="paper sizes at 1024 px (training at the paper's resolutions), every batch size, measured "
+                         "latency and the training presets: for a GPU")
+    ap.add_argument("--out", default=None, help="output folder (default runs/benchmarks/version_N); never overwritten")
+    return ap.parse_args(argv)
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or "CPU"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} CPU cores ({model}), no GPU"
+
+
+def default_out() -> Path:
+    root = Path("runs/benchmarks")
+    n = 0
+    while (root / f"version_{n}").exists():
+        n += 1
+    return root / f"version_{n}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    gpu = device.type == "cuda"
+    dtype = DTYPES["bfloat16" if gpu else "float32"] if args.dtype == "auto" else DTYPES[args.dtype]
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    sizes = ["tiny"] if args.quick else [s.strip() for s in args.sizes.split(",") if s.strip()]
+    bad = [s for s in sizes if s not in SIZES]
+    if bad:
+        raise SystemExit(f"unknown size(s) {bad}; choose from {list(SIZES)}")
+    batches = [int(b) for b in (args.batch_sizes or ("1,2,4,8,16" if gpu else "1,2")).split(",")]
+    if args.quick:
+        batches = batches[:1]
+    repeats = 1 if args.quick else args.repeats
+    parts = set(args.parts.split(","))
+    out = Path(args.out) if args.out else default_out()
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty; benchmarks never overwrite: choose another --out")
+    notes: list[str] = []
+    results: dict = {"environment": {
+        "hardware": hardware(device), "device": device.type, "torch": torch.__version__, "threads": args.threads,
+        "dtype": str(dtype).removeprefix("torch."), "compile": args.compile, "python": platform.python_version(),
+        "command": "python -m benchmarks" + ("" if argv is None and len(sys.argv) == 1 else
+                                             " " + shlex.join(sys.argv[1:] if argv is None else argv)),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }, "notes": notes}
+    all_targets = targets(sizes)
+    started = time.perf_counter()
+
+    if "counts" in parts:
+        results["counts"] = [{
+            "module": t.kind, "size": t.size, "config": t.config, "params": parameters(t),
+            "forward_gflops_1024": forward_flops(t, 1024) / 1e9,
+            "train_gflops_512": None if t.loss is None else train_flops(t, 512) / 1e9,
+        } for t in tqdm(all_targets, desc="parameters and FLOPs (meta device)")]
+        notes.append("FLOPs: torch.utils.flop_counter (matmuls, convolutions, attention; multiply-add = 2 FLOPs), "
+                     "counted on the meta device. Stage A's forward is decode (what the sampler runs); text encoders: "
+                     "77 tokens.")
+
+    rows: list[dict] = []
+    if "throughput" in parts or "latency" in parts or "cost" in parts:
+        for t in tqdm(all_targets, desc="throughput"):
+            px_list = [1024] if (args.full or gpu) else [t.cpu_px()]
+            train = t.loss is not None and (args.full or gpu or parameters(t) < CPU_TRAIN_LIMIT)
+            b = batches if (t.size == "tiny" or gpu) else batches[:1]
+            for px in px_list:
+                rows += run_target(t, device, dtype, px, b, False, args.compile, repeats, budget_s=None if gpu else 30)
+            if train:
+                train_px = TRAIN_PX.get(t.kind, (512,)) if (args.full or gpu) else (t.cpu_px(),)
+                for px in train_px:
+                    rows += [r for r in run_target(t, device, dtype, px, b, True, args.compile, repeats,
+                                                   budget_s=None if gpu else 30) if r["mode"] == "train"]
+            elif t.loss is not None:
+                notes.append(f"{t.name} ({parameters(t) / 1e6:.0f} M parameters): no training step on CPU (AdamW "
+                             f"state alone is {parameters(t) * 16 / 2**30:.1f} GiB; use --full on a GPU).")
+        for r in rows:
+            r["mfu"] = cost.mfu(r["achieved_flops_per_s"], device)
+        if not gpu:
+            notes.append("CPU runs: paper/release sizes at small images (Stage A and B 128 px, Stage C and the "
+                         "compressor 256 px) and batch 1 only; tiny models at 128 px. MFU needs a GPU peak (n/a).")
+        results["throughput"] = rows if "throughput" in parts else []
+        results["throughput_rows_used"] = len(rows)
+
+    if "reference" in parts:
+        if not reference.diffusers_available():
+            notes.append("diffusers is not installed (pip install -e '.[test]'): no side-by-side comparison.")
+        else:
+            pairs = [(t.kind, t.config, t.cpu_px() if not (gpu or args.full) else 1024)
+                     for t in all_targets if t.kind in reference.PAIRS]
+            results["reference"] = []
+            for kind, preset, px in tqdm(pairs, desc="diffusers side by side"):
+                b = batches if (preset == "tiny" or gpu) else batches[:1]
+                for batch in b:
+                    reps = repeats if preset != "tiny" or args.quick else max(repeats, 10)
+                    results["reference"].append(reference.compare(kind, preset, device, dtype, px, batch, args.compile,
+                                                                  reps))
+            notes.append(reference.__doc__.split("\n\n")[1].replace("\n", " "))
+
+    if "latency" in parts:
+        lat: list[dict] = []
+        measured_sizes = sizes if (gpu or args.full) else ["tiny"]
+        measured_px = args.latency_px if (gpu or args.full) else (64 if args.quick else 256)
+        for size in tqdm(measured_sizes, desc="sampling latency (real sampler)"):
+            lat += latency.measure_sampling(size, device, dtype, measured_px, batches, repeats=1)
+        for size in sizes:
+            lat += latency.project_sampling(size, rows, args.latency_px, batches)
+            if not (gpu or args.full) and size == "tiny":
+                lat += latency.project_sampling(size, rows, measured_px, batches)  # checks the projection method
+        results["latency"] = lat
+        notes.append("Latency: random weights (timing does not depend on them). 'measured' = the real sampler "
+                     "(sample.pipeline.TextToImage, Stage B + Stage A decoder), per-stage times from hooks; "
+                     "'projected' = exact FLOPs at that size / the FLOP/s the module reached in the throughput rows "
+                     "x the number of calls (60 x 2 for C, 12 x 2 for B with guidance, 1 Stage A decode, 2 text "
+                     "encodes). Pixel decoder: not benchmarked yet (register it in benchmarks.latency.DECODERS).")
+
+    if "cost" in parts:
+        results["cost"] = [c for t in all_targets if (c := cost.schedule_cost(t, rows, device)) is not None]
+        notes.append(cost.__doc__.split("\n\n")[1].replace("\n", " ") + " " + cost.__doc__.split("\n\n")[2].replace("\n", " "))
+
+    if "presets" in parts:
+        if gpu:
+            from benchmarks import presets
+
+            results["presets"] = [presets.run_preset(kind) for kind in tqdm(presets.PRESETS, desc="training presets")]
+        else:
+            notes.append("Training presets (configs/stage_{b,c}/paper_gpu.yaml): not run, no GPU.")
+
+    results["environment"]["wall_s"] = round(time.perf_counter() - started, 1)
+    paths = report.write(results, out)
+    print(report.markdown(results))
+    print({k: str(v) for k, v in paths.items()})
+    return results
+
+
+if __name__ == "__main__":
+    main()

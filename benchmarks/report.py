@@ -1,0 +1,137 @@
+"""Writing the results: ``results.json`` (everything), ``results.md`` (the tables the README shows)
+and PNG plots (latency vs batch size per stage; training cost per stage). Never overwrites."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def _g(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}g}"
+
+
+def markdown(results: dict) -> str:
+    env, out = results["environment"], []
+    out.append(f"Hardware: {env['hardware']}; torch {env['torch']}, {env['threads']} threads, dtype {env['dtype']}, "
+               f"compile {env['compile']}. Command: `{env['command']}`.\n")
+    if results.get("counts"):
+        out += ["| module | size | config | parameters | GFLOPs / forward at 1024 px, batch 1 | training GFLOPs / sample at 512 px |",
+                "|---|---|---|---|---|---|"]
+        for r in results["counts"]:
+            train = "frozen" if r["train_gflops_512"] is None else f"{r['train_gflops_512']:,.1f}"
+            out.append(f"| {r['module']} | {r['size']} | {r['config']} | {r['params'] / 1e6:,.2f} M | "
+                       f"{r['forward_gflops_1024']:,.1f} | {train} |")
+        out.append("")
+    if results.get("throughput"):
+        out += ["| module | size | mode | px | batch | s / call | items / s | GFLOP/s | MFU | peak memory |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results["throughput"]:
+            rate = r["achieved_flops_per_s"]
+            out.append(f"| {r['module']} | {r['size']} | {r['mode']} | {r['px']} | {r['batch']} | {r['median_s']:.4f} | "
+                       f"{r['items_per_s']:.3g} | {_g(rate and rate / 1e9)} | {_g(r.get('mfu'), 2)} | "
+                       f"{_fmt_bytes(r['peak_memory_bytes'])} |")
+        out.append("")
+    if results.get("reference"):
+        out += ["Ours vs `diffusers` (same config, weights, inputs, dtype; alternating runs; ratio < 1: ours faster):", "",
+                "| module | size | what | px | batch | ours (s) | diffusers (s) | ratio | outputs match (max rel. error) |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["reference"]:
+            out.append(f"| {r['module']} | {r['size']} | {r['what']} | {r['px']} | {r['batch']} | {r['ours_s']:.4f} | "
+                       f"{r['diffusers_s']:.4f} | **{r['ratio']:.2f}** | {'yes' if r['outputs_match'] else 'NO'} "
+                       f"({r['max_relative_error']:.1e}) |")
+        out.append("")
+    if results.get("latency"):
+        out += [f"Sampling latency ({results['latency'][0]['prior_steps']} Stage C steps, "
+                f"{results['latency'][0]['decoder_steps']} Stage B steps, guidance on both; seconds):", "",
+                "| method | size | px | batch | total | text | Stage C | Stage B | Stage A | other |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results["latency"]:
+            s = r["stages_s"]
+            out.append(f"| {r['method']} | {r['size']} | {r['px']} | {r['batch']} | {r['total_s']:.1f} | {s['text']:.2f} | "
+                       f"{s['stage_c']:.1f} | {s['stage_b']:.1f} | {s['stage_a']:.1f} | {r['other_s']:.2f} |")
+        out.append("")
+    if results.get("cost"):
+        out += ["Paper training schedule (App. E), network only:", "",
+                "| module | size | total training PFLOPs | A100-hours at 100% peak | reported A100-hours | implied MFU of the paper's run | this device: hours (method) |",
+                "|---|---|---|---|---|---|---|"]
+        for r in results["cost"]:
+            here = f"{r['device_hours']:,.0f} ({r['method']})" if "device_hours" in r else "n/a (no training rows)"
+            out.append(f"| {r['module']} | {r['size']} | {r['total_train_flops'] / 1e15:,.0f} | {r['a100_hours_at_peak']:,.0f} | "
+                       f"{r['reported_gpu_hours'] or 'n/a'} | {_g(r.get('paper_implied_mfu'), 2)} | {here} |")
+        out.append("")
+    if results.get("presets"):
+        out += ["Training presets:", "", "| preset | result |", "|---|---|"]
+        out += [f"| {p.get('preset', p.get('module'))} | {json.dumps({k: v for k, v in p.items() if k != 'preset'})} |"
+                for p in results["presets"]]
+        out.append("")
+    if results.get("notes"):
+        out += ["Notes:", ""] + [f"* {n}" for n in results["notes"]] + [""]
+    return "\n".join(out)
+
+
+def plot_latency(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["size"], r["px"]), []).append(r)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, ((method, size, px), rs) in zip(axes[0], groups.items()):
+        rs = sorted(rs, key=lambda r: r["batch"])
+        batches = [r["batch"] for r in rs]
+        ax.plot(batches, [r["total_s"] for r in rs], "k-o", label="total")
+        for stage, style in (("stage_c", "s--"), ("stage_b", "^--"), ("stage_a", "v--"), ("text", "x:")):
+            ax.plot(batches, [r["stages_s"][stage] for r in rs], style, label=stage.replace("_", " ").title())
+        ax.set(title=f"{size}, {px} px, {method} ({rs[0]['device']})", xlabel="batch size", ylabel="seconds",
+               xticks=batches)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_cost(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['module']}\n{r['size']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    ax.bar([i - 0.2 for i in x], [r["a100_hours_at_peak"] for r in rows], 0.4, label="A100-hours at 100% peak (FLOPs)")
+    ax.bar([i + 0.2 for i in x], [r["reported_gpu_hours"] or 0 for r in rows], 0.4, label="reported A100-hours (paper)")
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set(ylabel="GPU-hours", yscale="log", title="Training cost of the paper's schedule per stage")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(results: dict, out: Path) -> dict[str, Path]:
+    """results.json, results.md and the plots under ``out`` (which must not hold them yet)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md"}
+    if results.get("latency"):
+        paths["latency_plot"] = out / "latency_vs_batch.png"
+    if results.get("cost"):
+        paths["cost_plot"] = out / "cost_per_stage.png"
+    clash = [p for p in paths.values() if p.exists()]
+    if clash:
+        raise FileExistsError(f"{clash[0]} exists; benchmarks never overwrite: choose another --out")
+    paths["json"].write_text(json.dumps(results, indent=1, default=str))
+    paths["markdown"].write_text(markdown(results))
+    if "latency_plot" in paths:
+        plot_latency(results["latency"], paths["latency_plot"])
+    if "cost_plot" in paths:
+        plot_cost(results["cost"], paths["cost_plot"])
+    return paths

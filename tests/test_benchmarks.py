@@ -1,0 +1,98 @@
+"""Benchmarks: a smoke run of the CLI on the tiny configs, the counters, and activation checkpointing."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from benchmarks.measure import count_flops, peak_memory
+from stages.stage_b import PRESETS as B_PRESETS, StageB
+from stages.stage_c import PRESETS as C_PRESETS, StageC
+
+
+def test_flops_match_hand_counts():
+    linear, x = torch.nn.Linear(16, 8), torch.randn(4, 16)
+    assert count_flops(lambda: linear(x)) == 2 * 4 * 16 * 8
+    conv, img = torch.nn.Conv2d(3, 5, 3, padding=1), torch.randn(1, 3, 8, 8)
+    assert count_flops(lambda: conv(img)) == 2 * 5 * 8 * 8 * 3 * 9
+    with torch.device("meta"):  # the meta device gives the same count without computing
+        big = torch.nn.Linear(4096, 4096)
+        assert count_flops(lambda: big(torch.randn(2, 4096))) == 2 * 2 * 4096 * 4096
+
+
+def test_peak_memory_counts_live_tensors():
+    with peak_memory(torch.device("cpu")) as mem:
+        a = torch.ones(1000, 1000)  # 4 MB, alive throughout
+        b = a * 2  # another 4 MB
+        del b
+        c = a + 1  # reuses the freed 4 MB: the peak stays at 8 MB
+    assert mem["peak_bytes"] == 8_000_000
+    del a, c
+
+
+@pytest.mark.parametrize("cls,config,args", [
+    (StageB, replace(B_PRESETS["tiny"], dropout=0.1),
+     lambda: (torch.randn(2, 4, 32, 32), torch.rand(2), torch.randn(2, 16, 3, 3))),
+    (StageC, replace(C_PRESETS["tiny"], dropout=0.1),
+     lambda: (torch.randn(2, 16, 3, 3), torch.rand(2), torch.randn(2, 7, 384))),
+])
+def test_activation_checkpointing_gives_identical_outputs_and_gradients(cls, config, args):
+    plain, ckpt = cls(config).train(), cls(replace(config, activation_checkpointing=True)).train()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.05)  # non-zero everywhere, so every gradient is non-trivial
+    ckpt.load_state_dict(plain.state_dict())
+    inputs = args()
+    grads = []
+    for model in (plain, ckpt):
+        torch.manual_seed(1)  # same dropout masks: checkpointing replays the RNG state in the recomputation
+        a, b = model(*inputs)
+        (a.square().mean() + b.square().mean()).backward()
+        grads.append((a.detach(), [p.grad for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.allclose(g0, g1, atol=1e-6, rtol=1e-5) for g0, g1 in zip(grads[0][1], grads[1][1]))
+    assert any(g.abs().max() > 0 for g in grads[1][1])
+
+
+def test_cli_quick_run_writes_sane_results(tmp_path):
+    pytest.importorskip("diffusers")
+    from benchmarks.__main__ import main
+    from stages.__main__ import parameter_counts
+
+    out = tmp_path / "bench"
+    main(["--quick", "--out", str(out), "--parts", "counts,throughput,reference,latency,cost", "--threads", "2"])
+    for name in ("results.json", "results.md", "latency_vs_batch.png", "cost_per_stage.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    counts = parameter_counts()
+    for row in results["counts"]:
+        assert row["forward_gflops_1024"] > 0
+        if row["module"].startswith("stage_"):
+            assert row["params"] == counts[f"{row['module']}/{row['config']}"]
+    assert {r["mode"] for r in results["throughput"]} == {"inference", "train"}
+    assert all(r["median_s"] > 0 and r["items_per_s"] > 0 for r in results["throughput"])
+    assert {r["module"] for r in results["reference"]} == {"stage_a", "stage_b", "stage_c"}
+    assert all(r["outputs_match"] and r["ratio"] > 0 for r in results["reference"])
+    measured = [r for r in results["latency"] if r["method"] == "measured"]
+    assert measured and all(0 < sum(r["stages_s"].values()) <= r["total_s"] for r in measured)
+    assert {r["module"] for r in results["cost"]} == {"stage_a", "stage_b", "stage_c"}
+    assert "ratio" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit, match="never overwrite"):  # an existing output folder is refused
+        main(["--quick", "--out", str(out), "--parts", "counts"])
+
+
+def test_gpu_presets_enable_checkpointing_and_run_on_cpu():
+    from benchmarks.presets import PRESETS, read_preset, run_preset
+
+    for kind, path in PRESETS.items():
+        settings = read_preset(path)
+        assert settings["precision"] == "bf16-mixed" and settings["strategy"] == "ddp"
+        assert settings["size"]["activation_checkpointing"] is True
+        network = {"stage_b": StageB, "stage_c": StageC}[kind]
+        with torch.device("meta"):
+            preset = network(settings["size"]).config
+        assert replace(preset, activation_checkpointing=False) == network("paper").config
+    tiny = {**B_PRESETS["tiny"].to_dict(), "activation_checkpointing": True}
+    result = run_preset("stage_b", accelerator="cpu", steps=2,
+                        overrides={"size": tiny, "px": 64, "batch": 2, "precision": "32-true"})
+    assert result["steps"] == 2 and result["activation_checkpointing"]
