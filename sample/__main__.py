@@ -83,7 +83,8 @@ def _sample(args: argparse.Namespace):
     steps = args.decoder_steps if args.decoder_steps is not None else pipe.decoder.default_steps
     images = pipe(args.prompts, args.negative, args.height, args.width, args.n, args.prior_steps,
                   steps, args.prior_guidance, args.decoder_guidance, args.seed, not args.quiet)
-    nrow = args.n if len(args.prompts) > 1 else math.ceil(args.n ** 0.5)
+    # a row per prompt for several images each; otherwise as square a grid as the images make
+    nrow = args.n if len(args.prompts) > 1 and args.n > 1 else math.ceil(len(images) ** 0.5)
     return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite), images
 
 

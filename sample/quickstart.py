@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> Path:
         run(cmd + extra)
     bundle = out / "checkpoints"
     run([py, "-m", "sample.bundle", "--stage-a", str(a / "tiny"), "--stage-b", str(b / "tiny"),
-         "--stage-c", str(c / "tiny"), "--out", str(bundle), "--commands", *[" ".join(cmd[1:]) for cmd in commands]])
+         "--stage-c", str(c / "tiny"), "--out", str(bundle), "--commands", *[" ".join(["python", *cmd[1:]]) for cmd in commands]])
     run([py, "-m", "sample", *args.prompts, "--out", str(out / "grid.png"), "--stage-c", str(bundle / "stage_c.safetensors"),
          "--stage-b", str(bundle / "stage_b.safetensors"), "--stage-a", str(bundle / "stage_a.safetensors")])
     print(f"\nquickstart finished in {(time.time() - start) / 60:.1f} min: checkpoints in {bundle}, "

@@ -134,7 +134,6 @@ class AttentionBlock(nn.Module):
         self.to_out = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        b, c, h, w = x.shape
         q_in = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         if self.kv_mapper is None:  # no condition tokens: self-attention only
             kv_in = q_in
@@ -144,10 +143,26 @@ class AttentionBlock(nn.Module):
             kv_in = self.kv_mapper(cond)
             if self.self_attn:
                 kv_in = torch.cat([q_in, kv_in], dim=1)
+        return self.attend(x, q_in, kv_in)
+
+    def attend(self, x: torch.Tensor, q_in: torch.Tensor, kv_in: torch.Tensor) -> torch.Tensor:
+        """``x`` plus the attention of query tokens ``q_in`` (B, HW, C) to key/value tokens ``kv_in`` (B, N, C)."""
         heads = lambda t: t.unflatten(-1, (self.nhead, -1)).transpose(1, 2)  # noqa: E731
         out = F.scaled_dot_product_attention(
             heads(self.to_q(q_in)), heads(self.to_k(kv_in)), heads(self.to_v(kv_in)),
             dropout_p=self.dropout if self.training else 0.0,
         )
         out = self.to_out(out.transpose(1, 2).flatten(2))
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        return x + out.transpose(1, 2).reshape(x.shape)
+
+
+def scale_residual_branches(blocks: nn.Module, depth: int) -> None:
+    """Init of Stage C (SPEC): residual output layers scaled by sqrt(1/depth), timestep mappers zero."""
+    scale = math.sqrt(1 / depth)
+    for m in blocks.modules():
+        if isinstance(m, ConvNeXtBlock):
+            m.channelwise[-1].weight.data.mul_(scale)
+        elif isinstance(m, AttentionBlock):
+            m.to_out.weight.data.mul_(scale)
+        elif isinstance(m, TimestepBlock):
+            nn.init.zeros_(m.mapper.weight)

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.blocks import AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, timestep_embedding
+from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, scale_residual_branches,
+                           timestep_embedding)
 from stages.config import DictConfig
 
 STAGE = "pixel_decoder"
@@ -209,7 +210,7 @@ class KVCompressedAttention(AttentionBlock):
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if self.kv_compress is None:
             return super().forward(x, cond)
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         normed = self.norm(x)
         q_in = normed.flatten(2).transpose(1, 2)
         r = self.kv_stride
@@ -219,13 +220,7 @@ class KVCompressedAttention(AttentionBlock):
             if cond is None:
                 raise ValueError("this attention block needs condition tokens (B, tokens, c_cond)")
             kv_in = torch.cat([kv_in, self.kv_mapper(cond)], dim=1)
-        heads = lambda t: t.unflatten(-1, (self.nhead, -1)).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(
-            heads(self.to_q(q_in)), heads(self.to_k(kv_in)), heads(self.to_v(kv_in)),
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        out = self.to_out(out.transpose(1, 2).flatten(2))
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        return self.attend(x, q_in, kv_in)
 
 
 def position_features(h: int, w: int, device=None) -> torch.Tensor:
@@ -298,14 +293,7 @@ class Core(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        scale = math.sqrt(1 / cfg.depth)
-        for m in self.blocks:
-            if isinstance(m, ConvNeXtBlock):
-                m.channelwise[-1].weight.data.mul_(scale)
-            elif isinstance(m, KVCompressedAttention):
-                m.to_out.weight.data.mul_(scale)
-            elif isinstance(m, TimestepBlock):
-                nn.init.zeros_(m.mapper.weight)
+        scale_residual_branches(self.blocks, cfg.depth)
         nn.init.zeros_(self.proj_out[1].weight)
 
     @property

@@ -7,14 +7,14 @@ resolution; the A/B head gives eps = (x_t - A) / (|1 - B| + 1e-5).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from stages.blocks import AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, timestep_embedding
+from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, scale_residual_branches,
+                           timestep_embedding)
 from stages.config import DictConfig
 from stages.diffusion import eps_from_abs_ab
 
@@ -71,14 +71,7 @@ class StageC(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.zeros_(self.head[1].weight)
-        scale = math.sqrt(1 / self.config.depth)
-        for m in self.blocks:
-            if isinstance(m, ConvNeXtBlock):
-                m.channelwise[-1].weight.data.mul_(scale)
-            elif isinstance(m, AttentionBlock):
-                m.to_out.weight.data.mul_(scale)
-            elif isinstance(m, TimestepBlock):
-                nn.init.zeros_(m.mapper.weight)
+        scale_residual_branches(self.blocks, self.config.depth)
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config

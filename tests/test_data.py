@@ -527,6 +527,7 @@ DDP_SCRIPT = textwrap.dedent('''
                 "steps": trainer.global_step, "weight": model.lin.weight.detach().tolist()}
         with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(info, f)
+        torch.distributed.destroy_process_group()  # a clean exit: gloo threads left running can abort at exit
 ''')
 
 

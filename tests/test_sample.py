@@ -121,3 +121,34 @@ def test_existing_output_is_never_overwritten(bundle, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample_main(["sun", "--out", str(out), *_args(bundle)])
     assert out.read_bytes() == b"precious" and "exists" in capsys.readouterr().err
+
+
+def test_evaluate_prints_scores_for_text_to_image_and_true_latents(bundle, openmoji_dir, tmp_path):
+    from sample.evaluate import main as evaluate
+
+    out = tmp_path / "eval.json"
+    args = ["--stage-c", str(bundle / "stage_c.safetensors"), "--stage-b", str(bundle / "stage_b.safetensors"),
+            "--stage-a", str(bundle / "stage_a.safetensors"), "--data-dir", str(openmoji_dir), "--size", "64",
+            "--limit", "4", "--gallery-limit", "8", "--prior-steps", "2", "--decoder-steps", "2", "--batch-size", "4",
+            "--out", str(out)]
+    report = evaluate(args)
+    assert json.loads(out.read_text()) == report
+    assert report["n_captions"] == 4 and report["gallery_size"] == 8 and report["chance_top5"] == 0.625
+    for scores in (report, report["from_true_latents"]):
+        assert scores["fid_vs_val"] > 0
+        for key in ("top5_retrieval_own_caption", "top5_retrieval_shuffled_captions"):
+            assert 0 <= scores[key] <= 1
+    with pytest.raises(SystemExit):  # never overwrites a report
+        evaluate(args)
+
+
+def test_top5_hits_counts_the_target_among_the_five_nearest():
+    from sample.evaluate import top5_hits
+
+    gallery = torch.eye(8)
+    captions = [f"emoji {i}" for i in range(8)]
+    generated = torch.eye(8)[:2] + 0.01
+    assert top5_hits(generated, gallery, captions, ["emoji 0", "emoji 1"]) == 1.0
+    far = torch.eye(8)[[7, 7]]  # nearest: emoji 7, then 3-6; emoji 0 is sixth or later
+    far[:, 3:7] = 0.5
+    assert top5_hits(far, gallery, captions, ["emoji 0", "emoji 0"]) == 0.0
