@@ -11,6 +11,8 @@ cache, and it works on the meta device too (paper sizes at 1024 px without alloc
 """
 from __future__ import annotations
 
+import math
+
 import gc
 import statistics
 import time
@@ -30,9 +32,21 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """A convolution's backward: the forward's FLOPs once for the input gradient, once for the weights'.
+
+    Replaces torch's formula, which counts a grouped (e.g. depthwise) convolution's backward as if
+    it were dense (``groups`` times too many FLOPs: 66x the forward for a 64-channel depthwise conv).
+    """
+    spatial = x_shape if transposed else grad_out_shape  # the side that sees every weight once
+    forward = 2 * math.prod(spatial) * w_shape[1] * math.prod(w_shape[2:])
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of one call of ``fn`` (forward, or forward + backward when ``fn`` calls backward)."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}) as counter:
         fn()
     return int(counter.get_total_flops())
 

@@ -96,3 +96,13 @@ def test_gpu_presets_enable_checkpointing_and_run_on_cpu():
     result = run_preset("stage_b", accelerator="cpu", steps=2,
                         overrides={"size": tiny, "px": 64, "batch": 2, "precision": "32-true"})
     assert result["steps"] == 2 and result["activation_checkpointing"]
+
+
+def test_grouped_convolution_backward_costs_twice_its_forward():
+    """torch's formula counts a depthwise conv's backward as dense; ours: input + weight gradients."""
+    from benchmarks.measure import count_flops
+
+    conv, x = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64), torch.randn(2, 64, 16, 16, requires_grad=True)
+    forward = count_flops(lambda: conv(x))
+    assert forward == 2 * 2 * 64 * 16 * 16 * 9
+    assert count_flops(lambda: conv(x).sum().backward()) == 3 * forward
