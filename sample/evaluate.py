@@ -113,9 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
     gallery_feats, gallery_captions = gallery(args.data_dir, net, args.size, args.batch_size, args.gallery_limit)
     shuffled = captions[1:] + captions[:1]  # image i scored against caption i+1: never its own
 
+    fid = fid_metric(net, reset_real_features=False)
+    fid.update(real, real=True)  # once: every generated set is scored against the same real set
+
     def scores(images: torch.Tensor, what: str) -> dict:
-        fid = fid_metric(net)
-        fid.update(real, real=True)
+        fid.reset()
         fid.update(images, real=False)
         feats = features(net, images, args.batch_size, f"Inception features of the {what}")
         return {"fid_vs_val": round(fid.compute().item(), 2),

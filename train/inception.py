@@ -48,8 +48,12 @@ class InceptionFeatures(nn.Module):
         return feats.flatten(2).mean(-1) if feats.dim() > 2 else feats
 
 
-def fid_metric(features: InceptionFeatures | None = None):
-    """torchmetrics FID on the packaged Inception network; ``update(images_in_0_1, real=...)``."""
+def fid_metric(features: InceptionFeatures | None = None, reset_real_features: bool = True):
+    """torchmetrics FID on the packaged Inception network; ``update(images_in_0_1, real=...)``.
+
+    ``reset_real_features=False`` keeps the real images' statistics through ``reset()``, to score
+    several generated sets against the same real set.
+    """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    return FrechetInceptionDistance(feature=features or InceptionFeatures(), reset_real_features=True)
+    return FrechetInceptionDistance(feature=features or InceptionFeatures(), reset_real_features=reset_real_features)
