@@ -153,17 +153,19 @@ def main(argv: list[str] | None = None) -> dict:
         measured_sizes = sizes if (gpu or args.full) else ["tiny"]
         measured_px = args.latency_px if (gpu or args.full) else (64 if args.quick else 256)
         for size in tqdm(measured_sizes, desc="sampling latency (real sampler)"):
-            lat += latency.measure_sampling(size, device, dtype, measured_px, batches, repeats=1)
+            for decoder in latency.DECODERS:
+                lat += latency.measure_sampling(size, device, dtype, measured_px, batches, decoder, repeats=1)
         for size in sizes:
             lat += latency.project_sampling(size, rows, args.latency_px, batches)
             if not (gpu or args.full) and size == "tiny":
                 lat += latency.project_sampling(size, rows, measured_px, batches)  # checks the projection method
         results["latency"] = lat
         notes.append("Latency: random weights (timing does not depend on them). 'measured' = the real sampler "
-                     "(sample.pipeline.TextToImage, Stage B + Stage A decoder), per-stage times from hooks; "
+                     "(sample.pipeline.TextToImage) with each decoder of benchmarks.latency.DECODERS at its default steps "
+                     "(Stage B 12, pixel decoder 50), per-stage times from hooks; "
                      "'projected' = exact FLOPs at that size / the FLOP/s the module reached in the throughput rows "
                      "x the number of calls (60 x 2 for C, 12 x 2 for B with guidance, 1 Stage A decode, 2 text "
-                     "encodes). Pixel decoder: not benchmarked yet (register it in benchmarks.latency.DECODERS).")
+                     "encodes), Stage B + Stage A only.")
 
     if "cost" in parts:
         results["cost"] = [c for t in all_targets if (c := cost.schedule_cost(t, rows, device)) is not None]

@@ -11,9 +11,8 @@ Two ways, always labelled in the output:
   Used where measuring is too slow (paper sizes at 1024 px on a CPU).
 
 Decoders are pluggable like the sampler's: ``DECODERS`` maps a name to a builder of a module with
-the ``sample.decoders`` call. Stage B + Stage A is registered; the greedy-grown pixel decoder
-(``sample.decoders.PixelDecoder``) plugs in by adding its builder here (and its per-stage hooks to
-``timed_modules``); it is not benchmarked yet.
+the ``sample.decoders`` call: Stage B + Stage A, and the greedy-grown pixel decoder (its grown
+architecture, at its own default step count). Projected rows are for Stage B + Stage A only.
 """
 from __future__ import annotations
 
@@ -30,7 +29,8 @@ from benchmarks.throughput import forward_flops
 
 PRIOR_STEPS, DECODER_STEPS = 60, 12  # the paper's Fig. 4
 PRIOR_GUIDANCE, DECODER_GUIDANCE = 4.0, 3.0  # sampler defaults: guidance > 1 runs each model twice per step
-STAGES = ("text", "stage_c", "stage_b", "stage_a")
+STAGES = ("text", "stage_c", "stage_b", "stage_a", "pixel_decoder")
+PIXEL_TARGET = {"tiny": 128, "paper": 512}  # the side each pixel decoder preset grows to
 
 
 def build_semantic_decoder(size: str, device: str, text_encoder: nn.Module | None) -> nn.Module:
@@ -44,8 +44,23 @@ def build_semantic_decoder(size: str, device: str, text_encoder: nn.Module | Non
     return SemanticDecoder(stage_b, stage_a, text_encoder if stage_b_config(stage_b.config).c_text else None).eval()
 
 
-# name -> builder(size, device, text encoder); the pixel decoder's entry is still to be added
-DECODERS: dict[str, Callable[[str, str, nn.Module | None], nn.Module]] = {"stage_b+stage_a": build_semantic_decoder}
+def build_pixel_decoder(size: str, device: str, text_encoder: nn.Module | None) -> nn.Module:
+    """The greedy-grown pixel decoder (phase 2 architecture) with random weights; ``release`` uses ``paper``."""
+    from dataclasses import replace
+
+    from sample.decoders import PixelDecoder
+    from stages.pixel_decoder import GrownUViT, pixel_decoder_config
+
+    preset = "tiny" if size == "tiny" else "paper"
+    config = replace(pixel_decoder_config(preset), target_resolution=PIXEL_TARGET[preset])
+    with torch.device(device):
+        model = GrownUViT(config)
+    return PixelDecoder(model, text_encoder=text_encoder if config.c_text else None).eval()
+
+
+# name -> builder(size, device, text encoder)
+DECODERS: dict[str, Callable[[str, str, nn.Module | None], nn.Module]] = {
+    "stage_b+stage_a": build_semantic_decoder, "pixel": build_pixel_decoder}
 
 
 def calls_per_image_batch() -> dict[str, int]:
@@ -67,12 +82,13 @@ def _sync_timer(device: torch.device, totals: dict[str, float], name: str, fn: C
 
 @contextmanager
 def timed_modules(pipe: nn.Module, device: torch.device) -> Iterator[dict[str, float]]:
-    """Accumulate seconds spent in the text encoder, Stage C, Stage B and Stage A during the block."""
+    """Accumulate seconds spent in the text encoder, Stage C and the decoder's networks during the block."""
     totals = {name: 0.0 for name in STAGES}
     decoder = pipe.decoder
     patched = [(pipe.prior.text_encoder, "encode_uncached", "text"), (pipe.prior.model, "forward", "stage_c"),
                (getattr(decoder, "stage_b", None), "forward", "stage_b"),
-               (getattr(decoder, "stage_a", None), "decode", "stage_a")]
+               (getattr(decoder, "stage_a", None), "decode", "stage_a"),
+               (getattr(decoder, "model", None), "forward", "pixel_decoder")]
     patched = [(m, attr, name) for m, attr, name in patched if m is not None]
     for module, attr, name in patched:
         setattr(module, attr, _sync_timer(device, totals, name, getattr(module, attr)))
@@ -93,6 +109,7 @@ def measure_sampling(size: str, device: torch.device, dtype: torch.dtype, px: in
     with torch.device(str(device)):
         prior_model = StageC(CONFIGS["stage_c"].get(size, "paper")).eval()
     pipe = TextToImage(Prior(prior_model, text_encoder), DECODERS[decoder](size, str(device), text_encoder)).eval()
+    decoder_steps = pipe.decoder.default_steps
     rows = []
     for batch in batches:
         runs = []
@@ -101,7 +118,7 @@ def measure_sampling(size: str, device: torch.device, dtype: torch.dtype, px: in
             with timed_modules(pipe, device) as totals, autocast(device, dtype):
                 synchronize(device)
                 start = time.perf_counter()
-                pipe(prompts, height=px, width=px, prior_steps=PRIOR_STEPS, decoder_steps=DECODER_STEPS,
+                pipe(prompts, height=px, width=px, prior_steps=PRIOR_STEPS, decoder_steps=decoder_steps,
                      prior_guidance=PRIOR_GUIDANCE, decoder_guidance=DECODER_GUIDANCE, seed=i, progress=False)
                 synchronize(device)
                 total = time.perf_counter() - start
@@ -112,7 +129,7 @@ def measure_sampling(size: str, device: torch.device, dtype: torch.dtype, px: in
         rows.append({"method": "measured", "size": size, "decoder": decoder, "px": px, "batch": batch,
                      "device": device.type, "dtype": str(dtype).removeprefix("torch."), "total_s": best["total"],
                      "stages_s": stages, "other_s": best["total"] - sum(stages.values()),
-                     "prior_steps": PRIOR_STEPS, "decoder_steps": DECODER_STEPS})
+                     "prior_steps": PRIOR_STEPS, "decoder_steps": decoder_steps})
     return rows
 
 

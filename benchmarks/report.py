@@ -45,14 +45,15 @@ def markdown(results: dict) -> str:
                        f"({r['max_relative_error']:.1e}) |")
         out.append("")
     if results.get("latency"):
-        out += [f"Sampling latency ({results['latency'][0]['prior_steps']} Stage C steps, "
-                f"{results['latency'][0]['decoder_steps']} Stage B steps, guidance on both; seconds):", "",
-                "| method | size | px | batch | total | text | Stage C | Stage B | Stage A | other |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+        out += [f"Sampling latency ({results['latency'][0]['prior_steps']} Stage C steps, guidance on every "
+                "stage; seconds):", "",
+                "| method | size | decoder (steps) | px | batch | total | text | Stage C | Stage B | Stage A | pixel decoder | other |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["latency"]:
             s = r["stages_s"]
-            out.append(f"| {r['method']} | {r['size']} | {r['px']} | {r['batch']} | {r['total_s']:.1f} | {s['text']:.2f} | "
-                       f"{s['stage_c']:.1f} | {s['stage_b']:.1f} | {s['stage_a']:.1f} | {r['other_s']:.2f} |")
+            out.append(f"| {r['method']} | {r['size']} | {r.get('decoder', 'stage_b+stage_a')} ({r['decoder_steps']}) | "
+                       f"{r['px']} | {r['batch']} | {r['total_s']:.1f} | {s['text']:.2f} | {s['stage_c']:.1f} | "
+                       f"{s['stage_b']:.1f} | {s['stage_a']:.1f} | {s.get('pixel_decoder', 0.0):.1f} | {r['other_s']:.2f} |")
         out.append("")
     if results.get("cost"):
         out += ["Paper training schedule (App. E), network only:", "",
@@ -81,15 +82,17 @@ def plot_latency(rows: list[dict], path: Path) -> None:
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["size"], r["px"]), []).append(r)
+        groups.setdefault((r["method"], r["size"], r.get("decoder", "stage_b+stage_a"), r["px"]), []).append(r)
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, ((method, size, px), rs) in zip(axes[0], groups.items()):
+    for ax, ((method, size, decoder, px), rs) in zip(axes[0], groups.items()):
         rs = sorted(rs, key=lambda r: r["batch"])
         batches = [r["batch"] for r in rs]
         ax.plot(batches, [r["total_s"] for r in rs], "k-o", label="total")
-        for stage, style in (("stage_c", "s--"), ("stage_b", "^--"), ("stage_a", "v--"), ("text", "x:")):
-            ax.plot(batches, [r["stages_s"][stage] for r in rs], style, label=stage.replace("_", " ").title())
-        ax.set(title=f"{size}, {px} px, {method} ({rs[0]['device']})", xlabel="batch size", ylabel="seconds",
+        for stage, style in (("stage_c", "s--"), ("stage_b", "^--"), ("stage_a", "v--"), ("pixel_decoder", "d--"),
+                             ("text", "x:")):
+            if any(r["stages_s"].get(stage) for r in rs):
+                ax.plot(batches, [r["stages_s"].get(stage, 0.0) for r in rs], style, label=stage.replace("_", " ").title())
+        ax.set(title=f"{size}, {decoder}, {px} px, {method} ({rs[0]['device']})", xlabel="batch size", ylabel="seconds",
                xticks=batches)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -160,8 +160,10 @@ class PixelDecoder(torch.nn.Module):
         uncond = torch.zeros_like(cond)
 
         def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            eps = self.model(x, t, cond, text)
-            return eps if guidance == 1.0 else guide(eps, self.model(x, t, uncond, uncond_text), guidance)
+            eps = self.model.predict_eps(x, t, cond, text, self.logsnr_shift)
+            if guidance == 1.0:
+                return eps
+            return guide(eps, self.model.predict_eps(x, t, uncond, uncond_text, self.logsnr_shift), guidance)
 
         noise = torch.randn((b, 3, *size), generator=generator, device=generator.device if generator else "cpu")
         x = ddpm_sample(eps_fn, noise.to(semantic.device), steps, generator, progress, shift=self.logsnr_shift)

@@ -67,15 +67,55 @@ def top5_hits(generated: torch.Tensor, gallery_feats: torch.Tensor, gallery_capt
     return sum(hits) / len(hits)
 
 
-@torch.no_grad()
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+class ValScorer:
+    """The val split's real images and captions, the whole-set gallery, and the scores of a generated set.
+
+    Image ``i`` of a generated set belongs to val caption ``i``. The real images' FID statistics are
+    computed once and reused for every set.
+    """
+
+    def __init__(self, data_dir: str = "data/openmoji", size: int = 128, batch_size: int = 32,
+                 limit: int | None = None, gallery_limit: int | None = None):
+        self.net, self.batch_size = InceptionFeatures(), batch_size
+        shards, count = openmoji_shards(data_dir, "val")
+        val = list(ShardDataset(shards, size, count=count))[:limit]
+        self.real = torch.stack([s["image"] for s in val])
+        self.captions = [s["caption"] for s in val]
+        self.shuffled = self.captions[1:] + self.captions[:1]  # image i scored against caption i+1: never its own
+        self.gallery_feats, self.gallery_captions = gallery(data_dir, self.net, size, batch_size, gallery_limit)
+        self.fid = fid_metric(self.net, reset_real_features=False)
+        self.fid.update(self.real, real=True)
+
+    @property
+    def chance_top5(self) -> float:
+        return round(5 / len(self.gallery_captions), 4)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, what: str) -> dict:
+        """FID against the real val images and top-5 caption retrieval, own and shuffled captions."""
+        self.fid.reset()
+        self.fid.update(images, real=False)
+        feats = features(self.net, images, self.batch_size, f"Inception features of the {what}")
+        top5 = lambda targets: round(top5_hits(feats, self.gallery_feats, self.gallery_captions, targets), 4)
+        return {"fid_vs_val": round(self.fid.compute().item(), 2),
+                "top5_retrieval_own_caption": top5(self.captions),
+                "top5_retrieval_shuffled_captions": top5(self.shuffled)}
+
+
+def compressor_beside(*checkpoints: str) -> Path:
+    """``compressor.safetensors`` next to the first of these checkpoints that has one."""
+    for c in checkpoints:
+        p = resolve_checkpoint(c).with_name("compressor.safetensors")
+        if p.exists():
+            return p
+    raise SystemExit(f"no compressor.safetensors beside {' or '.join(checkpoints)}; pass --compressor")
+
+
+def add_common_arguments(ap: argparse.ArgumentParser) -> None:
+    """The checkpoints, data and sampling options this command and ``sample.compare`` share."""
     ap.add_argument("--stage-c", default=str(SHIPPED / "stage_c.safetensors"))
     ap.add_argument("--stage-b", default=str(SHIPPED / "stage_b.safetensors"))
     ap.add_argument("--stage-a", default=str(SHIPPED / "stage_a.safetensors"))
-    ap.add_argument("--decoder", choices=("semantic", "pixel"), default="semantic",
-                    help="semantic: Stage B + Stage A; pixel: the greedy-grown pixel decoder")
-    ap.add_argument("--pixel-decoder", default=str(SHIPPED / "pixel_decoder.safetensors"))
     ap.add_argument("--compressor", default=None,
                     help="compressor for the from-true-latents scores (default: compressor.safetensors beside Stage C)")
     ap.add_argument("--data-dir", default="data/openmoji")
@@ -88,6 +128,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gallery-limit", type=int, default=None, help="search only the first N emoji (quick checks)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(ap)
+    ap.add_argument("--decoder", choices=("semantic", "pixel"), default="semantic",
+                    help="semantic: Stage B + Stage A; pixel: the greedy-grown pixel decoder")
+    ap.add_argument("--pixel-decoder", default=str(SHIPPED / "pixel_decoder.safetensors"))
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
     args = ap.parse_args(argv)
     refuse_existing(args.out)
@@ -96,33 +145,13 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         pipe = load_text_to_image(args.stage_c, args.stage_b, args.stage_a)
     decoder_steps = args.decoder_steps if args.decoder_steps is not None else pipe.decoder.default_steps
-    compressor_path = args.compressor or next(
-        (p for p in (resolve_checkpoint(args.stage_c).with_name("compressor.safetensors"),
-                     resolve_checkpoint(args.stage_b).with_name("compressor.safetensors")) if p.exists()), None)
-    if compressor_path is None:
-        raise SystemExit("no compressor.safetensors beside Stage C or Stage B; pass --compressor")
+    compressor_path = args.compressor or compressor_beside(args.stage_c, args.stage_b)
     compressor = load_compressor(compressor_path)
     if pipe.prior.compressor_fingerprint not in (None, fingerprint(compressor)):
         raise SystemExit(f"the compressor {compressor_path} is not the one Stage C {args.stage_c} was trained on; "
                          "pass the compressor of the Stage B run that trained it (--compressor)")
-    net = InceptionFeatures()
-    shards, count = openmoji_shards(args.data_dir, "val")
-    val = list(ShardDataset(shards, args.size, count=count))[:args.limit]
-    real = torch.stack([s["image"] for s in val])
-    captions = [s["caption"] for s in val]
-    gallery_feats, gallery_captions = gallery(args.data_dir, net, args.size, args.batch_size, args.gallery_limit)
-    shuffled = captions[1:] + captions[:1]  # image i scored against caption i+1: never its own
-
-    fid = fid_metric(net, reset_real_features=False)
-    fid.update(real, real=True)  # once: every generated set is scored against the same real set
-
-    def scores(images: torch.Tensor, what: str) -> dict:
-        fid.reset()
-        fid.update(images, real=False)
-        feats = features(net, images, args.batch_size, f"Inception features of the {what}")
-        return {"fid_vs_val": round(fid.compute().item(), 2),
-                "top5_retrieval_own_caption": round(top5_hits(feats, gallery_feats, gallery_captions, captions), 4),
-                "top5_retrieval_shuffled_captions": round(top5_hits(feats, gallery_feats, gallery_captions, shuffled), 4)}
+    scorer = ValScorer(args.data_dir, args.size, args.batch_size, args.limit, args.gallery_limit)
+    real, captions = scorer.real, scorer.captions
 
     generated, decoded = [], []
     for i in tqdm(range(0, len(captions), args.batch_size), desc="generating"):
@@ -138,10 +167,10 @@ def main(argv: list[str] | None = None) -> dict:
         "n_captions": len(captions), "size": args.size, "prior_steps": args.prior_steps,
         "decoder_steps": decoder_steps, "prior_guidance": args.prior_guidance,
         "decoder_guidance": args.decoder_guidance,
-        **scores(torch.cat(generated), "generated images"),
-        "from_true_latents": scores(torch.cat(decoded), "images decoded from their own latents"),
-        "gallery_size": len(gallery_captions),
-        "chance_top5": round(5 / len(gallery_captions), 4),
+        **scorer(torch.cat(generated), "generated images"),
+        "from_true_latents": scorer(torch.cat(decoded), "images decoded from their own latents"),
+        "gallery_size": len(scorer.gallery_captions),
+        "chance_top5": scorer.chance_top5,
     }
     return emit(report, args.out)
 

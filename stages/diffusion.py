@@ -60,7 +60,18 @@ def add_noise(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, shift: flo
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 
-WEIGHT_FORMS = ("paper", "release", "none", "sigmoid")
+def eps_from_v(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+    """eps of a v prediction (v = sqrt(ab) eps - sqrt(1 - ab) x0, Salimans & Ho 2022): sqrt(1 - ab) x_t + sqrt(ab) v.
+
+    Near t = 1 eps is then x_t up to a small correction, so a network error costs little in x0: with
+    a direct eps output it is amplified by sqrt((1 - ab) / ab) (100x at t = 1), which few-step
+    samplers of pixel-space models do not survive.
+    """
+    ab = _expand(alpha_bar(t, shift=shift), x_t)
+    return (1 - ab).sqrt() * x_t + ab.sqrt() * v
+
+
+WEIGHT_FORMS = ("paper", "release", "none", "sigmoid", "v")
 
 
 def p2_weight(t: torch.Tensor, form: str = "paper", shift: float = 0.0, bias: float = 0.0) -> torch.Tensor:
@@ -68,7 +79,7 @@ def p2_weight(t: torch.Tensor, form: str = "paper", shift: float = 0.0, bias: fl
 
     ``paper`` (1 - ab) / (1 + ab) (Würstchen Sec. 4), ``release`` (1 + SNR)^-1, ``none`` 1 (plain
     eps-MSE), ``sigmoid`` sigmoid(bias - logSNR) (SiD2 Sec. 2.1; bias ~0 at 128 px, about 1.5 lower per
-    doubling of resolution). With t ~ U(0, 1) the schedule's own density over logSNR multiplies
+    doubling of resolution), ``v`` 1 / ab (the v-MSE of a v prediction: eps error = sqrt(ab) v error). With t ~ U(0, 1) the schedule's own density over logSNR multiplies
     every form (SiD2's -dlambda/dt factor, which would cancel it, is not applied).
     """
     ab = alpha_bar(t, shift=shift)
@@ -80,6 +91,8 @@ def p2_weight(t: torch.Tensor, form: str = "paper", shift: float = 0.0, bias: fl
         return torch.ones_like(ab)
     if form == "sigmoid":
         return torch.sigmoid(bias - logsnr(t, shift))
+    if form == "v":
+        return 1 / ab
     raise ValueError(f"p2 weight form (the loss weight) must be one of {list(WEIGHT_FORMS)}, got {form!r}")
 
 

@@ -12,6 +12,10 @@ optionally text): a drop-in replacement for Stage B + Stage A.
   go from ``target_resolution`` down to the core grid, around the *same* core module. The
   condition encoders and the time embedding carry over too.
 
+The output head predicts v by default (``prediction``; ``predict_eps`` turns it into eps on the
+schedule's shift): with a direct eps output, small errors near t = 1 blow up in x0 and few-step
+DDPM samples come out as noise.
+
 Module names split the model into the groups the phase-2 freezing plans act on
 (``freeze_plan``): ``core.`` and ``condition.`` (frozen in ``greedy``), ``time_embed.`` (trained),
 everything else new. The condition: the normalised semantic latents ``(B, 16, h, w)`` become
@@ -33,11 +37,13 @@ from torch import nn
 from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, scale_residual_branches,
                            timestep_embedding)
 from stages.config import DictConfig
+from stages.diffusion import eps_from_v
 
 STAGE = "pixel_decoder"
 # Fields that define the core, the condition encoders and the time embedding's width: a phase-2
 # model must agree with its phase-1 checkpoint on all of them (``check_core_match``).
-CORE_FIELDS = ("core_grid", "entry_channels", "width", "depth", "heads", "c_semantic", "c_text", "c_t", "c_r")
+CORE_FIELDS = ("core_grid", "entry_channels", "width", "depth", "heads", "c_semantic", "c_text", "c_t", "c_r",
+               "prediction")
 MODES = ("greedy", "finetune", "scratch", "freeze_unfreeze")
 FROZEN_IN_GREEDY = ("core.", "condition.")
 POSITION_FREQUENCIES = 4  # Fourier features per axis for the position of each semantic latent
@@ -60,6 +66,7 @@ class PixelDecoderConfig(DictConfig):
     c_r: int = 64  # sinusoidal embedding of t
     kv_stride: int = 1  # KV token compression ratio R in the core's attention (1: off)
     dropout: float = 0.0
+    prediction: str = "v"  # what the output head predicts: v (eps = diffusion.eps_from_v) or eps
     # Phase 2 (grown U-Net levels, highest resolution first); target_resolution 0 = not grown.
     target_resolution: int = 0
     level_widths: tuple[int, ...] = ()
@@ -68,6 +75,8 @@ class PixelDecoderConfig(DictConfig):
     level_kv_strides: tuple[int, ...] = ()  # KV compression per level's attention (1: off)
 
     def __post_init__(self):
+        if self.prediction not in ("v", "eps"):
+            raise ValueError(f"prediction must be 'v' or 'eps', got {self.prediction!r}")
         if self.resolution % self.core_grid:
             raise ValueError(f"resolution ({self.resolution}) must be a multiple of core_grid ({self.core_grid})")
         if self.width % self.heads:
@@ -351,6 +360,12 @@ class _PixelModel(nn.Module):
             got = None if text is None else tuple(text.shape)
             raise ValueError(f"this pixel decoder needs text states (B, tokens, {cfg.c_text}), got {got}; "
                              "use the empty prompt's states for unconditional sampling")
+
+    def predict_eps(self, x: torch.Tensor, r: torch.Tensor, semantic: torch.Tensor, text: torch.Tensor | None = None,
+                    shift: float = 0.0) -> torch.Tensor:
+        """eps of ``x`` at time ``r`` on the schedule shifted by ``shift``, whatever the head predicts."""
+        out = self(x, r, semantic, text)
+        return eps_from_v(x, out, r, shift) if self.config.prediction == "v" else out
 
     def _inputs(self, x, r, semantic, text):
         self._check(x, semantic, text)

@@ -75,6 +75,10 @@ def test_cli_quick_run_writes_sane_results(tmp_path):
     assert all(r["outputs_match"] and r["ratio"] > 0 for r in results["reference"])
     measured = [r for r in results["latency"] if r["method"] == "measured"]
     assert measured and all(0 < sum(r["stages_s"].values()) <= r["total_s"] for r in measured)
+    assert {r["decoder"] for r in measured} == {"stage_b+stage_a", "pixel"}
+    for r in measured:  # each decoder's own networks are timed, the other's are not called
+        pixel = r["decoder"] == "pixel"
+        assert (r["stages_s"]["pixel_decoder"] > 0) == pixel and (r["stages_s"]["stage_b"] > 0) != pixel
     assert {r["module"] for r in results["cost"]} == {"stage_a", "stage_b", "stage_c"}
     assert "ratio" in (out / "results.md").read_text()
     with pytest.raises(SystemExit, match="never overwrite"):  # an existing output folder is refused

@@ -125,6 +125,26 @@ def test_sigmoid_loss_weight():
                           (per_sample * torch.sigmoid(-2.0 - d.logsnr(t))).mean())
 
 
+def test_v_prediction_gives_the_true_eps_and_its_mse_as_loss():
+    x0, noise, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([0.02, 0.5, 1.0])
+    for shift in (0.0, -2.77):
+        ab = d.alpha_bar(t, shift=shift).view(-1, 1, 1, 1)
+        v = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+        x_t = d.add_noise(x0, t, noise, shift=shift)
+        assert torch.allclose(d.eps_from_v(x_t, v, t, shift), noise, atol=1e-5)
+        wrong = v + 0.1  # the same v error costs sqrt(ab) in eps: the v weight makes the loss the v-MSE
+        eps = d.eps_from_v(x_t, wrong, t, shift)
+        assert torch.allclose(d.eps_loss(eps, noise, t, "v", shift=shift), torch.tensor(0.01), rtol=1e-3)
+    model = _randomised(ShallowUViT(SMALL))
+    x, r, semantic = _inputs()
+    out = model(x, r, semantic)
+    assert torch.allclose(model.predict_eps(x, r, semantic, shift=-1.0), d.eps_from_v(x, out, r, -1.0))
+    eps_model = ShallowUViT({**SMALL, "prediction": "eps"})
+    assert torch.equal(eps_model.predict_eps(x, r, semantic), eps_model(x, r, semantic))
+    with pytest.raises(ValueError, match="prediction"):
+        ShallowUViT({**SMALL, "prediction": "x0"})
+
+
 def test_kv_compression_shapes_and_average_init():
     attn = KVCompressedAttention(16, None, 2, kv_stride=2)  # self-attention only
     assert attn.kv_compress.weight.shape == (16, 1, 2, 2)
@@ -192,6 +212,21 @@ def test_phase2_core_mismatch_and_bad_phase_settings_are_clear_errors(phase1_exp
     assert not any(p.requires_grad for n, p in module.model.named_parameters() if n.startswith("core."))
 
 
+def test_phase2_command_with_a_mismatched_core_ends_with_the_message_alone(phase1_export, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "train", "fit", "--config", "configs/pixel_decoder/tiny_phase2.yaml",
+           "--model.init_args.size", json.dumps(dict(SMALL, width=48)), "--model.init_args.init_from",
+           str(phase1_export), "--model.init_args.resolution", "64", "--trainer.default_root_dir", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 1
+    assert "error: the phase 2 config's core does not match the phase 1 checkpoint" in done.stderr
+    assert "width: 48 vs 32" in done.stderr and "Traceback" not in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def _fit(config, root, openmoji_dir, *extra):
     from train.cli import main as cli_main
 
@@ -223,6 +258,8 @@ def test_cli_phase1_then_phase2_then_sampling(openmoji_dir, tmp_path, capsys):
     meta = pixel_decoder_metadata(p2 / "model.safetensors")
     assert (meta["phase"], meta["mode"], meta["resolution"]) == (2, "greedy", 64)
     assert meta["logsnr_shift"] == pytest.approx(2 * math.log(32 / 64))
+    p1_meta = pixel_decoder_metadata(p1 / "model.safetensors")  # phase 1's cost travels with phase 2
+    assert (meta["init_global_step"], meta["init_wall_time_s"]) == (p1_meta["global_step"], p1_meta["wall_time_s"])
     from semantic_compressor import load_compressor
     assert meta["compressor_fingerprint"] == fingerprint(load_compressor(SHIPPED_COMPRESSOR))
     one, _ = read_weights(p1 / "model.safetensors", "pixel_decoder")
@@ -263,3 +300,20 @@ def test_sampler_errors_for_pixel_decoders(tmp_path, capsys):
         sample_main(["sun", "--decoder", "pixel", "--pixel-decoder", str(other), "--stage-c", str(SHIPPED_STAGE_C),
                      "--quiet", "--out", str(tmp_path / "y.png")])
     assert "different semantic compressor" in capsys.readouterr().err
+
+
+def test_shipped_pixel_decoder_is_the_greedy_grown_one_and_samples_by_default(tmp_path, capsys):
+    from PIL import Image
+
+    from sample.__main__ import main as sample_main
+    from sample.decoders import pixel_decoder_metadata
+    from semantic_compressor import load_compressor
+
+    meta = pixel_decoder_metadata(ROOT / "checkpoints" / "tiny" / "pixel_decoder.safetensors")
+    assert (meta["phase"], meta["mode"], meta["resolution"]) == (2, "greedy", 128)
+    assert meta["compressor_fingerprint"] == fingerprint(load_compressor(SHIPPED_COMPRESSOR))
+    out = tmp_path / "apple.png"
+    sample_main(["a red apple", "--decoder", "pixel", "--prior-steps", "2", "--decoder-steps", "2", "--quiet",
+                 "--out", str(out)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["image"] == str(out)
+    assert Image.open(out).size == (128, 128)

@@ -152,3 +152,43 @@ def test_top5_hits_counts_the_target_among_the_five_nearest():
     far = torch.eye(8)[[7, 7]]  # nearest: emoji 7, then 3-6; emoji 0 is sixth or later
     far[:, 3:7] = 0.5
     assert top5_hits(far, gallery, captions, ["emoji 0", "emoji 0"]) == 0.0
+
+
+def test_compare_writes_table_json_and_grid_for_every_decoder(bundle, openmoji_dir, tmp_path, capsys):
+    from sample.compare import main as compare
+    from semantic_compressor import load_compressor
+    from stages.pixel_decoder import ShallowUViT, grow, growth_plan
+
+    small = dict(resolution=32, core_grid=8, entry_channels=16, width=32, depth=1, heads=2, c_t=32,
+                 **{k: list(v) for k, v in growth_plan((8, 16, 16), blocks=(0, 1, 1)).items()})
+    grown = _randomised(grow(ShallowUViT(small), 64))
+    pixel = tmp_path / "pixel.safetensors"
+    save_safetensors(grown, pixel, "pixel_decoder", grown.config.to_dict(), extra={
+        "compressor_fingerprint": fingerprint(load_compressor(bundle / "compressor.safetensors")),
+        "semantic_size": 64, "logsnr_shift": -1.39, "init_from": "phase1", "global_step": 10, "wall_time_s": 60.0,
+        "init_global_step": 20, "init_wall_time_s": 120.0})
+    out = tmp_path / "cmp"
+    args = ["--stage-c", str(bundle / "stage_c.safetensors"), "--stage-b", str(bundle / "stage_b.safetensors"),
+            "--stage-a", str(bundle / "stage_a.safetensors"), "--pixel", f"greedy={pixel}",
+            "--pixel", f"again={pixel}", "--data-dir", str(openmoji_dir), "--size", "64", "--limit", "4",
+            "--gallery-limit", "8", "--prior-steps", "2", "--decoder-steps", "2", "--batch-size", "4",
+            "--grid-columns", "3", "--out", str(out)]
+    report = compare(args)
+    assert json.loads((out / "compare.json").read_text()) == report
+    rows = {r["decoder"]: r for r in report["decoders"]}
+    assert list(rows) == ["stage_b+stage_a", "greedy", "again"]
+    assert rows["greedy"]["train_wall_min"] == 3.0 and rows["greedy"]["train_steps"] == "20 + 10"
+    assert rows["greedy"]["params_M"] == round(sum(p.numel() for p in grown.parameters()) / 1e6, 2)
+    for key in ("recon_psnr", "recon_lpips", "recon_fid", "t2i_fid", "s_per_image"):
+        assert rows["greedy"][key] > 0 and rows["stage_b+stage_a"][key] > 0
+    timeless = lambda row: {k: v for k, v in row.items() if k not in ("decoder", "s_per_image")}
+    assert timeless(rows["greedy"]) == timeless(rows["again"])  # same weights, same seeds: same figures
+    table = (out / "compare.md").read_text()
+    assert table.count("\n| ") == 3 and "| greedy | " in table
+    from PIL import Image
+    assert Image.open(out / "compare.png").size == (200 + 3 * 66, 7 * 66)  # real + 2 rows per decoder
+    with pytest.raises(SystemExit):  # never writes into an existing folder
+        compare(args)
+    with pytest.raises(SystemExit):
+        compare([*args[:-1], str(tmp_path / "cmp2"), "--pixel", "no-equals-sign"])
+    assert "NAME=PATH" in capsys.readouterr().err

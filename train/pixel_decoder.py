@@ -17,8 +17,9 @@ One LightningModule for every phase; each phase is its own CLI run and config
 
 Training is as for Stage B: the semantic condition is noised at a small random t 30% of the time
 and zeroed 10% of the time (classifier-free guidance); text, when used, is dropped 10% of the
-time. Loss: eps-MSE, plain (``weighting: none``), p2 or SiD2's sigmoid(b - logSNR)
-(``weighting: sigmoid``, ``sigmoid_bias`` b). Validation decodes the val images from their own
+time. Loss on the eps implied by the network's output (``predict_eps``): the v-MSE
+(``weighting: v``, for the default v-predicting head), plain eps-MSE (``none``), p2 or SiD2's
+sigmoid(b - logSNR) (``weighting: sigmoid``, ``sigmoid_bias`` b). Validation decodes the val images from their own
 semantic latents (a PNG grid: real images on top, decoded below) and logs PSNR and the loss.
 """
 from __future__ import annotations
@@ -98,6 +99,7 @@ class PixelDecoderTraining(ExportsWeights, L.LightningModule):
             raise ValueError(f"pixel decoder size {size!r} expects text states of width {config.c_text}, but "
                              f"text_encoder is {text_encoder!r}; pick a matching text_encoder or set c_text in the size")
         self.init_fingerprint: str | None = None
+        self.init_cost: dict = {}  # the starting checkpoint's own steps and wall time (training cost so far)
         self.inherited_shift: float | None = None  # phase 3: the shift phase 2 trained with
         self.model = self._build(config)
         self.resolution = self.model.config.target_resolution if phase > 1 else self.model.config.resolution
@@ -148,6 +150,7 @@ class PixelDecoderTraining(ExportsWeights, L.LightningModule):
                                  "(use phase 3 to keep training a grown model)")
             check_core_match(config, stored, str(path))
             phase1 = load_into(ShallowUViT(stored), state, str(path))
+            self.init_cost = {f"init_{k}": meta[k] for k in ("global_step", "wall_time_s") if k in meta}
             self.init_fingerprint = fingerprint(phase1)
             return grow(phase1, self._target(config), config)
         if not stored.grown:
@@ -211,7 +214,7 @@ class PixelDecoderTraining(ExportsWeights, L.LightningModule):
     # -- training -------------------------------------------------------------------------------
     def loss(self, model, x0, semantic, text, t, noise) -> torch.Tensor:
         h = self.hparams
-        eps = model(add_noise(x0, t, noise, shift=self.logsnr_shift), t, semantic, text)
+        eps = model.predict_eps(add_noise(x0, t, noise, shift=self.logsnr_shift), t, semantic, text, self.logsnr_shift)
         return eps_loss(eps, noise, t, h.weighting, shift=self.logsnr_shift, bias=h.sigmoid_bias)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -257,7 +260,7 @@ class PixelDecoderTraining(ExportsWeights, L.LightningModule):
                 "resolution": self.resolution, "logsnr_shift": self.logsnr_shift,
                 "latent_shift": h.latent_shift, "latent_scale": h.latent_scale, "text_encoder": h.text_encoder,
                 "semantic_size": self.semantic_size, "weighting": h.weighting, "sigmoid_bias": h.sigmoid_bias,
-                "init_from": h.init_from, "init_fingerprint": self.init_fingerprint}
+                "init_from": h.init_from, "init_fingerprint": self.init_fingerprint, **self.init_cost}
 
     # -- validation -----------------------------------------------------------------------------
     def decoder(self) -> PixelDecoder:
