@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -44,6 +45,12 @@ def parse_named(spec: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"--pixel takes NAME=PATH (e.g. greedy=checkpoints/tiny/pixel_decoder.safetensors), "
                                          f"got {spec!r}")
     return name, path
+
+
+def shown(path: str | Path) -> str:
+    """A path as the report shows it: relative to the working directory when inside it."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
 
 
 def training_cost(meta: dict) -> dict:
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
             pixel_scores.add(recon[i:i + args.batch_size], scorer.real[i:i + args.batch_size])
         recon_scores, t2i_scores, pixel = scorer(recon, f"{name} reconstructions"), scorer(t2i, f"{name} samples"), \
             pixel_scores.result()
-        rows.append({"decoder": name, "checkpoint": path, "params_M": round(params / 1e6, 2), **cost,
+        rows.append({"decoder": name, "checkpoint": shown(path), "params_M": round(params / 1e6, 2), **cost,
                      "decoder_steps": steps, "s_per_image": round(s_per_image, 3),
                      "recon_psnr": round(pixel["psnr"], 2), "recon_lpips": pixel["lpips"],
                      "recon_fid": recon_scores["fid_vs_val"], "recon_top5": recon_scores["top5_retrieval_own_caption"],
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "t2i_top5_shuffled": t2i_scores["top5_retrieval_shuffled_captions"]})
         grid_rows += [(f"{name}: reconstruction", recon[:k]), (f"{name}: text-to-image", t2i[:k])]
 
-    report = {"stage_c": args.stage_c, "compressor": str(compressor_path), "n_captions": n, "size": args.size,
+    report = {"stage_c": shown(args.stage_c), "compressor": shown(compressor_path), "n_captions": n, "size": args.size,
               "prior_steps": args.prior_steps, "prior_guidance": args.prior_guidance,
               "decoder_guidance": args.decoder_guidance, "gallery_size": len(scorer.gallery_captions),
               "chance_top5": scorer.chance_top5, "lpips": lpips.description, "threads": torch.get_num_threads(),
