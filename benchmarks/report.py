@@ -51,7 +51,7 @@ def markdown(results: dict) -> str:
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["latency"]:
             s = r["stages_s"]
-            out.append(f"| {r['method']} | {r['size']} | {r.get('decoder', 'stage_b+stage_a')} ({r['decoder_steps']}) | "
+            out.append(f"| {r['method']} | {r['size']} | {r['decoder']} ({r['decoder_steps']}) | "
                        f"{r['px']} | {r['batch']} | {r['total_s']:.1f} | {s['text']:.2f} | {s['stage_c']:.1f} | "
                        f"{s['stage_b']:.1f} | {s['stage_a']:.1f} | {s.get('pixel_decoder', 0.0):.1f} | {r['other_s']:.2f} |")
         out.append("")
@@ -82,7 +82,7 @@ def plot_latency(rows: list[dict], path: Path) -> None:
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["size"], r.get("decoder", "stage_b+stage_a"), r["px"]), []).append(r)
+        groups.setdefault((r["method"], r["size"], r["decoder"], r["px"]), []).append(r)
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, ((method, size, decoder, px), rs) in zip(axes[0], groups.items()):
         rs = sorted(rs, key=lambda r: r["batch"])

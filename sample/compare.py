@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from sample.__main__ import SHIPPED
 from sample.decoders import pixel_decoder_metadata, stage_b_metadata
 from sample.evaluate import ValScorer, add_common_arguments, compressor_beside
-from sample.pipeline import load_pixel_text_to_image, load_text_to_image
+from sample.pipeline import load_pixel_text_to_image, load_prior, load_text_to_image
 from semantic_compressor import latent_grid, load_compressor
 from stages.checkpoint import fingerprint, resolve_checkpoint
 from train.evaluate_stage_a import Scores
@@ -128,21 +128,20 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: decoder names must differ, got {names}")
 
     # every decoder is loaded (and checked against Stage C's compressor) before any work
+    prior = load_prior(args.stage_c)
     decoders: dict[str, tuple] = {}
     if not args.no_semantic:
-        pipe = load_text_to_image(args.stage_c, args.stage_b, args.stage_a)
-        meta = {**stage_b_metadata(resolve_checkpoint(args.stage_b))}
+        decoder = load_text_to_image(args.stage_c, args.stage_b, args.stage_a, prior).decoder
+        cost = training_cost(stage_b_metadata(resolve_checkpoint(args.stage_b)))
         a_wall = stage_b_metadata(resolve_checkpoint(args.stage_a)).get("wall_time_s")
-        cost = training_cost(meta)
         if cost["train_wall_min"] is not None and a_wall is not None:
             cost["train_wall_min"] = round(cost["train_wall_min"] + a_wall / 60, 1)
-        params = sum(p.numel() for m in (pipe.decoder.stage_b, pipe.decoder.stage_a) for p in m.parameters())
-        decoders[SEMANTIC] = (pipe.decoder, args.stage_b, params, cost)
+        params = sum(p.numel() for m in (decoder.stage_b, decoder.stage_a) for p in m.parameters())
+        decoders[SEMANTIC] = (decoder, args.stage_b, params, cost)
     for name, path in pixels:
-        pipe = load_pixel_text_to_image(args.stage_c, path)
-        params = sum(p.numel() for p in pipe.decoder.model.parameters())
-        decoders[name] = (pipe.decoder, path, params, training_cost(pixel_decoder_metadata(resolve_checkpoint(path))))
-    prior = pipe.prior
+        decoder = load_pixel_text_to_image(args.stage_c, path, prior).decoder
+        params = sum(p.numel() for p in decoder.model.parameters())
+        decoders[name] = (decoder, path, params, training_cost(pixel_decoder_metadata(resolve_checkpoint(path))))
     compressor_path = args.compressor or compressor_beside(args.stage_c)
     compressor = load_compressor(compressor_path)
     if prior.compressor_fingerprint not in (None, fingerprint(compressor)):
@@ -162,15 +161,15 @@ def main(argv: list[str] | None = None) -> dict:
     k = min(args.grid_columns, n)
     grid_rows, rows = [("real", scorer.real[:k])], []
     for name, (decoder, path, params, cost) in decoders.items():
-        steps = args.decoder_steps or decoder.default_steps
+        steps = args.decoder_steps if args.decoder_steps is not None else decoder.default_steps
         common = (args.size, captions, steps, args.decoder_guidance, args.batch_size, args.seed)
         recon, s_per_image = decode_all(decoder, true_latents, *common, f"{name}: reconstructions")
         t2i, _ = decode_all(decoder, prior_latents, *common, f"{name}: text-to-image")
         pixel_scores = Scores(lpips)
         for i in range(0, n, args.batch_size):
             pixel_scores.add(recon[i:i + args.batch_size], scorer.real[i:i + args.batch_size])
-        recon_scores, t2i_scores, pixel = scorer(recon, f"{name} reconstructions"), scorer(t2i, f"{name} samples"), \
-            pixel_scores.result()
+        recon_scores, t2i_scores = scorer(recon, f"{name} reconstructions"), scorer(t2i, f"{name} samples")
+        pixel = pixel_scores.result()
         rows.append({"decoder": name, "checkpoint": shown(path), "params_M": round(params / 1e6, 2), **cost,
                      "decoder_steps": steps, "s_per_image": round(s_per_image, 3),
                      "recon_psnr": round(pixel["psnr"], 2), "recon_lpips": pixel["lpips"],

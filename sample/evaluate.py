@@ -111,6 +111,13 @@ def compressor_beside(*checkpoints: str) -> Path:
     raise SystemExit(f"no compressor.safetensors beside {' or '.join(checkpoints)}; pass --compressor")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_common_arguments(ap: argparse.ArgumentParser) -> None:
     """The checkpoints, data and sampling options this command and ``sample.compare`` share."""
     ap.add_argument("--stage-c", default=str(SHIPPED / "stage_c.safetensors"))
@@ -120,13 +127,13 @@ def add_common_arguments(ap: argparse.ArgumentParser) -> None:
                     help="compressor for the from-true-latents scores (default: compressor.safetensors beside Stage C)")
     ap.add_argument("--data-dir", default="data/openmoji")
     ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--prior-steps", type=int, default=60)
-    ap.add_argument("--decoder-steps", type=int, default=None, help="default: Stage B 12, pixel decoder 50")
+    ap.add_argument("--prior-steps", type=positive_int, default=60)
+    ap.add_argument("--decoder-steps", type=positive_int, default=None, help="default: Stage B 12, pixel decoder 50")
     ap.add_argument("--prior-guidance", type=float, default=4.0)
     ap.add_argument("--decoder-guidance", type=float, default=3.0)
     ap.add_argument("--limit", type=int, default=None, help="at most this many val captions")
     ap.add_argument("--gallery-limit", type=int, default=None, help="search only the first N emoji (quick checks)")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=positive_int, default=32)
     ap.add_argument("--seed", type=int, default=0)
 
 

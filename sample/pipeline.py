@@ -116,11 +116,14 @@ class TextToImage(nn.Module):
 
 
 def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
-                       stage_a: str | os.PathLike | None = None) -> TextToImage:
-    """The C -> B -> A sampler from checkpoints, refusing stages that were not trained together."""
+                       stage_a: str | os.PathLike | None = None, prior: Prior | None = None) -> TextToImage:
+    """The C -> B -> A sampler from checkpoints, refusing stages that were not trained together.
+
+    ``prior``: Stage C already loaded from ``stage_c`` (several decoders share one).
+    """
     from sample.decoders import load_semantic_decoder, stage_b_metadata
 
-    prior = load_prior(stage_c)
+    prior = prior or load_prior(stage_c)
     decoder = load_semantic_decoder(stage_b, stage_a)
     b_meta = stage_b_metadata(resolve_checkpoint(stage_b))
     c_fp, b_fp = prior.compressor_fingerprint, b_meta.get("compressor_fingerprint")
@@ -130,11 +133,15 @@ def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
     return TextToImage(prior, decoder).eval()
 
 
-def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os.PathLike) -> TextToImage:
-    """Stage C -> the greedy-grown pixel decoder, refusing a decoder trained on another compressor's latents."""
+def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os.PathLike,
+                             prior: Prior | None = None) -> TextToImage:
+    """Stage C -> the greedy-grown pixel decoder, refusing a decoder trained on another compressor's latents.
+
+    ``prior``: Stage C already loaded from ``stage_c`` (several decoders share one).
+    """
     from sample.decoders import load_pixel_decoder
 
-    prior = load_prior(stage_c)
+    prior = prior or load_prior(stage_c)
     decoder = load_pixel_decoder(pixel_decoder)
     c_fp, p_fp = prior.compressor_fingerprint, decoder.compressor_fingerprint
     if c_fp and p_fp and c_fp != p_fp:

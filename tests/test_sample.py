@@ -192,3 +192,8 @@ def test_compare_writes_table_json_and_grid_for_every_decoder(bundle, openmoji_d
     with pytest.raises(SystemExit):
         compare([*args[:-1], str(tmp_path / "cmp2"), "--pixel", "no-equals-sign"])
     assert "NAME=PATH" in capsys.readouterr().err
+    for bad, message in ((["--pixel", f"greedy={pixel}", "--pixel", f"greedy={pixel}"], "names must differ"),
+                         (["--decoder-steps", "0"], "must be at least 1")):
+        with pytest.raises(SystemExit) as exit_info:  # before any work, nothing written
+            compare([*args[:-1], str(tmp_path / "cmp3"), *bad])
+        assert message in str(exit_info.value) + capsys.readouterr().err and not (tmp_path / "cmp3").exists()
