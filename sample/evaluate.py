@@ -9,6 +9,8 @@ For each of the 185 val captions one image is generated (fixed seed). Prints JSO
   with captions shuffled (each image scored against another image's caption) gives chance level.
 * ``from_true_latents``: the same scores for the decoder alone, rendering each val image from its
   own compressor latents (no Stage C): the best the text-to-image scores can get with this decoder.
+* ``stage_c_latent_retrieval``: Stage C alone, before any decoder: is the emoji of the caption among
+  the 5 emoji whose compressor latents are nearest (cosine) to the latents Stage C sampled for it?
 
 ``--decoder pixel --pixel-decoder PATH`` scores the greedy-grown pixel decoder in place of B + A.
 """
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 
 from sample.__main__ import SHIPPED
 from sample.pipeline import load_pixel_text_to_image, load_text_to_image
-from semantic_compressor import load_compressor
+from semantic_compressor import latent_grid, load_compressor
 from stages.checkpoint import fingerprint, resolve_checkpoint
 from train.data.embedded import openmoji_shards
 from train.data.loaders import ShardDataset
@@ -36,6 +38,16 @@ def features(net: InceptionFeatures, images: torch.Tensor, batch_size: int, desc
     return torch.cat([net(images[i:i + batch_size]) for i in tqdm(range(0, len(images), batch_size), desc=desc)])
 
 
+def whole_set(data_dir: str, size: int, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Every embedded emoji (val, then train; the first ``limit``) and its caption."""
+    samples = []
+    for split in ("val", "train"):
+        shards, count = openmoji_shards(data_dir, split)
+        samples += list(ShardDataset(shards, size, count=count))
+    samples = samples[:limit]
+    return torch.stack([s["image"] for s in samples]), [s["caption"] for s in samples]
+
+
 def gallery(data_dir: str, net: InceptionFeatures, size: int, batch_size: int,
             limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """Inception features and captions of every embedded emoji (val, then train), cached next to the shards.
@@ -46,16 +58,19 @@ def gallery(data_dir: str, net: InceptionFeatures, size: int, batch_size: int,
     if cache.exists():
         saved = torch.load(cache, weights_only=True)
         return saved["features"], saved["captions"]
-    images, captions = [], []
-    for split in ("val", "train"):
-        shards, count = openmoji_shards(data_dir, split)
-        for s in ShardDataset(shards, size, count=count):
-            images.append(s["image"])
-            captions.append(s["caption"])
-    images, captions = images[:limit], captions[:limit]
-    feats = features(net, torch.stack(images), batch_size, "Inception features of the whole set")
+    images, captions = whole_set(data_dir, size, limit)
+    feats = features(net, images, batch_size, "Inception features of the whole set")
     torch.save({"features": feats, "captions": captions}, cache)
     return feats, captions
+
+
+@torch.no_grad()
+def latent_gallery(data_dir: str, compressor: torch.nn.Module, size: int, batch_size: int,
+                   limit: int | None = None) -> torch.Tensor:
+    """Compressor latents of every embedded emoji, flattened, in ``gallery``'s order (val, then train)."""
+    images, _ = whole_set(data_dir, size, limit)
+    return torch.cat([compressor(images[i:i + batch_size]).flatten(1)
+                      for i in tqdm(range(0, len(images), batch_size), desc="compressor latents of the whole set")])
 
 
 def top5_hits(generated: torch.Tensor, gallery_feats: torch.Tensor, gallery_captions: list[str],
@@ -100,6 +115,14 @@ class ValScorer:
         return {"fid_vs_val": round(self.fid.compute().item(), 2),
                 "top5_retrieval_own_caption": top5(self.captions),
                 "top5_retrieval_shuffled_captions": top5(self.shuffled)}
+
+
+def latent_scores(latents: torch.Tensor, scorer: ValScorer, compressor: torch.nn.Module,
+                  args: argparse.Namespace) -> dict:
+    """Top-5 caption retrieval of Stage C's latents among the compressor latents of the whole set."""
+    known = latent_gallery(args.data_dir, compressor, args.size, args.batch_size, args.gallery_limit)
+    top5 = lambda targets: round(top5_hits(latents, known, scorer.gallery_captions, targets), 4)
+    return {"top5_own_caption": top5(scorer.captions), "top5_shuffled_captions": top5(scorer.shuffled)}
 
 
 def compressor_beside(*checkpoints: str) -> Path:
@@ -160,11 +183,14 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = ValScorer(args.data_dir, args.size, args.batch_size, args.limit, args.gallery_limit)
     real, captions = scorer.real, scorer.captions
 
-    generated, decoded = [], []
+    generated, decoded, prior_latents = [], [], []
     for i in tqdm(range(0, len(captions), args.batch_size), desc="generating"):
         batch = captions[i:i + args.batch_size]
-        generated.append(pipe(batch, "", args.size, args.size, 1, args.prior_steps, decoder_steps,
-                              args.prior_guidance, args.decoder_guidance, args.seed + i, progress=False))
+        gen = torch.Generator().manual_seed(args.seed + i)  # as pipe(batch, seed=args.seed + i), keeping the latents
+        latents = pipe.prior.sample(batch, [""] * len(batch), latent_grid(args.size, args.size), args.prior_steps,
+                                    args.prior_guidance, gen, progress=False)
+        generated.append(pipe.decoder(latents, (args.size, args.size), batch, decoder_steps, args.decoder_guidance, gen))
+        prior_latents.append(latents.flatten(1))
         semantic = compressor(real[i:i + args.batch_size])
         decoded.append(pipe.decoder(semantic, (args.size, args.size), batch, decoder_steps, args.decoder_guidance,
                                     torch.Generator().manual_seed(args.seed + i)))
@@ -176,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         "decoder_guidance": args.decoder_guidance,
         **scorer(torch.cat(generated), "generated images"),
         "from_true_latents": scorer(torch.cat(decoded), "images decoded from their own latents"),
+        "stage_c_latent_retrieval": latent_scores(torch.cat(prior_latents), scorer, compressor, args),
         "gallery_size": len(scorer.gallery_captions),
         "chance_top5": scorer.chance_top5,
     }

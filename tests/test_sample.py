@@ -138,8 +138,22 @@ def test_evaluate_prints_scores_for_text_to_image_and_true_latents(bundle, openm
         assert scores["fid_vs_val"] > 0
         for key in ("top5_retrieval_own_caption", "top5_retrieval_shuffled_captions"):
             assert 0 <= scores[key] <= 1
+    assert set(report["stage_c_latent_retrieval"]) == {"top5_own_caption", "top5_shuffled_captions"}
+    assert all(0 <= v <= 1 for v in report["stage_c_latent_retrieval"].values())
     with pytest.raises(SystemExit):  # never overwrites a report
         evaluate(args)
+
+
+def test_latent_gallery_follows_the_inception_gallery_order(bundle, openmoji_dir):
+    from sample.evaluate import latent_gallery, whole_set
+    from semantic_compressor import load_compressor
+
+    compressor = load_compressor(bundle / "compressor.safetensors")
+    images, captions = whole_set(str(openmoji_dir), 64, limit=6)
+    latents = latent_gallery(str(openmoji_dir), compressor, 64, batch_size=4, limit=6)
+    assert len(captions) == 6 and latents.shape[0] == 6
+    with torch.no_grad():
+        assert torch.allclose(latents[5], compressor(images[5:6]).flatten(), atol=1e-5)
 
 
 def test_top5_hits_counts_the_target_among_the_five_nearest():

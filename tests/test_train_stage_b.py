@@ -21,8 +21,8 @@ def stage_a_file(tmp_path_factory):
                             model.config.to_dict())
 
 
-def _fit(root, openmoji_dir, stage_a, steps=4, extra=()):
-    cli_main(["fit", "--config", "configs/stage_b/tiny.yaml",
+def _fit(root, openmoji_dir, stage_a, steps=4, extra=(), config="configs/stage_b/tiny.yaml"):
+    cli_main(["fit", "--config", config,
               "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
               "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
               "--trainer.log_every_n_steps", "1",
@@ -114,7 +114,51 @@ def test_semantic_decoder_gives_images_of_the_asked_size(stage_a_file):
     module = StageBTraining(size=dict(TINY_B, c_text=384), stage_a=str(stage_a_file), text_encoder="minilm",
                             val_fid=False).eval()
     images = torch.rand(2, 3, 64, 96)
-    semantic, text = module.condition(images, ["red apple", ""], train=False)
+    semantic, text = module.condition(module.eval_compressor(images), ["red apple", ""], train=False)
     assert semantic.shape == (2, 16, 2, 3) and text.shape == (2, 77, 384)
     out = module.decoder()(semantic, (64, 96), ["red apple", "café ☕"], steps=2, guidance=2.0)
     assert out.shape == (2, 3, 64, 96) and 0 <= out.min() and out.max() <= 1
+
+
+def test_refine_continues_with_the_frozen_compressor_on_cached_latents(openmoji_dir, stage_a_file, tmp_path):
+    from safetensors import safe_open
+
+    from semantic_compressor import load_compressor
+    from stages.checkpoint import fingerprint
+    from stages.stage_b import load_stage_b
+    from train.stage_b import StageBTraining
+
+    _fit(tmp_path / "first", openmoji_dir, stage_a_file, steps=2)
+    first = tmp_path / "first" / "tiny" / "version_0"
+    _fit(tmp_path / "refine", openmoji_dir, stage_a_file, steps=3, config="configs/stage_b/tiny_refine.yaml",
+         extra=["--model.init_args.init_from", str(first), "--model.init_args.compressor", str(first)])
+    run = tmp_path / "refine" / "tiny" / "version_0"
+    # the compressor is the first run's, unchanged: a Stage C trained on it still fits
+    assert fingerprint(load_compressor(run)) == fingerprint(load_compressor(first))
+    with safe_open(str(run / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["init_global_step"]) == 2 and json.loads(meta["global_step"]) == 3
+    _fit(tmp_path / "again", openmoji_dir, stage_a_file, steps=2, config="configs/stage_b/tiny_refine.yaml",
+         extra=["--model.init_args.init_from", str(run), "--model.init_args.compressor", str(first)])
+    with safe_open(str(tmp_path / "again" / "tiny" / "version_0" / "model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["init_global_step"]) == 2 + 3  # the whole chain
+    before, after = load_stage_b(str(first / "model.safetensors")), load_stage_b(str(run / "model.safetensors"))
+    assert any(not torch.equal(p, q) for p, q in zip(before.parameters(), after.parameters()))
+
+    # cached latents are those of the frozen networks
+    module = StageBTraining(size=TINY_B, stage_a=str(stage_a_file), compressor=str(first), init_from=str(first),
+                            cache_latents=True, val_fid=False)
+    batch = {"image": torch.rand(2, 3, 64, 64), "key": ["a", "b"]}
+    x0, semantic = module.cached_latents(batch)
+    assert set(module.latent_cache) == {"a", "b"}
+    assert torch.allclose(x0, module.stage_a.encode(batch["image"]))
+    assert torch.allclose(semantic, module.compressor(batch["image"]))
+
+    # mismatches are named before any training
+    with pytest.raises(ValueError, match="frozen compressor"):
+        StageBTraining(size=TINY_B, stage_a=str(stage_a_file), cache_latents=True, val_fid=False)
+    with pytest.raises(ValueError, match="another size"):
+        StageBTraining(size=dict(TINY_B, c_cond=8), stage_a=str(stage_a_file), compressor=str(first),
+                       init_from=str(first), val_fid=False)
+    with pytest.raises(ValueError, match="another semantic compressor"):  # a fresh compressor is not the one it used
+        StageBTraining(size=TINY_B, stage_a=str(stage_a_file), init_from=str(first), val_fid=False)

@@ -7,6 +7,11 @@ paper, the semantic latents are noised at a small random t 30% of the time (so B
 imperfect Stage C output) and zeroed 10% of the time (classifier-free guidance); text, when
 used, is replaced by the empty prompt 10% of the time.
 
+Refinement (``configs/stage_b/tiny_refine.yaml``): ``init_from`` starts from a trained Stage B and
+``compressor`` names the compressor trained with it, which then stays frozen, so a Stage C trained
+on that compressor keeps working. With a frozen compressor and whole images (no random crops),
+``cache_latents`` computes each image's Stage A and semantic latents once and trains on the cache.
+
 Validation performs semantic reconstruction: image -> compressor latents -> Stage B sampling
 (12 DDPM steps) -> Stage A decode, scored by PSNR, LPIPS and FID against the validation images.
 """
@@ -19,9 +24,9 @@ import torch
 import torchmetrics
 from torchvision.utils import save_image
 
-from sample.decoders import SemanticDecoder
-from semantic_compressor import SemanticCompressor
-from stages.checkpoint import fingerprint, resolve_checkpoint, save_safetensors
+from sample.decoders import SemanticDecoder, stage_b_metadata
+from semantic_compressor import SemanticCompressor, load_compressor
+from stages.checkpoint import fingerprint, load_into, read_weights, resolve_checkpoint, save_safetensors
 from stages.diffusion import add_noise, eps_loss
 from stages.stage_a import load_stage_a
 from stages.stage_b import StageB, stage_b_config
@@ -37,15 +42,20 @@ class StageBTraining(ExportsWeights, L.LightningModule):
     """LightningModule for Stage B; ``size`` names a preset (``tiny``, ``paper``) or gives its fields.
 
     ``stage_a``: a trained Stage A (``model.safetensors``, a ``.ckpt``, or its run folder: the
-    newest export under it). ``compressor``: ``SemanticCompressor`` arguments. ``text_encoder``:
-    ``minilm``, ``open_clip`` or ``null`` (must agree with the preset's ``c_text``).
+    newest export under it). ``compressor``: ``SemanticCompressor`` arguments (trained with Stage B),
+    or a trained ``compressor.safetensors`` / Stage B run folder (kept frozen). ``text_encoder``:
+    ``minilm``, ``open_clip`` or ``null`` (must agree with the preset's ``c_text``). ``init_from``:
+    a Stage B export or run folder to continue from (same config, Stage A and compressor).
+    ``cache_latents``: keep each training image's latents in memory by sample key (frozen
+    compressor and whole images only).
     """
 
     stage = "stage_b"
     frozen = ("stage_a.", "text_encoder.", "perceptual.", "val_fid.")  # rebuilt on load, never saved
 
     def __init__(self, size: str | dict = "tiny", stage_a: str = "runs/stage_a/tiny",
-                 compressor: dict | None = None, text_encoder: str | None = None,
+                 compressor: dict | str | None = None, text_encoder: str | None = None,
+                 init_from: str | None = None, cache_latents: bool = False,
                  lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int = 0,
                  lr_schedule: str = "constant", p2_form: str = "paper",
                  semantic_noise_prob: float = 0.3, semantic_noise_max_t: float = 0.3,
@@ -68,17 +78,44 @@ class StageBTraining(ExportsWeights, L.LightningModule):
             raise ValueError(f"Stage B size {size!r} expects text states of width {config.c_text}, but text_encoder "
                              f"is {text_encoder!r}" + (f" (width {self.text_encoder.dim})" if self.text_encoder else "")
                              + "; pick a matching text_encoder or set c_text in the size")
-        self.model = StageB(config)
-        self.compressor = SemanticCompressor(**(compressor or {}))
+        if isinstance(compressor, str):
+            self.compressor = load_compressor(compressor).requires_grad_(False)
+        else:
+            self.compressor = SemanticCompressor(**(compressor or {}))
         if self.compressor.config.latent_channels != config.c_semantic:
             raise ValueError(f"the compressor gives {self.compressor.config.latent_channels} channels; "
                              f"Stage B expects {config.c_semantic}")
+        if cache_latents and self.compressor.trainable != "none":
+            raise ValueError("cache_latents needs a frozen compressor: set compressor to a trained "
+                             "compressor.safetensors or Stage B run folder")
+        self.init_cost: dict = {}
+        self.model = self.initial_model(config, init_from)
+        self.latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.ema = make_ema(self.model) if ema_decay else None
         self.compressor_ema = make_ema(self.compressor) if ema_decay and self.compressor.trainable != "none" else None
         self.perceptual = Perceptual(metric_net)
         self.val_psnr = torchmetrics.image.PeakSignalNoiseRatio(data_range=1.0)
         self.val_lpips = torchmetrics.MeanMetric()
         self.val_fid = fid_metric() if val_fid else None
+
+    def initial_model(self, config, init_from: str | None) -> StageB:
+        """A fresh Stage B, or the weights of ``init_from`` after checking they fit this run."""
+        if not init_from:
+            return StageB(config)
+        path = resolve_checkpoint(init_from)
+        state, stored = read_weights(path, "stage_b")
+        if stored is not None and stage_b_config(stored) != config:
+            raise ValueError(f"{path} is a Stage B of another size ({stored}); set size to match it")
+        meta = stage_b_metadata(path)
+        for key, ours, what in (("stage_a_fingerprint", self.stage_a_fingerprint, "Stage A"),
+                                ("compressor_fingerprint", fingerprint(self.compressor), "semantic compressor")):
+            if meta.get(key) not in (None, ours):
+                raise ValueError(f"{path} was trained with another {what} than this run's; pass the "
+                                 f"{what} it was trained with (stage_a / compressor: its run folder)")
+        # the whole chain's cost: the init's own run plus whatever it started from
+        self.init_cost = {f"init_{k}": meta[k] + meta.get(f"init_{k}", 0) for k in ("global_step", "wall_time_s")
+                          if k in meta}
+        return load_into(StageB(config), state, str(path))
 
     def train(self, mode: bool = True) -> "StageBTraining":
         super().train(mode)
@@ -90,16 +127,26 @@ class StageBTraining(ExportsWeights, L.LightningModule):
         return self
 
     # -- training ---------------------------------------------------------------------------
-    def condition(self, images: torch.Tensor, captions: list[str], train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    @torch.no_grad()
+    def cached_latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage A latents and semantic latents of the batch's images, computed once per sample key."""
+        missing = [i for i, k in enumerate(batch["key"]) if k not in self.latent_cache]
+        if missing:
+            images = batch["image"][missing]
+            fresh = zip(self.stage_a.encode(images).cpu(), self.compressor(images).cpu())
+            self.latent_cache.update({batch["key"][i]: pair for i, pair in zip(missing, fresh)})
+        x0, semantic = zip(*(self.latent_cache[k] for k in batch["key"]))
+        return torch.stack(x0).to(self.device), torch.stack(semantic).to(self.device)
+
+    def condition(self, semantic: torch.Tensor, captions: list[str], train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Semantic latents (noised / dropped in training) and text states (dropped in training)."""
         h = self.hparams
-        semantic = self.compressor(images) if train else self.eval_compressor(images)
         text = None
         if self.text_encoder is not None:
             text = self.text_encoder(captions)
         if not train:
             return semantic, text
-        b = images.shape[0]
+        b = semantic.shape[0]
         noised = torch.rand(b, device=self.device) < h.semantic_noise_prob
         if noised.any():
             t = torch.rand(b, device=self.device) * h.semantic_noise_max_t
@@ -112,11 +159,14 @@ class StageBTraining(ExportsWeights, L.LightningModule):
         return semantic, text
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        images = batch["image"]
-        with torch.no_grad():
-            x0 = self.stage_a.encode(images)
-        semantic, text = self.condition(images, batch["caption"], train=True)
-        t = torch.rand(images.shape[0], device=self.device)
+        if self.hparams.cache_latents:
+            x0, semantic = self.cached_latents(batch)
+        else:
+            with torch.no_grad():
+                x0 = self.stage_a.encode(batch["image"])
+            semantic = self.compressor(batch["image"])
+        semantic, text = self.condition(semantic, batch["caption"], train=True)
+        t = torch.rand(x0.shape[0], device=self.device)
         noise = torch.randn_like(x0)
         eps = self.model.predict_eps(add_noise(x0, t, noise), t, semantic, text)
         return self.log_training_loss(eps_loss(eps, noise, t, self.hparams.p2_form))
@@ -150,7 +200,7 @@ class StageBTraining(ExportsWeights, L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         h = self.hparams
         images = batch["image"]
-        semantic, _ = self.condition(images, batch["caption"], train=False)
+        semantic, _ = self.condition(self.eval_compressor(images), batch["caption"], train=False)
         gen = torch.Generator(device=self.device).manual_seed(batch_idx)
         recon = self.decoder()(semantic, images.shape[-2:], batch["caption"], h.sample_steps, h.guidance, gen)
         self.val_psnr(recon, images)
@@ -177,7 +227,7 @@ class StageBTraining(ExportsWeights, L.LightningModule):
         path = self.run_dir / "model.safetensors"
         if not self.trainer.is_global_zero:
             return None
-        extra = {**self.export_metadata(), "stage_a_fingerprint": self.stage_a_fingerprint,
+        extra = {**self.export_metadata(), **self.init_cost, "stage_a_fingerprint": self.stage_a_fingerprint,
                  "stage_a_path": self.stage_a_path,
                  "stage_a_config": self.stage_a.config.to_dict(), "text_encoder": self.hparams.text_encoder,
                  "compressor_config": self.compressor.config.to_dict(),
