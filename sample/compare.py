@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from sample.__main__ import SHIPPED
 from sample.decoders import pixel_decoder_metadata, stage_b_metadata
-from sample.evaluate import ValScorer, add_common_arguments, compressor_beside
+from sample.evaluate import ValScorer, add_common_arguments, compressor_beside, shown
 from sample.pipeline import load_pixel_text_to_image, load_prior, load_text_to_image
 from semantic_compressor import latent_grid, load_compressor
 from stages.checkpoint import fingerprint, resolve_checkpoint
@@ -45,12 +44,6 @@ def parse_named(spec: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"--pixel takes NAME=PATH (e.g. greedy=checkpoints/tiny/pixel_decoder.safetensors), "
                                          f"got {spec!r}")
     return name, path
-
-
-def shown(path: str | Path) -> str:
-    """A path as the report shows it: relative to the working directory when inside it."""
-    relative = os.path.relpath(path)
-    return str(path) if relative.startswith("..") else relative
 
 
 def training_cost(meta: dict) -> dict:

@@ -17,6 +17,7 @@ For each of the 185 val captions one image is generated (fixed seed). Prints JSO
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -125,6 +126,12 @@ def latent_scores(latents: torch.Tensor, scorer: ValScorer, compressor: torch.nn
     return {"top5_own_caption": top5(scorer.captions), "top5_shuffled_captions": top5(scorer.shuffled)}
 
 
+def shown(path: str | Path) -> str:
+    """A path as a report shows it: relative to the working directory when inside it."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
 def compressor_beside(*checkpoints: str) -> Path:
     """``compressor.safetensors`` next to the first of these checkpoints that has one."""
     for c in checkpoints:
@@ -195,8 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
         decoded.append(pipe.decoder(semantic, (args.size, args.size), batch, decoder_steps, args.decoder_guidance,
                                     torch.Generator().manual_seed(args.seed + i)))
     report = {
-        "stage_c": args.stage_c, "decoder": args.decoder,
-        "decoder_checkpoint": args.pixel_decoder if args.decoder == "pixel" else args.stage_b,
+        "stage_c": shown(args.stage_c), "decoder": args.decoder,
+        "decoder_checkpoint": shown(args.pixel_decoder if args.decoder == "pixel" else args.stage_b),
         "n_captions": len(captions), "size": args.size, "prior_steps": args.prior_steps,
         "decoder_steps": decoder_steps, "prior_guidance": args.prior_guidance,
         "decoder_guidance": args.decoder_guidance,
