@@ -9,6 +9,7 @@ paper schedule's cost. ``--full`` (meant for a GPU) measures everything at the p
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -45,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--full", action="store_true",
                     help="paper sizes at 1024 px (training at the paper's resolutions), every batch size, measured "
                          "latency and the training presets: for a GPU")
-    ap.add_argument("--out", default=None, help="output folder (default runs/benchmarks/version_N); never overwritten")
+    ap.add_argument("--out", default=None, help="output folder (default runs/benchmarks/version_N); never overwritten. "
+                    "partial.json there holds the parts finished so far until the run ends")
     return ap.parse_args(argv)
 
 
@@ -98,6 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
     }, "notes": notes}
     all_targets = targets(sizes)
     started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "partial.json"
+
+    def save_partial(**extra) -> None:
+        """What is finished so far, so that an interrupted run still leaves its figures."""
+        partial.write_text(json.dumps({**results, **extra}, indent=1, default=str))
 
     if "counts" in parts:
         results["counts"] = [{
@@ -105,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             "forward_gflops_1024": forward_flops(t, 1024) / 1e9,
             "train_gflops_512": None if t.loss is None else train_flops(t, 512) / 1e9,
         } for t in tqdm(all_targets, desc="parameters and FLOPs (meta device)")]
+        save_partial()
         notes.append("FLOPs: torch.utils.flop_counter (matmuls, convolutions, attention; multiply-add = 2 FLOPs), "
                      "counted on the meta device. Stage A's forward is decode (what the sampler runs); text encoders: "
                      "77 tokens.")
@@ -116,15 +125,17 @@ def main(argv: list[str] | None = None) -> dict:
             train = t.loss is not None and (args.full or gpu or parameters(t) < CPU_TRAIN_LIMIT)
             b = batches if (t.size == "tiny" or gpu) else batches[:1]
             for px in px_list:
-                rows += run_target(t, device, dtype, px, b, False, args.compile, repeats, budget_s=None if gpu else 30)
+                rows += run_target(t, device, dtype, px, b, ("inference",), args.compile, repeats,
+                                   budget_s=None if gpu else 30, notes=notes)
             if train:
                 train_px = TRAIN_PX.get(t.kind, (512,)) if (args.full or gpu) else (t.cpu_px(),)
                 for px in train_px:
-                    rows += [r for r in run_target(t, device, dtype, px, b, True, args.compile, repeats,
-                                                   budget_s=None if gpu else 30) if r["mode"] == "train"]
+                    rows += run_target(t, device, dtype, px, b, ("train",), args.compile, repeats,
+                                       budget_s=None if gpu else 30, notes=notes)
             elif t.loss is not None:
                 notes.append(f"{t.name} ({parameters(t) / 1e6:.0f} M parameters): no training step on CPU (AdamW "
                              f"state alone is {parameters(t) * 16 / 2**30:.1f} GiB; use --full on a GPU).")
+            save_partial(throughput=rows)
         for r in rows:
             r["mfu"] = cost.mfu(r["achieved_flops_per_s"], device)
         if not gpu:
@@ -146,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
                     reps = repeats if preset != "tiny" or args.quick else max(repeats, 10)
                     results["reference"].append(reference.compare(kind, preset, device, dtype, px, batch, args.compile,
                                                                   reps))
+                    save_partial()
             notes.append(reference.__doc__.split("\n\n")[1].replace("\n", " "))
 
     if "latency" in parts:
@@ -154,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
         measured_px = args.latency_px if (gpu or args.full) else (64 if args.quick else 256)
         for size in tqdm(measured_sizes, desc="sampling latency (real sampler)"):
             for decoder in latency.DECODERS:
-                lat += latency.measure_sampling(size, device, dtype, measured_px, batches, decoder, repeats=1)
+                lat += latency.measure_sampling(size, device, dtype, measured_px, batches, decoder, repeats=1,
+                                                notes=notes)
+                save_partial(latency=lat)
         for size in sizes:
             lat += latency.project_sampling(size, rows, args.latency_px, batches)
             if not (gpu or args.full) and size == "tiny":
@@ -175,12 +189,16 @@ def main(argv: list[str] | None = None) -> dict:
         if gpu:
             from benchmarks import presets
 
-            results["presets"] = [presets.run_preset(kind) for kind in tqdm(presets.PRESETS, desc="training presets")]
+            results["presets"] = []
+            for kind in tqdm(presets.PRESETS, desc="training presets"):
+                results["presets"].append(presets.run_preset(kind))
+                save_partial()
         else:
             notes.append("Training presets (configs/stage_{b,c}/paper_gpu.yaml): not run, no GPU.")
 
     results["environment"]["wall_s"] = round(time.perf_counter() - started, 1)
     paths = report.write(results, out)
+    partial.unlink()
     print(report.markdown(results))
     print({k: str(v) for k, v in paths.items()})
     return results

@@ -100,8 +100,10 @@ def timed_modules(pipe: nn.Module, device: torch.device) -> Iterator[dict[str, f
 
 
 def measure_sampling(size: str, device: torch.device, dtype: torch.dtype, px: int, batches: list[int],
-                     decoder: str = "stage_b+stage_a", repeats: int = 1) -> list[dict]:
-    """The real sampler, random weights, ``repeats`` runs per batch size after one warm-up (median)."""
+                     decoder: str = "stage_b+stage_a", repeats: int = 1, notes: list[str] | None = None) -> list[dict]:
+    """The real sampler, random weights, ``repeats`` runs per batch size after one warm-up (median).
+
+    A batch that runs out of device memory ends the sweep with a line in ``notes``."""
     from sample.pipeline import Prior, TextToImage
     from stages.stage_c import StageC
 
@@ -113,17 +115,23 @@ def measure_sampling(size: str, device: torch.device, dtype: torch.dtype, px: in
     rows = []
     for batch in batches:
         runs = []
-        for i in range(1 + repeats):  # distinct prompts each run: the text encoder caches prompts
-            prompts = [f"benchmark run {i} image {j} of a red fox in the snow" for j in range(batch)]
-            with timed_modules(pipe, device) as totals, autocast(device, dtype):
-                synchronize(device)
-                start = time.perf_counter()
-                pipe(prompts, height=px, width=px, prior_steps=PRIOR_STEPS, decoder_steps=decoder_steps,
-                     prior_guidance=PRIOR_GUIDANCE, decoder_guidance=DECODER_GUIDANCE, seed=i, progress=False)
-                synchronize(device)
-                total = time.perf_counter() - start
-            if i > 0:
-                runs.append({**totals, "total": total})
+        try:
+            for i in range(1 + repeats):  # distinct prompts each run: the text encoder caches prompts
+                prompts = [f"benchmark run {i} image {j} of a red fox in the snow" for j in range(batch)]
+                with timed_modules(pipe, device) as totals, autocast(device, dtype):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    pipe(prompts, height=px, width=px, prior_steps=PRIOR_STEPS, decoder_steps=decoder_steps,
+                         prior_guidance=PRIOR_GUIDANCE, decoder_guidance=DECODER_GUIDANCE, seed=i, progress=False)
+                    synchronize(device)
+                    total = time.perf_counter() - start
+                if i > 0:
+                    runs.append({**totals, "total": total})
+        except torch.OutOfMemoryError:
+            if notes is not None:
+                notes.append(f"sampling {size} with {decoder} at {px} px: batch {batch} ran out of device memory; "
+                             f"larger batches skipped.")
+            break
         best = sorted(runs, key=lambda r: r["total"])[len(runs) // 2]
         stages = {k: best[k] for k in STAGES}
         rows.append({"method": "measured", "size": size, "decoder": decoder, "px": px, "batch": batch,

@@ -163,3 +163,16 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
+
+
+def compiled(fn: Callable, enabled: bool = True) -> Callable:
+    """``torch.compile(fn)`` with static shapes and dynamo's caches cleared first.
+
+    Every measurement then compiles its own graph (during its warm-up call): sharing the cache across
+    measurements would hit dynamo's recompile limit (and fall back to eager) or switch to dynamic shapes.
+    """
+    if not enabled:
+        return fn
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+

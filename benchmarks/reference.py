@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from benchmarks.measure import autocast, time_alternating
+from benchmarks.measure import autocast, compiled, time_alternating
 from benchmarks.targets import TEXT_TOKENS
 from semantic_compressor import latent_grid
 from stages.convert import (stage_a_config_from_release, stage_a_from_release, stage_b_config_from_release,
@@ -174,7 +174,7 @@ def compare(kind: str, preset: str, device: torch.device, dtype: torch.dtype, px
     args = pair.inputs(batch, px, device)
     call_ours, call_theirs = pair.call_ours, pair.call_theirs
     if compile:
-        call_ours, call_theirs = torch.compile(call_ours), torch.compile(call_theirs)
+        call_ours, call_theirs = compiled(call_ours), compiled(call_theirs)
     with torch.no_grad(), autocast(device, dtype):  # doubles as the warm-up
         outputs = pair.check(args) if pair.check else (call_ours(args), call_theirs(args))
         error = max_relative_error(*outputs)

@@ -11,7 +11,7 @@ import gc
 import torch
 from torch import nn
 
-from benchmarks.measure import autocast, count_flops, count_parameters, peak_memory, time_call
+from benchmarks.measure import autocast, compiled, count_flops, count_parameters, peak_memory, time_call
 from benchmarks.targets import Target
 
 
@@ -49,10 +49,6 @@ def train_flops(target: Target, px: int, batch: int = 1) -> int | None:
     return count_flops(lambda: target.loss(model, args).backward())
 
 
-def _compiled(fn, enabled: bool):
-    return torch.compile(fn) if enabled else fn
-
-
 def measure(target: Target, model: nn.Module, device: torch.device, dtype: torch.dtype, px: int, batch: int,
             train: bool, compile: bool = False, repeats: int = 3, warmup: int = 1, budget_s: float | None = None,
             optimizer: torch.optim.Optimizer | None = None) -> dict:
@@ -60,7 +56,7 @@ def measure(target: Target, model: nn.Module, device: torch.device, dtype: torch
     args = target.inputs(batch, px, device)
     if train:
         model.train()
-        loss_fn = _compiled(lambda: target.loss(model, args), compile)
+        loss_fn = compiled(lambda: target.loss(model, args), compile)
 
         def call() -> None:
             optimizer.zero_grad(set_to_none=True)
@@ -71,7 +67,7 @@ def measure(target: Target, model: nn.Module, device: torch.device, dtype: torch
         flops = train_flops(target, px, batch)
     else:
         model.eval()
-        fwd = _compiled(lambda: target.forward(model, args), compile)
+        fwd = compiled(lambda: target.forward(model, args), compile)
 
         def call() -> None:
             with torch.no_grad(), autocast(device, dtype):
@@ -90,18 +86,40 @@ def measure(target: Target, model: nn.Module, device: torch.device, dtype: torch
 
 
 def run_target(target: Target, device: torch.device, dtype: torch.dtype, px: int, batches: list[int],
-               train: bool, compile: bool = False, repeats: int = 3, budget_s: float | None = None) -> list[dict]:
-    """Inference rows for every batch size, then training rows (if ``train`` and the module trains)."""
+               modes: tuple[str, ...] = ("inference", "train"), compile: bool = False, repeats: int = 3,
+               budget_s: float | None = None, notes: list[str] | None = None) -> list[dict]:
+    """Rows for each mode ("inference", "train": only if the module trains) and batch size.
+
+    A batch that runs out of device memory ends its mode (larger ones would too) with a line in ``notes``
+    instead of ending the whole run.
+    """
     model = target.build(str(device) if device.type != "cpu" else "cpu")
-    rows = [measure(target, model, device, dtype, px, b, False, compile, repeats, budget_s=budget_s) for b in batches]
-    if train and target.loss is not None:
-        fused = {"fused": True} if device.type == "cuda" else {}
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, **fused)
-        rows += [measure(target, model, device, dtype, px, b, True, compile, repeats, budget_s=budget_s,
-                         optimizer=optimizer) for b in batches]
+    rows = []
+    for mode in modes:
+        if mode == "train" and target.loss is None:
+            continue
+        optimizer = None
+        if mode == "train":
+            fused = {"fused": True} if device.type == "cuda" else {}
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, **fused)
+        for b in batches:
+            try:
+                rows.append(measure(target, model, device, dtype, px, b, mode == "train", compile, repeats,
+                                    budget_s=budget_s, optimizer=optimizer))
+            except torch.OutOfMemoryError:
+                if notes is not None:
+                    notes.append(f"{target.name} {mode} at {px} px: batch {b} ran out of device memory; "
+                                 f"larger batches skipped.")
+                break
+        model.zero_grad(set_to_none=True)
         del optimizer
+        _free(device)
     del model
+    _free(device)
+    return rows
+
+
+def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows

@@ -81,8 +81,45 @@ def test_cli_quick_run_writes_sane_results(tmp_path):
         assert (r["stages_s"]["pixel_decoder"] > 0) == pixel and (r["stages_s"]["stage_b"] > 0) != pixel
     assert {r["module"] for r in results["cost"]} == {"stage_a", "stage_b", "stage_c"}
     assert "ratio" in (out / "results.md").read_text()
+    assert not (out / "partial.json").exists()  # a finished run leaves only its final results
     with pytest.raises(SystemExit, match="never overwrite"):  # an existing output folder is refused
         main(["--quick", "--out", str(out), "--parts", "counts"])
+
+
+def test_out_of_memory_ends_a_sweep_with_a_note(monkeypatch):
+    """A batch too big for the device skips the larger ones of that mode; the other mode still runs."""
+    from benchmarks import throughput
+    from benchmarks.targets import targets
+
+    real = throughput.measure
+
+    def measure(target, model, device, dtype, px, batch, train, *args, **kwargs):
+        if batch >= 2 and not train:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(target, model, device, dtype, px, batch, train, *args, **kwargs)
+
+    monkeypatch.setattr(throughput, "measure", measure)
+    stage_c = next(t for t in targets(["tiny"]) if t.kind == "stage_c")
+    notes = []
+    rows = throughput.run_target(stage_c, torch.device("cpu"), torch.float32, 64, [1, 2, 4], repeats=1, notes=notes)
+    assert [(r["mode"], r["batch"]) for r in rows] == [("inference", 1), ("train", 1), ("train", 2), ("train", 4)]
+    assert len(notes) == 1 and "batch 2 ran out of device memory" in notes[0]
+
+
+def test_interrupted_run_leaves_partial_results(tmp_path, monkeypatch):
+    from benchmarks import latency
+    from benchmarks.__main__ import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latency, "measure_sampling", interrupted)
+    out = tmp_path / "bench"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--quick", "--out", str(out), "--parts", "counts,latency", "--threads", "2"])
+    partial = json.loads((out / "partial.json").read_text())
+    assert {r["module"] for r in partial["counts"]} >= {"stage_a", "stage_b", "stage_c"}
+    assert not (out / "results.json").exists()
 
 
 def test_gpu_presets_enable_checkpointing_and_run_on_cpu():

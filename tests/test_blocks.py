@@ -2,9 +2,10 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
 from stages.blocks import (AttentionBlock, ConvNeXtBlock, GlobalResponseNorm, LayerNorm2d, MixingBlock,
-                           TimestepBlock, timestep_embedding)
+                           TimestepBlock, replicate_pad1, timestep_embedding)
 
 
 def test_layernorm2d_normalises_channels():
@@ -22,6 +23,25 @@ def test_mixing_block_is_identity_at_init_and_learns():
         block.gammas.fill_(0.5)
     assert not torch.allclose(block(x), x)
     assert block(x).shape == x.shape
+
+
+def test_mixing_block_compiles_with_the_same_values_and_gradients():
+    """Stage A under torch.compile (benchmarks --compile): replicate padding through inductor, forward and backward."""
+    x = torch.randn(2, 4, 5, 6)
+    assert torch.equal(replicate_pad1(x), F.pad(x, (1, 1, 1, 1), mode="replicate"))
+    torch.manual_seed(0)
+    block = MixingBlock(16)
+    with torch.no_grad():
+        block.gammas.normal_()
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    results = []
+    for fn in (block, torch.compile(block, dynamic=False)):
+        y = fn(x)
+        y.square().mean().backward()
+        results.append((y.detach(), x.grad, block.depthwise.weight.grad))
+        x.grad, block.depthwise.weight.grad = None, None
+    for eager, compiled in zip(*results):
+        assert torch.allclose(eager, compiled, atol=1e-5, rtol=1e-4)
 
 
 def test_convnext_block_with_skip():
