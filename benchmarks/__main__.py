@@ -1,6 +1,6 @@
 """``python -m benchmarks``: cost and efficiency of every stage (see ``--help`` and the README).
 
-Default on a CPU (about 10 minutes on 2 cores): counts for every size at 1024 px (meta device),
+Default on a CPU (about 4 minutes on 2 cores): counts for every size at 1024 px (meta device),
 throughput of the tiny models at 128 px and of the paper sizes at small images (batch 1; training
 steps only below 100 M parameters), the diffusers side by side, the tiny cascade's sampling
 latency measured with the real sampler at 256 px, the paper cascade's at 1024 px projected, and the
@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-sizes", default=None, help="comma-separated (default: 1,2 on CPU, 1,2,4,8,16 on GPU)")
     ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                     help="autocast dtype (auto: bfloat16 on GPU, float32 on CPU); parameters stay float32")
-    ap.add_argument("--compile", action="store_true", help="torch.compile every timed module (ours and diffusers')")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the throughput and side-by-side calls, ours and diffusers' alike (static "
+                         "shapes; each measurement compiles during its warm-up call; sampling latency stays eager)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per measurement after warm-up (median)")
     ap.add_argument("--latency-px", type=int, default=1024, help="image side for the end-to-end latency (paper: 1024)")
@@ -139,8 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
         for r in rows:
             r["mfu"] = cost.mfu(r["achieved_flops_per_s"], device)
         if not gpu:
-            notes.append("CPU runs: paper/release sizes at small images (Stage A and B 128 px, Stage C and the "
-                         "compressor 256 px) and batch 1 only; tiny models at 128 px. MFU needs a GPU peak (n/a).")
+            notes.append("CPU runs: paper/release sizes at small images (Stage A, B and the pixel decoder 128 px, Stage C "
+                         "and the compressor 256 px) and batch 1 only; tiny models at 128 px. MFU needs a GPU peak (n/a).")
         results["throughput"] = rows if "throughput" in parts else []
         results["throughput_rows_used"] = len(rows)
 
@@ -170,16 +172,17 @@ def main(argv: list[str] | None = None) -> dict:
                                                 notes=notes)
                 save_partial(latency=lat)
         for size in sizes:
-            lat += latency.project_sampling(size, rows, args.latency_px, batches)
-            if not (gpu or args.full) and size == "tiny":
-                lat += latency.project_sampling(size, rows, measured_px, batches)  # checks the projection method
+            for decoder in latency.DECODERS:
+                lat += latency.project_sampling(size, rows, args.latency_px, batches, decoder)
+                if not (gpu or args.full) and size == "tiny":  # checks the projection against the measured rows
+                    lat += latency.project_sampling(size, rows, measured_px, batches, decoder)
         results["latency"] = lat
         notes.append("Latency: random weights (timing does not depend on them). 'measured' = the real sampler "
                      "(sample.pipeline.TextToImage) with each decoder of benchmarks.latency.DECODERS at its default steps "
                      "(Stage B 12, pixel decoder 50), per-stage times from hooks; "
                      "'projected' = exact FLOPs at that size / the FLOP/s the module reached in the throughput rows "
-                     "x the number of calls (60 x 2 for C, 12 x 2 for B with guidance, 1 Stage A decode, 2 text "
-                     "encodes), Stage B + Stage A only.")
+                     "x the number of calls (60 x 2 for C, 12 x 2 for B and 50 x 2 for the pixel decoder with "
+                     "guidance, 1 Stage A decode, 2 text encodes).")
 
     if "cost" in parts:
         results["cost"] = [c for t in all_targets if (c := cost.schedule_cost(t, rows, device)) is not None]

@@ -12,7 +12,7 @@ Two ways, always labelled in the output:
 
 Decoders are pluggable like the sampler's: ``DECODERS`` maps a name to a builder of a module with
 the ``sample.decoders`` call: Stage B + Stage A, and the greedy-grown pixel decoder (its grown
-architecture, at its own default step count). Projected rows are for Stage B + Stage A only.
+architecture, at its own default step count); both are projected too.
 """
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from benchmarks.measure import autocast, synchronize
-from benchmarks.targets import CONFIGS, Target, build_text_encoder, targets
+from benchmarks.targets import CONFIGS, Target, build_text_encoder, grown_pixel_decoder, targets
 from benchmarks.throughput import forward_flops
 
 PRIOR_STEPS, DECODER_STEPS = 60, 12  # the paper's Fig. 4
+PIXEL_STEPS = 50  # the pixel decoder's default (sample.decoders.PixelDecoder)
 PRIOR_GUIDANCE, DECODER_GUIDANCE = 4.0, 3.0  # sampler defaults: guidance > 1 runs each model twice per step
 STAGES = ("text", "stage_c", "stage_b", "stage_a", "pixel_decoder")
-PIXEL_TARGET = {"tiny": 128, "paper": 512}  # the side each pixel decoder preset grows to
 
 
 def build_semantic_decoder(size: str, device: str, text_encoder: nn.Module | None) -> nn.Module:
@@ -46,16 +46,11 @@ def build_semantic_decoder(size: str, device: str, text_encoder: nn.Module | Non
 
 def build_pixel_decoder(size: str, device: str, text_encoder: nn.Module | None) -> nn.Module:
     """The greedy-grown pixel decoder (phase 2 architecture) with random weights; ``release`` uses ``paper``."""
-    from dataclasses import replace
-
     from sample.decoders import PixelDecoder
-    from stages.pixel_decoder import GrownUViT, pixel_decoder_config
 
-    preset = "tiny" if size == "tiny" else "paper"
-    config = replace(pixel_decoder_config(preset), target_resolution=PIXEL_TARGET[preset])
     with torch.device(device):
-        model = GrownUViT(config)
-    return PixelDecoder(model, text_encoder=text_encoder if config.c_text else None).eval()
+        model = grown_pixel_decoder(CONFIGS["pixel_decoder"].get(size, "paper"))
+    return PixelDecoder(model, text_encoder=text_encoder if model.config.c_text else None).eval()
 
 
 # name -> builder(size, device, text encoder)
@@ -63,10 +58,14 @@ DECODERS: dict[str, Callable[[str, str, nn.Module | None], nn.Module]] = {
     "stage_b+stage_a": build_semantic_decoder, "pixel": build_pixel_decoder}
 
 
-def calls_per_image_batch() -> dict[str, int]:
-    """Module calls per sampled batch: text (prompts + negative), C and B (x2 with guidance), A (one decode)."""
-    return {"text": 2, "stage_c": PRIOR_STEPS * (2 if PRIOR_GUIDANCE != 1 else 1),
-            "stage_b": DECODER_STEPS * (2 if DECODER_GUIDANCE != 1 else 1), "stage_a": 1}
+def calls_per_image_batch(decoder: str = "stage_b+stage_a") -> dict[str, int]:
+    """Module calls per sampled batch: text (prompts + negative), C and the decoder's diffusion model
+    (x2 with guidance), and for Stage B + Stage A one Stage A decode."""
+    guided = 2 if DECODER_GUIDANCE != 1 else 1
+    calls = {"text": 2, "stage_c": PRIOR_STEPS * (2 if PRIOR_GUIDANCE != 1 else 1)}
+    if decoder == "pixel":
+        return {**calls, "pixel_decoder": PIXEL_STEPS * guided}
+    return {**calls, "stage_b": DECODER_STEPS * guided, "stage_a": 1}
 
 
 def _sync_timer(device: torch.device, totals: dict[str, float], name: str, fn: Callable) -> Callable:
@@ -141,26 +140,27 @@ def measure_sampling(size: str, device: torch.device, dtype: torch.dtype, px: in
     return rows
 
 
-def _module_targets(size: str) -> dict[str, Target]:
-    kinds = {"text": "text_encoder", "stage_c": "stage_c", "stage_b": "stage_b", "stage_a": "stage_a"}
+def _module_targets(size: str, stages: list[str]) -> dict[str, Target]:
     out = {}
-    for stage, kind in kinds.items():
+    for stage in stages:
+        kind = "text_encoder" if stage == "text" else stage
         config = CONFIGS[kind].get(size, CONFIGS[kind]["paper"])
         out[stage] = next(t for t in targets(list(CONFIGS[kind]), (kind,)) if t.config == config)
     return out
 
 
-def project_sampling(size: str, throughput: list[dict], px: int, batches: list[int]) -> list[dict]:
+def project_sampling(size: str, throughput: list[dict], px: int, batches: list[int],
+                     decoder: str = "stage_b+stage_a") -> list[dict]:
     """Latency from FLOPs at ``px`` and the FLOP/s each module reached in ``throughput`` (inference rows).
 
     The rate used is that of the largest measured batch of each module (closest to the target's
     work); that the rate stays the same at larger inputs is an assumption, stated in the output.
     """
-    calls = calls_per_image_batch()
+    calls = calls_per_image_batch(decoder)
     rows = []
     for batch in batches:
         stages, basis = {}, {}
-        for stage, target in _module_targets(size).items():
+        for stage, target in _module_targets(size, list(calls)).items():
             measured = [r for r in throughput if r["module"] == target.kind and r["config"] == target.config
                         and r["mode"] == "inference" and r.get("achieved_flops_per_s")]
             if not measured:
@@ -172,8 +172,9 @@ def project_sampling(size: str, throughput: list[dict], px: int, batches: list[i
             basis[stage] = {"px": ref["px"], "batch": ref["batch"], "flops_per_s": ref["achieved_flops_per_s"]}
         if stages is None:
             continue
-        rows.append({"method": "projected", "size": size, "decoder": "stage_b+stage_a", "px": px, "batch": batch,
+        rows.append({"method": "projected", "size": size, "decoder": decoder, "px": px, "batch": batch,
                      "device": throughput[0]["device"], "dtype": throughput[0]["dtype"], "total_s": sum(stages.values()),
-                     "stages_s": stages, "other_s": 0.0, "basis": basis,
-                     "prior_steps": PRIOR_STEPS, "decoder_steps": DECODER_STEPS})
+                     "stages_s": {s: stages.get(s, 0.0) for s in STAGES}, "other_s": 0.0, "basis": basis,
+                     "prior_steps": PRIOR_STEPS,
+                     "decoder_steps": PIXEL_STEPS if decoder == "pixel" else DECODER_STEPS})
     return rows

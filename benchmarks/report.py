@@ -83,15 +83,20 @@ def plot_latency(rows: list[dict], path: Path) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["size"], r["decoder"], r["px"]), []).append(r)
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, ((method, size, decoder, px), rs) in zip(axes[0], groups.items()):
+    cols = min(4, len(groups))
+    rows_ = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 4 * rows_), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, ((method, size, decoder, px), rs) in zip(axes.flat, groups.items()):
         rs = sorted(rs, key=lambda r: r["batch"])
         batches = [r["batch"] for r in rs]
         ax.plot(batches, [r["total_s"] for r in rs], "k-o", label="total")
-        for stage, style in (("stage_c", "s--"), ("stage_b", "^--"), ("stage_a", "v--"), ("pixel_decoder", "d--"),
-                             ("text", "x:")):
+        for stage, style, color in (("stage_c", "s--", "C0"), ("stage_b", "^--", "C1"), ("stage_a", "v--", "C2"),
+                                    ("pixel_decoder", "d--", "C4"), ("text", "x:", "C3")):
             if any(r["stages_s"].get(stage) for r in rs):
-                ax.plot(batches, [r["stages_s"].get(stage, 0.0) for r in rs], style, label=stage.replace("_", " ").title())
+                ax.plot(batches, [r["stages_s"].get(stage, 0.0) for r in rs], style, color=color,
+                        label=stage.replace("_", " ").title())
         ax.set(title=f"{size}, {decoder}, {px} px, {method} ({rs[0]['device']})", xlabel="batch size", ylabel="seconds",
                xticks=batches)
         ax.grid(alpha=0.3)

@@ -1,18 +1,20 @@
-"""The modules under test: every stage preset, the semantic compressor and the text encoders.
+"""The modules under test: every stage preset, the semantic compressor, the text encoders and the
+greedy-grown pixel decoder.
 
 A ``Target`` knows how to build its module (random weights: timing does not depend on them), make
 inputs for a batch at an image size, run one inference forward and one training loss. Sizes map
 to each module's configs (paper Sec. 4.1, App. E):
 
-| size | Stage A | Stage B | Stage C | compressor | text encoder |
-|---|---|---|---|---|---|
-| tiny | tiny | tiny | tiny | EfficientNet-Lite0 | MiniLM-L6 (packaged weights) |
-| paper | paper | paper | paper (347 M) | EfficientNetV2-S | OpenCLIP ViT-H-14 |
-| release | = paper | = paper | release (994 M) | = paper | OpenCLIP ViT-bigG-14 |
+| size | Stage A | Stage B | Stage C | compressor | text encoder | pixel decoder |
+|---|---|---|---|---|---|---|
+| tiny | tiny | tiny | tiny | EfficientNet-Lite0 | MiniLM-L6 (packaged weights) | tiny, grown to 128 px |
+| paper | paper | paper | paper (347 M) | EfficientNetV2-S | OpenCLIP ViT-H-14 | paper, grown to 512 px |
+| release | = paper | = paper | release (994 M) | = paper | OpenCLIP ViT-bigG-14 | = paper |
 
 The "forward" of Stage A is ``decode`` (what the sampler runs); its training loss runs encoder,
 quantiser and decoder. Image size ``px`` sets every shape: Stage A/B latents are px/4, the
-semantic grid is ``latent_grid(px, px)`` (24x24 at 1024 px), text is 77 tokens.
+semantic grid is ``latent_grid(px, px)`` (24x24 at 1024 px), text is 77 tokens. The pixel decoder
+is its grown (phase 2) architecture; it renders at any multiple of its grid, so it is timed at ``px`` too.
 """
 from __future__ import annotations
 
@@ -24,12 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from semantic_compressor import SemanticCompressor, latent_grid
+from stages.pixel_decoder import GrownUViT, pixel_decoder_config
 from stages.stage_a import StageA
 from stages.stage_b import StageB, stage_b_config
 from stages.stage_c import StageC, stage_c_config
 
 SIZES = ("tiny", "paper", "release")
-KINDS = ("stage_a", "stage_b", "stage_c", "compressor", "text_encoder")
+KINDS = ("stage_a", "stage_b", "stage_c", "compressor", "text_encoder", "pixel_decoder")
 TEXT_TOKENS = 77
 
 # size -> the config each module uses; a size missing here uses the paper's (the release kept it)
@@ -39,12 +42,15 @@ CONFIGS: dict[str, dict[str, str]] = {
     "stage_c": {"tiny": "tiny", "paper": "paper", "release": "release"},
     "compressor": {"tiny": "efficientnet_lite0", "paper": "efficientnet_v2_s"},
     "text_encoder": {"tiny": "minilm", "paper": "ViT-H-14", "release": "ViT-bigG-14"},
+    "pixel_decoder": {"tiny": "tiny", "paper": "paper"},
 }
+PIXEL_TARGET = {"tiny": 128, "paper": 512}  # the side each pixel decoder preset grows to
 TEXT_WIDTH = {"minilm": 384, "ViT-H-14": 1024, "ViT-bigG-14": 1280}
 # the paper's training resolutions (App. E): Stage A 128 px crops; B and C 512 px, then 1024 px
-TRAIN_PX = {"stage_a": (128,), "stage_b": (512, 1024), "stage_c": (512, 1024), "compressor": (512, 1024)}
+TRAIN_PX = {"stage_a": (128,), "stage_b": (512, 1024), "stage_c": (512, 1024), "compressor": (512, 1024),
+            "pixel_decoder": (512,)}  # the pixel decoder: phase 2 at its target resolution
 # image sizes for CPU runs of the paper-size models (a 1024 px forward of Stage B takes minutes on 2 cores)
-CPU_PX = {"tiny": 128, "stage_a": 128, "stage_b": 128, "stage_c": 256, "compressor": 256}
+CPU_PX = {"tiny": 128, "stage_a": 128, "stage_b": 128, "stage_c": 256, "compressor": 256, "pixel_decoder": 128}
 
 
 @dataclass
@@ -116,6 +122,24 @@ def _compressor(backbone: str) -> Target:
                   inputs, lambda m, a: m(a[0]), lambda m, a: m(a[0]).float().square().mean())
 
 
+def grown_pixel_decoder(preset: str) -> GrownUViT:
+    """The pixel decoder preset's grown architecture (random weights) at its target resolution."""
+    from dataclasses import replace
+
+    return GrownUViT(replace(pixel_decoder_config(preset), target_resolution=PIXEL_TARGET[preset]))
+
+
+def _pixel_decoder(preset: str) -> Target:
+    def inputs(b: int, px: int, device: torch.device) -> tuple:
+        c_text = pixel_decoder_config(preset).c_text
+        text = torch.randn(b, TEXT_TOKENS, c_text, device=device) if c_text else None
+        return (torch.randn(b, 3, px, px, device=device), torch.rand(b, device=device),
+                torch.randn(b, 16, *latent_grid(px, px), device=device), text)
+
+    return Target("pixel_decoder", "", preset, _on(grown_pixel_decoder, preset), inputs, lambda m, a: m(*a),
+                  lambda m, a: _noise_loss(m.predict_eps, a[0], a[2], a[3]))
+
+
 def build_text_encoder(config: str, device: str = "cpu") -> nn.Module:
     """MiniLM with its packaged weights (always built on the CPU: 22 M parameters, cheap to count there);
     OpenCLIP text towers with random weights N(0, 0.02) (no model hub here), built without the image tower."""
@@ -147,7 +171,7 @@ def _text_encoder(config: str) -> Target:
 
 FACTORIES: dict[str, Callable[[str], Target]] = {
     "stage_a": _stage_a, "stage_b": _stage_b, "stage_c": _stage_c,
-    "compressor": _compressor, "text_encoder": _text_encoder,
+    "compressor": _compressor, "text_encoder": _text_encoder, "pixel_decoder": _pixel_decoder,
 }
 
 

@@ -70,6 +70,8 @@ def test_cli_quick_run_writes_sane_results(tmp_path):
         if row["module"].startswith("stage_"):
             assert row["params"] == counts[f"{row['module']}/{row['config']}"]
     assert {r["mode"] for r in results["throughput"]} == {"inference", "train"}
+    assert {r["module"] for r in results["throughput"]} == {"stage_a", "stage_b", "stage_c", "compressor",
+                                                            "text_encoder", "pixel_decoder"}
     assert all(r["median_s"] > 0 and r["items_per_s"] > 0 for r in results["throughput"])
     assert {r["module"] for r in results["reference"]} == {"stage_a", "stage_b", "stage_c"}
     assert all(r["outputs_match"] and r["ratio"] > 0 for r in results["reference"])
@@ -79,6 +81,10 @@ def test_cli_quick_run_writes_sane_results(tmp_path):
     for r in measured:  # each decoder's own networks are timed, the other's are not called
         pixel = r["decoder"] == "pixel"
         assert (r["stages_s"]["pixel_decoder"] > 0) == pixel and (r["stages_s"]["stage_b"] > 0) != pixel
+    projected = {(r["decoder"], r["px"]): r for r in results["latency"] if r["method"] == "projected"}
+    assert set(projected) == {("stage_b+stage_a", 1024), ("pixel", 1024), ("stage_b+stage_a", 64), ("pixel", 64)}
+    pixel = projected["pixel", 64]["stages_s"]
+    assert pixel["pixel_decoder"] > 0 and pixel["stage_b"] == pixel["stage_a"] == 0
     assert {r["module"] for r in results["cost"]} == {"stage_a", "stage_b", "stage_c"}
     assert "ratio" in (out / "results.md").read_text()
     assert not (out / "partial.json").exists()  # a finished run leaves only its final results
