@@ -33,6 +33,13 @@ class GlobalResponseNorm(nn.Module):
         return self.gamma * (x * nx) + self.beta + x
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, H, W) stored channels-last (NHWC): the blocks' permutes to (B, H, W, C) for
+    LayerNorm and the channel MLPs become free views. Same values; the networks convert their image
+    or latent input once (CPU: Stage A 8-19% and Stage B 5-7% faster, ``python -m benchmarks``)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def replicate_pad1(x: torch.Tensor) -> torch.Tensor:
     """``F.pad(x, (1, 1, 1, 1), mode="replicate")`` written as two concatenations: same values, no slower
     eagerly, and ``torch.compile`` handles its backward (inductor's replication_pad2d_backward gets

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, scale_residual_branches,
-                           timestep_embedding)
+from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, channels_last,
+                           scale_residual_branches, timestep_embedding)
 from stages.config import DictConfig
 from stages.diffusion import eps_from_v
 
@@ -453,7 +453,7 @@ class GrownUViT(_PixelModel):
     def forward(self, x: torch.Tensor, r: torch.Tensor, semantic: torch.Tensor,
                 text: torch.Tensor | None = None) -> torch.Tensor:
         t_emb, tokens = self._inputs(x, r, semantic, text)
-        h, skips = self.entry(x), []
+        h, skips = self.entry(channels_last(x)), []
         for level, down in zip(self.down, self.downsample):
             h = self._run(level, h, t_emb, tokens)
             skips.append(h)
@@ -461,7 +461,7 @@ class GrownUViT(_PixelModel):
         h = self.core(h + self.condition.grid_map(semantic, h.shape[-2:]), t_emb, tokens)
         for level, up, skip in reversed(list(zip(self.up, self.upsample, skips))):
             h = self._run(level, up(h) + skip, t_emb, tokens)
-        return self.head(h)
+        return self.head(h).contiguous()
 
 
 def build_pixel_model(config: PixelDecoderConfig | str | dict) -> ShallowUViT | GrownUViT:

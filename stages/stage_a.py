@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.blocks import MixingBlock
+from stages.blocks import MixingBlock, channels_last
 from stages.config import DictConfig
 
 
@@ -108,10 +108,10 @@ class StageA(nn.Module):
     def encode(self, images: torch.Tensor, quantize: bool = False) -> torch.Tensor:
         """Images in [0, 1] -> latents ``(B, 4, H/4, W/4)`` divided by ``scale_factor``."""
         self.check_images(images)
-        z = self.encoder(images)
+        z = self.encoder(channels_last(images))
         if quantize:
             z = self.quantizer(z)[0]
-        return z / self.config.scale_factor
+        return (z / self.config.scale_factor).contiguous()
 
     def decode(self, latents: torch.Tensor, quantize: bool = False) -> torch.Tensor:
         """Scaled latents -> images (unclamped; clamp to [0, 1] for display)."""
@@ -120,10 +120,10 @@ class StageA(nn.Module):
                 f"Stage A decodes latents of shape (B, {self.config.latent_channels}, h, w), "
                 f"got {tuple(latents.shape)}"
             )
-        z = latents * self.config.scale_factor
+        z = channels_last(latents * self.config.scale_factor)
         if quantize:
             z = self.quantizer(z)[0]
-        return self.decoder(z)
+        return self.decoder(z).contiguous()
 
     def forward(self, images: torch.Tensor, quantize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pass on raw (unscaled) latents: returns (reconstruction, vq loss).
@@ -132,9 +132,9 @@ class StageA(nn.Module):
         parameter gets a gradient, as DDP requires) when ``quantize=False`` decodes the raw latents.
         """
         self.check_images(images)
-        z = self.encoder(images)
+        z = self.encoder(channels_last(images))
         zq, vq_loss, _ = self.quantizer(z)
-        return self.decoder(zq if quantize else z), vq_loss
+        return self.decoder(zq if quantize else z).contiguous(), vq_loss
 
 
 def load_stage_a(path: str, config: str | StageAConfig | dict | None = None) -> StageA:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from stages.blocks import AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, timestep_embedding
+from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, channels_last,
+                           timestep_embedding)
 from stages.config import DictConfig
 from stages.diffusion import eps_from_sigmoid_ab
 
@@ -179,7 +180,7 @@ class StageB(nn.Module):
             plain = run
             run = lambda block, h, skip: checkpoint(plain, block, h, skip, use_reentrant=False)  # noqa: E731
 
-        h = self.embedding(x)
+        h = self.embedding(channels_last(x))
         levels = []
         for i, blocks in enumerate(self.down_blocks):
             sem = None

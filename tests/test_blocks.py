@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from stages.blocks import (AttentionBlock, ConvNeXtBlock, GlobalResponseNorm, LayerNorm2d, MixingBlock,
-                           TimestepBlock, replicate_pad1, timestep_embedding)
+                           TimestepBlock, channels_last, replicate_pad1,
+                           timestep_embedding)
 
 
 def test_layernorm2d_normalises_channels():
@@ -42,6 +43,26 @@ def test_mixing_block_compiles_with_the_same_values_and_gradients():
         x.grad, block.depthwise.weight.grad = None, None
     for eager, compiled in zip(*results):
         assert torch.allclose(eager, compiled, atol=1e-5, rtol=1e-4)
+
+
+def test_channels_last_layout_is_internal():
+    """Stage A and the pixel decoder compute in NHWC memory but hand back ordinary tensors."""
+    from dataclasses import replace
+
+    from stages.pixel_decoder import GrownUViT, pixel_decoder_config
+    from stages.stage_a import StageA
+
+    x = torch.randn(1, 3, 4, 5)
+    y = channels_last(x)
+    assert torch.equal(x, y) and y.permute(0, 2, 3, 1).is_contiguous()
+    torch.manual_seed(0)
+    stage_a = StageA("tiny")
+    pixel = GrownUViT(replace(pixel_decoder_config("tiny"), target_resolution=128))
+    images = torch.rand(2, 3, 32, 32)
+    latents = stage_a.encode(images)
+    outputs = [latents, stage_a.decode(latents), stage_a(images)[0],
+               pixel(torch.randn(2, 3, 32, 32), torch.rand(2), torch.randn(2, 16, 2, 2))]
+    assert all(t.is_contiguous() for t in outputs)
 
 
 def test_convnext_block_with_skip():
