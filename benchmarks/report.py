@@ -1,7 +1,13 @@
 """Writing the results: ``results.json`` (everything), ``results.md`` (the tables the README shows)
-and PNG plots (latency vs batch size per stage; training cost per stage). Never overwrites."""
+and PNG plots (latency vs batch size per stage; training cost per stage). Never overwrites.
+
+``python -m benchmarks.report RESULTS.json [MORE.json ...] --out DIR`` renders the same files from
+saved results: the ``partial.json`` of an interrupted run, or several runs of one machine split by
+``--parts`` or ``--sizes`` (joined into one report).
+"""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -143,3 +149,37 @@ def write(results: dict, out: Path) -> dict[str, Path]:
     if "cost_plot" in paths:
         plot_cost(results["cost"], paths["cost_plot"])
     return paths
+
+
+def merge(runs: list[dict]) -> dict:
+    """One results dict from several runs on the same hardware: their rows and notes joined."""
+    hardware = {r["environment"]["hardware"] for r in runs}
+    if len(hardware) > 1:
+        raise SystemExit(f"these results come from different hardware ({sorted(hardware)}); report each on its own")
+    merged = {"environment": {**runs[0]["environment"],
+                              "command": " ; ".join(r["environment"]["command"] for r in runs)}}
+    for run in runs:
+        for key, rows in run.items():
+            if isinstance(rows, list):
+                merged.setdefault(key, []).extend(row for row in rows if row not in merged[key])
+    return merged
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", help="results.json or partial.json files of one machine")
+    ap.add_argument("--out", required=True, help="output folder for results.json, results.md and the plots")
+    args = ap.parse_args(argv)
+    missing = [p for p in args.results if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"no such results file: {missing[0]}")
+    merged = merge([json.loads(Path(p).read_text()) for p in args.results])
+    paths = write(merged, Path(args.out))
+    print(markdown(merged))
+    print({k: str(v) for k, v in paths.items()})
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -127,6 +127,19 @@ def test_interrupted_run_leaves_partial_results(tmp_path, monkeypatch):
     assert {r["module"] for r in partial["counts"]} >= {"stage_a", "stage_b", "stage_c"}
     assert not (out / "results.json").exists()
 
+    from benchmarks import report  # the partial results render like a finished run's, joined with others
+
+    other = {**partial, "counts": partial["counts"][:1], "notes": ["another part"]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    paths = report.main([str(out / "partial.json"), str(tmp_path / "other.json"), "--out", str(tmp_path / "report")])
+    merged = json.loads(paths["json"].read_text())
+    assert merged["counts"] == partial["counts"] and merged["notes"][-1] == "another part"
+    assert "| stage_a | tiny |" in paths["markdown"].read_text()
+    (tmp_path / "elsewhere.json").write_text(json.dumps({**other, "environment": {**other["environment"],
+                                                                                   "hardware": "another GPU"}}))
+    with pytest.raises(SystemExit, match="different hardware"):
+        report.main([str(out / "partial.json"), str(tmp_path / "elsewhere.json"), "--out", str(tmp_path / "r2")])
+
 
 def test_gpu_presets_enable_checkpointing_and_run_on_cpu():
     from benchmarks.presets import PRESETS, read_preset, run_preset
