@@ -140,9 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
             save_partial(throughput=rows)
         for r in rows:
             r["mfu"] = cost.mfu(r["achieved_flops_per_s"], device)
-        if not gpu:
+        if not (gpu or args.full):
             notes.append("CPU runs: paper/release sizes at small images (Stage A, B and the pixel decoder 128 px, Stage C "
-                         "and the compressor 256 px) and batch 1 only; tiny models at 128 px. MFU needs a GPU peak (n/a).")
+                         "and the compressor 256 px) and batch 1 only; tiny models at 128 px.")
+        if not gpu:
+            notes.append("MFU needs a GPU's peak FLOP/s (n/a on a CPU).")
         results["throughput"] = rows if "throughput" in parts else []
         results["throughput_rows_used"] = len(rows)
 
