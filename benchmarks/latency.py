@@ -25,10 +25,11 @@ from torch import nn
 
 from benchmarks.measure import autocast, synchronize
 from benchmarks.targets import CONFIGS, Target, build_text_encoder, grown_pixel_decoder, targets
+from sample.decoders import PixelDecoder
 from benchmarks.throughput import forward_flops
 
 PRIOR_STEPS, DECODER_STEPS = 60, 12  # the paper's Fig. 4
-PIXEL_STEPS = 50  # the pixel decoder's default (sample.decoders.PixelDecoder)
+PIXEL_STEPS = PixelDecoder.default_steps  # 50
 PRIOR_GUIDANCE, DECODER_GUIDANCE = 4.0, 3.0  # sampler defaults: guidance > 1 runs each model twice per step
 STAGES = ("text", "stage_c", "stage_b", "stage_a", "pixel_decoder")
 
@@ -46,8 +47,6 @@ def build_semantic_decoder(size: str, device: str, text_encoder: nn.Module | Non
 
 def build_pixel_decoder(size: str, device: str, text_encoder: nn.Module | None) -> nn.Module:
     """The greedy-grown pixel decoder (phase 2 architecture) with random weights; ``release`` uses ``paper``."""
-    from sample.decoders import PixelDecoder
-
     with torch.device(device):
         model = grown_pixel_decoder(CONFIGS["pixel_decoder"].get(size, "paper"))
     return PixelDecoder(model, text_encoder=text_encoder if model.config.c_text else None).eval()
