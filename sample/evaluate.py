@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from sample.__main__ import SHIPPED
 from sample.pipeline import load_pixel_text_to_image, load_text_to_image
-from semantic_compressor import latent_grid, load_compressor
+from semantic_compressor import load_compressor
 from stages.checkpoint import fingerprint, resolve_checkpoint
 from train.data.embedded import openmoji_shards
 from train.data.loaders import ShardDataset
@@ -193,10 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
     generated, decoded, prior_latents = [], [], []
     for i in tqdm(range(0, len(captions), args.batch_size), desc="generating"):
         batch = captions[i:i + args.batch_size]
-        gen = torch.Generator().manual_seed(args.seed + i)  # as pipe(batch, seed=args.seed + i), keeping the latents
-        latents = pipe.prior.sample(batch, [""] * len(batch), latent_grid(args.size, args.size), args.prior_steps,
-                                    args.prior_guidance, gen, progress=False)
-        generated.append(pipe.decoder(latents, (args.size, args.size), batch, decoder_steps, args.decoder_guidance, gen))
+        images, latents = pipe(batch, "", args.size, args.size, 1, args.prior_steps, decoder_steps, args.prior_guidance,
+                               args.decoder_guidance, args.seed + i, progress=False, return_latents=True)
+        generated.append(images)
         prior_latents.append(latents.flatten(1))
         semantic = compressor(real[i:i + args.batch_size])
         decoded.append(pipe.decoder(semantic, (args.size, args.size), batch, decoder_steps, args.decoder_guidance,

@@ -94,11 +94,12 @@ class TextToImage(nn.Module):
     def forward(self, prompts: list[str] | str, negative_prompt: str = "", height: int = 128, width: int = 128,
                 images_per_prompt: int = 1, prior_steps: int | list[float] = 60, decoder_steps: int | list[float] = 12,
                 prior_guidance: float = 4.0, decoder_guidance: float = 3.0, seed: int = 0,
-                progress: bool = True) -> torch.Tensor:
+                progress: bool = True, return_latents: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images for every prompt, ``images_per_prompt`` each (prompt-major order).
 
         The same arguments and seed give the same images. H and W are rounded up to the decoder's
         grid with a note; step counts (or explicit decreasing time lists ending in 0) are per stage.
+        ``return_latents``: also return Stage C's semantic latents, ``(images, latents)``.
         """
         prompts = check_prompts([prompts] if isinstance(prompts, str) else prompts)
         if images_per_prompt < 1:
@@ -111,8 +112,9 @@ class TextToImage(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         semantic = self.prior.sample(batch, [negative_prompt] * len(batch), latent_grid(h, w), prior_steps,
                                      prior_guidance, generator, progress)
-        return self.decoder(semantic, (h, w), batch, decoder_steps, decoder_guidance, generator,
-                            getattr(self.decoder, "progress_name", "decoder") if progress else False)
+        images = self.decoder(semantic, (h, w), batch, decoder_steps, decoder_guidance, generator,
+                              getattr(self.decoder, "progress_name", "decoder") if progress else False)
+        return (images, semantic) if return_latents else images
 
 
 def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,

@@ -65,6 +65,8 @@ def test_batches_grid_and_reproducible_seeds(bundle, tmp_path):
     assert one.shape == (4, 3, 64, 64)
     assert torch.equal(one, pipe(["red apple", "café ☕ 寿司"], seed=1, **kw))
     assert not torch.equal(one, pipe(["red apple", "café ☕ 寿司"], seed=2, **kw))
+    images, latents = pipe(["red apple", "café ☕ 寿司"], seed=1, return_latents=True, **kw)
+    assert torch.equal(images, one) and latents.shape[:2] == (4, 16)  # Stage C's latents beside the same images
     paths = sample_main(["red apple", "sun", "--n", "2", "--out", str(tmp_path / "g.png"), *_args(bundle)])
     assert len(paths) == 5 and all(p.exists() for p in paths)  # grid + 4 single images
 
