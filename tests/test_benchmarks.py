@@ -137,6 +137,8 @@ def test_interrupted_run_leaves_partial_results(tmp_path, monkeypatch):
     assert "| stage_a | tiny |" in paths["markdown"].read_text()
     (tmp_path / "elsewhere.json").write_text(json.dumps({**other, "environment": {**other["environment"],
                                                                                    "hardware": "another GPU"}}))
+    with pytest.raises(SystemExit, match="no such results file"):
+        report.main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "r3")])
     with pytest.raises(SystemExit, match="different hardware"):
         report.main([str(out / "partial.json"), str(tmp_path / "elsewhere.json"), "--out", str(tmp_path / "r2")])
 
