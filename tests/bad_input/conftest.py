@@ -1,0 +1,84 @@
+"""Helpers for the bad-input matrix: every case asserts the exit status, the one-line message and
+that nothing was written or changed."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 300
+            ) -> subprocess.CompletedProcess:
+    """``python -m module args`` in a subprocess, with this checkout importable and tracebacks off."""
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    for switch in ("WUERSTCHEN_TRACEBACK", "TRAIN_TRACEBACK"):
+        if not env or switch not in env:
+            full.pop(switch, None)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def error_line(stderr: str) -> str:
+    """The last non-empty line of standard error: where the one-line message must be."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def assert_error(returncode: int, stderr: str, *fragments: str) -> str:
+    """A non-zero exit, no traceback, and every fragment (case-insensitive) in the last stderr line."""
+    line = error_line(stderr)
+    assert returncode not in (0, None), f"expected failure, got exit 0; stderr: {stderr[-2000:]}"
+    assert "Traceback" not in stderr, f"traceback shown:\n{stderr[-3000:]}"
+    for fragment in fragments:
+        assert fragment.lower() in line.lower(), f"{fragment!r} not in the error line {line!r}"
+    return line
+
+
+def assert_cli_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    return assert_error(proc.returncode, proc.stderr, *fragments)
+
+
+def run_main(main, argv: list[str], capsys) -> tuple[int, str]:
+    """Run a command's ``main`` in-process through ``stages.errors.run_command``: (exit status, stderr)."""
+    from stages.errors import run_command
+
+    try:
+        run_command(main, argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with a hash of its bytes (empty folders as '<dir>')."""
+    folder = Path(folder)
+    if not folder.exists():
+        return {}
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        out[rel] = "<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def unchanged():
+    """``with unchanged(folder): ...`` asserts that nothing under ``folder`` was added, removed or changed."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def watch(folder: Path):
+        before = snapshot(folder)
+        yield
+        after = snapshot(folder)
+        assert after == before, (f"files changed under {folder}: added {sorted(set(after) - set(before))}, "
+                                 f"removed {sorted(set(before) - set(after))}, modified "
+                                 f"{sorted(k for k in before if k in after and before[k] != after[k])}")
+    return watch
