@@ -22,6 +22,7 @@ from benchmarks.targets import TEXT_TOKENS
 from semantic_compressor import latent_grid
 from stages.convert import (stage_a_config_from_release, stage_a_from_release, stage_b_config_from_release,
                             stage_b_from_release, stage_c_config_from_release, stage_c_from_release)
+from stages.denoisers import denoiser_for
 from stages.stage_a import PRESETS as A_PRESETS, StageA, StageAConfig
 from stages.stage_b import PRESETS as B_PRESETS, StageB, StageBConfig
 from stages.stage_c import PRESETS as C_PRESETS, StageC, StageCConfig
@@ -130,7 +131,8 @@ def stage_b_pair(preset: str, device: str) -> Pair:
         return (torch.randn(b, 4, px // 4, px // 4, device=dev), torch.rand(b, device=dev),
                 torch.randn(b, 16, *latent_grid(px, px), device=dev), torch.randn(b, TEXT_TOKENS, cfg.c_text, device=dev))
 
-    return Pair(f"stage_b/{preset}", note, ours, ref, lambda a: ours.predict_eps(*a), lambda a: ref(*a), inputs)
+    denoiser = denoiser_for(ours)
+    return Pair(f"stage_b/{preset}", note, ours, ref, lambda a: denoiser(*a), lambda a: ref(*a), inputs)
 
 
 def stage_c_pair(preset: str, device: str) -> Pair:
@@ -154,7 +156,8 @@ def stage_c_pair(preset: str, device: str) -> Pair:
         hook.remove()
         return torch.cat(ours(*a), dim=1), captured["ab"]
 
-    return Pair(f"stage_c/{preset}", "eps prediction", ours, ref, lambda a: ours.predict_eps(*a), lambda a: ref(*a),
+    denoiser = denoiser_for(ours)
+    return Pair(f"stage_c/{preset}", "eps prediction", ours, ref, lambda a: denoiser(*a), lambda a: ref(*a),
                 inputs, check)
 
 

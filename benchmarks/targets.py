@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semantic_compressor import SemanticCompressor, latent_grid
+from stages.denoisers import denoiser_for
 from stages.pixel_decoder import GrownUViT, pixel_decoder_config
 from stages.stage_a import StageA
 from stages.stage_b import StageB, stage_b_config
@@ -101,7 +102,7 @@ def _stage_b(preset: str) -> Target:
                 torch.randn(b, 16, *latent_grid(px, px), device=device), text)
 
     return Target("stage_b", "", preset, _on(StageB, preset), inputs, lambda m, a: m(*a),
-                  lambda m, a: _noise_loss(m.predict_eps, a[0], a[2], a[3]))
+                  lambda m, a: _noise_loss(denoiser_for(m), a[0], a[2], a[3]))
 
 
 def _stage_c(preset: str) -> Target:
@@ -110,7 +111,7 @@ def _stage_c(preset: str) -> Target:
                 torch.randn(b, TEXT_TOKENS, stage_c_config(preset).c_text, device=device))
 
     return Target("stage_c", "", preset, _on(StageC, preset), inputs, lambda m, a: m(*a),
-                  lambda m, a: _noise_loss(m.predict_eps, a[0], a[2]))
+                  lambda m, a: _noise_loss(denoiser_for(m), a[0], a[2]))
 
 
 def _compressor(backbone: str) -> Target:
@@ -137,7 +138,7 @@ def _pixel_decoder(preset: str) -> Target:
                 torch.randn(b, 16, *latent_grid(px, px), device=device), text)
 
     return Target("pixel_decoder", "", preset, _on(grown_pixel_decoder, preset), inputs, lambda m, a: m(*a),
-                  lambda m, a: _noise_loss(m.predict_eps, a[0], a[2], a[3]))
+                  lambda m, a: _noise_loss(denoiser_for(m), a[0], a[2], a[3]))
 
 
 def build_text_encoder(config: str, device: str = "cpu") -> nn.Module:

@@ -14,14 +14,19 @@ import sys
 import warnings
 from pathlib import Path
 
+from diffusion import TIME_LISTS
+from sample.pipeline import add_sampler_arguments, sampler_options
+
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
 PIXEL_TRAINING = ("python -m train fit --config configs/pixel_decoder/tiny_phase1.yaml, then "
                   "--config configs/pixel_decoder/tiny_phase2.yaml, and pass --pixel-decoder "
                   "runs/pixel_decoder/tiny_phase2_greedy")
 
 
-def steps_arg(text: str) -> int | list[float]:
-    """``12`` or an explicit list of times ``1,0.66,0.33,0``."""
+def steps_arg(text: str) -> int | str | list[float]:
+    """``12``, an explicit list of times ``1,0.66,0.33,0``, or a named list (``wuerstchen_prior``)."""
+    if text in TIME_LISTS:
+        return text
     return [float(x) for x in text.split(",")] if "," in text else int(text)
 
 
@@ -34,9 +39,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--height", type=int, default=128)
     ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--prior-steps", type=steps_arg, default=60, help="Stage C DDPM steps, or times '1,0.5,0'")
+    ap.add_argument("--prior-steps", type=steps_arg, default=60,
+                    help=f"Stage C steps, times '1,0.5,0' or a named list ({', '.join(TIME_LISTS)})")
     ap.add_argument("--decoder-steps", type=steps_arg, default=None,
-                    help="decoder DDPM steps, or times (default: Stage B 12, pixel decoder 50)")
+                    help="decoder steps or times (default: Stage B 12, pixel decoder 50)")
     ap.add_argument("--prior-guidance", type=float, default=4.0)
     ap.add_argument("--decoder-guidance", type=float, default=3.0, help="Stage B guidance (paper: 4; 1 = none)")
     ap.add_argument("--stage-c", default=str(SHIPPED / "stage_c.safetensors"))
@@ -48,6 +54,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                     help="pixel decoder export, .ckpt or run folder (with --decoder pixel)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_sampler_arguments(ap)
     args = ap.parse_args(argv)
 
     notes: list = []
@@ -70,6 +77,7 @@ def _sample(args: argparse.Namespace):
     from sample.pipeline import load_pixel_text_to_image, load_text_to_image, save_images
     from stages.checkpoint import resolve_checkpoint
 
+    samplers = sampler_options(args)  # a bad sampler setting fails before any model is loaded
     if args.decoder == "pixel":
         if not Path(args.pixel_decoder).exists():
             raise FileNotFoundError(f"no pixel decoder at {args.pixel_decoder}; train one with {PIXEL_TRAINING}")
@@ -82,7 +90,7 @@ def _sample(args: argparse.Namespace):
         pipe = load_text_to_image(args.stage_c, args.stage_b, stage_a)
     steps = args.decoder_steps if args.decoder_steps is not None else pipe.decoder.default_steps
     images = pipe(args.prompts, args.negative, args.height, args.width, args.n, args.prior_steps,
-                  steps, args.prior_guidance, args.decoder_guidance, args.seed, not args.quiet)
+                  steps, args.prior_guidance, args.decoder_guidance, args.seed, not args.quiet, **samplers)
     # a row per prompt for several images each; otherwise as square a grid as the images make
     nrow = args.n if len(args.prompts) > 1 and args.n > 1 else math.ceil(len(images) ** 0.5)
     return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite), images

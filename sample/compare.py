@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from sample.__main__ import SHIPPED
 from sample.decoders import pixel_decoder_metadata, stage_b_metadata
 from sample.evaluate import ValScorer, add_common_arguments, compressor_beside, shown
-from sample.pipeline import load_pixel_text_to_image, load_prior, load_text_to_image
+from sample.pipeline import load_pixel_text_to_image, load_prior, load_text_to_image, sampler_options
 from semantic_compressor import latent_grid, load_compressor
 from stages.checkpoint import fingerprint, resolve_checkpoint
 from train.evaluate_stage_a import Scores
@@ -58,13 +58,14 @@ def training_cost(meta: dict) -> dict:
 
 
 def decode_all(decoder, semantic: torch.Tensor, size: int, captions: list[str], steps: int, guidance: float,
-               batch_size: int, seed: int, what: str) -> tuple[torch.Tensor, float]:
+               batch_size: int, seed: int, what: str, sampler: str = "ddpm", eta: float | None = None
+               ) -> tuple[torch.Tensor, float]:
     """Images for every latent (the same generator seeds for every decoder) and decoding s/image."""
     out, seconds = [], 0.0
     for i in tqdm(range(0, len(semantic), batch_size), desc=what):
         start = time.perf_counter()
         out.append(decoder(semantic[i:i + batch_size], (size, size), captions[i:i + batch_size], steps, guidance,
-                           torch.Generator().manual_seed(seed + i)))
+                           torch.Generator().manual_seed(seed + i), sampler=sampler, eta=eta))
         seconds += time.perf_counter() - start
     return torch.cat(out), seconds / len(semantic)
 
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--grid-columns", type=int, default=8)
     ap.add_argument("--out", default="runs/compare", help="output folder (must not exist)")
     args = ap.parse_args(argv)
+    samplers = sampler_options(args)
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"error: {out} exists; choose another --out")
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     prior_latents = torch.cat([
         prior.sample(captions[i:i + args.batch_size], [""] * len(captions[i:i + args.batch_size]),
                      latent_grid(args.size, args.size), args.prior_steps, args.prior_guidance,
-                     torch.Generator().manual_seed(args.seed + i), progress=False)
+                     torch.Generator().manual_seed(args.seed + i), progress=False,
+                     sampler=samplers["prior_sampler"], eta=samplers["prior_eta"])
         for i in tqdm(range(0, n, args.batch_size), desc="Stage C latents")])
 
     k = min(args.grid_columns, n)
@@ -156,8 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, (decoder, path, params, cost) in decoders.items():
         steps = args.decoder_steps if args.decoder_steps is not None else decoder.default_steps
         common = (args.size, captions, steps, args.decoder_guidance, args.batch_size, args.seed)
-        recon, s_per_image = decode_all(decoder, true_latents, *common, f"{name}: reconstructions")
-        t2i, _ = decode_all(decoder, prior_latents, *common, f"{name}: text-to-image")
+        chosen = {"sampler": samplers["decoder_sampler"], "eta": samplers["decoder_eta"]}
+        recon, s_per_image = decode_all(decoder, true_latents, *common, f"{name}: reconstructions", **chosen)
+        t2i, _ = decode_all(decoder, prior_latents, *common, f"{name}: text-to-image", **chosen)
         pixel_scores = Scores(lpips)
         for i in range(0, n, args.batch_size):
             pixel_scores.add(recon[i:i + args.batch_size], scorer.real[i:i + args.batch_size])
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     report = {"stage_c": shown(args.stage_c), "compressor": shown(compressor_path), "n_captions": n, "size": args.size,
               "prior_steps": args.prior_steps, "prior_guidance": args.prior_guidance,
-              "decoder_guidance": args.decoder_guidance, "gallery_size": len(scorer.gallery_captions),
+              "decoder_guidance": args.decoder_guidance, **samplers, "gallery_size": len(scorer.gallery_captions),
               "chance_top5": scorer.chance_top5, "lpips": lpips.description, "threads": torch.get_num_threads(),
               "batch_size": args.batch_size, "grid_captions": captions[:k], "decoders": rows}
     out.mkdir(parents=True)

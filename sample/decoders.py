@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffusion import Guided, sample
 from stages.checkpoint import fingerprint, resolve_checkpoint
-from stages.diffusion import ddpm_sample, guide
+from stages.denoisers import denoiser_for
 from stages.stage_a import StageA, load_stage_a
 from stages.stage_b import StageB, load_stage_b
 from stages.text_encoder import TextEncoder, build_text_encoder
@@ -27,9 +28,11 @@ class SemanticDecoder(torch.nn.Module):
     default_steps = 12
     progress_name = "Stage B"
 
-    def __init__(self, stage_b: StageB, stage_a: StageA, text_encoder: TextEncoder | None = None):
+    def __init__(self, stage_b: StageB, stage_a: StageA, text_encoder: TextEncoder | None = None,
+                 diffusion: dict | None = None):
         super().__init__()
         self.stage_b, self.stage_a, self.text_encoder = stage_b, stage_a, text_encoder
+        self.denoiser = denoiser_for(stage_b, diffusion)
 
     @property
     def size_multiple(self) -> int:
@@ -38,8 +41,8 @@ class SemanticDecoder(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, semantic: torch.Tensor, size: tuple[int, int], prompts: list[str] | None = None,
-                steps: int | list[float] = 12, guidance: float = 1.0, generator: torch.Generator | None = None,
-                progress: bool | str = False) -> torch.Tensor:
+                steps: int | str | list[float] = 12, guidance: float = 1.0, generator: torch.Generator | None = None,
+                progress: bool | str = False, sampler: str = "ddpm", eta: float | None = None) -> torch.Tensor:
         """Images of ``size`` (H, W; multiples of the Stage B grid) from raw semantic latents.
 
         ``guidance`` w > 1 mixes in the prediction without semantic latents (and with the empty
@@ -52,18 +55,12 @@ class SemanticDecoder(torch.nn.Module):
                 raise ValueError("this Stage B is text-conditional but no text encoder was given")
             text = self.text_encoder(list(prompts) if prompts is not None else [""] * b)
             uncond_text = self.text_encoder.empty(b)
-        uncond_semantic = torch.zeros_like(semantic)
-
-        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            eps = self.stage_b.predict_eps(x, t, semantic, text)
-            if guidance == 1.0:
-                return eps
-            return guide(eps, self.stage_b.predict_eps(x, t, uncond_semantic, uncond_text), guidance)
-
+        guided = Guided(self.denoiser, (semantic, text), (torch.zeros_like(semantic), uncond_text), guidance)
         h, w = size
         shape = (b, self.stage_b.config.c_latent, h // 4, w // 4)
         noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
-        latents = ddpm_sample(eps_fn, noise.to(semantic.device), steps, generator, progress)
+        latents = sample(sampler, guided, noise.to(semantic.device), steps, generator=generator, progress=progress,
+                         eta=eta)
         return self.stage_a.decode(latents).clamp(0, 1)
 
 
@@ -99,7 +96,7 @@ def load_semantic_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike
                          f"{fingerprint(model_a)}, expected {expected}); pass the Stage A it was trained with")
     if model_b.config.c_text and text_encoder is None:
         text_encoder = build_text_encoder(meta.get("text_encoder") or "minilm")
-    return SemanticDecoder(model_b, model_a, text_encoder).eval()
+    return SemanticDecoder(model_b, model_a, text_encoder, meta.get("diffusion")).eval()
 
 
 class PixelDecoder(torch.nn.Module):
@@ -117,10 +114,12 @@ class PixelDecoder(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, latent_shift: float = 0.0, latent_scale: float = 1.0,
                  logsnr_shift: float = 0.0, semantic_size: int | None = None,
-                 text_encoder: TextEncoder | None = None, compressor_fingerprint: str | None = None):
+                 text_encoder: TextEncoder | None = None, compressor_fingerprint: str | None = None,
+                 diffusion: dict | None = None):
         super().__init__()
         self.model, self.text_encoder = model, text_encoder
-        self.latent_shift, self.latent_scale, self.logsnr_shift = latent_shift, latent_scale, logsnr_shift
+        self.latent_shift, self.latent_scale = latent_shift, latent_scale
+        self.denoiser = denoiser_for(model, diffusion, logsnr_shift=logsnr_shift)
         cfg = model.config
         resolution = cfg.target_resolution if cfg.grown else cfg.resolution
         self.scale = resolution / semantic_size if semantic_size else 1.0
@@ -142,8 +141,8 @@ class PixelDecoder(torch.nn.Module):
 
     @torch.no_grad()
     def render(self, semantic: torch.Tensor, size: tuple[int, int], prompts: list[str] | None = None,
-               steps: int | list[float] = 50, guidance: float = 1.0, generator: torch.Generator | None = None,
-               progress: bool | str = False) -> torch.Tensor:
+               steps: int | str | list[float] = 50, guidance: float = 1.0, generator: torch.Generator | None = None,
+               progress: bool | str = False, sampler: str = "ddpm", eta: float | None = None) -> torch.Tensor:
         """Images in [0, 1] at the network's own size ``size`` (multiples of its grid) from raw latents.
 
         ``guidance`` w > 1: eps_uncond + w (eps_cond - eps_uncond), unconditional = zero latents
@@ -157,25 +156,19 @@ class PixelDecoder(torch.nn.Module):
                 raise ValueError("this pixel decoder is text-conditional but no text encoder was given")
             text = self.text_encoder(list(prompts) if prompts is not None else [""] * b)
             uncond_text = self.text_encoder.empty(b)
-        uncond = torch.zeros_like(cond)
-
-        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            eps = self.model.predict_eps(x, t, cond, text, self.logsnr_shift)
-            if guidance == 1.0:
-                return eps
-            return guide(eps, self.model.predict_eps(x, t, uncond, uncond_text, self.logsnr_shift), guidance)
-
+        guided = Guided(self.denoiser, (cond, text), (torch.zeros_like(cond), uncond_text), guidance)
         noise = torch.randn((b, 3, *size), generator=generator, device=generator.device if generator else "cpu")
-        x = ddpm_sample(eps_fn, noise.to(semantic.device), steps, generator, progress, shift=self.logsnr_shift)
+        x = sample(sampler, guided, noise.to(semantic.device), steps, generator=generator, progress=progress, eta=eta)
         return ((x + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
     def forward(self, semantic: torch.Tensor, size: tuple[int, int], prompts: list[str] | None = None,
-                steps: int | list[float] = 50, guidance: float = 1.0, generator: torch.Generator | None = None,
-                progress: bool | str = False) -> torch.Tensor:
+                steps: int | str | list[float] = 50, guidance: float = 1.0, generator: torch.Generator | None = None,
+                progress: bool | str = False, sampler: str = "ddpm", eta: float | None = None) -> torch.Tensor:
         """Images ``(B, 3, *size)`` in [0, 1] from raw semantic latents (the decoder interface)."""
         size = tuple(int(s) for s in size)
-        images = self.render(semantic, self.render_size(size), prompts, steps, guidance, generator, progress)
+        images = self.render(semantic, self.render_size(size), prompts, steps, guidance, generator, progress,
+                             sampler, eta)
         if tuple(images.shape[-2:]) != size:
             images = F.interpolate(images, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
         return images
@@ -205,4 +198,4 @@ def load_pixel_decoder(path: str | os.PathLike, text_encoder: TextEncoder | None
                          f"gives {text_encoder.dim}")
     return PixelDecoder(model, meta.get("latent_shift", 0.0), meta.get("latent_scale", 1.0),
                         meta.get("logsnr_shift", 0.0), meta.get("semantic_size"), text_encoder,
-                        meta.get("compressor_fingerprint")).eval()
+                        meta.get("compressor_fingerprint"), meta.get("diffusion")).eval()

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sample.__main__ import SHIPPED
-from sample.pipeline import load_pixel_text_to_image, load_text_to_image
+from sample.pipeline import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, non_default,
+                             sampler_options)
 from semantic_compressor import load_compressor
 from stages.checkpoint import fingerprint, resolve_checkpoint
 from train.data.embedded import openmoji_shards
@@ -165,6 +166,7 @@ def add_common_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gallery-limit", type=int, default=None, help="search only the first N emoji (quick checks)")
     ap.add_argument("--batch-size", type=positive_int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    add_sampler_arguments(ap)
 
 
 @torch.no_grad()
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pixel-decoder", default=str(SHIPPED / "pixel_decoder.safetensors"))
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
     args = ap.parse_args(argv)
+    samplers = sampler_options(args)
     refuse_existing(args.out)
     if args.decoder == "pixel":
         pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder)
@@ -194,18 +197,19 @@ def main(argv: list[str] | None = None) -> dict:
     for i in tqdm(range(0, len(captions), args.batch_size), desc="generating"):
         batch = captions[i:i + args.batch_size]
         images, latents = pipe(batch, "", args.size, args.size, 1, args.prior_steps, decoder_steps, args.prior_guidance,
-                               args.decoder_guidance, args.seed + i, progress=False, return_latents=True)
+                               args.decoder_guidance, args.seed + i, progress=False, return_latents=True, **samplers)
         generated.append(images)
         prior_latents.append(latents.flatten(1))
         semantic = compressor(real[i:i + args.batch_size])
         decoded.append(pipe.decoder(semantic, (args.size, args.size), batch, decoder_steps, args.decoder_guidance,
-                                    torch.Generator().manual_seed(args.seed + i)))
+                                    torch.Generator().manual_seed(args.seed + i), sampler=samplers["decoder_sampler"],
+                                    eta=samplers["decoder_eta"]))
     report = {
         "stage_c": shown(args.stage_c), "decoder": args.decoder,
         "decoder_checkpoint": shown(args.pixel_decoder if args.decoder == "pixel" else args.stage_b),
         "n_captions": len(captions), "size": args.size, "prior_steps": args.prior_steps,
         "decoder_steps": decoder_steps, "prior_guidance": args.prior_guidance,
-        "decoder_guidance": args.decoder_guidance,
+        "decoder_guidance": args.decoder_guidance, **non_default(samplers),
         **scorer(torch.cat(generated), "generated images"),
         "from_true_latents": scorer(torch.cat(decoded), "images decoded from their own latents"),
         "stage_c_latent_retrieval": latent_scores(torch.cat(prior_latents), scorer, compressor, args),

@@ -16,38 +16,40 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffusion import SAMPLERS, Guided, check_sampler, sample, sampling_times, takes_eta
 from semantic_compressor import denormalize_latents, latent_grid
 from stages.checkpoint import resolve_checkpoint
-from stages.diffusion import ddpm_sample, guide, sampling_times
+from stages.denoisers import denoiser_for
 from stages.stage_c import StageC, load_stage_c
 from stages.text_encoder import TextEncoder, build_text_encoder, check_prompts
 
 
 @dataclass
 class Prior:
-    """Stage C with its text encoder and the latent normalisation it was trained with."""
+    """Stage C with its text encoder, the latent normalisation it was trained with and its denoiser
+    (``diffusion``: the description its export recorded; None: Stage C's own)."""
 
     model: StageC
     text_encoder: TextEncoder
     latent_shift: float = 1.0
     latent_scale: float = 42.0
     compressor_fingerprint: str | None = None
+    diffusion: dict | None = None
+
+    def __post_init__(self):
+        self.denoiser = denoiser_for(self.model, self.diffusion)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], negative: list[str], grid: tuple[int, int], steps: int | list[float],
-               guidance: float, generator: torch.Generator, progress: bool = True) -> torch.Tensor:
+    def sample(self, prompts: list[str], negative: list[str], grid: tuple[int, int], steps: int | str | list[float],
+               guidance: float, generator: torch.Generator, progress: bool = True, sampler: str = "ddpm",
+               eta: float | None = None) -> torch.Tensor:
         """Raw semantic latents (B, 16, *grid) for the prompts, ready for a decoder."""
-        text, uncond = self.text_encoder(prompts), self.text_encoder(negative)
-        model = self.model
-
-        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            eps = model.predict_eps(x, t, text)
-            return eps if guidance == 1.0 else guide(eps, model.predict_eps(x, t, uncond), guidance)
-
-        device = next(model.parameters()).device
-        noise = torch.randn((len(prompts), model.config.c_latent, *grid), generator=generator,
+        guided = Guided(self.denoiser, (self.text_encoder(prompts),), (self.text_encoder(negative),), guidance)
+        device = next(self.model.parameters()).device
+        noise = torch.randn((len(prompts), self.model.config.c_latent, *grid), generator=generator,
                             device=generator.device).to(device)
-        latents = ddpm_sample(eps_fn, noise, steps, generator, "Stage C" if progress else False)
+        latents = sample(sampler, guided, noise, steps, generator=generator, eta=eta,
+                         progress="Stage C" if progress else False)
         return denormalize_latents(latents, self.latent_shift, self.latent_scale)
 
 
@@ -67,7 +69,7 @@ def load_prior(path: str | os.PathLike, text_encoder: TextEncoder | None = None)
         raise ValueError(f"Stage C {path} expects text states of width {model.config.c_text}; the text encoder "
                          f"gives {text_encoder.dim}")
     return Prior(model, text_encoder, meta.get("latent_shift", 1.0), meta.get("latent_scale", 42.0),
-                 meta.get("compressor_fingerprint"))
+                 meta.get("compressor_fingerprint"), meta.get("diffusion"))
 
 
 def snap_size(height: int, width: int, multiple: int) -> tuple[int, int]:
@@ -92,28 +94,33 @@ class TextToImage(nn.Module):
 
     @torch.no_grad()
     def forward(self, prompts: list[str] | str, negative_prompt: str = "", height: int = 128, width: int = 128,
-                images_per_prompt: int = 1, prior_steps: int | list[float] = 60, decoder_steps: int | list[float] = 12,
-                prior_guidance: float = 4.0, decoder_guidance: float = 3.0, seed: int = 0,
-                progress: bool = True, return_latents: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                images_per_prompt: int = 1, prior_steps: int | str | list[float] = 60,
+                decoder_steps: int | str | list[float] = 12, prior_guidance: float = 4.0, decoder_guidance: float = 3.0,
+                seed: int = 0, progress: bool = True, return_latents: bool = False, prior_sampler: str = "ddpm",
+                decoder_sampler: str = "ddpm", prior_eta: float | None = None, decoder_eta: float | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images for every prompt, ``images_per_prompt`` each (prompt-major order).
 
         The same arguments and seed give the same images. H and W are rounded up to the decoder's
-        grid with a note; step counts (or explicit decreasing time lists ending in 0) are per stage.
-        ``return_latents``: also return Stage C's semantic latents, ``(images, latents)``.
+        grid with a note; step counts (or explicit decreasing time lists ending in 0, or a named list
+        of ``diffusion.TIME_LISTS``) are per stage, and so are the samplers (``diffusion.SAMPLERS``)
+        and their eta. ``return_latents``: also return Stage C's semantic latents, ``(images, latents)``.
         """
         prompts = check_prompts([prompts] if isinstance(prompts, str) else prompts)
         if images_per_prompt < 1:
             raise ValueError(f"images_per_prompt must be at least 1, got {images_per_prompt}")
-        sampling_times(prior_steps), sampling_times(decoder_steps)  # bad step counts fail before any work
+        sampling_times(prior_steps), sampling_times(decoder_steps)  # bad settings fail before any work
+        check_sampler(prior_sampler, prior_eta), check_sampler(decoder_sampler, decoder_eta)
         h, w = snap_size(height, width, self.decoder.size_multiple)
         if not prompts or any(not p.strip() for p in prompts):
             warnings.warn("an empty prompt samples unconditionally (no text guidance)", stacklevel=2)
         batch = [p for p in prompts for _ in range(images_per_prompt)]
         generator = torch.Generator().manual_seed(seed)
         semantic = self.prior.sample(batch, [negative_prompt] * len(batch), latent_grid(h, w), prior_steps,
-                                     prior_guidance, generator, progress)
+                                     prior_guidance, generator, progress, prior_sampler, prior_eta)
         images = self.decoder(semantic, (h, w), batch, decoder_steps, decoder_guidance, generator,
-                              getattr(self.decoder, "progress_name", "decoder") if progress else False)
+                              getattr(self.decoder, "progress_name", "decoder") if progress else False,
+                              decoder_sampler, decoder_eta)
         return (images, semantic) if return_latents else images
 
 
@@ -168,3 +175,37 @@ def save_images(images: torch.Tensor, out: str | os.PathLike, nrow: int, overwri
     for p, im in zip(paths[1:], images):
         save_image(im, p)
     return paths
+
+
+def add_sampler_arguments(parser) -> None:
+    """``--sampler`` (both stages), ``--prior-sampler``/``--decoder-sampler`` and their eta, from the registry."""
+    names = sorted(SAMPLERS)
+    group = parser.add_argument_group("samplers", f"any of {', '.join(names)} (diffusion.SAMPLERS) per stage")
+    group.add_argument("--sampler", choices=names, default=None, help="the sampler of both stages (default ddpm)")
+    group.add_argument("--prior-sampler", choices=names, default=None, help="Stage C's sampler (overrides --sampler)")
+    group.add_argument("--decoder-sampler", choices=names, default=None,
+                       help="the decoder's sampler (overrides --sampler)")
+    group.add_argument("--eta", type=float, default=None, help="eta of both samplers, 0 to 1 (ddim, dpmpp_2m_sde)")
+    group.add_argument("--prior-eta", type=float, default=None)
+    group.add_argument("--decoder-eta", type=float, default=None)
+
+
+def sampler_options(args) -> dict:
+    """The ``TextToImage`` keywords the sampler arguments give, checked before any work. ``--eta`` goes to
+    the stages whose sampler takes one; ``--prior-eta``/``--decoder-eta`` must fit their stage's sampler."""
+    options = {}
+    for stage in ("prior", "decoder"):
+        name = getattr(args, f"{stage}_sampler") or args.sampler or "ddpm"
+        eta = getattr(args, f"{stage}_eta")
+        if eta is None and takes_eta(name):
+            eta = args.eta
+        check_sampler(name, eta)
+        options.update({f"{stage}_sampler": name, f"{stage}_eta": eta})
+    if args.eta is not None and options["prior_eta"] is None and options["decoder_eta"] is None:
+        check_sampler(options["prior_sampler"], args.eta)  # names the samplers that take eta
+    return options
+
+
+def non_default(options: dict) -> dict:
+    """The sampler options that differ from DDPM without eta (reports keep their earlier keys otherwise)."""
+    return {k: v for k, v in options.items() if v not in ("ddpm", None)}

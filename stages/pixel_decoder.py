@@ -12,8 +12,8 @@ optionally text): a drop-in replacement for Stage B + Stage A.
   go from ``target_resolution`` down to the core grid, around the *same* core module. The
   condition encoders and the time embedding carry over too.
 
-The output head predicts v by default (``prediction``; ``predict_eps`` turns it into eps on the
-schedule's shift): with a direct eps output, small errors near t = 1 blow up in x0 and few-step
+The output head predicts v by default (``prediction``, read through the ``diffusion``
+parameterisation of that name on the shifted schedule): with a direct eps output, small errors near t = 1 blow up in x0 and few-step
 DDPM samples come out as noise.
 
 Module names split the model into the groups the phase-2 freezing plans act on
@@ -37,7 +37,6 @@ from torch import nn
 from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, channels_last,
                            scale_residual_branches, timestep_embedding)
 from stages.config import DictConfig
-from stages.diffusion import eps_from_v
 
 STAGE = "pixel_decoder"
 # Fields that define the core, the condition encoders and the time embedding's width: a phase-2
@@ -66,7 +65,7 @@ class PixelDecoderConfig(DictConfig):
     c_r: int = 64  # sinusoidal embedding of t
     kv_stride: int = 1  # KV token compression ratio R in the core's attention (1: off)
     dropout: float = 0.0
-    prediction: str = "v"  # what the output head predicts: v (eps = diffusion.eps_from_v) or eps
+    prediction: str = "v"  # what the output head predicts: v or eps
     # Phase 2 (grown U-Net levels, highest resolution first); target_resolution 0 = not grown.
     target_resolution: int = 0
     level_widths: tuple[int, ...] = ()
@@ -360,12 +359,6 @@ class _PixelModel(nn.Module):
             got = None if text is None else tuple(text.shape)
             raise ValueError(f"this pixel decoder needs text states (B, tokens, {cfg.c_text}), got {got}; "
                              "use the empty prompt's states for unconditional sampling")
-
-    def predict_eps(self, x: torch.Tensor, r: torch.Tensor, semantic: torch.Tensor, text: torch.Tensor | None = None,
-                    shift: float = 0.0) -> torch.Tensor:
-        """eps of ``x`` at time ``r`` on the schedule shifted by ``shift``, whatever the head predicts."""
-        out = self(x, r, semantic, text)
-        return eps_from_v(x, out, r, shift) if self.config.prediction == "v" else out
 
     def _inputs(self, x, r, semantic, text):
         self._check(x, semantic, text)

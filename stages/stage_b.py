@@ -19,7 +19,6 @@ from torch.utils.checkpoint import checkpoint
 from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, channels_last,
                            timestep_embedding)
 from stages.config import DictConfig
-from stages.diffusion import eps_from_sigmoid_ab
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ def stage_b_config(size: str | StageBConfig | dict) -> StageBConfig:
 
 
 class StageB(nn.Module):
-    """The U-Net; ``forward`` returns the A/B head ``(a, b)``, ``predict_eps`` the noise estimate."""
+    """The U-Net; ``forward`` returns the A/B head ``(a, b)`` (read as eps by ``diffusion.parameterisations.SigmoidAB``)."""
 
     def __init__(self, config: StageBConfig | str = "tiny"):
         super().__init__()
@@ -200,12 +199,6 @@ class StageB(nn.Module):
                 h = run(block, h, skip)
         a, b = self.head(h).chunk(2, dim=1)
         return a, b
-
-    def predict_eps(self, x: torch.Tensor, r: torch.Tensor, semantic: torch.Tensor,
-                    text: torch.Tensor | None = None) -> torch.Tensor:
-        """eps = (x_t - a) / (sigmoid(b) (1 - 2e-3) + 1e-3)."""
-        a, b = self(x, r, semantic, text)
-        return eps_from_sigmoid_ab(x, a, b)
 
 
 def load_stage_b(path: str, config: StageBConfig | str | dict | None = None) -> StageB:

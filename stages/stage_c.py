@@ -16,7 +16,6 @@ from torch.utils.checkpoint import checkpoint
 from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, scale_residual_branches,
                            timestep_embedding)
 from stages.config import DictConfig
-from stages.diffusion import eps_from_abs_ab
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ def stage_c_config(size: str | StageCConfig | dict) -> StageCConfig:
 
 
 class StageC(nn.Module):
-    """The prior; ``forward`` returns the A/B head ``(a, b)``, ``predict_eps`` the noise estimate."""
+    """The prior; ``forward`` returns the A/B head ``(a, b)`` (read as eps by ``diffusion.parameterisations.AbsAB``)."""
 
     def __init__(self, config: StageCConfig | str = "tiny"):
         super().__init__()
@@ -90,11 +89,6 @@ class StageC(nn.Module):
             h = checkpoint(block, h, *extra, use_reentrant=False) if recompute else block(h, *extra)
         a, b = self.head(h).chunk(2, dim=1)
         return a, b
-
-    def predict_eps(self, x: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """eps = (x_t - A) / (|1 - B| + 1e-5)."""
-        a, b = self(x, r, text)
-        return eps_from_abs_ab(x, a, b)
 
 
 def load_stage_c(path: str, config: StageCConfig | str | dict | None = None) -> StageC:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import diffusion as d
+from diffusion import CosineSchedule, Denoiser
+from stages.denoisers import denoiser_for
 from stages.checkpoint import fingerprint, read_weights, save_safetensors
 from stages.pixel_decoder import (
     GrownUViT,
@@ -80,7 +81,7 @@ def test_greedy_freezes_core_and_condition_during_phase2_steps():
     for _ in range(3):
         x0, r, sem = _inputs(side=64)
         noise = torch.randn_like(x0)
-        loss = d.eps_loss(grown(d.add_noise(x0, r, noise, shift=-1.4), r, sem), noise, r, "none")
+        loss = Denoiser(grown, "eps", CosineSchedule(shift=-1.4)).loss(x0, r, noise, sem)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -95,52 +96,16 @@ def test_greedy_freezes_core_and_condition_during_phase2_steps():
         freeze_plan(grown, "melt")
 
 
-def test_logsnr_shift_of_the_schedule():
-    t = torch.linspace(0, 1, 11)
-    assert torch.equal(d.alpha_bar(t, shift=0.0), d.alpha_bar(t))  # shift 0 is the existing schedule
-    shift = d.logsnr_shift(32, 128)
-    assert shift == pytest.approx(2 * math.log(32 / 128))
-    assert d.logsnr_shift(64, 64) == 0.0
-    assert torch.allclose(d.logsnr(t, shift), d.logsnr(t) + shift, atol=1e-4)
-    ab = d.alpha_bar(t).double()
-    assert torch.allclose(d.alpha_bar(t, shift=shift).double(), torch.sigmoid(torch.log(ab / (1 - ab)) + shift), atol=1e-6)
-    assert bool((d.alpha_bar(t, shift=shift) < d.alpha_bar(t)).all())  # higher resolution: noisier at every t
-    x0, noise = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
-    tt = torch.tensor([0.1, 0.5, 0.9])
-    assert torch.equal(d.add_noise(x0, tt, noise, shift=0.0), d.add_noise(x0, tt, noise))
-    ab_s = d.alpha_bar(tt, shift=shift).view(-1, 1, 1, 1)
-    assert torch.allclose(d.add_noise(x0, tt, noise, shift=shift), ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * noise)
-
-
-def test_sigmoid_loss_weight():
-    t = torch.tensor([0.05, 0.5, 0.95])
-    for bias, shift in [(0.0, 0.0), (-3.0, 0.0), (-1.0, -2.77)]:
-        expected = torch.sigmoid(bias - d.logsnr(t, shift))
-        assert torch.allclose(d.p2_weight(t, "sigmoid", shift=shift, bias=bias), expected)
-    w = d.p2_weight(t, "sigmoid")
-    assert bool((w.diff() > 0).all())  # monotonically decreasing in logSNR
-    eps, noise = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
-    per_sample = (eps - noise).pow(2).flatten(1).mean(1)
-    assert torch.allclose(d.eps_loss(eps, noise, t, "sigmoid", bias=-2.0),
-                          (per_sample * torch.sigmoid(-2.0 - d.logsnr(t))).mean())
-
-
-def test_v_prediction_gives_the_true_eps_and_its_mse_as_loss():
-    x0, noise, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([0.02, 0.5, 1.0])
-    for shift in (0.0, -2.77):
-        ab = d.alpha_bar(t, shift=shift).view(-1, 1, 1, 1)
-        v = ab.sqrt() * noise - (1 - ab).sqrt() * x0
-        x_t = d.add_noise(x0, t, noise, shift=shift)
-        assert torch.allclose(d.eps_from_v(x_t, v, t, shift), noise, atol=1e-5)
-        wrong = v + 0.1  # the same v error costs sqrt(ab) in eps: the v weight makes the loss the v-MSE
-        eps = d.eps_from_v(x_t, wrong, t, shift)
-        assert torch.allclose(d.eps_loss(eps, noise, t, "v", shift=shift), torch.tensor(0.01), rtol=1e-3)
+def test_pixel_models_are_read_through_their_prediction():
     model = _randomised(ShallowUViT(SMALL))
     x, r, semantic = _inputs()
-    out = model(x, r, semantic)
-    assert torch.allclose(model.predict_eps(x, r, semantic, shift=-1.0), d.eps_from_v(x, out, r, -1.0))
+    schedule = CosineSchedule(shift=-1.0)
+    denoiser = denoiser_for(model, logsnr_shift=-1.0)
+    assert denoiser.schedule == schedule and denoiser.parameterisation.name == "v"
+    ab = schedule.alpha_bar(r).view(-1, 1, 1, 1)
+    assert torch.allclose(denoiser(x, r, semantic), (1 - ab).sqrt() * x + ab.sqrt() * model(x, r, semantic))
     eps_model = ShallowUViT({**SMALL, "prediction": "eps"})
-    assert torch.equal(eps_model.predict_eps(x, r, semantic), eps_model(x, r, semantic))
+    assert torch.equal(denoiser_for(eps_model)(x, r, semantic), eps_model(x, r, semantic))
     with pytest.raises(ValueError, match="prediction"):
         ShallowUViT({**SMALL, "prediction": "x0"})
 

@@ -213,3 +213,51 @@ def test_compare_writes_table_json_and_grid_for_every_decoder(bundle, openmoji_d
         with pytest.raises(SystemExit) as exit_info:  # before any work, nothing written
             compare([*args[:-1], str(tmp_path / "cmp3"), *bad])
         assert message in str(exit_info.value) + capsys.readouterr().err and not (tmp_path / "cmp3").exists()
+
+
+def test_sampler_flags_choose_each_stage_and_bad_ones_fail_before_loading(bundle, tmp_path, capsys):
+    from sample.pipeline import load_text_to_image
+
+    pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors")
+    common = dict(prompts=["a red apple"], prior_steps=3, decoder_steps=3, seed=4, progress=False)
+    ddpm = pipe(**common)
+    assert torch.equal(ddpm, pipe(**common, prior_sampler="ddpm", decoder_sampler="ddpm"))
+    for sampler in ("ddim", "dpmpp_2m", "dpmpp_2m_sde"):
+        other = pipe(**common, prior_sampler=sampler, decoder_sampler=sampler)
+        assert other.shape == ddpm.shape and not torch.equal(other, ddpm)
+    out = tmp_path / "apple.png"
+    sample_main(["a red apple", "--out", str(out), "--sampler", "ddim", "--eta", "0.5",
+                 "--decoder-sampler", "dpmpp_2m", *_args(bundle)])
+    assert out.exists()
+    for extra, message in [(["--sampler", "euler"], "invalid choice: 'euler'"),
+                           (["--prior-sampler", "ddim", "--prior-eta", "1.5"], "eta must be between 0"),
+                           (["--decoder-eta", "0.5"], "the ddpm sampler takes no eta"),
+                           (["--eta", "0.5"], "the ddpm sampler takes no eta"),
+                           (["--prior-steps", "release"], "invalid steps_arg value")]:
+        with pytest.raises(SystemExit):
+            sample_main(["x", "--out", str(tmp_path / "bad.png"), *_args(bundle)[:-1], *extra,
+                         "--stage-b", str(tmp_path / "missing.safetensors")])  # never reached: checks come first
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_sweep_writes_tables_plot_and_resumes(bundle, openmoji_dir, tmp_path, capsys):
+    from sample.sweep import main as sweep
+
+    out = tmp_path / "sweep"
+    args = ["--stage-c", str(bundle / "stage_c.safetensors"), "--stage-b", str(bundle / "stage_b.safetensors"),
+            "--stage-a", str(bundle / "stage_a.safetensors"), "--data-dir", str(openmoji_dir), "--size", "64",
+            "--limit", "4", "--gallery-limit", "8", "--batch-size", "4", "--samplers", "ddpm,dpmpp_2m",
+            "--prior-step-list", "1,2", "--decoder-step-list", "1,2", "--fast", "1,1", "--out", str(out)]
+    report = sweep(args)
+    assert {r["sweep"] for r in report["rows"]} == {"stage_c", "stage_b", "cascade"}
+    assert len(report["rows"]) == 1 + 2 + 2 * (2 + 2)
+    first = next(r for r in report["rows"] if r["sweep"] == "stage_c")
+    assert first["prior_nfe"] == 2 * first["prior_steps"] and first["fid"] > 0 and 0 <= first["top5_own"] <= 1
+    assert (out / "sweep.md").read_text().count("| ddpm 1 |") >= 1 and (out / "sweep.png").stat().st_size > 0
+    settings = sorted((out / "settings").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in settings]
+    assert sweep(args)["rows"] == report["rows"]  # resumed: every setting read back, none recomputed
+    assert [p.stat().st_mtime_ns for p in settings] == stamps
+    with pytest.raises(ValueError, match="other options"):
+        sweep([*args[:-2], "--samplers", "ddim", "--out", str(out)])

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from stages.denoisers import denoiser_for
 from stages.convert import load_stage_b_release, stage_b_config_from_release, stage_b_from_release
 from stages.stage_b import PRESETS, StageB, StageBConfig
 
@@ -19,7 +20,7 @@ def test_tiny_shapes_and_zero_init_output():
     a, b = model(x, torch.rand(2), sem)
     assert a.shape == b.shape == x.shape
     assert a.abs().max() == 0  # zero-initialised output conv
-    eps = model.predict_eps(x, torch.rand(2), sem)
+    eps = denoiser_for(model)(x, torch.rand(2), sem)
     assert torch.allclose(eps, x / 0.5)  # sigmoid(0) = 0.5
 
 
@@ -30,8 +31,8 @@ def test_semantic_latents_change_the_output():
             p.normal_(0, 0.1)
     x = torch.randn(1, 4, 32, 32)
     r = torch.full((1,), 0.5)
-    out1 = model.predict_eps(x, r, torch.randn(1, 16, 3, 3))
-    out2 = model.predict_eps(x, r, torch.randn(1, 16, 3, 3))
+    out1 = denoiser_for(model)(x, r, torch.randn(1, 16, 3, 3))
+    out2 = denoiser_for(model)(x, r, torch.randn(1, 16, 3, 3))
     assert (out1 - out2).abs().max() > 1e-4
 
 
@@ -68,7 +69,7 @@ def test_converted_release_matches_diffnext(tmp_path):
     r = torch.tensor([0.3, 0.9])
     with torch.no_grad():
         expected = ref(x, r, sem, text)
-        got = ours.predict_eps(x, r, sem, text)
+        got = denoiser_for(ours)(x, r, sem, text)
     assert (got - expected).abs().max() <= 1e-4 * max(1.0, expected.abs().max().item())
 
 

@@ -50,6 +50,10 @@ def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_b_run, tmp
     from sample.pipeline import load_prior
     prior = load_prior(run)
     assert prior.model.config.width == 32 and (prior.latent_shift, prior.latent_scale) == (0.0, 1.0)
+    # the export records its denoiser; the loader builds exactly that one
+    assert prior.diffusion == {"schedule": {"name": "cosine", "s": 0.008, "shift": 0.0}, "parameterisation": "abs_ab",
+                               "loss_weight": "paper_p2", "sigmoid_bias": 0.0}
+    assert prior.denoiser.describe() == prior.diffusion
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["stage"] == "stage_c"
     assert not any(k.startswith(("compressor.", "text_encoder.", "decoder.")) for k in ckpt["state_dict"])

@@ -17,9 +17,9 @@ One LightningModule for every phase; each phase is its own CLI run and config
 
 Training is as for Stage B: the semantic condition is noised at a small random t 30% of the time
 and zeroed 10% of the time (classifier-free guidance); text, when used, is dropped 10% of the
-time. Loss on the eps implied by the network's output (``predict_eps``): the v-MSE
-(``weighting: v``, for the default v-predicting head), plain eps-MSE (``none``), p2 or SiD2's
-sigmoid(b - logSNR) (``weighting: sigmoid``, ``sigmoid_bias`` b). Validation decodes the val images from their own
+time. Loss on the eps implied by the network's output (its ``diffusion`` denoiser): the v-MSE
+(``loss_weight: v_mse``, for the default v-predicting head), plain eps-MSE (``constant``), p2 or
+SiD2's sigmoid(b - logSNR) (``loss_weight: sigmoid``, ``sigmoid_bias`` b; ``diffusion.LOSS_WEIGHTS``). Validation decodes the val images from their own
 semantic latents (a PNG grid: real images on top, decoded below) and logs PSNR and the loss.
 """
 from __future__ import annotations
@@ -36,8 +36,9 @@ from torchvision.utils import save_image
 from sample.decoders import PixelDecoder, pixel_decoder_metadata
 from semantic_compressor import load_compressor, normalize_latents
 from stages.checkpoint import fingerprint, load_into, read_weights, resolve_checkpoint, save_safetensors
-from stages.diffusion import WEIGHT_FORMS, add_noise, eps_loss
-from stages.diffusion import logsnr_shift as shift_for_resolution
+from stages.denoisers import denoiser_for
+from diffusion import CosineSchedule, check_loss_weight
+from diffusion import logsnr_shift as shift_for_resolution
 from stages.pixel_decoder import (
     MODES,
     STAGE,
@@ -71,7 +72,7 @@ class PixelDecoderTraining(ExportsWeights, L.LightningModule):
                  resolution: int | None = None, unfreeze_step: int | None = None,
                  compressor: str = "runs/stage_b/tiny", text_encoder: str | None = None,
                  latent_shift: float = 0.0, latent_scale: float = 1.0,
-                 weighting: str = "none", sigmoid_bias: float = 0.0, logsnr_shift: float | None = None,
+                 loss_weight: str = "constant", sigmoid_bias: float = 0.0, logsnr_shift: float | None = None,
                  lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int = 0, lr_schedule: str = "constant",
                  semantic_noise_prob: float = 0.3, semantic_noise_max_t: float = 0.3, semantic_drop_prob: float = 0.1,
                  text_drop_prob: float = 0.1, ema_decay: float | None = 0.999, sample_steps: int = 25,
@@ -82,8 +83,7 @@ class PixelDecoderTraining(ExportsWeights, L.LightningModule):
             raise ValueError(f"phase must be 1 (Shallow-UViT), 2 (grown) or 3 (unfreeze all), got {phase}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
-        if weighting not in WEIGHT_FORMS:
-            raise ValueError(f"weighting must be one of {list(WEIGHT_FORMS)}, got {weighting!r}")
+        check_loss_weight(loss_weight)
         if mode == "freeze_unfreeze" and phase == 2 and not (unfreeze_step and unfreeze_step > 0):
             raise ValueError("mode freeze_unfreeze needs unfreeze_step (the step at which everything starts to train)")
         config = pixel_decoder_config(size)
@@ -203,7 +203,7 @@ class PixelDecoderTraining(ExportsWeights, L.LightningModule):
         noised = torch.rand(b, device=self.device) < h.semantic_noise_prob
         if noised.any():
             t = torch.rand(b, device=self.device) * h.semantic_noise_max_t
-            semantic = torch.where(noised[:, None, None, None], add_noise(semantic, t, torch.randn_like(semantic)),
+            semantic = torch.where(noised[:, None, None, None], CosineSchedule().add_noise(semantic, t, torch.randn_like(semantic)),
                                    semantic)
         semantic = semantic * (torch.rand(b, device=self.device) >= h.semantic_drop_prob)[:, None, None, None]
         if text is not None:
@@ -212,10 +212,13 @@ class PixelDecoderTraining(ExportsWeights, L.LightningModule):
         return semantic, text
 
     # -- training -------------------------------------------------------------------------------
-    def loss(self, model, x0, semantic, text, t, noise) -> torch.Tensor:
+    def denoiser(self, network):
         h = self.hparams
-        eps = model.predict_eps(add_noise(x0, t, noise, shift=self.logsnr_shift), t, semantic, text, self.logsnr_shift)
-        return eps_loss(eps, noise, t, h.weighting, shift=self.logsnr_shift, bias=h.sigmoid_bias)
+        return denoiser_for(network, logsnr_shift=self.logsnr_shift, loss_weight=h.loss_weight,
+                            sigmoid_bias=h.sigmoid_bias)
+
+    def loss(self, model, x0, semantic, text, t, noise) -> torch.Tensor:
+        return self.denoiser(model).loss(x0, t, noise, semantic, text)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = batch["image"]
@@ -259,8 +262,9 @@ class PixelDecoderTraining(ExportsWeights, L.LightningModule):
         return {"phase": h.phase, "mode": h.mode if h.phase == 2 else ("phase1" if h.phase == 1 else "unfreeze"),
                 "resolution": self.resolution, "logsnr_shift": self.logsnr_shift,
                 "latent_shift": h.latent_shift, "latent_scale": h.latent_scale, "text_encoder": h.text_encoder,
-                "semantic_size": self.semantic_size, "weighting": h.weighting, "sigmoid_bias": h.sigmoid_bias,
-                "init_from": h.init_from, "init_fingerprint": self.init_fingerprint, **self.init_cost}
+                "semantic_size": self.semantic_size, "loss_weight": h.loss_weight, "sigmoid_bias": h.sigmoid_bias,
+                "init_from": h.init_from, "init_fingerprint": self.init_fingerprint, **self.init_cost,
+                "diffusion": self.denoiser(self.eval_model).describe()}
 
     # -- validation -----------------------------------------------------------------------------
     def decoder(self) -> PixelDecoder:

@@ -27,7 +27,8 @@ from torchvision.utils import save_image
 from sample.decoders import SemanticDecoder, stage_b_metadata
 from semantic_compressor import SemanticCompressor, load_compressor
 from stages.checkpoint import fingerprint, load_into, read_weights, resolve_checkpoint, save_safetensors
-from stages.diffusion import add_noise, eps_loss
+from diffusion import CosineSchedule
+from stages.denoisers import denoiser_for
 from stages.stage_a import load_stage_a
 from stages.stage_b import StageB, stage_b_config
 from stages.text_encoder import build_text_encoder
@@ -57,7 +58,7 @@ class StageBTraining(ExportsWeights, L.LightningModule):
                  compressor: dict | str | None = None, text_encoder: str | None = None,
                  init_from: str | None = None, cache_latents: bool = False,
                  lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int = 0,
-                 lr_schedule: str = "constant", p2_form: str = "paper",
+                 lr_schedule: str = "constant", loss_weight: str = "paper_p2",
                  semantic_noise_prob: float = 0.3, semantic_noise_max_t: float = 0.3,
                  semantic_drop_prob: float = 0.1, text_drop_prob: float = 0.1,
                  ema_decay: float | None = 0.999, sample_steps: int = 12, guidance: float = 1.0,
@@ -150,7 +151,7 @@ class StageBTraining(ExportsWeights, L.LightningModule):
         noised = torch.rand(b, device=self.device) < h.semantic_noise_prob
         if noised.any():
             t = torch.rand(b, device=self.device) * h.semantic_noise_max_t
-            semantic = torch.where(noised[:, None, None, None], add_noise(semantic, t, torch.randn_like(semantic)), semantic)
+            semantic = torch.where(noised[:, None, None, None], CosineSchedule().add_noise(semantic, t, torch.randn_like(semantic)), semantic)
         keep = (torch.rand(b, device=self.device) >= h.semantic_drop_prob)[:, None, None, None]
         semantic = semantic * keep
         if text is not None:
@@ -168,8 +169,10 @@ class StageBTraining(ExportsWeights, L.LightningModule):
         semantic, text = self.condition(semantic, batch["caption"], train=True)
         t = torch.rand(x0.shape[0], device=self.device)
         noise = torch.randn_like(x0)
-        eps = self.model.predict_eps(add_noise(x0, t, noise), t, semantic, text)
-        return self.log_training_loss(eps_loss(eps, noise, t, self.hparams.p2_form))
+        return self.log_training_loss(self.denoiser(self.model).loss(x0, t, noise, semantic, text))
+
+    def denoiser(self, network: StageB):
+        return denoiser_for(network, loss_weight=self.hparams.loss_weight)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         step = self.global_step
@@ -231,7 +234,8 @@ class StageBTraining(ExportsWeights, L.LightningModule):
                  "stage_a_path": self.stage_a_path,
                  "stage_a_config": self.stage_a.config.to_dict(), "text_encoder": self.hparams.text_encoder,
                  "compressor_config": self.compressor.config.to_dict(),
-                 "compressor_fingerprint": fingerprint(self.eval_compressor)}
+                 "compressor_fingerprint": fingerprint(self.eval_compressor),
+                 "diffusion": self.denoiser(self.eval_model).describe()}
         save_safetensors(self.eval_compressor, self.run_dir / "compressor.safetensors", "semantic_compressor",
                          self.compressor.config.to_dict(), overwrite=True, extra=self.export_metadata())
         return save_safetensors(self.eval_model, path, "stage_b", self.model.config.to_dict(), overwrite=True,

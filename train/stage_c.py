@@ -20,7 +20,7 @@ from sample.decoders import load_semantic_decoder
 from sample.pipeline import Prior
 from semantic_compressor import latent_grid, load_compressor, normalize_latents
 from stages.checkpoint import fingerprint, save_safetensors
-from stages.diffusion import add_noise, eps_loss
+from stages.denoisers import denoiser_for
 from stages.stage_c import StageC, stage_c_config
 from stages.text_encoder import build_text_encoder
 from train.ema import make_ema, update_ema, warmup_decay
@@ -45,7 +45,7 @@ class StageCTraining(ExportsWeights, L.LightningModule):
     def __init__(self, size: str | dict = "tiny", compressor: str = "runs/stage_b/tiny",
                  text_encoder: str = "minilm", stage_b: str | None = None,
                  lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int = 0,
-                 lr_schedule: str = "constant", p2_form: str = "paper", text_drop_prob: float = 0.05,
+                 lr_schedule: str = "constant", loss_weight: str = "paper_p2", text_drop_prob: float = 0.05,
                  ema_decay: float | None = 0.999, sample_steps: int = 60, guidance: float = 4.0,
                  decoder_steps: int = 12, grid_images: int = 8, cache_latents: bool = False,
                  latent_shift: float = 1.0, latent_scale: float = 42.0):
@@ -84,8 +84,11 @@ class StageCTraining(ExportsWeights, L.LightningModule):
             self.latent_cache.update({batch["key"][i]: z for i, z in zip(missing, fresh)})
         return torch.stack([self.latent_cache[k] for k in batch["key"]]).to(self.device)
 
+    def denoiser(self, network: StageC):
+        return denoiser_for(network, loss_weight=self.hparams.loss_weight)
+
     def loss(self, x0: torch.Tensor, text: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return eps_loss(self.model.predict_eps(add_noise(x0, t, noise), t, text), noise, t, self.hparams.p2_form)
+        return self.denoiser(self.model).loss(x0, t, noise, text)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = self.targets(batch)
@@ -146,6 +149,6 @@ class StageCTraining(ExportsWeights, L.LightningModule):
             return None
         extra = {**self.export_metadata(), "compressor_fingerprint": self.compressor_fingerprint,
                  "text_encoder": self.hparams.text_encoder, "latent_shift": self.hparams.latent_shift,
-                 "latent_scale": self.hparams.latent_scale}
+                 "latent_scale": self.hparams.latent_scale, "diffusion": self.denoiser(self.eval_model).describe()}
         return save_safetensors(self.eval_model, path, "stage_c", self.model.config.to_dict(), overwrite=True,
                                 extra=extra)
