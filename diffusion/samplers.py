@@ -153,19 +153,9 @@ def _lambda(ab: float) -> float:
 def dpmpp_2m(denoiser, x, times, *, generator=None, callback=None, progress=False):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), multistep second order in data prediction:
     x_next = (sigma_next / sigma) x + alpha_next (1 - e^-h) D, h = lambda_next - lambda, with
-    D = x0 on the first step (and after a step of h = 0, where the clamped schedule stands still)
-    and (1 + 1/2r) x0 - (1/2r) x0_prev after (r = h_prev / h)."""
-    b, x0_prev, h_prev = x.shape[0], None, 0.0
-    for i, t, t_prev in _steps(times, progress):
-        ab, ab_next = _ab(denoiser.schedule, t), _ab(denoiser.schedule, t_prev)
-        eps = denoiser(x, t.expand(b)).to(x.dtype)
-        x0 = x0_from_eps(x, eps, torch.tensor(ab, dtype=x.dtype))
-        _report(callback, i, t, x, x0)
-        h = _lambda(ab_next) - _lambda(ab)
-        d = x0 if not h_prev else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev
-        x = math.sqrt((1 - ab_next) / (1 - ab)) * x + math.sqrt(ab_next) * -math.expm1(-h) * d
-        x0_prev, h_prev = x0, h
-    return x
+    D = x0 on the first step and (1 + 1/2r) x0 - (1/2r) x0_prev after (r = h_prev / h): exactly
+    ``dpmpp_2m_sde`` with eta = 0."""
+    return dpmpp_2m_sde(denoiser, x, times, generator=generator, callback=callback, progress=progress, eta=0.0)
 
 
 @register
@@ -173,8 +163,8 @@ def dpmpp_2m(denoiser, x, times, *, generator=None, callback=None, progress=Fals
 def dpmpp_2m_sde(denoiser, x, times, *, generator=None, callback=None, progress=False, eta=1.0):
     """DPM-Solver++(2M) SDE (Lu et al. 2022, Sec. 5; midpoint form of k-diffusion's sampler):
     x_next = (sigma_next / sigma) e^-eta*h x + alpha_next (1 - e^-(1+eta)h) (x0 + (x0 - x0_prev) / 2r)
-    + sigma_next sqrt(1 - e^-2 eta*h) z. eta = 0 is the deterministic (midpoint) 2M; no noise on the
-    last step."""
+    + sigma_next sqrt(1 - e^-2 eta*h) z. eta = 0 is the deterministic 2M. The first step, and one after
+    a step of h = 0 (where the clamped schedule stands still), is first order; no noise on the last step."""
     b, x0_prev, h_prev = x.shape[0], None, 0.0
     for i, t, t_prev in _steps(times, progress):
         ab, ab_next = _ab(denoiser.schedule, t), _ab(denoiser.schedule, t_prev)
