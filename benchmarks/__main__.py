@@ -23,27 +23,46 @@ from tqdm import tqdm
 from benchmarks import cost, latency, reference, report
 from benchmarks.targets import SIZES, TRAIN_PX, targets
 from benchmarks.throughput import forward_flops, parameters, run_target, train_flops
+from stages.cli import check_output, comma_list, positive_int, positive_ints
+from stages.errors import run_command
 
 CPU_TRAIN_LIMIT = 100e6  # parameters; bigger models' AdamW steps are skipped on CPU unless --full
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PARTS = ("counts", "throughput", "reference", "latency", "cost", "presets")
+
+
+def device_arg(text: str) -> torch.device | None:
+    """An argparse type: ``auto`` (None: cuda when available) or a torch device this machine has."""
+    if text == "auto":
+        return None
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device here; use cpu or auto")
+    return device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
-    ap.add_argument("--sizes", default="tiny,paper,release", help="comma-separated subset of tiny,paper,release")
-    ap.add_argument("--batch-sizes", default=None, help="comma-separated (default: 1,2 on CPU, 1,2,4,8,16 on GPU)")
+    ap.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda or auto (cuda when available)")
+    ap.add_argument("--sizes", type=comma_list(SIZES), default="tiny,paper,release",
+                    help="comma-separated subset of " + ",".join(SIZES))
+    ap.add_argument("--batch-sizes", type=positive_ints, default=None,
+                    help="comma-separated (default: 1,2 on CPU, 1,2,4,8,16 on GPU)")
     ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                     help="autocast dtype (auto: bfloat16 on GPU, float32 on CPU); parameters stay float32")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the throughput and side-by-side calls, ours and diffusers' alike (static "
                          "shapes; each measurement compiles during its warm-up call; sampling latency stays eager)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed calls per measurement after warm-up (median)")
-    ap.add_argument("--latency-px", type=int, default=1024, help="image side for the end-to-end latency (paper: 1024)")
-    ap.add_argument("--parts", default="counts,throughput,reference,latency,cost,presets",
-                    help="comma-separated subset of counts,throughput,reference,latency,cost,presets")
+    ap.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="timed calls per measurement after warm-up (median)")
+    ap.add_argument("--latency-px", type=positive_int, default=1024,
+                    help="image side for the end-to-end latency (paper: 1024)")
+    ap.add_argument("--parts", type=comma_list(PARTS), default=",".join(PARTS),
+                    help="comma-separated subset of " + ",".join(PARTS))
     ap.add_argument("--quick", action="store_true", help="tiny models only, batch 1, one repeat (CI smoke run, ~1 min)")
     ap.add_argument("--full", action="store_true",
                     help="paper sizes at 1024 px (training at the paper's resolutions), every batch size, measured "
@@ -74,24 +93,18 @@ def default_out() -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    out = check_output(args.out or default_out())
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     dtype = DTYPES["bfloat16" if gpu else "float32"] if args.dtype == "auto" else DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    sizes = ["tiny"] if args.quick else [s.strip() for s in args.sizes.split(",") if s.strip()]
-    bad = [s for s in sizes if s not in SIZES]
-    if bad:
-        raise SystemExit(f"unknown size(s) {bad}; choose from {list(SIZES)}")
-    batches = [int(b) for b in (args.batch_sizes or ("1,2,4,8,16" if gpu else "1,2")).split(",")]
+    sizes = ["tiny"] if args.quick else args.sizes
+    batches = args.batch_sizes or ([1, 2, 4, 8, 16] if gpu else [1, 2])
     if args.quick:
         batches = batches[:1]
     repeats = 1 if args.quick else args.repeats
-    parts = set(args.parts.split(","))
-    out = Path(args.out) if args.out else default_out()
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"{out} is not empty; benchmarks never overwrite: choose another --out")
+    parts = set(args.parts)
     notes: list[str] = []
     results: dict = {"environment": {
         "hardware": hardware(device), "device": device.type, "torch": torch.__version__, "threads": args.threads,
@@ -210,4 +223,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -11,6 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
+from stages.cli import check_output
+from stages.errors import run_command
+
 
 def _fmt_bytes(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:,.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
@@ -155,7 +158,7 @@ def merge(runs: list[dict]) -> dict:
     """One results dict from several runs on the same hardware: their rows and notes joined."""
     hardware = {r["environment"]["hardware"] for r in runs}
     if len(hardware) > 1:
-        raise SystemExit(f"these results come from different hardware ({sorted(hardware)}); report each on its own")
+        raise ValueError(f"these results come from different hardware ({sorted(hardware)}); report each on its own")
     merged = {"environment": {**runs[0]["environment"],
                               "command": " ; ".join(r["environment"]["command"] for r in runs)}}
     for run in runs:
@@ -165,21 +168,34 @@ def merge(runs: list[dict]) -> dict:
     return merged
 
 
+def read_results(path: str) -> dict:
+    try:
+        results = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a benchmarks results file (not JSON: {e})") from None
+    if not isinstance(results, dict) or "environment" not in results:
+        raise ValueError(f"{path} is not a benchmarks results file (no environment); pass results.json or partial.json")
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="results.json or partial.json files of one machine")
     ap.add_argument("--out", required=True, help="output folder for results.json, results.md and the plots")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    for name in ("results.json", "results.md"):  # the plots are checked by write(), before anything is written
+        check_output(out / name, (Path(name).suffix,))
     missing = [p for p in args.results if not Path(p).is_file()]
     if missing:
-        raise SystemExit(f"no such results file: {missing[0]}")
-    merged = merge([json.loads(Path(p).read_text()) for p in args.results])
-    paths = write(merged, Path(args.out))
+        raise FileNotFoundError(f"no such results file: {missing[0]}")
+    merged = merge([read_results(p) for p in args.results])
+    paths = write(merged, out)
     print(markdown(merged))
     print({k: str(v) for k, v in paths.items()})
     return paths
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

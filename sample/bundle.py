@@ -6,7 +6,7 @@
 Copies ``stage_a``, ``stage_b``, ``compressor`` and ``stage_c`` safetensors (checking that they were
 trained together) and writes ``MODEL_CARD.md`` and ``model_card.json``: per stage the config, steps,
 training command, wall time (recorded in the export by the training module) and the metrics of
-the last validation. Refuses to write into a folder that holds a bundle.
+the last validation. Never replaces a file already in ``--out``; every path a card records is absolute.
 """
 from __future__ import annotations
 
@@ -19,20 +19,21 @@ from pathlib import Path
 
 import torch
 
-from stages.checkpoint import fingerprint, resolve_checkpoint
+from sample.pipeline import load_text_to_image
+from semantic_compressor import load_compressor
+from stages.checkpoint import fingerprint, read_metadata, resolve_checkpoint
+from stages.cli import check_output
+from stages.errors import run_command
+from stages.stage_a import load_stage_a
 
-
-def _metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: (json.loads(v) if k != "stage" else v) for k, v in (f.metadata() or {}).items()}
+STAGE_FILES = ("stage_a.safetensors", "stage_b.safetensors", "compressor.safetensors", "stage_c.safetensors")
+CARDS = ("model_card.json", "MODEL_CARD.md")
 
 
 def run_summary(export: Path) -> dict:
     """Steps, wall time, last validation metrics and the command of the run that wrote ``export``."""
     run = export.parent
-    meta = _metadata(export)
+    meta = read_metadata(export)
     summary = {"stage": meta.get("stage"), "config": meta.get("config"), "steps": meta.get("global_step"),
                "wall_time_min": round(meta["wall_time_s"] / 60, 1) if "wall_time_s" in meta else "not recorded"}
     metrics = run / "metrics.csv"
@@ -58,23 +59,19 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--commands", nargs="*", default=[], help="the training commands, for the card")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    if (out / "model_card.json").exists():
-        ap.error(f"{out} already holds a bundle; choose another --out")
-    a, b, c = (resolve_checkpoint(p) for p in (args.stage_a, args.stage_b, args.stage_c))
+    for name in STAGE_FILES + CARDS:  # never replaces anything already there, bundle or not
+        check_output(out / name, (Path(name).suffix,))
+    a, b, c = (resolve_checkpoint(p).resolve() for p in (args.stage_a, args.stage_b, args.stage_c))
     compressor = b.with_name("compressor.safetensors")
-    from sample.pipeline import load_text_to_image
-    from semantic_compressor import load_compressor
-    from stages.stage_a import load_stage_a
-
     load_text_to_image(c, b, a)  # refuses stages that were not trained together
-    b_meta, c_meta = _metadata(b), _metadata(c)
+    b_meta, c_meta = read_metadata(b), read_metadata(c)
     if b_meta.get("stage_a_fingerprint") != fingerprint(load_stage_a(str(a))):
-        raise SystemExit(f"Stage B {b} was not trained on Stage A {a}")
+        raise ValueError(f"Stage B {b} was not trained on Stage A {a}; pass the Stage A it was trained with")
     if c_meta.get("compressor_fingerprint") != fingerprint(load_compressor(compressor)):
-        raise SystemExit(f"Stage C {c} was not trained on the compressor {compressor}")
+        raise ValueError(f"Stage C {c} was not trained on the compressor {compressor}; pass the Stage B run "
+                         "whose compressor trained it")
     out.mkdir(parents=True, exist_ok=True)
-    files = {"stage_a.safetensors": a, "stage_b.safetensors": b, "compressor.safetensors": compressor,
-             "stage_c.safetensors": c}
+    files = dict(zip(STAGE_FILES, (a, b, compressor, c)))
     for name, src in files.items():
         shutil.copyfile(src, out / name)
     card = {
@@ -100,4 +97,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

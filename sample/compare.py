@@ -14,7 +14,7 @@ and not counted) and decoding seconds per image on this machine.
 
 Writes ``compare.json``, ``compare.md`` (the table) and ``compare.png`` (rows: the real images, then
 each decoder's reconstructions and text-to-image samples for the first val captions) into ``--out``,
-which must not exist yet.
+which must be new or empty.
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from sample.__main__ import SHIPPED
-from sample.decoders import pixel_decoder_metadata, stage_b_metadata
-from sample.evaluate import ValScorer, add_common_arguments, compressor_beside, shown
+from sample.evaluate import ValScorer, add_common_arguments, compressor_beside
 from sample.pipeline import load_pixel_text_to_image, load_prior, load_text_to_image, sampler_options
 from semantic_compressor import latent_grid, load_compressor
-from stages.checkpoint import fingerprint, resolve_checkpoint
+from stages.checkpoint import fingerprint, read_metadata
+from stages.cli import check_output, positive_int, shown
+from stages.errors import run_command
 from train.evaluate_stage_a import Scores
 from train.losses import Perceptual
 
@@ -110,25 +111,24 @@ def main(argv: list[str] | None = None) -> dict:
                     help="a pixel decoder export or run folder; repeat for several "
                          "(default: greedy=the shipped pixel_decoder.safetensors)")
     ap.add_argument("--no-semantic", action="store_true", help="leave Stage B + Stage A out")
-    ap.add_argument("--grid-columns", type=int, default=8)
-    ap.add_argument("--out", default="runs/compare", help="output folder (must not exist)")
+    ap.add_argument("--grid-columns", type=positive_int, default=8)
+    ap.add_argument("--out", default="runs/compare", help="output folder (new or empty)")
     args = ap.parse_args(argv)
     samplers = sampler_options(args)
-    out = Path(args.out)
-    if out.exists():
-        raise SystemExit(f"error: {out} exists; choose another --out")
+    out = check_output(args.out)
     pixels = args.pixel or [("greedy", str(SHIPPED / "pixel_decoder.safetensors"))]
     names = [SEMANTIC] * (not args.no_semantic) + [name for name, _ in pixels]
     if len(set(names)) != len(names):
-        raise SystemExit(f"error: decoder names must differ, got {names}")
+        raise ValueError(f"decoder names must differ, got {names}; give each --pixel its own NAME")
+    compressor_path = args.compressor or compressor_beside(args.stage_c)
 
     # every decoder is loaded (and checked against Stage C's compressor) before any work
     prior = load_prior(args.stage_c)
     decoders: dict[str, tuple] = {}
     if not args.no_semantic:
         decoder = load_text_to_image(args.stage_c, args.stage_b, args.stage_a, prior).decoder
-        cost = training_cost(stage_b_metadata(resolve_checkpoint(args.stage_b)))
-        a_wall = stage_b_metadata(resolve_checkpoint(args.stage_a)).get("wall_time_s")
+        cost = training_cost(read_metadata(args.stage_b))
+        a_wall = read_metadata(args.stage_a).get("wall_time_s")
         if cost["train_wall_min"] is not None and a_wall is not None:
             cost["train_wall_min"] = round(cost["train_wall_min"] + a_wall / 60, 1)
         params = sum(p.numel() for m in (decoder.stage_b, decoder.stage_a) for p in m.parameters())
@@ -136,11 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, path in pixels:
         decoder = load_pixel_text_to_image(args.stage_c, path, prior).decoder
         params = sum(p.numel() for p in decoder.model.parameters())
-        decoders[name] = (decoder, path, params, training_cost(pixel_decoder_metadata(resolve_checkpoint(path))))
-    compressor_path = args.compressor or compressor_beside(args.stage_c)
+        decoders[name] = (decoder, path, params, training_cost(read_metadata(path)))
     compressor = load_compressor(compressor_path)
     if prior.compressor_fingerprint not in (None, fingerprint(compressor)):
-        raise SystemExit(f"the compressor {compressor_path} is not the one Stage C {args.stage_c} was trained on; "
+        raise ValueError(f"the compressor {compressor_path} is not the one Stage C {args.stage_c} was trained on; "
                          "pass the one it was trained on (--compressor)")
 
     scorer = ValScorer(args.data_dir, args.size, args.batch_size, args.limit, args.gallery_limit)
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
               "decoder_guidance": args.decoder_guidance, **samplers, "gallery_size": len(scorer.gallery_captions),
               "chance_top5": scorer.chance_top5, "lpips": lpips.description, "threads": torch.get_num_threads(),
               "batch_size": args.batch_size, "grid_captions": captions[:k], "decoders": rows}
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "compare.md").write_text(markdown(report))
     labelled_grid(grid_rows, out / "compare.png")
@@ -190,4 +189,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -7,15 +7,13 @@ the same call.
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from diffusion import Guided, sample
-from stages.checkpoint import fingerprint, resolve_checkpoint
+from stages.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
 from stages.denoisers import denoiser_for
 from stages.stage_a import StageA, load_stage_a
 from stages.stage_b import StageB, load_stage_b
@@ -64,15 +62,9 @@ class SemanticDecoder(torch.nn.Module):
         return self.stage_a.decode(latents).clamp(0, 1)
 
 
-def stage_b_metadata(path: str | os.PathLike) -> dict:
-    """The metadata our Stage B export carries (Stage A fingerprint and path, text encoder, ...)."""
-    from safetensors import safe_open
-
-    if Path(path).suffix != ".safetensors":
-        return {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return {k: json.loads(v) for k, v in meta.items() if k not in ("stage",)}
+# what a Stage B or pixel decoder checkpoint records besides the weights (Stage A fingerprint and path,
+# text encoder, latent normalisation, ...)
+stage_b_metadata = pixel_decoder_metadata = read_metadata
 
 
 def load_semantic_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike | None = None,
@@ -87,7 +79,7 @@ def load_semantic_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike
     if stage_a is None:
         if "stage_a_path" not in meta:
             raise ValueError(f"{b_path} does not record its Stage A; pass the Stage A checkpoint it was trained with")
-        stage_a = meta["stage_a_path"]
+        stage_a = recorded_path(meta["stage_a_path"], b_path)
     a_path = resolve_checkpoint(stage_a)
     model_a = load_stage_a(str(a_path))
     expected = meta.get("stage_a_fingerprint")
@@ -172,16 +164,6 @@ class PixelDecoder(torch.nn.Module):
         if tuple(images.shape[-2:]) != size:
             images = F.interpolate(images, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
         return images
-
-
-def pixel_decoder_metadata(path: str | os.PathLike) -> dict:
-    """What a pixel decoder export or Lightning checkpoint records besides the weights."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return stage_b_metadata(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer_states", "lr_schedulers", "loops",
-                                                       "callbacks", "hyper_parameters")} if isinstance(ckpt, dict) else {}
 
 
 def load_pixel_decoder(path: str | os.PathLike, text_encoder: TextEncoder | None = None) -> PixelDecoder:

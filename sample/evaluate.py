@@ -17,7 +17,6 @@ For each of the 185 val captions one image is generated (fixed seed). Prints JSO
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
@@ -29,9 +28,11 @@ from sample.pipeline import (add_sampler_arguments, load_pixel_text_to_image, lo
                              sampler_options)
 from semantic_compressor import load_compressor
 from stages.checkpoint import fingerprint, resolve_checkpoint
+from stages.cli import at_least, check_output, positive_int, seed, shown
+from stages.errors import run_command
 from train.data.embedded import openmoji_shards
 from train.data.loaders import ShardDataset
-from train.report import emit, refuse_existing
+from train.report import emit
 from train.inception import InceptionFeatures, fid_metric
 
 
@@ -127,26 +128,13 @@ def latent_scores(latents: torch.Tensor, scorer: ValScorer, compressor: torch.nn
     return {"top5_own_caption": top5(scorer.captions), "top5_shuffled_captions": top5(scorer.shuffled)}
 
 
-def shown(path: str | Path) -> str:
-    """A path as a report shows it: relative to the working directory when inside it."""
-    relative = os.path.relpath(path)
-    return str(path) if relative.startswith("..") else relative
-
-
 def compressor_beside(*checkpoints: str) -> Path:
     """``compressor.safetensors`` next to the first of these checkpoints that has one."""
     for c in checkpoints:
         p = resolve_checkpoint(c).with_name("compressor.safetensors")
         if p.exists():
             return p
-    raise SystemExit(f"no compressor.safetensors beside {' or '.join(checkpoints)}; pass --compressor")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    raise FileNotFoundError(f"no compressor.safetensors beside {' or '.join(checkpoints)}; pass --compressor")
 
 
 def add_common_arguments(ap: argparse.ArgumentParser) -> None:
@@ -157,15 +145,16 @@ def add_common_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--compressor", default=None,
                     help="compressor for the from-true-latents scores (default: compressor.safetensors beside Stage C)")
     ap.add_argument("--data-dir", default="data/openmoji")
-    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--size", type=positive_int, default=128)
     ap.add_argument("--prior-steps", type=positive_int, default=60)
     ap.add_argument("--decoder-steps", type=positive_int, default=None, help="default: Stage B 12, pixel decoder 50")
     ap.add_argument("--prior-guidance", type=float, default=4.0)
     ap.add_argument("--decoder-guidance", type=float, default=3.0)
-    ap.add_argument("--limit", type=int, default=None, help="at most this many val captions")
-    ap.add_argument("--gallery-limit", type=int, default=None, help="search only the first N emoji (quick checks)")
+    ap.add_argument("--limit", type=positive_int, default=None, help="at most this many val captions")
+    ap.add_argument("--gallery-limit", type=at_least(5), default=None,
+                    help="search only the first N emoji, N >= 5 (quick checks)")
     ap.add_argument("--batch-size", type=positive_int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed, default=0)
     add_sampler_arguments(ap)
 
 
@@ -179,16 +168,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
     args = ap.parse_args(argv)
     samplers = sampler_options(args)
-    refuse_existing(args.out)
+    if args.out:
+        check_output(args.out, (".json",))
+    compressor_path = args.compressor or compressor_beside(args.stage_c, args.stage_b)
     if args.decoder == "pixel":
         pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder)
     else:
         pipe = load_text_to_image(args.stage_c, args.stage_b, args.stage_a)
     decoder_steps = args.decoder_steps if args.decoder_steps is not None else pipe.decoder.default_steps
-    compressor_path = args.compressor or compressor_beside(args.stage_c, args.stage_b)
     compressor = load_compressor(compressor_path)
     if pipe.prior.compressor_fingerprint not in (None, fingerprint(compressor)):
-        raise SystemExit(f"the compressor {compressor_path} is not the one Stage C {args.stage_c} was trained on; "
+        raise ValueError(f"the compressor {compressor_path} is not the one Stage C {args.stage_c} was trained on; "
                          "pass the compressor of the Stage B run that trained it (--compressor)")
     scorer = ValScorer(args.data_dir, args.size, args.batch_size, args.limit, args.gallery_limit)
     real, captions = scorer.real, scorer.captions
@@ -220,4 +210,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

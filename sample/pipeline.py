@@ -6,7 +6,6 @@ is the first, the greedy-grown pixel decoder can take its place without touching
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -18,7 +17,7 @@ from torch import nn
 
 from diffusion import SAMPLERS, Guided, check_sampler, sample, sampling_times, takes_eta
 from semantic_compressor import denormalize_latents, latent_grid
-from stages.checkpoint import resolve_checkpoint
+from stages.checkpoint import read_metadata, resolve_checkpoint
 from stages.denoisers import denoiser_for
 from stages.stage_c import StageC, load_stage_c
 from stages.text_encoder import TextEncoder, build_text_encoder, check_prompts
@@ -55,13 +54,8 @@ class Prior:
 
 def load_prior(path: str | os.PathLike, text_encoder: TextEncoder | None = None) -> Prior:
     """Stage C (file or run folder) with the text encoder and normalisation recorded in its export."""
-    from safetensors import safe_open
-
     path = resolve_checkpoint(path)
-    meta = {}
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != "stage"}
+    meta = read_metadata(path)
     model = load_stage_c(str(path))
     if text_encoder is None:
         text_encoder = build_text_encoder(meta.get("text_encoder") or "minilm")
@@ -130,11 +124,11 @@ def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
 
     ``prior``: Stage C already loaded from ``stage_c`` (several decoders share one).
     """
-    from sample.decoders import load_semantic_decoder, stage_b_metadata
+    from sample.decoders import load_semantic_decoder
 
     prior = prior or load_prior(stage_c)
     decoder = load_semantic_decoder(stage_b, stage_a)
-    b_meta = stage_b_metadata(resolve_checkpoint(stage_b))
+    b_meta = read_metadata(stage_b)
     c_fp, b_fp = prior.compressor_fingerprint, b_meta.get("compressor_fingerprint")
     if c_fp and b_fp and c_fp != b_fp:
         raise ValueError(f"Stage C {stage_c} was trained on a different semantic compressor ({c_fp}) than the one "

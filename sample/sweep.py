@@ -29,29 +29,16 @@ from tqdm.auto import tqdm
 
 from diffusion import SAMPLERS
 from sample.compare import decode_all
-from sample.evaluate import ValScorer, add_common_arguments, positive_int, shown
+from sample.evaluate import ValScorer, add_common_arguments
 from sample.pipeline import load_text_to_image
 from semantic_compressor import latent_grid
+from stages.cli import comma_list, positive_ints, shown
+from stages.errors import run_command
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402
 
 REFERENCE = "ddpm"
-
-
-def int_list(text: str) -> list[int]:
-    values = sorted({positive_int(x) for x in text.split(",")})
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one step count")
-    return values
-
-
-def sampler_list(text: str) -> list[str]:
-    names = [x for x in text.split(",") if x]
-    unknown = [n for n in names if n not in SAMPLERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown sampler(s) {unknown}; choose from {sorted(SAMPLERS)}")
-    return names
 
 
 def nfe(steps: int, guidance: float) -> int:
@@ -156,19 +143,18 @@ def plot(report: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(ap)
-    ap.add_argument("--samplers", type=sampler_list, default=sorted(SAMPLERS))
-    ap.add_argument("--prior-step-list", dest="prior_steps_list", type=int_list, default=[10, 20, 30, 60])
-    ap.add_argument("--decoder-step-list", dest="decoder_steps_list", type=int_list, default=[4, 8, 12, 40])
-    ap.add_argument("--fast", type=int_list, default=[12, 20], help="Stage C,Stage B steps of the fast cascade "
-                    "(given in any order: the larger is Stage C's)")
+    ap.add_argument("--samplers", type=comma_list(sorted(SAMPLERS)), default=sorted(SAMPLERS))
+    ap.add_argument("--prior-step-list", dest="prior_steps_list", type=positive_ints, default=[10, 20, 30, 60])
+    ap.add_argument("--decoder-step-list", dest="decoder_steps_list", type=positive_ints, default=[4, 8, 12, 40])
+    ap.add_argument("--fast", type=positive_ints, default=[20, 12], help="Stage C,Stage B steps of the fast cascade")
     ap.add_argument("--out", default="runs/sweep", help="output folder (an existing sweep folder is continued)")
     args = ap.parse_args(argv)
-    args.prior_steps, args.decoder_steps = args.prior_steps_list, args.decoder_steps_list
-    args.fast = (max(args.fast), min(args.fast))
+    args.prior_steps, args.decoder_steps = sorted(set(args.prior_steps_list)), sorted(set(args.decoder_steps_list))
+    if len(args.fast) != 2:
+        raise ValueError(f"--fast takes two step counts, Stage C's and Stage B's (e.g. 20,12), got {args.fast}")
     out = Path(args.out)
     options = {k: getattr(args, k) for k in ("samplers", "prior_steps", "decoder_steps", "fast", "limit", "size",
                                              "seed", "prior_guidance", "decoder_guidance", "stage_c", "stage_b")}
-    options["fast"] = list(options["fast"])
     stamp = out / "options.json"
     if stamp.exists() and json.loads(stamp.read_text()) != options:
         raise ValueError(f"{out} holds a sweep with other options; choose another --out")
@@ -191,4 +177,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

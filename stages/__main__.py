@@ -1,9 +1,11 @@
 """Parameter counts of every stage preset, built on the meta device (no memory): ``python -m stages``."""
+import argparse
 import json
 
 import torch
 from torch import nn
 
+from stages.errors import run_command
 from stages.stage_a import PRESETS as STAGE_A_PRESETS, StageA
 from stages.stage_b import PRESETS as STAGE_B_PRESETS, StageB
 from stages.stage_c import PRESETS as STAGE_C_PRESETS, StageC
@@ -29,5 +31,12 @@ def parameter_counts() -> dict:
     return counts
 
 
+def main(argv: list[str] | None = None) -> dict:
+    argparse.ArgumentParser(prog="python -m stages", description=__doc__).parse_args(argv)
+    counts = parameter_counts()
+    print(json.dumps({k: f"{v / 1e6:.2f} M" for k, v in counts.items()}, indent=2))
+    return counts
+
+
 if __name__ == "__main__":
-    print(json.dumps({k: f"{v / 1e6:.2f} M" for k, v in parameter_counts().items()}, indent=2))
+    run_command(main)

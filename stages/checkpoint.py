@@ -1,64 +1,168 @@
 """Saving and loading stage weights safely: safetensors (config in the metadata) or Lightning ``.ckpt``.
 
-Nothing here unpickles code: ``.ckpt`` files are read with ``torch.load(weights_only=True)``.
+Nothing here unpickles code: ``.ckpt`` files are read with ``torch.load(weights_only=True)``. Our
+exports carry a checksum of their tensors; a file whose bytes changed since is refused. Every
+unreadable file (empty, truncated, corrupt, mislabelled, a folder) is a one-line ``ValueError`` or
+``FileNotFoundError`` that names it and what to do.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+REDOWNLOAD = "re-export or re-download it"
+TEXT_KEYS = ("stage", "checksum")  # safetensors metadata stored as plain text; every other value is JSON
+TRAINING_STATE = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks", "hyper_parameters")
+
+
+def tensor_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names and raw bytes of the tensors, in sorted key order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's weights: tells whether a later stage was trained on this exact model."""
+    return tensor_digest(model.state_dict())[:16]
 
 
 def save_safetensors(model: nn.Module, path: str | os.PathLike, stage: str, config: dict,
                      overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write ``model``'s weights with ``{"stage", "config"}`` metadata; refuses to overwrite unless asked."""
-    from safetensors.torch import save_file
-
+    """Write ``model``'s weights with ``{"stage", "config", "checksum"}`` metadata; refuses to overwrite
+    unless asked. ``extra`` values are stored as JSON."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"stage": stage, "config": json.dumps(config), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+    meta = {"stage": stage, "config": json.dumps(config), "checksum": tensor_digest(state),
+            **{k: json.dumps(v) for k, v in (extra or {}).items()}}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A file, or a run folder (newest ``version_*/model.safetensors`` under it)."""
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(p.glob("**/model.safetensors"), key=lambda f: f.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"{p} is a folder without a model.safetensors under it; pass the checkpoint "
+                                    "file itself, or a run folder (train first)")
+        return found[-1]
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} not found")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{p} is empty (0 bytes); {REDOWNLOAD}")
+    return p
+
+
+def recorded_path(record: str | os.PathLike, checkpoint: str | os.PathLike) -> Path:
+    """A path that ``checkpoint`` records (Stage B's Stage A, ...), found from any working directory.
+
+    Absolute records are taken as they are. A relative one (older exports recorded paths relative to
+    where training ran) is tried against the checkpoint's folder and each folder above it, then the
+    working directory; the first that exists wins.
+    """
+    record = Path(record)
+    folder = Path(checkpoint).resolve().parent
+    candidates = [record] if record.is_absolute() else [f / record for f in (folder, *folder.parents)] + [record]
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
+        raise FileNotFoundError(f"{checkpoint} records {record}, which is not found beside it, above it or in the "
+                                "working directory; pass that file explicitly")
+    return found
+
+
+def _header(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # the Rust reader raises its own error type
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); {REDOWNLOAD}") from None
+
+
+def load_torch(path: str | os.PathLike) -> object:
+    """A ``torch.save`` file read with ``weights_only=True``; refusals and corrupt files as one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise ValueError(f"{path} holds objects that weights-only loading refuses (they could run code); if "
+                             "you trust it, re-save just its state dict with torch.save, or convert it") from None
+        raise ValueError(f"{path} is not a readable checkpoint (damaged pickle data); {REDOWNLOAD}") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint ({first}); {REDOWNLOAD}") from None
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, raw metadata) of a safetensors file, checked against its checksum when it has one."""
+    path = Path(path)
+    meta = _header(path)
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); {REDOWNLOAD}") from None
+    if "checksum" in meta and tensor_digest(state) != meta["checksum"]:
+        raise ValueError(f"{path} is corrupt: checksum mismatch; {REDOWNLOAD}")
+    return state, meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """What a checkpoint records besides the weights (stage, config, fingerprints, Stage A path, costs, ...).
+
+    Of a ``.safetensors`` export: its header's metadata (the tensors are not read). Of a Lightning
+    ``.ckpt``: its top-level entries, training state left out.
+    """
+    path = resolve_checkpoint(path)
+    if path.suffix != ".safetensors":
+        ckpt = load_torch(path)
+        return {k: v for k, v in ckpt.items() if k not in TRAINING_STATE} if isinstance(ckpt, dict) else {}
+    return _decoded(path, _header(path))
+
+
+def _decoded(path: Path, raw: dict[str, str]) -> dict:
+    meta = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = value if key in TEXT_KEYS else json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path} has unreadable metadata {key}={value[:40]!r}; {REDOWNLOAD}") from None
+    return meta
+
+
 def read_weights(path: str | os.PathLike, stage: str) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Load ``(state_dict, config)`` of one stage from a ``.safetensors`` file or a Lightning ``.ckpt``.
+    """Load ``(state_dict, config)`` of one stage from a ``.safetensors`` file, a Lightning ``.ckpt``
+    or a run folder.
 
     From a Lightning checkpoint the EMA weights are taken when present, else the raw ones.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+    path = resolve_checkpoint(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            state = load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+        state, meta = load_safetensors(path)
         if meta.get("stage") not in (None, stage):
-            raise ValueError(f"{path} holds a {meta['stage']} model, not a {stage} model")
-        return state, json.loads(meta["config"]) if "config" in meta else None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint (safetensors or Lightning .ckpt): {e}") from e
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} does not hold a state dict")
-    state = ckpt.get("state_dict", ckpt)
+            raise ValueError(f"{path} holds a {meta['stage']} model, not a {stage} model; pass the {stage} checkpoint")
+        return state, _decoded(path, meta).get("config")
+    ckpt = load_torch(path)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors; pass a {stage} export or Lightning checkpoint")
     if ckpt.get("stage") not in (None, stage):
-        raise ValueError(f"{path} is a {ckpt['stage']} checkpoint, not a {stage} checkpoint")
+        raise ValueError(f"{path} is a {ckpt['stage']} checkpoint, not a {stage} checkpoint; pass the {stage} one")
     for prefix in ("ema.", "model."):
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if sub:
@@ -84,30 +188,6 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
                          + ". Build the model with the config the checkpoint was trained with.")
     model.load_state_dict(state)
     return model
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A file, or a run folder (newest ``version_*/model.safetensors`` under it)."""
-    p = Path(path)
-    if p.is_dir():
-        found = sorted(p.glob("**/model.safetensors"), key=lambda f: f.stat().st_mtime)
-        if not found:
-            raise FileNotFoundError(f"no model.safetensors under {p}; train first or pass the file itself")
-        return found[-1]
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} not found")
-    return p
-
-
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of a model's weights: tells whether a later stage was trained on this exact model."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def load_model(path: str | os.PathLike, stage: str, build, config=None) -> nn.Module:

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+from stages.checkpoint import load_into, load_safetensors, load_torch, resolve_checkpoint, save_safetensors
+from stages.cli import check_output
+from stages.errors import run_command
 from stages.stage_a import StageA, StageAConfig
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig
@@ -33,22 +36,21 @@ def read_state_dict(src: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     config: dict = {}
     if src.is_dir():
         if (src / "config.json").exists():
-            config = json.loads((src / "config.json").read_text())
+            try:
+                config = json.loads((src / "config.json").read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{src / 'config.json'} is not valid JSON ({e}); re-download it") from None
         files = sorted(src.glob("*.safetensors")) or sorted(src.glob("*.bin"))
         if not files:
             raise FileNotFoundError(f"no .safetensors or .bin weights in {src}")
         src = files[0]
-    if not src.exists():
-        raise FileNotFoundError(f"{src} not found")
-    if src.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(src))
-    else:
-        state = torch.load(src, map_location="cpu", weights_only=True)
+    src = resolve_checkpoint(src)
+    state = load_safetensors(src)[0] if src.suffix == ".safetensors" else load_torch(src)
     for key in ("state_dict", "model"):  # training checkpoints wrap the weights
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{src} does not hold a state dict of tensors; pass the released weights file or folder")
     return state, config
 
 
@@ -102,11 +104,9 @@ def stage_a_from_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def load_stage_a_release(src: str | Path) -> StageA:
     """Our ``StageA`` with the released VQGAN weights (diffusers folder or original checkpoint)."""
-    from stages.checkpoint import load_into
-
     state, config = read_state_dict(src)
-    model = StageA(stage_a_config_from_release(state, config))
-    return load_into(model, stage_a_from_release(state), str(src)).eval()
+    renamed = stage_a_from_release(state)  # refuses a foreign state dict before reading its shapes
+    return load_into(StageA(stage_a_config_from_release(state, config)), renamed, str(src)).eval()
 
 
 def stage_b_config_from_release(state: dict[str, torch.Tensor], config: dict | None = None) -> StageBConfig:
@@ -156,8 +156,6 @@ def stage_b_from_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def load_stage_b_release(src: str | Path) -> StageB:
     """Our ``StageB`` with the released decoder weights (diffusers folder or state-dict file)."""
-    from stages.checkpoint import load_into
-
     state, config = read_state_dict(src)
     model = StageB(stage_b_config_from_release(state, config))
     return load_into(model, stage_b_from_release(state), str(src)).eval()
@@ -183,27 +181,25 @@ def stage_c_from_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def load_stage_c_release(src: str | Path) -> StageC:
     """Our ``StageC`` with the released prior weights (diffusers folder or state-dict file)."""
-    from stages.checkpoint import load_into
-
     state, config = read_state_dict(src)
     model = StageC(stage_c_config_from_release(state, config))
     return load_into(model, stage_c_from_release(state), str(src)).eval()
 
 
 def main(argv: list[str] | None = None) -> None:
-    from stages.checkpoint import save_safetensors
-
     ap = argparse.ArgumentParser(description="Convert released Würstchen weights to this project's format.")
     ap.add_argument("stage", choices=["stage_a", "stage_b", "stage_c"])
     ap.add_argument("--src", required=True, help="diffusers model folder or weights file")
-    ap.add_argument("--out", required=True, help="output .safetensors (never overwritten)")
+    ap.add_argument("--out", required=True, help="output .safetensors (an existing file only with --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = ap.parse_args(argv)
+    check_output(args.out, (".safetensors",), args.overwrite)
     loaders = {"stage_a": load_stage_a_release, "stage_b": load_stage_b_release, "stage_c": load_stage_c_release}
     model = loaders[args.stage](args.src)
-    path = save_safetensors(model, args.out, args.stage, model.config.to_dict())
+    path = save_safetensors(model, args.out, args.stage, model.config.to_dict(), overwrite=args.overwrite)
     n = sum(p.numel() for p in model.parameters())
     print(json.dumps({"out": str(path), "params": n, "config": model.config.to_dict()}))
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

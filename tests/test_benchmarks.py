@@ -88,7 +88,7 @@ def test_cli_quick_run_writes_sane_results(tmp_path):
     assert {r["module"] for r in results["cost"]} == {"stage_a", "stage_b", "stage_c"}
     assert "ratio" in (out / "results.md").read_text()
     assert not (out / "partial.json").exists()  # a finished run leaves only its final results
-    with pytest.raises(SystemExit, match="never overwrite"):  # an existing output folder is refused
+    with pytest.raises(FileExistsError, match="not empty"):  # an existing output folder is refused
         main(["--quick", "--out", str(out), "--parts", "counts"])
 
 
@@ -137,9 +137,9 @@ def test_interrupted_run_leaves_partial_results(tmp_path, monkeypatch):
     assert "| stage_a | tiny |" in paths["markdown"].read_text()
     (tmp_path / "elsewhere.json").write_text(json.dumps({**other, "environment": {**other["environment"],
                                                                                    "hardware": "another GPU"}}))
-    with pytest.raises(SystemExit, match="no such results file"):
+    with pytest.raises(FileNotFoundError, match="no such results file"):
         report.main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "r3")])
-    with pytest.raises(SystemExit, match="different hardware"):
+    with pytest.raises(ValueError, match="different hardware"):
         report.main([str(out / "partial.json"), str(tmp_path / "elsewhere.json"), "--out", str(tmp_path / "r2")])
 
 

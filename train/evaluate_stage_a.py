@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
 from stages.checkpoint import resolve_checkpoint
+from stages.cli import check_output, positive_int
+from stages.errors import run_command
 from stages.stage_a import StageA, load_stage_a
 from train.data.embedded import heldout_photos, openmoji_shards
 from train.data.loaders import ShardDataset
 from train.losses import Perceptual
-from train.report import emit, refuse_existing
+from train.report import emit
 
 
 def bicubic_f4(images: torch.Tensor) -> torch.Tensor:
@@ -72,19 +74,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="model.safetensors, a Lightning .ckpt, or a run folder")
     ap.add_argument("--data-dir", default="data/openmoji", help="embedded OpenMoji shards (built if missing)")
-    ap.add_argument("--photo-size", type=int, default=256, help="side of the held-out photos")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate at most this many val images")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--photo-size", type=positive_int, default=256, help="side of the held-out photos")
+    ap.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many val images")
+    ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
     args = ap.parse_args(argv)
-    refuse_existing(args.out)
+    if args.out:
+        check_output(args.out, (".json",))
     ckpt = resolve_checkpoint(args.checkpoint)
     model = load_stage_a(str(ckpt))
     lpips = Perceptual("alex")
     shards, count = openmoji_shards(args.data_dir, "val")
     val = [s["image"] for s in ShardDataset(shards, 128, count=count)]
-    if args.limit:
-        val = val[:args.limit]
+    val = val[:args.limit]
     photos = [im for _, im in heldout_photos(args.photo_size)]
     report = {
         "checkpoint": str(ckpt),
@@ -96,4 +98,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

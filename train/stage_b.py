@@ -67,7 +67,7 @@ class StageBTraining(ExportsWeights, L.LightningModule):
         self.save_hyperparameters()
         config = stage_b_config(size)
         stage_a_path = resolve_checkpoint(stage_a)
-        self.stage_a_path = str(stage_a_path)
+        self.stage_a_path = str(stage_a_path.resolve())  # recorded absolute: loads from any working directory
         self.stage_a = load_stage_a(str(stage_a_path)).requires_grad_(False)
         self.stage_a_fingerprint = fingerprint(self.stage_a)
         if self.stage_a.config.latent_channels != config.c_latent:
