@@ -69,7 +69,7 @@ def _read_split(data_dir: str, split: str) -> tuple[tuple, ...]:
     index = json.loads((Path(data_dir) / "index.json").read_text())
     out = []
     for shard in index["splits"][split]["shards"]:
-        for s in loaders._tar_samples(str(Path(data_dir) / shard), loaders.Counter()):
+        for s in loaders._tar_samples(str(Path(data_dir) / shard), loaders.SampleCounts()):
             out.append((s["__key__"], s["txt"].decode(), json.loads(s["json"]), s["png"]))
     return tuple(out)
 
@@ -375,7 +375,7 @@ def test_no_readable_sample_with_a_count_fails_clearly(tmp_path):
     garbage.write_bytes(b"\x00\x01junk" * 50)
     bad_images = write_tar(tmp_path / "bad.tar", [(f"k{i}", {"png": b"nope", "txt": "x"}) for i in range(3)])
     ds = ShardDataset([str(garbage), str(bad_images)], size=8, count=10)
-    with pytest.raises(RuntimeError, match=r"no readable samples from 2 shard\(s\)") as e:
+    with pytest.raises(ValueError, match=r"no readable sample for rank 0 worker 0 in 2 shards") as e:
         list(ds)
     assert "corrupt_shard" in str(e.value) and "corrupt_sample" in str(e.value)
     assert list(ShardDataset([str(garbage)], size=8)) == []  # without a count: simply nothing

@@ -186,7 +186,7 @@ def test_phase2_command_with_a_mismatched_core_ends_with_the_message_alone(phase
            "--model.init_args.size", json.dumps(dict(SMALL, width=48)), "--model.init_args.init_from",
            str(phase1_export), "--model.init_args.resolution", "64", "--trainer.default_root_dir", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 1
+    assert done.returncode == 2  # stages.errors.run_command: bad input exits with 2
     assert "error: the phase 2 config's core does not match the phase 1 checkpoint" in done.stderr
     assert "width: 48 vs 32" in done.stderr and "Traceback" not in done.stderr
     assert not any(tmp_path.iterdir())  # nothing written

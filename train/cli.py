@@ -1,8 +1,18 @@
-"""The Lightning CLI every stage trains from: ``python -m train fit --config configs/<stage>/<size>.yaml``."""
+"""The Lightning CLI every stage trains from: ``python -m train fit --config configs/<stage>/<size>.yaml``.
+
+Resuming (``--ckpt_path``) keeps the configuration given now. A checkpoint of another stage or
+configuration is refused, and of the model's settings only those in ``CHANGEABLE_ON_RESUME`` may
+differ from the checkpoint's; they take effect (the learning rate and weight decay in the restored
+optimizer too, see ``train.export.ExportsWeights.on_train_start``).
+"""
 from __future__ import annotations
 
+import importlib
+import json
+from pathlib import Path
 
 import lightning as L
+import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
@@ -10,9 +20,82 @@ from lightning.pytorch.cli import LightningCLI
 # ${trainer.default_root_dir} then work in every subcommand (fit, validate, ...).
 set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
+# Read at every step or validation (or put back into the restored optimizer), never baked into weights
+# or optimizer state: these may change when resuming. Every other model setting must match the checkpoint.
+# (stage_a and stage_b name frozen networks by path: the checkpoint's fingerprints check what they hold.)
+CHANGEABLE_ON_RESUME = frozenset({
+    "lr", "weight_decay", "warmup_steps", "lr_schedule",
+    "mse_weight", "perceptual_weight", "adv_start_step", "quantize_skip_prob",
+    "semantic_noise_prob", "semantic_noise_max_t", "semantic_drop_prob", "text_drop_prob", "unfreeze_step",
+    "cache_latents", "sample_steps", "guidance", "decoder_steps", "grid_images", "val_fid", "stage_a", "stage_b",
+})
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A Lightning training checkpoint, loaded weights-only (no pickled code runs); anything else is
+    refused with what to give instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--ckpt_path {path} is a folder; give a checkpoint file, e.g. {path}/checkpoints/last.ckpt")
+    if not path.is_file():
+        raise ValueError(f"--ckpt_path {path} does not exist; give a run's checkpoints/last.ckpt")
+    if path.suffix == ".safetensors":
+        raise ValueError(f"{path} is an export (weights only, no optimizer state) and cannot resume a run; resume "
+                         "from the run's checkpoints/last.ckpt, or start a new run from the export with "
+                         "--model.init_args.init_from where the stage has it")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any failure to read an arbitrary file means: not a usable checkpoint
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"cannot load the checkpoint {path} weights-only ({type(error).__name__}: {reason}); it is "
+                         "empty, truncated, corrupt or holds pickled objects: resume from another checkpoint of "
+                         "the run (checkpoints/*.ckpt)") from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "optimizer_states", "global_step"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a Lightning training checkpoint (no state_dict, optimizer_states and "
+                         "global_step); resume from a run's checkpoints/last.ckpt")
+    return ckpt
+
+
+def check_resumable(ckpt: dict, class_path: str, settings: dict, path: str) -> None:
+    """Refuse a checkpoint of another stage, or whose settings outside ``CHANGEABLE_ON_RESUME`` differ."""
+    saved = dict(ckpt.get("hyper_parameters") or {})
+    saved.pop("_instantiator", None)
+    saved_class = saved.pop("_class_path", None)
+    module, _, name = class_path.rpartition(".")
+    stage = getattr(getattr(importlib.import_module(module), name), "stage", None)
+    if saved_class not in (None, class_path) or ckpt.get("stage", stage) != stage:
+        raise ValueError(f"{path} is a checkpoint of {ckpt.get('stage') or saved_class} ({saved_class or 'its class'}"
+                         f"), but this config trains {stage} ({class_path}); resume it with the config it was "
+                         "trained with, or drop --ckpt_path")
+
+    def same(a, b) -> bool:  # tuples and lists, nested dicts: compared as JSON
+        return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+    fixed = [k for k in settings if k in saved and k not in CHANGEABLE_ON_RESUME and not same(settings[k], saved[k])]
+    if fixed:
+        differ = "; ".join(f"{k}: checkpoint {saved[k]!r}, given {settings[k]!r}" for k in fixed)
+        raise ValueError(f"cannot change {', '.join(fixed)} when resuming from {path} ({differ}); set them back "
+                         "to the checkpoint's, or start a new run without --ckpt_path")
+
 
 class TrainCLI(LightningCLI):
-    """LightningCLI with OmegaConf interpolation in YAML and one run folder for all loggers."""
+    """LightningCLI with OmegaConf interpolation in YAML, one run folder for all loggers, and resuming
+    that checks the checkpoint against the configuration instead of replacing it."""
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would take the model's class and settings from the checkpoint's hyper_parameters,
+        # silently training another stage or ignoring settings given now; check them instead.
+        sub = self.config.get("subcommand")
+        if not sub or not self.config[sub].get("ckpt_path"):
+            return
+        config = self.config[sub]
+        if config.get("weights_only") is False:
+            raise ValueError("--weights_only false is not allowed: checkpoints are loaded weights-only")
+        if "weights_only" in config:
+            config["weights_only"] = True
+        path = config["ckpt_path"]
+        ckpt = read_checkpoint(path)
+        check_resumable(ckpt, config["model"]["class_path"], config["model"]["init_args"].as_dict(), path)
 
     def before_fit(self) -> None:
         loggers = self.trainer.loggers

@@ -44,16 +44,37 @@ class ExportsWeights:
             if k.startswith(self.frozen):
                 checkpoint["state_dict"][k] = v
 
+    def nan_advice(self) -> str:
+        """What to change after a NaN or infinite loss; resuming is advised only from a checkpoint that exists."""
+        advice = ("lower the learning rate (--model.init_args.lr) or enable gradient clipping "
+                  "(--trainer.gradient_clip_val)")
+        callback = self.trainer.checkpoint_callback
+        candidates = [Path(callback.dirpath) / "last.ckpt"] if callback and callback.dirpath else []
+        candidates += [Path(self.trainer.ckpt_path)] if self.trainer.ckpt_path else []
+        last = next((p for p in candidates if p.is_file()), None)
+        if last is None:
+            return f"{advice} and start again (no checkpoint was saved before this step)"
+        return f"{advice} and resume with --ckpt_path {last}"
+
     def log_training_loss(self, loss):
         """Log the step's loss; a NaN or infinite loss stops training with what to change."""
         if not loss.isfinite():
-            raise FloatingPointError(
-                f"{self.title} loss is {loss.item()} at "
-                f"step {self.global_step}; lower the learning rate (model.lr) or enable gradient clipping "
-                "(trainer.gradient_clip_val) and resume from the last checkpoint")
+            raise FloatingPointError(f"{self.title} loss is {loss.item()} at step {self.global_step}; "
+                                     f"{self.nan_advice()}")
         self.log("train/loss", loss)
         self.log("loss", loss, prog_bar=True, logger=False)
         return loss
+
+    def on_train_start(self) -> None:
+        """The learning rate and weight decay given now take effect, also on resume, where Lightning has
+        restored the saved optimizer and schedule: every group's base rate becomes ``lr``, at the
+        schedule's current factor."""
+        h = self.hparams
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            sched.base_lrs = [h.lr] * len(sched.optimizer.param_groups)
+            for group, factor in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+                group.update(initial_lr=h.lr, lr=h.lr * factor(sched.last_epoch), weight_decay=h.weight_decay)
 
     @property
     def eval_model(self):

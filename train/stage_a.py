@@ -95,8 +95,7 @@ class StageATraining(ExportsWeights, L.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"Stage A loss is {loss.item()} at step {self.global_step} (mse {mse.item():.4g}, "
-                f"perceptual {perceptual.item():.4g}, vq {vq_loss.item():.4g}); lower the learning rate "
-                "(model.lr) or enable gradient clipping (trainer.gradient_clip_val) and resume from the last checkpoint"
+                f"perceptual {perceptual.item():.4g}, vq {vq_loss.item():.4g}); {self.nan_advice()}"
             )
         self.log_dict({"train/loss": loss, "train/mse": mse, "train/perceptual": perceptual, "train/vq": vq_loss},
                       prog_bar=False)

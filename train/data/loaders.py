@@ -17,7 +17,6 @@ import logging
 import os
 import random
 import tarfile
-from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -47,6 +46,46 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     return out
 
 
+def existing_shards(spec: str | list[str]) -> list[str]:
+    """``expand_shards``, failing at once when not one of the shards is a file (a wrong path or pattern)."""
+    shards = expand_shards(spec)
+    if not any(os.path.isfile(s) for s in shards):
+        if shards == [spec]:
+            raise FileNotFoundError(f"data source {spec!r} does not exist; give openmoji, a folder of images or .tar "
+                                    "shards, a .tar file, a glob (data/*.tar) or a brace pattern (data/{000..009}.tar)")
+        raise FileNotFoundError(f"none of the {len(shards)} shards of {spec!r} exists (the first is {shards[0]}); "
+                                "check the path or build the data first")
+    return shards
+
+
+class SampleCounts:
+    """Samples yielded and skipped (by reason), in shared memory: DataLoader workers count, the main
+    process reads. Each worker adds to its own row (``row``), so no two processes write one cell."""
+
+    REASONS = ("yielded", "corrupt_shard", "no_image", "corrupt_sample", "too_small")
+
+    def __init__(self, rows: int = 64):
+        self.table = torch.zeros(rows, len(self.REASONS), dtype=torch.int64).share_memory_()
+        self.row = 0
+
+    def add(self, reason: str) -> int:
+        cell = self.table[self.row % len(self.table), self.REASONS.index(reason)]
+        cell += 1
+        return self[reason]
+
+    def __getitem__(self, reason: str) -> int:
+        return int(self.table[:, self.REASONS.index(reason)].sum())
+
+    def as_dict(self) -> dict[str, int]:
+        return {r: self[r] for r in self.REASONS}
+
+    @staticmethod
+    def text(counts: dict[str, int]) -> str:
+        """``yielded 0, skipped: corrupt_shard 2, too_small 5`` (reasons with a count only)."""
+        skipped = ", ".join(f"{r} {n}" for r, n in counts.items() if n and r != "yielded") or "none"
+        return f"yielded {counts.get('yielded', 0)}, skipped: {skipped}"
+
+
 def rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -60,7 +99,7 @@ def consumer_plan(num_shards: int, rank: int, world: int, worker: int, workers: 
     return ("shard" if num_shards >= consumers else "sample"), cid, consumers
 
 
-def _tar_samples(path: str, skipped: Counter) -> Iterator[dict]:
+def _tar_samples(path: str, skipped: SampleCounts) -> Iterator[dict]:
     """Group the members of one tar by key; a broken or unreadable shard is skipped with a warning."""
     current_key, sample = None, {}
     try:
@@ -79,7 +118,7 @@ def _tar_samples(path: str, skipped: Counter) -> Iterator[dict]:
         if sample:
             yield sample
     except (tarfile.TarError, OSError, EOFError) as e:
-        skipped["corrupt_shard"] += 1
+        skipped.add("corrupt_shard")
         log.warning("skipping the rest of shard %s: %s (%s)", path, type(e).__name__, e)
 
 
@@ -109,17 +148,20 @@ class ShardDataset(IterableDataset):
     def __init__(self, shards: str | list[str], size: int, resize: int | None = None, crop: str = "center",
                  min_size: int = 0, shuffle: bool = False, shuffle_buffer: int = 1000, seed: int = 0,
                  count: int | None = None):
-        self.shards = expand_shards(shards)
+        self.shards = existing_shards(shards)
         self.size, self.resize, self.crop, self.min_size = size, resize, crop, min_size
         self.shuffle, self.shuffle_buffer, self.seed, self.count = shuffle, shuffle_buffer, seed, count
         self.epoch = 0  # set by the data module from the trainer's epoch; advanced by each new pass
-        self.skipped: Counter = Counter()
+        self.skipped = SampleCounts()
         self._passes = 0
         self._dist: tuple[int, int] | None = None
 
     def __getstate__(self) -> dict:
         # DataLoader workers started by spawn/forkserver (not fork) see no process group; send the rank along
         return {**self.__dict__, "_dist": rank_and_world()}
+
+    def describe(self) -> str:
+        return self.shards[0] if len(self.shards) == 1 else f"{len(self.shards)} shards ({self.shards[0]}, ...)"
 
     def samples_per_rank(self, world: int) -> int | None:
         return None if self.count is None else self.count // world
@@ -147,19 +189,19 @@ class ShardDataset(IterableDataset):
                 image = resize_crop(decode_image(sample[ext]), self.size, self.resize, self.crop, self.min_size, rng)
                 caption = caption_of(sample)
             except TooSmall:
-                self.skipped["too_small"] += 1
+                self.skipped.add("too_small")
                 continue
             except Exception as e:  # undecodable image or caption: count, warn, go on
                 self._skip("corrupt_sample", sample, e)
                 continue
+            self.skipped.add("yielded")
             yield {"image": image, "caption": caption, "key": sample["__key__"]}
 
     def _skip(self, reason: str, sample: dict, error: Exception | None = None) -> None:
-        self.skipped[reason] += 1
-        if self.skipped[reason] <= 5 or self.skipped[reason] % 1000 == 0:
+        n = self.skipped.add(reason)
+        if n <= 5 or n % 1000 == 0:
             log.warning("skipped sample %s in %s (%s%s); %d skipped for this reason so far",
-                        sample.get("__key__"), sample.get("__shard__"), reason,
-                        f": {error}" if error else "", self.skipped[reason])
+                        sample.get("__key__"), sample.get("__shard__"), reason, f": {error}" if error else "", n)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -167,6 +209,7 @@ class ShardDataset(IterableDataset):
         rank, world = rank_and_world()
         if info is not None and self._dist is not None and not torch.distributed.is_initialized():
             rank, world = self._dist  # a spawned worker has no process group: the rank it was sent with
+        self.skipped.row = worker
         epoch = self.epoch + self._passes
         self._passes += 1
         rng = random.Random(hash((self.seed, epoch, rank, worker)))
@@ -182,21 +225,18 @@ class ShardDataset(IterableDataset):
                 return
             n += 1
             yield sample
-        if quota is not None and n < quota:
-            if n == 0:
-                raise RuntimeError(
-                    f"rank {rank} worker {worker} got no readable samples from {len(self.shards)} shard(s); "
-                    f"skipped: {dict(self.skipped)}"
-                )
-            # Shard-level split gave this consumer fewer samples: repeat its own from the start.
-            again = self._decoded(self._raw(epoch, rank, world, worker, workers), rng)
-            while n < quota:
-                for sample in again:
-                    if n >= quota:
-                        return
-                    n += 1
-                    yield sample
-                again = self._decoded(self._raw(epoch, rank, world, worker, workers), rng)
+        # Fewer samples than the quota (the shard split gave this consumer fewer): repeat its own from the start.
+        got = n
+        while quota is not None and n < quota:
+            if got == 0:
+                raise ValueError(f"no readable sample for rank {rank} worker {worker} in {self.describe()} "
+                                 f"({SampleCounts.text(self.skipped.as_dict())}); check the shards, or lower min_size")
+            got = 0
+            for sample in self._decoded(self._raw(epoch, rank, world, worker, workers), rng):
+                if n >= quota:
+                    return
+                n, got = n + 1, got + 1
+                yield sample
 
 
 def _buffer_shuffle(stream: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -233,7 +273,11 @@ class FolderDataset(Dataset):
                         return min(im.size) >= min_size
                 except Exception:
                     return True  # reported when loaded
+            found = len(self.files)
             self.files = [p for p in self.files if big_enough(p)]
+            if not self.files:
+                raise ValueError(f"none of the {found} images under {self.root} is at least min_size {min_size} px "
+                                 "on its shorter side; lower min_size")
 
     def __len__(self) -> int:
         return len(self.files)

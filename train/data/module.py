@@ -7,7 +7,33 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from train.data.embedded import openmoji_shards, training_photos
-from train.data.loaders import FolderDataset, Interleaved, PhotoCrops, ShardDataset, collate
+from train.data.loaders import (FolderDataset, Interleaved, PhotoCrops, SampleCounts, ShardDataset, collate,
+                                existing_shards)
+
+
+class CheckedLoader(DataLoader):
+    """A DataLoader whose every pass yields a batch: a pass with none (every sample unreadable or
+    filtered, or fewer than one batch) raises instead of letting training loop over empty epochs,
+    and an error raised in a worker reaches the user as its own one-line message."""
+
+    def __iter__(self):
+        shards = self.dataset.primary if isinstance(self.dataset, Interleaved) else self.dataset
+        before = shards.skipped.as_dict() if isinstance(shards, ShardDataset) else {}
+        batches = 0
+        try:
+            for batch in super().__iter__():
+                batches += 1
+                yield batch
+        except (ValueError, OSError) as error:
+            if "DataLoader worker" not in str(error).split("\n", 1)[0]:
+                raise
+            # PyTorch re-raises a worker's error with the worker's traceback as its message; keep the last line
+            raise type(error)(str(error).strip().splitlines()[-1].partition(": ")[2]) from None
+        if batches == 0 and isinstance(shards, ShardDataset):
+            counts = {k: v - before.get(k, 0) for k, v in shards.skipped.as_dict().items()}
+            raise ValueError(f"no batch of {self.batch_size} in a whole pass over {shards.describe()} "
+                             f"({SampleCounts.text(counts)}); check that the shards hold readable images, "
+                             "lower min_size, or lower batch_size")
 
 
 class ImageTextData(L.LightningDataModule):
@@ -33,6 +59,9 @@ class ImageTextData(L.LightningDataModule):
                  photo_crops_every: int = 0):
         super().__init__()
         self.save_hyperparameters()
+        for spec in (train, val):  # a missing path or a pattern that matches nothing fails now, not mid-fit
+            if spec and spec != "openmoji" and not Path(spec).is_dir():
+                existing_shards(spec)
         self.train_set: Dataset | ShardDataset | None = None
         self.val_set: Dataset | ShardDataset | None = None
 
@@ -66,10 +95,12 @@ class ImageTextData(L.LightningDataModule):
 
     def _loader(self, dataset, batch_size: int, train: bool) -> DataLoader:
         workers = self.hparams.num_workers
+        if not isinstance(dataset, IterableDataset) and train and len(dataset) < batch_size:
+            raise ValueError(f"{len(dataset)} images in {dataset.root} make no batch of {batch_size}; lower batch_size")
         shards = dataset.primary if isinstance(dataset, Interleaved) else dataset
         if isinstance(shards, ShardDataset) and self.trainer is not None:
             shards.epoch = self.trainer.current_epoch  # continue the shuffle sequence after a resume
-        return DataLoader(
+        return CheckedLoader(
             dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
             shuffle=train and isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset),
             drop_last=train,
