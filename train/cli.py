@@ -25,7 +25,7 @@ set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 # (stage_a and stage_b name frozen networks by path: the checkpoint's fingerprints check what they hold.)
 CHANGEABLE_ON_RESUME = frozenset({
     "lr", "weight_decay", "warmup_steps", "lr_schedule",
-    "mse_weight", "perceptual_weight", "adv_start_step", "quantize_skip_prob",
+    "mse_weight", "perceptual_weight", "adv_start_step", "quantize_skip_prob", "loss_weight", "sigmoid_bias",
     "semantic_noise_prob", "semantic_noise_max_t", "semantic_drop_prob", "text_drop_prob", "unfreeze_step",
     "cache_latents", "sample_steps", "guidance", "decoder_steps", "grid_images", "val_fid", "stage_a", "stage_b",
 })
