@@ -19,6 +19,7 @@ from torch import nn
 from semantic_compressor import denormalize_latents, latent_grid
 from stages.checkpoint import resolve_checkpoint
 from stages.diffusion import ddpm_sample, guide, sampling_times
+from stages.inputs import Limits, check_finite, check_request
 from stages.stage_c import StageC, load_stage_c
 from stages.text_encoder import TextEncoder, build_text_encoder, check_prompts
 
@@ -94,13 +95,17 @@ class TextToImage(nn.Module):
     def forward(self, prompts: list[str] | str, negative_prompt: str = "", height: int = 128, width: int = 128,
                 images_per_prompt: int = 1, prior_steps: int | list[float] = 60, decoder_steps: int | list[float] = 12,
                 prior_guidance: float = 4.0, decoder_guidance: float = 3.0, seed: int = 0,
-                progress: bool = True, return_latents: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                progress: bool = True, return_latents: bool = False, limits: Limits | None = Limits()
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images for every prompt, ``images_per_prompt`` each (prompt-major order).
 
         The same arguments and seed give the same images. H and W are rounded up to the decoder's
         grid with a note; step counts (or explicit decreasing time lists ending in 0) are per stage.
         ``return_latents``: also return Stage C's semantic latents, ``(images, latents)``.
+        ``limits``: refuse work too large for the device (``stages.inputs.Limits``; None: no check).
         """
+        check_request(self, prompts, negative_prompt, height, width, images_per_prompt, prior_steps, decoder_steps,
+                      prior_guidance, decoder_guidance, seed, limits)
         prompts = check_prompts([prompts] if isinstance(prompts, str) else prompts)
         if images_per_prompt < 1:
             raise ValueError(f"images_per_prompt must be at least 1, got {images_per_prompt}")
@@ -114,6 +119,7 @@ class TextToImage(nn.Module):
                                      prior_guidance, generator, progress)
         images = self.decoder(semantic, (h, w), batch, decoder_steps, decoder_guidance, generator,
                               getattr(self.decoder, "progress_name", "decoder") if progress else False)
+        check_finite(images, "the sampled images", "a model may hold NaN/inf weights (corrupt or diverged checkpoint)")
         return (images, semantic) if return_latents else images
 
 
