@@ -45,7 +45,7 @@ def check_images(images: torch.Tensor, who: str) -> None:
     """Float RGB images ``(B, 3, H, W)``, B, H, W >= 1, finite and in [0, 1]; ``who`` names the model.
 
     Integer images (uint8) are refused, not rescaled: divide by 255 first. One ``aminmax`` per call
-    checks range and finiteness (skipped while ``torch.compile`` traces).
+    checks range and finiteness (skipped for meta tensors and while ``torch.compile`` traces).
     """
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"{who} expects a tensor of images (B, 3, H, W) in [0, 1], got {type(images).__name__}")
@@ -57,7 +57,7 @@ def check_images(images: torch.Tensor, who: str) -> None:
     if not images.is_floating_point():
         raise ValueError(f"{who} expects float images in [0, 1], got dtype {images.dtype}; "
                          "convert with images.float() / 255")
-    if torch.compiler.is_compiling():
+    if images.is_meta or torch.compiler.is_compiling():  # no values: shape-only runs (FLOP counts) and tracing
         return
     low, high = torch.stack(torch.aminmax(images.detach())).tolist()
     if math.isnan(low) or math.isnan(high):

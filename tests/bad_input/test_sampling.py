@@ -226,3 +226,12 @@ def test_images_at_the_ends_of_the_range_pass(image_models):
 def test_stage_a_refuses_empty_latents():
     with pytest.raises(ValueError, match=r"B, h, w >= 1"):
         StageA(TINY_A).decode(torch.zeros(0, 4, 8, 8))
+
+
+def test_shape_only_runs_skip_the_value_check():
+    """Meta tensors (the benchmarks' FLOP counts) carry no values: shapes are still checked."""
+    with torch.device("meta"):
+        model = StageA(TINY_A)
+        assert model.encode(torch.empty(1, 3, 64, 64)).shape == (1, 4, 16, 16)
+        with pytest.raises(ValueError, match="RGB"):
+            model.encode(torch.empty(1, 4, 64, 64))
