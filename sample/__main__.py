@@ -12,15 +12,36 @@ import json
 import math
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from diffusion import TIME_LISTS
-from sample.pipeline import add_sampler_arguments, sampler_options
+from sample.pipeline import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, sampler_options,
+                             save_images)
+from stages import inputs
+from stages.checkpoint import resolve_checkpoint
+from stages.errors import run_command
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
 PIXEL_TRAINING = ("python -m train fit --config configs/pixel_decoder/tiny_phase1.yaml, then "
                   "--config configs/pixel_decoder/tiny_phase2.yaml, and pass --pixel-decoder "
                   "runs/pixel_decoder/tiny_phase2_greedy")
+OUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+STEPS = "a step count or times such as 1,0.5,0"
+
+
+def checked(check: Callable, convert: Callable = int, what: str = "a whole number") -> Callable[[str], object]:
+    """An argparse type: ``convert`` the text (else 'not <what>'), then ``check`` it; argparse names the flag."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        try:
+            return check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
 def steps_arg(text: str) -> int | str | list[float]:
@@ -30,21 +51,36 @@ def steps_arg(text: str) -> int | str | list[float]:
     return [float(x) for x in text.split(",")] if "," in text else int(text)
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that is a folder, has no image extension, lies under a file, or exists (without --overwrite)."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give an image file such as {out / 'sample.png'}")
+    if out.suffix.lower() not in OUT_EXTENSIONS:
+        raise ValueError(f"--out {out} needs an image extension, one of {', '.join(OUT_EXTENSIONS)}")
+    above = next(p for p in out.parents if p.exists())
+    if not above.is_dir():
+        raise ValueError(f"--out {out} lies under {above}, which is a file, not a folder; choose another --out")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     ap = argparse.ArgumentParser(prog="python -m sample", description=__doc__.split("\n\n")[0])
     ap.add_argument("prompts", nargs="+", help="one or more prompts")
-    ap.add_argument("--out", default="outputs/sample.png", help="PNG: the image, or the grid when several")
+    ap.add_argument("--out", type=Path, default=Path("outputs/sample.png"),
+                    help=f"image ({', '.join(OUT_EXTENSIONS)}): the image, or the grid when several")
     ap.add_argument("--negative", default="", help="negative prompt (replaces the empty prompt in guidance)")
-    ap.add_argument("--n", type=int, default=1, help="images per prompt")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--height", type=int, default=128)
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--prior-steps", type=steps_arg, default=60,
+    ap.add_argument("--n", type=checked(inputs.whole), default=1, help="images per prompt")
+    ap.add_argument("--seed", type=checked(inputs.seed), default=0, help="in [0, 2**63)")
+    ap.add_argument("--height", type=checked(inputs.whole), default=128)
+    ap.add_argument("--width", type=checked(inputs.whole), default=128)
+    ap.add_argument("--prior-steps", type=checked(inputs.steps, steps_arg, STEPS), default=60,
                     help=f"Stage C steps, times '1,0.5,0' or a named list ({', '.join(TIME_LISTS)})")
-    ap.add_argument("--decoder-steps", type=steps_arg, default=None,
+    ap.add_argument("--decoder-steps", type=checked(inputs.steps, steps_arg, STEPS), default=None,
                     help="decoder steps or times (default: Stage B 12, pixel decoder 50)")
-    ap.add_argument("--prior-guidance", type=float, default=4.0)
-    ap.add_argument("--decoder-guidance", type=float, default=3.0, help="Stage B guidance (paper: 4; 1 = none)")
+    ap.add_argument("--prior-guidance", type=checked(inputs.guidance, float, "a number"), default=4.0)
+    ap.add_argument("--decoder-guidance", type=checked(inputs.guidance, float, "a number"), default=3.0,
+                    help="Stage B guidance (paper: 4; 1 = none)")
     ap.add_argument("--stage-c", default=str(SHIPPED / "stage_c.safetensors"))
     ap.add_argument("--stage-b", default=str(SHIPPED / "stage_b.safetensors"))
     ap.add_argument("--stage-a", default=None, help="default: stage_a.safetensors next to Stage B, else the one it recorded")
@@ -52,31 +88,30 @@ def main(argv: list[str] | None = None) -> list[Path]:
                     help="semantic: Stage B + Stage A; pixel: the greedy-grown pixel decoder")
     ap.add_argument("--pixel-decoder", default=str(SHIPPED / "pixel_decoder.safetensors"),
                     help="pixel decoder export, .ckpt or run folder (with --decoder pixel)")
+    ap.add_argument("--max-pixel-steps", type=checked(inputs.whole, lambda t: int(float(t))),
+                    default=inputs.MAX_PIXEL_STEPS,
+                    help="refuse more work than images x H x W x network calls (default %(default).0e)")
+    ap.add_argument("--no-limits", action="store_true",
+                    help="skip the memory and time estimates that refuse work too large for this device")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     add_sampler_arguments(ap)
     args = ap.parse_args(argv)
+    check_out(args.out, args.overwrite)
 
-    notes: list = []
-    try:
-        with warnings.catch_warnings(record=True) as notes:
-            warnings.simplefilter("always", UserWarning)
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", UserWarning)
+        try:
             paths, images = _sample(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        for note in dict.fromkeys(str(n.message) for n in notes if issubclass(n.category, UserWarning)):
-            print(f"note: {note}", file=sys.stderr)
+        finally:
+            for note in dict.fromkeys(str(n.message) for n in notes if issubclass(n.category, UserWarning)):
+                print(f"note: {note}", file=sys.stderr)
     print(json.dumps({"image": str(paths[0]), "images": [str(p) for p in paths[1:]], "prompts": args.prompts,
                       "size": list(images.shape[-2:]), "seed": args.seed}))
     return paths
 
 
 def _sample(args: argparse.Namespace):
-    from sample.pipeline import load_pixel_text_to_image, load_text_to_image, save_images
-    from stages.checkpoint import resolve_checkpoint
-
     samplers = sampler_options(args)  # a bad sampler setting fails before any model is loaded
     if args.decoder == "pixel":
         if not Path(args.pixel_decoder).exists():
@@ -89,12 +124,14 @@ def _sample(args: argparse.Namespace):
             stage_a = beside if beside.exists() else None
         pipe = load_text_to_image(args.stage_c, args.stage_b, stage_a)
     steps = args.decoder_steps if args.decoder_steps is not None else pipe.decoder.default_steps
+    limits = None if args.no_limits else inputs.Limits(pixel_steps=args.max_pixel_steps)
     images = pipe(args.prompts, args.negative, args.height, args.width, args.n, args.prior_steps,
-                  steps, args.prior_guidance, args.decoder_guidance, args.seed, not args.quiet, **samplers)
+                  steps, args.prior_guidance, args.decoder_guidance, args.seed, not args.quiet, limits=limits,
+                  **samplers)
     # a row per prompt for several images each; otherwise as square a grid as the images make
     nrow = args.n if len(args.prompts) > 1 and args.n > 1 else math.ceil(len(images) ** 0.5)
     return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite), images
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

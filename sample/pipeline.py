@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffusion import SAMPLERS, Guided, check_sampler, sample, sampling_times, takes_eta
+from diffusion import SAMPLERS, Guided, check_sampler, sample, takes_eta
 from semantic_compressor import denormalize_latents, latent_grid
 from stages.checkpoint import read_metadata, resolve_checkpoint
 from stages.denoisers import denoiser_for
+from stages.inputs import Limits, check_finite, check_request
 from stages.stage_c import StageC, load_stage_c
 from stages.text_encoder import TextEncoder, build_text_encoder, check_prompts
 
@@ -92,6 +93,7 @@ class TextToImage(nn.Module):
                 decoder_steps: int | str | list[float] = 12, prior_guidance: float = 4.0, decoder_guidance: float = 3.0,
                 seed: int = 0, progress: bool = True, return_latents: bool = False, prior_sampler: str = "ddpm",
                 decoder_sampler: str = "ddpm", prior_eta: float | None = None, decoder_eta: float | None = None,
+                limits: Limits | None = Limits(),
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images for every prompt, ``images_per_prompt`` each (prompt-major order).
 
@@ -99,12 +101,12 @@ class TextToImage(nn.Module):
         grid with a note; step counts (or explicit decreasing time lists ending in 0, or a named list
         of ``diffusion.TIME_LISTS``) are per stage, and so are the samplers (``diffusion.SAMPLERS``)
         and their eta. ``return_latents``: also return Stage C's semantic latents, ``(images, latents)``.
+        ``limits``: refuse work too large for the device (``stages.inputs.Limits``; None: no check).
         """
-        prompts = check_prompts([prompts] if isinstance(prompts, str) else prompts)
-        if images_per_prompt < 1:
-            raise ValueError(f"images_per_prompt must be at least 1, got {images_per_prompt}")
-        sampling_times(prior_steps), sampling_times(decoder_steps)  # bad settings fail before any work
         check_sampler(prior_sampler, prior_eta), check_sampler(decoder_sampler, decoder_eta)
+        check_request(self, prompts, negative_prompt, height, width, images_per_prompt, prior_steps, decoder_steps,
+                      prior_guidance, decoder_guidance, seed, limits)  # everything else, before any work
+        prompts = check_prompts([prompts] if isinstance(prompts, str) else prompts)
         h, w = snap_size(height, width, self.decoder.size_multiple)
         if not prompts or any(not p.strip() for p in prompts):
             warnings.warn("an empty prompt samples unconditionally (no text guidance)", stacklevel=2)
@@ -115,6 +117,7 @@ class TextToImage(nn.Module):
         images = self.decoder(semantic, (h, w), batch, decoder_steps, decoder_guidance, generator,
                               getattr(self.decoder, "progress_name", "decoder") if progress else False,
                               decoder_sampler, decoder_eta)
+        check_finite(images, "the sampled images", "a model may hold NaN/inf weights (corrupt or diverged checkpoint)")
         return (images, semantic) if return_latents else images
 
 

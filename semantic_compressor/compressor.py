@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.config import DictConfig
+from stages.inputs import check_images
 
 # Release latent normalisation (SPEC): the prior works on (x + LATENT_SHIFT) / LATENT_SCALE.
 LATENT_SHIFT = 1.0
@@ -249,13 +250,8 @@ class SemanticCompressor(nn.Module):
 
     @staticmethod
     def check_images(images: torch.Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"the semantic compressor expects RGB images of shape (B, 3, H, W) in [0, 1], got shape "
-                f"{tuple(images.shape)}; convert grayscale/RGBA images to RGB first"
-            )
-        if not images.is_floating_point():
-            raise ValueError(f"the semantic compressor expects float images in [0, 1], got dtype {images.dtype}")
+        """Float RGB images in [0, 1] (``stages.inputs.check_images``; uint8 is refused), large enough for one cell."""
+        check_images(images, "the semantic compressor")
         latent_grid(*images.shape[-2:])  # raises for images that are too small
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -265,6 +261,7 @@ class SemanticCompressor(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Float images in [0, 1] (uint8 is refused: divide by 255) -> raw latents ``(B, 16, *latent_grid(H, W))``."""
         self.check_images(images)
         x = self.preprocess(images)
         # a frozen backbone keeps no graph unless gradients w.r.t. the images are wanted

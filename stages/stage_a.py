@@ -14,6 +14,7 @@ from torch import nn
 
 from stages.blocks import MixingBlock, channels_last
 from stages.config import DictConfig
+from stages.inputs import check_images
 
 
 @dataclass(frozen=True)
@@ -93,20 +94,20 @@ class StageA(nn.Module):
 
     @staticmethod
     def check_images(images: torch.Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"Stage A expects RGB images of shape (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}; "
-                "convert grayscale/RGBA images to RGB first"
-            )
+        """Float RGB images in [0, 1] (``stages.inputs.check_images``; uint8 is refused) with sides divisible by 4."""
+        check_images(images, "Stage A")
         h, w = images.shape[-2:]
         if h % 4 or w % 4:
             raise ValueError(
                 f"Stage A is f4: image height and width must be divisible by 4, got {h}x{w}; "
-                f"resize or crop to e.g. {h // 4 * 4}x{w // 4 * 4}"
+                f"resize or crop to e.g. {max(4, h // 4 * 4)}x{max(4, w // 4 * 4)}"
             )
 
     def encode(self, images: torch.Tensor, quantize: bool = False) -> torch.Tensor:
-        """Images in [0, 1] -> latents ``(B, 4, H/4, W/4)`` divided by ``scale_factor``."""
+        """Float images in [0, 1] (uint8 is refused: divide by 255) -> latents ``(B, 4, H/4, W/4)``.
+
+        The latents are divided by ``scale_factor``.
+        """
         self.check_images(images)
         z = self.encoder(channels_last(images))
         if quantize:
@@ -115,9 +116,9 @@ class StageA(nn.Module):
 
     def decode(self, latents: torch.Tensor, quantize: bool = False) -> torch.Tensor:
         """Scaled latents -> images (unclamped; clamp to [0, 1] for display)."""
-        if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
+        if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels or not latents.numel():
             raise ValueError(
-                f"Stage A decodes latents of shape (B, {self.config.latent_channels}, h, w), "
+                f"Stage A decodes latents of shape (B, {self.config.latent_channels}, h, w) with B, h, w >= 1, "
                 f"got {tuple(latents.shape)}"
             )
         z = channels_last(latents * self.config.scale_factor)

@@ -249,7 +249,11 @@ def test_cli_phase1_then_phase2_then_sampling(openmoji_dir, tmp_path, capsys):
 
 
 def test_sampler_errors_for_pixel_decoders(tmp_path, capsys):
-    from sample.__main__ import main as sample_main
+    from sample.__main__ import main
+    from stages.errors import run_command
+
+    def sample_main(argv):  # as `python -m sample` runs it: one-line errors, exit status 2
+        return run_command(main, argv)
 
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(SystemExit):

@@ -1,0 +1,202 @@
+"""Checks of what users hand to the models and the sampler: images, numbers, and work that cannot fit.
+
+Every check raises ``ValueError`` (``FloatingPointError`` for non-finite results) with one line
+naming the problem and the fix, before any expensive work.
+
+Sampling limits (``Limits``) refuse requests whose rough cost is absurd on the device:
+
+* memory: the decoder's widest activation, ``images x H x W x`` floats per pixel ``x`` bytes per
+  float ``x PEAK_FACTOR``. Floats per pixel come from the loaded decoder's config: the largest
+  ``4 x width / d^2`` over its levels (ConvNeXt and mixing blocks expand to 4 x width; a level of
+  side H/d). For Stage B + Stage A (paper Sec. 3.1-3.2) Stage A's first decoder level, at H/2,
+  is the widest; for the pixel decoder its highest-resolution level. ``PEAK_FACTOR`` (4) covers the
+  block's input, residual and the U-Net skips alive beside it: the shipped tiny Stage B + A peaked
+  at 2.9-4.2 times the widest activation on CPU (256-1024 px). The limit is the device's free
+  memory (GPU) or physical RAM (CPU).
+* time: pixel-steps, ``images x H x W x`` network calls (steps, twice with guidance w != 1, for
+  Stage C and the decoder); compute per call grows with the pixels. ``MAX_PIXEL_STEPS`` (10^11) is
+  about 660 images at 1024 px with the default 60 guided Stage C and 12 guided Stage B steps.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+import torch
+
+from diffusion import sampling_times
+from stages.text_encoder import check_prompts
+
+MAX_SEED = 2 ** 63  # torch.Generator seeds are 64-bit; negative ones wrap around
+MAX_PIXEL_STEPS = 10 ** 11
+PEAK_FACTOR = 4
+EXPANSION = 4  # channel MLPs of ConvNeXt and mixing blocks widen to 4 x width
+
+
+def _fail(name: str, problem: str) -> ValueError:
+    return ValueError(f"{name} {problem}".strip())
+
+
+# -- images ----------------------------------------------------------------------------------------
+def check_images(images: torch.Tensor, who: str) -> None:
+    """Float RGB images ``(B, 3, H, W)``, B, H, W >= 1, finite and in [0, 1]; ``who`` names the model.
+
+    Integer images (uint8) are refused, not rescaled: divide by 255 first. One ``aminmax`` per call
+    checks range and finiteness (skipped for meta tensors and while ``torch.compile`` traces).
+    """
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"{who} expects a tensor of images (B, 3, H, W) in [0, 1], got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{who} expects RGB images of shape (B, 3, H, W) in [0, 1], got shape "
+                         f"{tuple(images.shape)}; convert grayscale/RGBA images to RGB first")
+    if images.numel() == 0:
+        raise ValueError(f"{who} got an empty batch of images, shape {tuple(images.shape)}; pass at least one image")
+    if not images.is_floating_point():
+        raise ValueError(f"{who} expects float images in [0, 1], got dtype {images.dtype}; "
+                         "convert with images.float() / 255")
+    if images.is_meta or torch.compiler.is_compiling():  # no values: shape-only runs (FLOP counts) and tracing
+        return
+    low, high = torch.stack(torch.aminmax(images.detach())).tolist()
+    if math.isnan(low) or math.isnan(high):
+        raise ValueError(f"{who} got images containing NaN; check how they were made")
+    if not (0.0 <= low and high <= 1.0):
+        problem = "inf" if math.isinf(low) or math.isinf(high) else f"values in [{low:.4g}, {high:.4g}]"
+        raise ValueError(f"{who} expects images in [0, 1], got {problem}; rescale (e.g. (x + 1) / 2 for [-1, 1], "
+                         "x / 255 for 0..255) or clamp to [0, 1]")
+
+
+def check_finite(tensor: torch.Tensor, what: str, fix: str) -> torch.Tensor:
+    """``tensor`` if every value is finite, else a FloatingPointError naming ``what`` and the ``fix``."""
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise FloatingPointError(f"{what} contain {bad} NaN/inf values of {tensor.numel()}; {fix}")
+    return tensor
+
+
+# -- numbers (each takes the value and the name to show; the CLI passes an empty name) -----------------
+def whole(value: object, name: str = "", low: int = 1) -> int:
+    """An int (not a bool) of at least ``low``."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise _fail(name, f"must be a whole number, got {value!r}")
+    if value < low:
+        raise _fail(name, f"must be at least {low}, got {value}")
+    return int(value)
+
+
+def seed(value: object, name: str = "") -> int:
+    """A seed in [0, 2**63)."""
+    value = whole(value, name, 0)
+    if value >= MAX_SEED:
+        raise _fail(name, f"must be below 2**63, got {value}")
+    return value
+
+
+def guidance(value: object, name: str = "") -> float:
+    """A finite classifier-free guidance scale w >= 0 (1: none; 0: unconditional)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise _fail(name, f"must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise _fail(name, f"must be a finite number >= 0 (1 = no guidance), got {value}")
+    return float(value)
+
+
+def steps(value: object, name: str = "") -> int | str | list[float]:
+    """A step count >= 1, a named time list (``diffusion.TIME_LISTS``), or explicit times decreasing
+    from at most 1 to exactly 0."""
+    if isinstance(value, str):
+        try:
+            sampling_times(value)
+        except ValueError as e:
+            raise _fail(name, str(e)) from None
+        return value
+    if isinstance(value, Sequence):
+        if not all(isinstance(t, Real) and not isinstance(t, bool) for t in value):
+            raise _fail(name, f"must be numbers, got {list(value)!r}")
+        try:
+            sampling_times(value)
+        except ValueError as e:
+            raise _fail(name, f"is not a valid list of times: {e}") from None
+        return [float(t) for t in value]
+    return whole(value, name)
+
+
+def network_calls(step_value: int | str | Sequence[float], guidance_scale: float) -> int:
+    """Network evaluations of a sampler: one per step, two with guidance w != 1."""
+    n = len(sampling_times(step_value)) - 1
+    return n * (1 if guidance_scale == 1.0 else 2)
+
+
+# -- limits ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Limits:
+    """What one sampling call may take: ``memory`` bytes (None: the device's) and ``pixel_steps``."""
+
+    memory: int | None = None
+    pixel_steps: int = MAX_PIXEL_STEPS
+
+
+def device_memory(device: torch.device) -> int:
+    """Free memory of a CUDA device, else the machine's physical RAM, in bytes."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def floats_per_pixel(decoder: torch.nn.Module) -> float:
+    """Floats per image pixel of the decoder's widest activation: max over levels of 4 x width / d^2.
+
+    Stage B + Stage A: Stage A's decoder levels at H/2 and H/4, Stage B's at H/(4 patch 2^i).
+    The pixel decoder: its levels at (render side) / 2^i, or its entry width at full size.
+    """
+    if hasattr(decoder, "stage_b"):
+        a, b = decoder.stage_a.config, decoder.stage_b.config
+        levels = [(2, a.widths[0]), (4, a.widths[1])]
+        levels += [(4 * b.patch_size * 2 ** i, w) for i, w in enumerate(b.widths)]
+    else:
+        cfg = decoder.model.config
+        levels = [(2 ** i / decoder.scale, w) for i, w in enumerate(cfg.level_widths or (cfg.entry_channels,))]
+    return max(EXPANSION * w / d ** 2 for d, w in levels)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:.3g} GiB"
+
+
+def check_limits(pipe: torch.nn.Module, images: int, size: tuple[int, int], calls: int, limits: Limits) -> None:
+    """Refuse ``images`` of ``size`` taking ``calls`` network calls each when memory or time exceed ``limits``."""
+    decoder = pipe.decoder
+    param = next(decoder.parameters())
+    pixels = images * size[0] * size[1]
+    memory = pixels * floats_per_pixel(decoder) * param.element_size() * PEAK_FACTOR
+    available = limits.memory if limits.memory is not None else device_memory(param.device)
+    request = f"{images} image(s) of {size[0]}x{size[1]}"
+    if memory > available:
+        raise ValueError(f"{request} need about {_gib(memory)} of memory, more than the {_gib(available)} this "
+                         f"{param.device.type} device has; use fewer or smaller images (--no-limits, in Python "
+                         "limits=None, to try anyway)")
+    work = pixels * calls
+    if work > limits.pixel_steps:
+        raise ValueError(f"{request} with {calls} network calls each are {work:.3g} pixel-steps, more than the "
+                         f"limit of {limits.pixel_steps:.3g}; use fewer or smaller images or fewer steps "
+                         "(--max-pixel-steps or Limits(pixel_steps=...) to raise the limit, --no-limits to skip it)")
+
+
+def check_request(pipe: torch.nn.Module, prompts: Sequence[str], negative_prompt: str, height: int, width: int,
+                  images_per_prompt: int, prior_steps: int | Sequence[float], decoder_steps: int | Sequence[float],
+                  prior_guidance: float, decoder_guidance: float, seed_value: int,
+                  limits: Limits | None = Limits()) -> None:
+    """Every argument of ``TextToImage.forward`` valid, and the work within ``limits`` (None: no limits)."""
+    prompts = check_prompts([prompts] if isinstance(prompts, str) else prompts)
+    if not isinstance(negative_prompt, str):
+        raise TypeError(f"negative_prompt must be a str, got {type(negative_prompt).__name__}")
+    images = len(prompts) * whole(images_per_prompt, "images_per_prompt")
+    sides = [whole(height, "height"), whole(width, "width")]
+    calls = (network_calls(steps(prior_steps, "prior_steps"), guidance(prior_guidance, "prior_guidance"))
+             + network_calls(steps(decoder_steps, "decoder_steps"), guidance(decoder_guidance, "decoder_guidance")))
+    seed(seed_value, "seed")
+    if limits is not None:
+        m = pipe.decoder.size_multiple
+        check_limits(pipe, images, tuple(math.ceil(s / m) * m for s in sides), calls, limits)

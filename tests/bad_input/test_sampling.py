@@ -1,0 +1,237 @@
+"""Bad input to the sampler (``python -m sample``, ``TextToImage``) and to the image-taking models:
+each case asserts the exit status or exception, the one-line message, and that nothing was written."""
+import time
+
+import pytest
+import torch
+
+from sample.__main__ import main
+from sample.decoders import SemanticDecoder
+from sample.pipeline import Prior, load_text_to_image
+from semantic_compressor import SemanticCompressor
+from stages import inputs
+from stages.checkpoint import fingerprint, save_safetensors
+from stages.stage_a import StageA
+from stages.stage_b import StageB, StageBConfig
+from stages.stage_c import StageC, StageCConfig
+from tests.bad_input.conftest import assert_error, run_main
+
+TINY_A = dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64)
+TINY_B = StageBConfig(widths=(16, 32), blocks=(1, 1), heads=(0, 2), inject_semantic=(False, True), c_cond=16,
+                      c_text=None, dropout=0.0)
+TINY_C = StageCConfig(width=32, depth=1, heads=2, c_text=384, dropout=0.0)
+FAST = dict(height=48, width=48, prior_steps=1, decoder_steps=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """Tiny random stages exported as training exports them, and a Stage C whose weights are NaN."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("bundle")
+    a, b, c = StageA(TINY_A), StageB(TINY_B), StageC(TINY_C)
+    compressor = SemanticCompressor(pretrained=False, trainable="none")
+    c_extra = {"compressor_fingerprint": fingerprint(compressor), "text_encoder": "minilm",
+               "latent_shift": 0.0, "latent_scale": 1.0}
+    save_safetensors(a, out / "stage_a.safetensors", "stage_a", a.config.to_dict())
+    save_safetensors(b, out / "stage_b.safetensors", "stage_b", b.config.to_dict(),
+                     extra={"stage_a_fingerprint": fingerprint(a), "compressor_fingerprint": fingerprint(compressor)})
+    save_safetensors(c, out / "stage_c.safetensors", "stage_c", c.config.to_dict(), extra=c_extra)
+    with torch.no_grad():
+        for p in c.parameters():
+            p.fill_(float("nan"))
+    save_safetensors(c, out / "nan_c.safetensors", "stage_c", c.config.to_dict(), extra=c_extra)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle):
+    return load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
+                              bundle / "stage_a.safetensors")
+
+
+def _argv(bundle, out, *extra):
+    return ["sun", "--out", str(out), "--stage-c", str(bundle / "stage_c.safetensors"),
+            "--stage-b", str(bundle / "stage_b.safetensors"), "--prior-steps", "1", "--decoder-steps", "1",
+            "--height", "48", "--width", "48", "--quiet", *extra]
+
+
+# -- the CLI: refused when parsed or before any model is loaded -----------------------------------------
+@pytest.mark.parametrize("extra,fragments", [
+    (["--prior-guidance", "nan"], ["--prior-guidance", "finite"]),
+    (["--decoder-guidance", "inf"], ["--decoder-guidance", "finite"]),
+    (["--decoder-guidance", "-1"], ["--decoder-guidance", ">= 0"]),
+    (["--prior-guidance", "strong"], ["--prior-guidance", "not a number"]),
+    (["--prior-steps", "0"], ["--prior-steps", "at least 1"]),
+    (["--prior-steps", "-3"], ["--prior-steps", "at least 1"]),
+    (["--prior-steps", "1,nan,0"], ["--prior-steps", "decrease"]),
+    (["--decoder-steps", "1,0.5"], ["--decoder-steps", "exactly 0"]),
+    (["--decoder-steps", "0,0.5,1"], ["--decoder-steps", "decrease"]),
+    (["--decoder-steps", "2.5"], ["--decoder-steps", "not a step count"]),
+    (["--n", "0"], ["--n", "at least 1"]),
+    (["--height", "0"], ["--height", "at least 1"]),
+    (["--width", "-64"], ["--width", "at least 1"]),
+    (["--seed", "-1"], ["--seed", "at least 0"]),
+    (["--seed", str(2 ** 63)], ["--seed", "below 2**63"]),
+    (["--max-pixel-steps", "nan"], ["--max-pixel-steps", "not a whole number"]),
+])
+def test_bad_numbers_are_refused_when_parsed(bundle, tmp_path, capsys, unchanged, extra, fragments):
+    with unchanged(tmp_path):
+        code, err = run_main(main, _argv(bundle, tmp_path / "x.png", *extra), capsys)
+    assert code == 2
+    assert_error(code, err, *fragments)
+
+
+@pytest.mark.parametrize("out,fragments", [
+    (".", ["is a folder", "sample.png"]),
+    ("x.jpgx", ["image extension", ".png"]),
+    ("x", ["image extension", ".png"]),
+    ("file.png/x.png", ["which is a file"]),
+    ("file.png", ["exists", "--overwrite"]),
+])
+def test_bad_out_is_refused_before_any_model_is_loaded(tmp_path, capsys, unchanged, out, fragments):
+    (tmp_path / "file.png").write_bytes(b"precious")
+    missing = str(tmp_path / "no_stage_c.safetensors")  # loading it would fail: the --out check comes first
+    with unchanged(tmp_path):
+        code, err = run_main(main, ["sun", "--out", str(tmp_path / out), "--stage-c", missing], capsys)
+    assert code == 2
+    assert_error(code, err, *fragments)
+
+
+def test_existing_single_images_are_not_overwritten(bundle, tmp_path, capsys, unchanged):
+    (tmp_path / "g_1.png").write_bytes(b"precious")  # one of the single images of a grid of two
+    with unchanged(tmp_path):
+        code, err = run_main(main, _argv(bundle, tmp_path / "g.png", "--n", "2"), capsys)
+    assert_error(code, err, "g_1.png exists", "--overwrite")
+
+
+# -- limits: absurd work is refused at once, --no-limits runs it anyway -------------------------------
+@pytest.mark.parametrize("extra,fragments", [
+    (["--height", "100000", "--width", "100000"], ["100000x100000", "GiB of memory", "--no-limits"]),
+    (["--n", "100000000"], ["100000000 image(s)", "GiB of memory", "--no-limits"]),
+    (["--max-pixel-steps", "1000"], ["pixel-steps", "limit of 1e+03", "--max-pixel-steps"]),
+])
+def test_work_beyond_the_device_is_refused_at_once(bundle, tmp_path, capsys, unchanged, monkeypatch, extra,
+                                                    fragments):
+    monkeypatch.setattr(Prior, "sample", lambda *a, **k: pytest.fail("sampling started"))
+    with unchanged(tmp_path):
+        code, err = run_main(main, _argv(bundle, tmp_path / "x.png", *extra), capsys)
+    assert code == 2
+    assert_error(code, err, *fragments)
+
+
+def test_no_limits_skips_the_check(bundle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(inputs, "device_memory", lambda device: 1000)  # a device with 1000 bytes
+    code, err = run_main(main, _argv(bundle, tmp_path / "x.png"), capsys)
+    assert_error(code, err, "1 image(s) of 48x48", "more than the 9.31e-07 GiB")
+    assert not (tmp_path / "x.png").exists()
+    code, err = run_main(main, _argv(bundle, tmp_path / "x.png", "--no-limits"), capsys)
+    assert code == 0 and (tmp_path / "x.png").exists(), err
+
+
+def test_api_refuses_huge_requests_within_a_second(pipe, monkeypatch):
+    monkeypatch.setattr(Prior, "sample", lambda *a, **k: pytest.fail("sampling started"))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="GiB of memory"):
+        pipe("sun", **{**FAST, "height": 100000, "width": 100000})
+    with pytest.raises(ValueError, match="pixel-steps"):
+        pipe("sun", images_per_prompt=10, **FAST, limits=inputs.Limits(pixel_steps=10 ** 4))
+    assert time.perf_counter() - start < 1.0
+
+
+def test_memory_estimate_follows_the_models_configs(pipe):
+    """From the loaded configs: twice the images double the estimate; Stage A's first level (the widest)
+    at 8 times the width multiplies it by 8."""
+    def needs(decoder, images):
+        fake = type("Pipe", (), {"decoder": decoder})()
+        try:
+            inputs.check_limits(fake, images, (64, 64), 2, inputs.Limits(memory=budget))
+            return False
+        except ValueError:
+            return True
+
+    per_image = 64 * 64 * inputs.floats_per_pixel(pipe.decoder) * 4 * inputs.PEAK_FACTOR
+    budget = int(per_image * 1.5)
+    assert not needs(pipe.decoder, 1) and needs(pipe.decoder, 2)
+    wide = SemanticDecoder(pipe.decoder.stage_b, StageA({**TINY_A, "widths": [64, 128]}))
+    assert inputs.floats_per_pixel(wide) == 8 * inputs.floats_per_pixel(pipe.decoder) and needs(wide, 1)
+
+
+# -- the Python API: the same checks, named by argument ---------------------------------------------
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(prior_guidance=float("nan")), "prior_guidance must be a finite number"),
+    (dict(decoder_guidance=-2.0), "decoder_guidance must be a finite number >= 0"),
+    (dict(prior_steps=0), "prior_steps must be at least 1"),
+    (dict(decoder_steps=[1.0, float("nan"), 0.0]), "decoder_steps is not a valid list of times"),
+    (dict(images_per_prompt=0), "images_per_prompt must be at least 1"),
+    (dict(height=-32), "height must be at least 1"),
+    (dict(width=32.5), "width must be a whole number"),
+    (dict(seed=2 ** 63), "seed must be below 2**63"),
+])
+def test_api_names_the_bad_argument(pipe, kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("*", r"\*")):
+        pipe("sun", **{**FAST, **kwargs})
+
+
+def test_nan_images_are_refused_before_anything_is_written(bundle, pipe, tmp_path, capsys, unchanged):
+    nan_pipe = load_text_to_image(bundle / "nan_c.safetensors", bundle / "stage_b.safetensors",
+                                  bundle / "stage_a.safetensors")
+    with pytest.raises(FloatingPointError, match="sampled images contain .* NaN/inf"):
+        nan_pipe("sun", **FAST)
+    argv = _argv(bundle, tmp_path / "x.png", "--stage-c", str(bundle / "nan_c.safetensors"))
+    with unchanged(tmp_path):
+        code, err = run_main(main, argv, capsys)
+    assert_error(code, err, "NaN")
+    assert code == 2
+
+
+# -- images handed to Stage A and the semantic compressor ------------------------------------------
+@pytest.fixture(scope="module")
+def image_models():
+    a = StageA(TINY_A).eval()
+    c = SemanticCompressor(pretrained=False, trainable="none")
+    return {"Stage A": a.encode, "Stage A training": lambda x: a(x), "the semantic compressor": c}
+
+
+BAD_IMAGES = [
+    (lambda: (torch.rand(1, 3, 64, 64) * 255).to(torch.uint8), ["float images", "/ 255"]),
+    (lambda: torch.rand(1, 3, 64, 64) * 2 - 1, ["in [0, 1]", "(x + 1) / 2"]),
+    (lambda: torch.rand(1, 3, 64, 64).index_fill_(2, torch.tensor([5]), float("nan")), ["NaN"]),
+    (lambda: torch.rand(1, 3, 64, 64).index_fill_(3, torch.tensor([0]), float("inf")), ["inf", "[0, 1]"]),
+    (lambda: torch.rand(0, 3, 64, 64), ["empty batch"]),
+    (lambda: torch.rand(3, 64, 64), ["(B, 3, H, W)"]),
+    (lambda: torch.rand(1, 4, 64, 64), ["RGB"]),
+    (lambda: torch.rand(1, 3, 64, 64).tolist(), ["a tensor", "list"]),
+]
+
+
+@pytest.mark.parametrize("who", ["Stage A", "Stage A training", "the semantic compressor"])
+@pytest.mark.parametrize("make,fragments", BAD_IMAGES)
+def test_bad_images_get_one_clear_error(image_models, who, make, fragments):
+    with pytest.raises(ValueError) as e:
+        image_models[who](make())
+    message = str(e.value)
+    assert "\n" not in message and who.replace(" training", "") in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_images_at_the_ends_of_the_range_pass(image_models):
+    images = torch.rand(2, 3, 64, 64)
+    images[0, 0, 0, 0], images[1, 2, 5, 5] = 0.0, 1.0
+    for model in image_models.values():
+        out = model(images)
+        assert torch.isfinite(out[0] if isinstance(out, tuple) else out).all()
+
+
+def test_stage_a_refuses_empty_latents():
+    with pytest.raises(ValueError, match=r"B, h, w >= 1"):
+        StageA(TINY_A).decode(torch.zeros(0, 4, 8, 8))
+
+
+def test_shape_only_runs_skip_the_value_check():
+    """Meta tensors (the benchmarks' FLOP counts) carry no values: shapes are still checked."""
+    with torch.device("meta"):
+        model = StageA(TINY_A)
+        assert model.encode(torch.empty(1, 3, 64, 64)).shape == (1, 4, 16, 16)
+        with pytest.raises(ValueError, match="RGB"):
+            model.encode(torch.empty(1, 4, 64, 64))
