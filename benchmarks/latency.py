@@ -120,7 +120,8 @@ def measure_sampling(size: str, device: torch.device, dtype: torch.dtype, px: in
                     synchronize(device)
                     start = time.perf_counter()
                     pipe(prompts, height=px, width=px, prior_steps=PRIOR_STEPS, decoder_steps=decoder_steps,
-                         prior_guidance=PRIOR_GUIDANCE, decoder_guidance=DECODER_GUIDANCE, seed=i, progress=False)
+                         prior_guidance=PRIOR_GUIDANCE, decoder_guidance=DECODER_GUIDANCE, seed=i, progress=False,
+                         limits=None)  # the sweep itself finds the largest batch that fits
                     synchronize(device)
                     total = time.perf_counter() - start
                 if i > 0:

@@ -224,7 +224,8 @@ def test_compare_writes_table_json_and_grid_for_every_decoder(bundle, openmoji_d
 def test_sampler_flags_choose_each_stage_and_bad_ones_fail_before_loading(bundle, tmp_path, capsys):
     from sample.pipeline import load_text_to_image
 
-    pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors")
+    pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
+                              bundle / "stage_a.safetensors")
     common = dict(prompts=["a red apple"], prior_steps=3, decoder_steps=3, seed=4, progress=False)
     ddpm = pipe(**common)
     assert torch.equal(ddpm, pipe(**common, prior_sampler="ddpm", decoder_sampler="ddpm"))
