@@ -19,7 +19,6 @@ which must be new or empty.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sample.__main__ import SHIPPED
-from sample.evaluate import ValScorer, add_common_arguments, compressor_beside
+from sample.evaluate import ValScorer, add_common_arguments, compressor_beside, write_outputs
 from sample.pipeline import load_pixel_text_to_image, load_prior, load_text_to_image, sampler_options
 from semantic_compressor import latent_grid, load_compressor
 from stages.checkpoint import fingerprint, read_metadata
@@ -179,12 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
               "decoder_guidance": args.decoder_guidance, **samplers, "gallery_size": len(scorer.gallery_captions),
               "chance_top5": scorer.chance_top5, "lpips": lpips.description, "threads": torch.get_num_threads(),
               "batch_size": args.batch_size, "grid_captions": captions[:k], "decoders": rows}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "compare.md").write_text(markdown(report))
-    labelled_grid(grid_rows, out / "compare.png")
-    print(markdown(report))
-    print(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and {out / 'compare.png'}")
+    write_outputs(out, "compare", report, markdown(report), lambda path: labelled_grid(grid_rows, path))
     return report
 
 

@@ -17,6 +17,7 @@ For each of the 185 val captions one image is generated (fixed seed). Prints JSO
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -135,6 +136,16 @@ def compressor_beside(*checkpoints: str) -> Path:
         if p.exists():
             return p
     raise FileNotFoundError(f"no compressor.safetensors beside {' or '.join(checkpoints)}; pass --compressor")
+
+
+def write_outputs(out: Path, stem: str, report: dict, table: str, draw) -> None:
+    """``<stem>.json``, ``<stem>.md`` (``table``) and ``<stem>.png`` (``draw(path)``) in ``out``; prints the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(table)
+    draw(out / f"{stem}.png")
+    print(table)
+    print(f"wrote {out / f'{stem}.json'}, {out / f'{stem}.md'} and {out / f'{stem}.png'}")
 
 
 def add_common_arguments(ap: argparse.ArgumentParser) -> None:

@@ -7,14 +7,16 @@ On the embedded val captions (as ``sample.evaluate``: one image per caption, FID
 val images, top-5 caption retrieval among all emoji):
 * Stage C: each sampler at each of ``--prior-step-list``, decoded by the reference decoder (DDPM at its
   default 12 steps);
-* Stage B: each sampler at each of ``--decoder-step-list``, decoding the reference Stage C latents (DDPM at
-  the largest ``--prior-steps``);
+* Stage B: each sampler at each of ``--decoder-step-list``, decoding the reference Stage C latents
+  (DDPM at the largest of ``--prior-step-list``);
 * the cascade: each sampler on both stages at ``--fast`` steps (default 20 + 12) against DDPM at
   the reference 60 + 40 (the largest step counts).
-Network evaluations (NFE) count both guidance branches. Writes ``sweep.json``, ``sweep.md`` (the
-tables) and ``sweep.png`` (FID and retrieval against NFE) into ``--out``; each finished setting is
-kept in ``--out/settings/``, so an interrupted sweep rerun with the same ``--out`` continues where it
-stopped (other sweep options against an existing folder are refused).
+Network evaluations (NFE) count both guidance branches; a row's ``seconds`` is the wall time of its
+generation and scoring (Stage C latents that an earlier row made are reused, not counted). Writes
+``sweep.json``, ``sweep.md`` (the tables) and ``sweep.png`` (FID and retrieval against NFE) into
+``--out``; each finished setting is kept in ``--out/settings/``, so an interrupted sweep rerun with
+the same ``--out`` continues where it stopped (other sweep options against an existing folder are
+refused).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 
 from diffusion import SAMPLERS
 from sample.compare import decode_all
-from sample.evaluate import ValScorer, add_common_arguments
+from sample.evaluate import ValScorer, add_common_arguments, write_outputs
 from sample.pipeline import load_text_to_image
 from semantic_compressor import latent_grid
 from stages.cli import comma_list, positive_ints, shown
@@ -109,12 +111,12 @@ def markdown(report: dict) -> str:
               "stage_b": f"Stage B swept (Stage C: DDPM, {report['reference_prior_steps']} steps)",
               "cascade": "Both stages"}
     for sweep, title in titles.items():
-        lines += [f"**{title}**", "", "| Stage C | Stage B | NFE C + B | FID ↓ | top-5 own ↑ | top-5 shuffled | s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"**{title}**", "", "| Stage C | Stage B | NFE C + B | FID ↓ | top-5 own ↑ | top-5 shuffled |",
+                  "|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["sweep"] == sweep):
             lines.append(f"| {r['prior_sampler']} {r['prior_steps']} | {r['decoder_sampler']} {r['decoder_steps']} | "
                          f"{r['prior_nfe']} + {r['decoder_nfe']} | {r['fid']:.1f} | {100 * r['top5_own']:.1f}% | "
-                         f"{100 * r['top5_shuffled']:.1f}% | {r['seconds']:.0f} |")
+                         f"{100 * r['top5_shuffled']:.1f}% |")
         lines.append("")
     return "\n".join(lines)
 
@@ -168,11 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
               "size": args.size, "prior_guidance": args.prior_guidance, "decoder_guidance": args.decoder_guidance,
               "reference_prior_steps": max(args.prior_steps), "samplers": args.samplers,
               "chance_top5": sweep.scorer.chance_top5, "threads": torch.get_num_threads(), "rows": rows}
-    (out / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "sweep.md").write_text(markdown(report))
-    plot(report, out / "sweep.png")
-    print(markdown(report))
-    print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'} and {out / 'sweep.png'}")
+    write_outputs(out, "sweep", report, markdown(report), lambda path: plot(report, path))
     return report
 
 
