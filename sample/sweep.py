@@ -34,7 +34,7 @@ from sample.compare import decode_all
 from sample.evaluate import ValScorer, add_common_arguments, write_outputs
 from sample.pipeline import load_text_to_image
 from semantic_compressor import latent_grid
-from stages.cli import comma_list, positive_ints, shown
+from stages.cli import check_output, comma_list, positive_ints, shown
 from stages.errors import run_command
 
 matplotlib.use("Agg")
@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     stamp = out / "options.json"
     if stamp.exists() and json.loads(stamp.read_text()) != options:
         raise ValueError(f"{out} holds a sweep with other options; choose another --out")
-    if out.exists() and not stamp.exists():
-        raise FileExistsError(f"{out} exists and is not a sweep folder; choose another --out")
+    if not stamp.exists():
+        check_output(out)  # a new sweep: a new or empty, writable folder
     sweep = Sweep(args)
     out.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(options) + "\n")

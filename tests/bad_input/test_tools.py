@@ -366,3 +366,18 @@ def test_bundle_cli_refuses_a_stray_file_from_another_cwd(tmp_path, unchanged):
         proc = run_cli("sample.bundle", *_bundle_args(Path("out")), cwd=tmp_path)
     assert proc.returncode == 2
     assert_cli_error(proc, "MODEL_CARD.md", "exists")
+
+
+def test_sweep_refuses_a_folder_that_is_not_its_own_before_any_work(tmp_path, capsys, unchanged):
+    from sample.sweep import main as sweep
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with unchanged(tmp_path):
+        code, err = run_main(sweep, ["--out", str(taken), "--stage-c", str(tmp_path / "missing.safetensors")], capsys)
+        assert_error(code, err, str(taken), "empty")
+        code, err = run_main(sweep, ["--out", str(tmp_path / "new"), "--samplers", "ddpm,euler"], capsys)
+        assert_error(code, err, "--samplers", "euler")
+        code, err = run_main(sweep, ["--out", str(tmp_path / "new"), "--fast", "20"], capsys)
+        assert_error(code, err, "--fast takes two step counts")
