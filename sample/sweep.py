@@ -41,6 +41,7 @@ matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402
 
 REFERENCE = "ddpm"
+PARTS = ("cascade", "stage_c", "stage_b")
 
 
 def nfe(steps: int, guidance: float) -> int:
@@ -94,11 +95,15 @@ class Sweep:
         a = self.args
         ref_prior, ref_decoder = (REFERENCE, max(a.prior_steps)), (REFERENCE, 12)
         fast_c, fast_b = a.fast
-        rows = [self.score("cascade", ref_prior, (REFERENCE, max(a.decoder_steps)))]
-        rows += [self.score("cascade", (sampler, fast_c), (sampler, fast_b)) for sampler in a.samplers]
+        rows = []
+        if "cascade" in a.parts:
+            rows.append(self.score("cascade", ref_prior, (REFERENCE, max(a.decoder_steps))))
+            rows += [self.score("cascade", (sampler, fast_c), (sampler, fast_b)) for sampler in a.samplers]
         for sampler in a.samplers:
-            rows += [self.score("stage_c", (sampler, n), ref_decoder) for n in a.prior_steps]
-            rows += [self.score("stage_b", ref_prior, (sampler, n)) for n in a.decoder_steps]
+            if "stage_c" in a.parts:
+                rows += [self.score("stage_c", (sampler, n), ref_decoder) for n in a.prior_steps]
+            if "stage_b" in a.parts:
+                rows += [self.score("stage_b", ref_prior, (sampler, n)) for n in a.decoder_steps]
         return rows
 
 
@@ -110,7 +115,7 @@ def markdown(report: dict) -> str:
     titles = {"stage_c": "Stage C swept (decoder: DDPM, 12 steps)",
               "stage_b": f"Stage B swept (Stage C: DDPM, {report['reference_prior_steps']} steps)",
               "cascade": "Both stages"}
-    for sweep, title in titles.items():
+    for sweep, title in ((k, v) for k, v in titles.items() if any(r["sweep"] == k for r in rows)):
         lines += [f"**{title}**", "", "| Stage C | Stage B | NFE C + B | FID ↓ | top-5 own ↑ | top-5 shuffled |",
                   "|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["sweep"] == sweep):
@@ -122,18 +127,19 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, out: Path) -> None:
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
-    for col, (sweep, who, nfe_key) in enumerate([("stage_c", "prior", "prior_nfe"),
-                                                  ("stage_b", "decoder", "decoder_nfe")]):
+    panels = [(sweep, who, f"{who}_nfe") for sweep, who in (("stage_c", "prior"), ("stage_b", "decoder"))
+              if sweep in report["parts"]] or [("cascade", "prior", "prior_nfe")]
+    fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 7), squeeze=False)
+    for col, (sweep, who, nfe_key) in enumerate(panels):
         for sampler in report["samplers"]:
             rows = [r for r in report["rows"] if r["sweep"] == sweep and r[f"{who}_sampler"] == sampler]
-            x = [r[nfe_key] for r in rows]
+            x = [r["prior_nfe"] + r["decoder_nfe"] if sweep == "cascade" else r[nfe_key] for r in rows]
             axes[0][col].plot(x, [r["fid"] for r in rows], marker="o", label=sampler)
             axes[1][col].plot(x, [100 * r["top5_own"] for r in rows], marker="o", label=sampler)
-        axes[0][col].set_title(f"{'Stage C' if who == 'prior' else 'Stage B'} swept")
+        axes[0][col].set_title({"stage_c": "Stage C swept", "stage_b": "Stage B swept", "cascade": "both stages"}[sweep])
         axes[0][col].set_ylabel("FID vs val ↓")
         axes[1][col].set_ylabel("top-5 caption retrieval, % ↑")
-        axes[1][col].set_xlabel("network evaluations per image")
+        axes[1][col].set_xlabel("network evaluations per image" + (" (C + B)" if sweep == "cascade" else ""))
         axes[1][col].axhline(100 * report["chance_top5"], color="grey", lw=0.8, ls=":")
     axes[0][0].legend()
     fig.tight_layout()
@@ -149,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prior-step-list", dest="prior_steps_list", type=positive_ints, default=[10, 20, 30, 60])
     ap.add_argument("--decoder-step-list", dest="decoder_steps_list", type=positive_ints, default=[4, 8, 12, 40])
     ap.add_argument("--fast", type=positive_ints, default=[20, 12], help="Stage C,Stage B steps of the fast cascade")
+    ap.add_argument("--parts", type=comma_list(PARTS), default=list(PARTS),
+                    help="which sweeps to run and report (a folder's finished settings serve every part)")
     ap.add_argument("--out", default="runs/sweep", help="output folder (an existing sweep folder is continued)")
     args = ap.parse_args(argv)
     args.prior_steps, args.decoder_steps = sorted(set(args.prior_steps_list)), sorted(set(args.decoder_steps_list))
@@ -168,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = sweep.run()
     report = {"stage_c": shown(args.stage_c), "stage_b": shown(args.stage_b), "n_captions": len(sweep.scorer.captions),
               "size": args.size, "prior_guidance": args.prior_guidance, "decoder_guidance": args.decoder_guidance,
-              "reference_prior_steps": max(args.prior_steps), "samplers": args.samplers,
+              "reference_prior_steps": max(args.prior_steps), "samplers": args.samplers, "parts": args.parts,
               "chance_top5": sweep.scorer.chance_top5, "threads": torch.get_num_threads(), "rows": rows}
     write_outputs(out, "sweep", report, markdown(report), lambda path: plot(report, path))
     return report

@@ -266,5 +266,6 @@ def test_sweep_writes_tables_plot_and_resumes(bundle, openmoji_dir, tmp_path, ca
     stamps = [p.stat().st_mtime_ns for p in settings]
     assert sweep(args)["rows"] == report["rows"]  # resumed: every setting read back, none recomputed
     assert [p.stat().st_mtime_ns for p in settings] == stamps
+    assert {r["sweep"] for r in sweep([*args, "--parts", "stage_b"])["rows"]} == {"stage_b"}  # read back too
     with pytest.raises(ValueError, match="other options"):
         sweep([*args[:-2], "--samplers", "ddim", "--out", str(out)])

@@ -123,7 +123,7 @@ def test_evaluate_command_prints_json_and_never_overwrites(openmoji_dir, tmp_pat
     assert report["openmoji_val"]["n_images"] == 8 and report["heldout_photos"]["n_images"] == 9
     # an untrained model is far worse than the bicubic baseline: the comparison is real
     assert report["openmoji_val"]["bicubic_f4"]["psnr"] > report["openmoji_val"]["stage_a_unquantized"]["psnr"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(FileExistsError, match="exists"):
         evaluate(["--checkpoint", str(path), "--data-dir", str(openmoji_dir), "--out", str(out)])
 
 

@@ -74,7 +74,7 @@ def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_a_file, tm
     for key in ("own_latents", "shuffled_latents"):
         assert set(report[key]) == {"lpips", "psnr", "fid"}
     assert report["n_images"] == 6
-    with pytest.raises(SystemExit):
+    with pytest.raises(FileExistsError, match="exists"):
         evaluate(["--checkpoint", str(run), "--out", str(out)])
 
 
