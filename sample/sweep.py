@@ -93,7 +93,7 @@ class Sweep:
 
     def run(self) -> list[dict]:
         a = self.args
-        ref_prior, ref_decoder = (REFERENCE, max(a.prior_steps)), (REFERENCE, 12)
+        ref_prior, ref_decoder = (REFERENCE, max(a.prior_steps)), (REFERENCE, self.pipe.decoder.default_steps)
         fast_c, fast_b = a.fast
         rows = []
         if "cascade" in a.parts:
@@ -112,7 +112,7 @@ def markdown(report: dict) -> str:
     n, chance = report["n_captions"], report["chance_top5"]
     lines = [f"Samplers on {n} val captions at {report['size']} px (one image = {100 / n:.2f}% of retrieval; "
              f"chance {100 * chance:.2f}%), guidance C {report['prior_guidance']} / B {report['decoder_guidance']}.", ""]
-    titles = {"stage_c": "Stage C swept (decoder: DDPM, 12 steps)",
+    titles = {"stage_c": f"Stage C swept (decoder: DDPM, {report['reference_decoder_steps']} steps)",
               "stage_b": f"Stage B swept (Stage C: DDPM, {report['reference_prior_steps']} steps)",
               "cascade": "Both stages"}
     for sweep, title in ((k, v) for k, v in titles.items() if any(r["sweep"] == k for r in rows)):
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = sweep.run()
     report = {"stage_c": shown(args.stage_c), "stage_b": shown(args.stage_b), "n_captions": len(sweep.scorer.captions),
               "size": args.size, "prior_guidance": args.prior_guidance, "decoder_guidance": args.decoder_guidance,
-              "reference_prior_steps": max(args.prior_steps), "samplers": args.samplers, "parts": args.parts,
+              "reference_prior_steps": max(args.prior_steps),
+              "reference_decoder_steps": sweep.pipe.decoder.default_steps, "samplers": args.samplers, "parts": args.parts,
               "chance_top5": sweep.scorer.chance_top5, "threads": torch.get_num_threads(), "rows": rows}
     write_outputs(out, "sweep", report, markdown(report), lambda path: plot(report, path))
     return report

@@ -248,6 +248,7 @@ def test_sampler_flags_choose_each_stage_and_bad_ones_fail_before_loading(bundle
     assert not (tmp_path / "bad.png").exists()
 
 
+@pytest.mark.slow  # three scored settings per part, Inception included
 def test_sweep_writes_tables_plot_and_resumes(bundle, openmoji_dir, tmp_path, capsys):
     from sample.sweep import main as sweep
 
@@ -264,8 +265,8 @@ def test_sweep_writes_tables_plot_and_resumes(bundle, openmoji_dir, tmp_path, ca
     assert (out / "sweep.md").read_text().count("| ddpm 1 |") >= 1 and (out / "sweep.png").stat().st_size > 0
     settings = sorted((out / "settings").iterdir())
     stamps = [p.stat().st_mtime_ns for p in settings]
-    assert sweep(args)["rows"] == report["rows"]  # resumed: every setting read back, none recomputed
+    resumed = sweep([*args, "--parts", "stage_b"])["rows"]  # every setting read back, none recomputed
+    assert resumed == [r for r in report["rows"] if r["sweep"] == "stage_b"]
     assert [p.stat().st_mtime_ns for p in settings] == stamps
-    assert {r["sweep"] for r in sweep([*args, "--parts", "stage_b"])["rows"]} == {"stage_b"}  # read back too
     with pytest.raises(ValueError, match="other options"):
         sweep([*args[:-2], "--samplers", "ddim", "--out", str(out)])
