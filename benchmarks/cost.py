@@ -1,4 +1,4 @@
-"""Training cost of the paper's schedule (App. E; SPEC "Training") and model FLOPs utilisation.
+"""Training cost of the paper's schedule (App. E) and model FLOPs utilisation.
 
 For every stage and phase: iterations x batch x seconds per sample. Seconds per sample come from
 a training-step row measured at that phase's resolution on this device when there is one

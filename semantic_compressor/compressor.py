@@ -1,4 +1,4 @@
-"""The semantic compressor (Würstchen paper Sec. 3.2 and 4.1; SPEC "Semantic compressor").
+"""The semantic compressor (Würstchen paper Sec. 3.2 and 4.1).
 
 An ImageNet feature backbone (1280 channels at stride 32) followed by a 1x1 convolution to 16
 channels and a BatchNorm. Images ``(B, 3, H, W)`` in [0, 1] are resized (bicubic, antialiased) to
@@ -28,7 +28,7 @@ from torch import nn
 from stages.config import DictConfig
 from stages.inputs import check_images
 
-# Release latent normalisation (SPEC): the prior works on (x + LATENT_SHIFT) / LATENT_SCALE.
+# Release latent normalisation (the released prior pipeline): the prior works on (x + LATENT_SHIFT) / LATENT_SCALE.
 LATENT_SHIFT = 1.0
 LATENT_SCALE = 42.0
 

@@ -1,4 +1,4 @@
-"""Building blocks shared by every stage (Würstchen paper, Appendix E; SPEC "Stage A/B/C").
+"""Building blocks shared by every stage (Würstchen paper, Appendix E, and the released models).
 
 Each block is written once here and reused by Stage A (``MixingBlock``), Stage B and
 Stage C (``ConvNeXtBlock``, ``TimestepBlock``, ``AttentionBlock``, ``LayerNorm2d``).
@@ -172,7 +172,7 @@ class AttentionBlock(nn.Module):
 
 
 def scale_residual_branches(blocks: nn.Module, depth: int) -> None:
-    """Init of Stage C (SPEC): residual output layers scaled by sqrt(1/depth), timestep mappers zero."""
+    """Init of Stage C (the released prior): residual output layers scaled by sqrt(1/depth), timestep mappers zero."""
     scale = math.sqrt(1 / depth)
     for m in blocks.modules():
         if isinstance(m, ConvNeXtBlock):

@@ -1,4 +1,4 @@
-"""The greedy-grown pixel decoder (Greedy Growing paper Sec. 3.2-3.3; SPEC "Greedy-grown pixel decoder").
+"""The greedy-grown pixel decoder (Greedy Growing paper Sec. 3.2-3.3).
 
 A pixel-space diffusion model that renders an image from Stage C's semantic latents (and
 optionally text): a drop-in replacement for Stage B + Stage A.
@@ -135,7 +135,7 @@ PRESETS: dict[str, PixelDecoderConfig] = {
     # convs would cost more than the rest of the network).
     "tiny": PixelDecoderConfig(resolution=32, core_grid=8, entry_channels=64, width=128, depth=4, heads=4,
                                c_t=128, **growth_plan((16, 32, 64, 64), blocks=(0, 1, 1, 1))),
-    # Paper-like (SPEC): 64 px phase 1, 16x16 core, 256 channels at the entry, a transformer core
+    # Paper-like (Greedy Growing paper Sec. 4): 64 px phase 1, 16x16 core, 256 channels at the entry, a transformer core
     # cross-attending to the semantic latents (text: set c_text, e.g. 1024 for CLIP-H); grows to
     # 512 px with five levels, attention with KV compression (R = 2) at the 32x32 level. The
     # paper's Table 1/2 widths and depths are not in our copy: those here are illustrative.

@@ -1,4 +1,4 @@
-"""Stage A: the f4 VQGAN (Würstchen paper, Sec. 3.1 and Appendix E.1; SPEC "Stage A").
+"""Stage A: the f4 VQGAN (Würstchen paper, Sec. 3.1 and Appendix E.1).
 
 Images are ``(B, 3, H, W)`` in [0, 1] with H and W divisible by 4. ``encode`` gives the
 continuous latents divided by ``scale_factor`` (what Stage B diffuses in); ``decode``

@@ -1,4 +1,4 @@
-"""Stage B: the ConvNeXt U-Net diffusion model in Stage A's latent space (paper Sec. 3.2, App. E.2; SPEC "Stage B").
+"""Stage B: the ConvNeXt U-Net diffusion model in Stage A's latent space (paper Sec. 3.2, App. E.2).
 
 Input: noised Stage A latents ``x_t`` (B, 4, H/4, W/4), time ``r`` in [0, 1], the semantic
 compressor's latents (B, 16, h, w) and, optionally, text token states (B, T, c_text). The semantic

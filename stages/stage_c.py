@@ -1,4 +1,4 @@
-"""Stage C: the text-conditional prior in the semantic latent space (paper Sec. 3.3, App. E.3; SPEC "Stage C").
+"""Stage C: the text-conditional prior in the semantic latent space (paper Sec. 3.3, App. E.3).
 
 Input: noised, normalised compressor latents ``x_t`` (B, 16, h, w), time ``r`` in [0, 1] and
 text token states (B, T, c_text). A 1x1 conv lifts the latents to ``width`` channels; ``depth``
@@ -63,7 +63,7 @@ class StageC(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Xavier; zero output conv and timestep mappers; residual outputs scaled by sqrt(1/depth) (SPEC)."""
+        """Xavier; zero output conv and timestep mappers; residual outputs scaled by sqrt(1/depth) (the released prior)."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(m.weight)

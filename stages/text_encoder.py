@@ -1,5 +1,5 @@
-"""Frozen text encoders giving per-token states (Würstchen paper, Sec. 3.2 and Appendix E;
-SPEC "Stage B", "Stage C", "Environment facts").
+"""Frozen text encoders giving per-token states (Würstchen paper, Sec. 3.2 and Appendix E; the released
+pipelines' CLIP text encoders).
 
 Stages B and C attend to the *unpooled* per-token states of a frozen text encoder; the paper uses
 OpenCLIP ViT-H/14 (77 x 1024, after the final LayerNorm). Its weights cannot be downloaded on these

@@ -1,4 +1,4 @@
-"""Training the greedy-grown pixel decoder (Greedy Growing paper Sec. 3.2-3.3, 4; SPEC "Greedy-grown pixel decoder").
+"""Training the greedy-grown pixel decoder (Greedy Growing paper Sec. 3.2-3.3, 4).
 
 One LightningModule for every phase; each phase is its own CLI run and config
 (``configs/pixel_decoder/``):
