@@ -46,13 +46,18 @@ def test_bad_input_is_named():
 prior = pytest.importorskip("diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_prior")
 
 
-def test_converted_release_matches_prior(tmp_path):
+def released_pair(folder, std: float):
+    """A small diffusers WuerstchenPrior with N(0, std) weights, and ours converted from its saved folder."""
     ref = prior.WuerstchenPrior(c_in=16, c=64, c_cond=24, depth=2, nhead=4, dropout=0.0)
     with torch.no_grad():
         for p in ref.parameters():
-            p.normal_(0, 0.1)
-    ref.eval().save_pretrained(tmp_path / "prior")
-    ours = load_stage_c_release(tmp_path / "prior")
+            p.normal_(0, std)
+    ref.eval().save_pretrained(folder / "prior")
+    return ref, load_stage_c_release(folder / "prior")
+
+
+def test_converted_release_matches_prior(tmp_path):
+    ref, ours = released_pair(tmp_path, 0.1)
     x, text, r = torch.randn(2, 16, 3, 4), torch.randn(2, 7, 24), torch.tensor([0.2, 0.8])
     captured = {}
     ref.out.register_forward_hook(lambda m, i, o: captured.update(ab=o))
@@ -83,12 +88,7 @@ def test_guided_ddpm_equals_the_released_prior_pipeline_loop(tmp_path):
 
     import diffusion
 
-    ref = prior.WuerstchenPrior(c_in=16, c=64, c_cond=24, depth=2, nhead=4, dropout=0.0)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.02)
-    ref.eval().save_pretrained(tmp_path / "prior")
-    ours = load_stage_c_release(tmp_path / "prior")
+    ref, ours = released_pair(tmp_path, 0.02)
     text, uncond, noise = torch.randn(2, 7, 24), torch.randn(2, 7, 24), torch.randn(2, 16, 3, 4)
     guided = diffusion.Guided(denoiser_for(ours), (text,), (uncond,), 4.0)
     with torch.no_grad():
