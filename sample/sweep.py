@@ -158,7 +158,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--parts", type=comma_list(PARTS), default=list(PARTS),
                     help="which sweeps to run and report (a folder's finished settings serve every part)")
     ap.add_argument("--out", default="runs/sweep", help="output folder (an existing sweep folder is continued)")
+    single = ("prior_steps", "decoder_steps", "sampler", "prior_sampler", "decoder_sampler", "eta", "prior_eta",
+              "decoder_eta")  # the one-setting flags of sample.evaluate, which a sweep sets itself
+    ap.set_defaults(**dict.fromkeys(single))
     args = ap.parse_args(argv)
+    given = ["--" + k.replace("_", "-") for k in single if getattr(args, k) is not None]
+    if given:
+        raise ValueError(f"sample.sweep sets {', '.join(given)} itself; use --samplers, --prior-step-list, "
+                         "--decoder-step-list and --fast")
     args.prior_steps, args.decoder_steps = sorted(set(args.prior_steps_list)), sorted(set(args.decoder_steps_list))
     if len(args.fast) != 2:
         raise ValueError(f"--fast takes two step counts, Stage C's and Stage B's (e.g. 20,12), got {args.fast}")

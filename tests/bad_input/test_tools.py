@@ -381,3 +381,5 @@ def test_sweep_refuses_a_folder_that_is_not_its_own_before_any_work(tmp_path, ca
         assert_error(code, err, "--samplers", "euler")
         code, err = run_main(sweep, ["--out", str(tmp_path / "new"), "--fast", "20"], capsys)
         assert_error(code, err, "--fast takes two step counts")
+        code, err = run_main(sweep, ["--out", str(tmp_path / "new"), "--sampler", "ddim", "--prior-steps", "20"], capsys)
+        assert_error(code, err, "sets --prior-steps, --sampler itself")
