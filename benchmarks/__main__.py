@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
                     lat += latency.project_sampling(size, rows, measured_px, batches, decoder)
         results["latency"] = lat
         notes.append("Latency: random weights (timing does not depend on them). 'measured' = the real sampler "
-                     "(sample.pipeline.TextToImage) with each decoder of benchmarks.latency.DECODERS at its default steps "
+                     "(stages.pipeline.TextToImage) with each decoder of benchmarks.latency.DECODERS at its default steps "
                      "(Stage B 12, pixel decoder 50), per-stage times from hooks; "
                      "'projected' = exact FLOPs at that size / the FLOP/s the module reached in the throughput rows "
                      "x the number of calls (60 x 2 for C, 12 x 2 for B and 50 x 2 for the pixel decoder with "

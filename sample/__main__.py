@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diffusion import TIME_LISTS
-from sample.pipeline import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, sampler_options,
+from stages.pipeline import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, sampler_options,
                              save_images)
 from stages import inputs
 from stages.checkpoint import resolve_checkpoint

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sample.pipeline import load_text_to_image
+from stages.pipeline import load_text_to_image
 from semantic_compressor import load_compressor
 from stages.checkpoint import fingerprint, read_metadata, resolve_checkpoint
 from stages.cli import check_output

@@ -27,13 +27,13 @@ from tqdm.auto import tqdm
 
 from sample.__main__ import SHIPPED
 from sample.evaluate import ValScorer, add_common_arguments, compressor_beside, write_outputs
-from sample.pipeline import load_pixel_text_to_image, load_prior, load_text_to_image, sampler_options
+from stages.pipeline import load_pixel_text_to_image, load_prior, load_text_to_image, sampler_options
 from semantic_compressor import latent_grid, load_compressor
 from stages.checkpoint import fingerprint, read_metadata
 from stages.cli import check_output, positive_int, shown
 from stages.errors import run_command
-from train.evaluate_stage_a import Scores
-from train.losses import Perceptual
+from sample.evaluate_stage_a import Scores
+from stages.metrics import Perceptual
 
 SEMANTIC = "stage_b+stage_a"
 

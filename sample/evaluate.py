@@ -25,16 +25,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sample.__main__ import SHIPPED
-from sample.pipeline import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, non_default,
+from stages.pipeline import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, non_default,
                              sampler_options)
 from semantic_compressor import load_compressor
 from stages.checkpoint import fingerprint, resolve_checkpoint
 from stages.cli import at_least, check_output, positive_int, seed, shown
 from stages.errors import run_command
-from train.data.embedded import openmoji_shards
-from train.data.loaders import ShardDataset
-from train.report import emit
-from train.inception import InceptionFeatures, fid_metric
+from stages.embedded import openmoji_split
+from stages.cli import emit
+from stages.metrics import InceptionFeatures, fid_metric
 
 
 @torch.no_grad()
@@ -44,11 +43,8 @@ def features(net: InceptionFeatures, images: torch.Tensor, batch_size: int, desc
 
 def whole_set(data_dir: str, size: int, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """Every embedded emoji (val, then train; the first ``limit``) and its caption."""
-    samples = []
-    for split in ("val", "train"):
-        shards, count = openmoji_shards(data_dir, split)
-        samples += list(ShardDataset(shards, size, count=count))
-    samples = samples[:limit]
+    samples = openmoji_split(data_dir, "val", size, limit)
+    samples += openmoji_split(data_dir, "train", size, None if limit is None else limit - len(samples))
     return torch.stack([s["image"] for s in samples]), [s["caption"] for s in samples]
 
 
@@ -96,8 +92,7 @@ class ValScorer:
     def __init__(self, data_dir: str = "data/openmoji", size: int = 128, batch_size: int = 32,
                  limit: int | None = None, gallery_limit: int | None = None):
         self.net, self.batch_size = InceptionFeatures(), batch_size
-        shards, count = openmoji_shards(data_dir, "val")
-        val = list(ShardDataset(shards, size, count=count))[:limit]
+        val = openmoji_split(data_dir, "val", size, limit)
         self.real = torch.stack([s["image"] for s in val])
         self.captions = [s["caption"] for s in val]
         self.shuffled = self.captions[1:] + self.captions[:1]  # image i scored against caption i+1: never its own

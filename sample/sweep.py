@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from diffusion import SAMPLERS
 from sample.compare import decode_all
 from sample.evaluate import ValScorer, add_common_arguments, write_outputs
-from sample.pipeline import load_text_to_image
+from stages.pipeline import load_text_to_image
 from semantic_compressor import latent_grid
 from stages.cli import check_output, comma_list, positive_ints, shown
 from stages.errors import run_command

@@ -4,6 +4,7 @@ the check of an output path before any expensive work (nothing already written i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -93,3 +94,13 @@ def check_output(path: str | os.PathLike, suffixes: tuple[str, ...] | None = Non
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {flag} {path}: {folder} is read-only; choose another {flag}")
     return path
+
+
+def emit(report: dict, out: str | None) -> dict:
+    """How every evaluation command reports: JSON on stdout, and optionally a file (``--out``, checked by
+    ``check_output`` before any work, so never an existing one)."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+    return report

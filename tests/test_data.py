@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-import train.data.embedded as embedded
+import stages.embedded as embedded
 import train.data.loaders as loaders
 from train.data import ImageTextData
-from train.data.embedded import build_openmoji, emoji_captions, openmoji_shards, split_of
-from train.data.images import TooSmall, decode_image, resize_crop, to_rgb
+from stages.embedded import build_openmoji, emoji_captions, openmoji_shards, split_of
+from stages.images import TooSmall, decode_image, resize_crop, to_rgb
 from train.data.loaders import FolderDataset, ShardDataset, consumer_plan, expand_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -645,7 +645,7 @@ def test_image_text_data_picks_folder_or_shard_loader(tmp_path):
 
 
 def test_training_photos_are_disjoint_from_heldout_and_interleave():
-    from train.data.embedded import HELDOUT_SKIMAGE, HELDOUT_SKLEARN, heldout_photos, training_photos
+    from stages.embedded import HELDOUT_SKIMAGE, HELDOUT_SKLEARN, heldout_photos, training_photos
     from train.data.loaders import Interleaved, PhotoCrops
 
     held = heldout_photos(64)

@@ -219,7 +219,7 @@ def test_cli_phase1_then_phase2_then_sampling(openmoji_dir, tmp_path, capsys):
     _fit("configs/pixel_decoder/tiny_phase2.yaml", runs, openmoji_dir, "--model.init_args.init_from", str(p1),
          "--model.init_args.resolution", "64", "--data.init_args.min_size", "64")
     p2 = runs / "tiny_phase2_greedy" / "version_0"
-    from sample.decoders import pixel_decoder_metadata
+    from stages.decoders import pixel_decoder_metadata
     meta = pixel_decoder_metadata(p2 / "model.safetensors")
     assert (meta["phase"], meta["mode"], meta["resolution"]) == (2, "greedy", 64)
     assert meta["logsnr_shift"] == pytest.approx(2 * math.log(32 / 64))
@@ -275,7 +275,7 @@ def test_shipped_pixel_decoder_is_the_greedy_grown_one_and_samples_by_default(tm
     from PIL import Image
 
     from sample.__main__ import main as sample_main
-    from sample.decoders import pixel_decoder_metadata
+    from stages.decoders import pixel_decoder_metadata
     from semantic_compressor import load_compressor
 
     meta = pixel_decoder_metadata(ROOT / "checkpoints" / "tiny" / "pixel_decoder.safetensors")

@@ -62,7 +62,7 @@ def test_cli_writes_an_image_and_prints_where(bundle, tmp_path, capsys):
 
 
 def test_batches_grid_and_reproducible_seeds(bundle, tmp_path):
-    from sample.pipeline import load_text_to_image
+    from stages.pipeline import load_text_to_image
 
     pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
                               bundle / "stage_a.safetensors")
@@ -222,7 +222,7 @@ def test_compare_writes_table_json_and_grid_for_every_decoder(bundle, openmoji_d
 
 
 def test_sampler_flags_choose_each_stage_and_bad_ones_fail_before_loading(bundle, tmp_path, capsys):
-    from sample.pipeline import load_text_to_image
+    from stages.pipeline import load_text_to_image
 
     pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
                               bundle / "stage_a.safetensors")

@@ -109,7 +109,7 @@ def test_wrong_stage_checkpoint_is_refused_on_resume(openmoji_dir, tmp_path):
 def test_evaluate_command_prints_json_and_never_overwrites(openmoji_dir, tmp_path, capsys):
     from stages.checkpoint import save_safetensors
     from stages.stage_a import StageA
-    from train.evaluate_stage_a import main as evaluate
+    from sample.evaluate_stage_a import main as evaluate
 
     model = StageA(TINY["size"])
     path = save_safetensors(model, tmp_path / "run" / "model.safetensors", "stage_a", model.config.to_dict())

@@ -56,7 +56,7 @@ def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_a_file, tm
     assert load_stage_b(str(run / "checkpoints" / "last.ckpt")).config == model.config
 
     # the decoder finds the Stage A that Stage B recorded, and refuses any other
-    from sample.decoders import load_semantic_decoder
+    from stages.decoders import load_semantic_decoder
     assert load_semantic_decoder(run).stage_a.config.widths == (8, 16)
     other = StageA(TINY_A)
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_a_file, tm
         load_semantic_decoder(run, other_file)
 
     # the evaluation prints JSON for own and shuffled latents, and never overwrites its --out
-    from train.evaluate_stage_b import main as evaluate
+    from sample.evaluate_stage_b import main as evaluate
     out = tmp_path / "eval.json"
     report = evaluate(["--checkpoint", str(run), "--data-dir", str(openmoji_dir), "--size", "64", "--limit", "6",
                        "--steps", "2", "--batch-size", "3", "--out", str(out)])

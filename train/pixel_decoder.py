@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torchvision.utils import save_image
 
-from sample.decoders import PixelDecoder, pixel_decoder_metadata
+from stages.decoders import PixelDecoder, pixel_decoder_metadata
 from semantic_compressor import load_compressor, normalize_latents
 from stages.checkpoint import fingerprint, load_into, read_weights, resolve_checkpoint, save_safetensors
 from stages.denoisers import denoiser_for

@@ -24,7 +24,8 @@ from stages.stage_a import StageA, stage_a_config
 from train.ema import make_ema, update_ema, warmup_decay
 from train.export import ExportsWeights
 from train.optim import with_schedule
-from train.losses import PatchDiscriminator, Perceptual, generator_adv_loss, hinge_d_loss
+from stages.metrics import Perceptual
+from train.losses import PatchDiscriminator, generator_adv_loss, hinge_d_loss
 
 
 class StageATraining(ExportsWeights, L.LightningModule):

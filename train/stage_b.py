@@ -24,7 +24,7 @@ import torch
 import torchmetrics
 from torchvision.utils import save_image
 
-from sample.decoders import SemanticDecoder, stage_b_metadata
+from stages.decoders import SemanticDecoder, stage_b_metadata
 from semantic_compressor import SemanticCompressor, load_compressor
 from stages.checkpoint import fingerprint, load_into, read_weights, resolve_checkpoint, save_safetensors
 from diffusion import CosineSchedule
@@ -33,8 +33,8 @@ from stages.stage_a import load_stage_a
 from stages.stage_b import StageB, stage_b_config
 from stages.text_encoder import build_text_encoder
 from train.ema import make_ema, update_ema, warmup_decay
-from train.inception import fid_metric
-from train.losses import Perceptual
+from stages.metrics import fid_metric
+from stages.metrics import Perceptual
 from train.export import ExportsWeights
 from train.optim import with_schedule
 

@@ -16,8 +16,8 @@ import lightning as L
 import torch
 from torchvision.utils import save_image
 
-from sample.decoders import load_semantic_decoder
-from sample.pipeline import Prior
+from stages.decoders import load_semantic_decoder
+from stages.pipeline import Prior
 from semantic_compressor import latent_grid, load_compressor, normalize_latents
 from stages.checkpoint import fingerprint, save_safetensors
 from stages.denoisers import denoiser_for

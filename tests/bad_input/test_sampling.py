@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sample.__main__ import main
-from sample.decoders import SemanticDecoder
-from sample.pipeline import Prior, load_text_to_image
+from stages.decoders import SemanticDecoder
+from stages.pipeline import Prior, load_text_to_image
 from semantic_compressor import SemanticCompressor
 from stages import inputs
 from stages.checkpoint import fingerprint, save_safetensors

@@ -155,7 +155,7 @@ def _stage_b_recording(root: Path, record: str) -> Path:
 
 def test_relative_stage_a_record_resolves_from_any_cwd(tmp_path, monkeypatch):
     """Older exports recorded Stage A relative to where training ran (the shipped Stage B too)."""
-    from sample.decoders import load_semantic_decoder
+    from stages.decoders import load_semantic_decoder
 
     b = _stage_b_recording(tmp_path / "repo", "runs/a/model.safetensors")
     elsewhere = tmp_path / "elsewhere"
@@ -166,7 +166,7 @@ def test_relative_stage_a_record_resolves_from_any_cwd(tmp_path, monkeypatch):
 
 
 def test_missing_recorded_stage_a_is_named(tmp_path, monkeypatch):
-    from sample.decoders import load_semantic_decoder
+    from stages.decoders import load_semantic_decoder
 
     b = _stage_b_recording(tmp_path / "repo", "runs/a/model.safetensors")
     (tmp_path / "repo" / "runs" / "a" / "model.safetensors").unlink()
@@ -272,7 +272,7 @@ def test_compare_out_is_a_file(tmp_path, capsys, unchanged):
 
 def test_evaluate_stage_a_out_below_a_file(tmp_path, capsys, unchanged):
     """Pointing below an existing file: a path no user, root included, can write."""
-    from train.evaluate_stage_a import main
+    from sample.evaluate_stage_a import main
 
     (tmp_path / "afile").write_text("x")
     with unchanged(tmp_path):
@@ -282,7 +282,7 @@ def test_evaluate_stage_a_out_below_a_file(tmp_path, capsys, unchanged):
 
 def test_evaluate_stage_b_out_in_a_read_only_folder(tmp_path, capsys, unchanged, monkeypatch):
     """Tests run as root, for whom ``os.access`` calls every folder writable: a read-only one is simulated."""
-    from train.evaluate_stage_b import main
+    from sample.evaluate_stage_b import main
 
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
     with unchanged(tmp_path):
@@ -327,10 +327,10 @@ def test_quickstart_out_is_a_file(tmp_path, capsys, unchanged):
     ("sample.evaluate", ["--size", "0"], "--size", "at least 1"),
     ("sample.compare", ["--grid-columns", "0"], "--grid-columns", "at least 1"),
     ("sample.compare", ["--batch-size", "-2"], "--batch-size", "at least 1"),
-    ("train.evaluate_stage_a", ["--checkpoint", NOWHERE, "--limit", "-3"], "--limit", "at least 1"),
-    ("train.evaluate_stage_a", ["--checkpoint", NOWHERE, "--photo-size", "0"], "--photo-size", "at least 1"),
-    ("train.evaluate_stage_b", ["--checkpoint", NOWHERE, "--steps", "0"], "--steps", "at least 1"),
-    ("train.evaluate_stage_b", ["--checkpoint", NOWHERE, "--seed", "x"], "--seed", "whole number"),
+    ("sample.evaluate_stage_a", ["--checkpoint", NOWHERE, "--limit", "-3"], "--limit", "at least 1"),
+    ("sample.evaluate_stage_a", ["--checkpoint", NOWHERE, "--photo-size", "0"], "--photo-size", "at least 1"),
+    ("sample.evaluate_stage_b", ["--checkpoint", NOWHERE, "--steps", "0"], "--steps", "at least 1"),
+    ("sample.evaluate_stage_b", ["--checkpoint", NOWHERE, "--seed", "x"], "--seed", "whole number"),
     ("benchmarks.__main__", ["--parts", "counts,bogus"], "--parts", "unknown ['bogus']"),
     ("benchmarks.__main__", ["--sizes", "huge"], "--sizes", "choose from tiny,paper,release"),
     ("benchmarks.__main__", ["--batch-sizes", "1,0"], "--batch-sizes", "at least 1"),

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from train.data.images import IMAGE_EXTENSIONS, TooSmall, decode_image, resize_crop
+from stages.images import IMAGE_EXTENSIONS, TooSmall, decode_image, resize_crop
 
 log = logging.getLogger(__name__)
 CAPTION_KEYS = ("txt", "caption", "text")

@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from train.data.embedded import openmoji_shards, training_photos
+from stages.embedded import openmoji_shards, training_photos
 from train.data.loaders import (FolderDataset, Interleaved, PhotoCrops, SampleCounts, ShardDataset, collate,
                                 existing_shards)
 

@@ -1,6 +1,6 @@
 """Evaluate a trained Stage A: reconstruction PSNR / SSIM / LPIPS next to a naive f4 baseline.
 
-    python -m train.evaluate_stage_a --checkpoint runs/stage_a/tiny [--out stage_a_eval.json]
+    python -m sample.evaluate_stage_a --checkpoint runs/stage_a/tiny [--out stage_a_eval.json]
 
 Sets: the embedded OpenMoji val split (128 px) and the held-out real photos (256 px). Baseline:
 downsample by 4 (bicubic, antialiased) and upsample back (bicubic): the same spatial compression
@@ -18,10 +18,9 @@ from stages.checkpoint import resolve_checkpoint
 from stages.cli import check_output, positive_int
 from stages.errors import run_command
 from stages.stage_a import StageA, load_stage_a
-from train.data.embedded import heldout_photos, openmoji_shards
-from train.data.loaders import ShardDataset
-from train.losses import Perceptual
-from train.report import emit
+from stages.embedded import heldout_photos, openmoji_split
+from stages.metrics import Perceptual
+from stages.cli import emit
 
 
 def bicubic_f4(images: torch.Tensor) -> torch.Tensor:
@@ -84,9 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = resolve_checkpoint(args.checkpoint)
     model = load_stage_a(str(ckpt))
     lpips = Perceptual("alex")
-    shards, count = openmoji_shards(args.data_dir, "val")
-    val = [s["image"] for s in ShardDataset(shards, 128, count=count)]
-    val = val[:args.limit]
+    val = [s["image"] for s in openmoji_split(args.data_dir, "val", 128, args.limit)]
     photos = [im for _, im in heldout_photos(args.photo_size)]
     report = {
         "checkpoint": str(ckpt),

@@ -1,7 +1,7 @@
 """Text -> image: text encoder -> Stage C prior -> decoder (paper Fig. 3, right).
 
 The decoder is any module called as ``decoder(semantic, size, prompts, steps, guidance,
-generator, progress)`` with a ``size_multiple`` attribute (``sample.decoders``); Stage B + Stage A
+generator, progress)`` with a ``size_multiple`` attribute (``stages.decoders``); Stage B + Stage A
 is the first, the greedy-grown pixel decoder can take its place without touching the rest.
 """
 from __future__ import annotations
@@ -127,7 +127,7 @@ def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
 
     ``prior``: Stage C already loaded from ``stage_c`` (several decoders share one).
     """
-    from sample.decoders import load_semantic_decoder
+    from stages.decoders import load_semantic_decoder
 
     prior = prior or load_prior(stage_c)
     decoder = load_semantic_decoder(stage_b, stage_a)
@@ -145,7 +145,7 @@ def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os
 
     ``prior``: Stage C already loaded from ``stage_c`` (several decoders share one).
     """
-    from sample.decoders import load_pixel_decoder
+    from stages.decoders import load_pixel_decoder
 
     prior = prior or load_prior(stage_c)
     decoder = load_pixel_decoder(pixel_decoder)

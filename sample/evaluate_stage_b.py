@@ -1,6 +1,6 @@
 """Evaluate a trained Stage B by semantic reconstruction on the embedded OpenMoji val split.
 
-    python -m train.evaluate_stage_b --checkpoint runs/stage_b/tiny [--out stage_b_eval.json]
+    python -m sample.evaluate_stage_b --checkpoint runs/stage_b/tiny [--out stage_b_eval.json]
 
 Each val image -> semantic compressor -> Stage B (12 DDPM steps) -> Stage A decode, scored against
 the image by PSNR and LPIPS, and as a set by FID against the val images (packaged Inception).
@@ -16,16 +16,15 @@ import argparse
 
 import torch
 
-from sample.decoders import load_semantic_decoder
+from stages.decoders import load_semantic_decoder
 from semantic_compressor import load_compressor
 from stages.checkpoint import read_metadata, resolve_checkpoint
 from stages.cli import check_output, positive_int, seed
 from stages.errors import run_command
-from train.data.embedded import openmoji_shards
-from train.data.loaders import ShardDataset
-from train.report import emit
-from train.inception import InceptionFeatures, fid_metric
-from train.losses import Perceptual
+from stages.embedded import openmoji_split
+from stages.cli import emit
+from stages.metrics import InceptionFeatures, fid_metric
+from stages.metrics import Perceptual
 
 
 @torch.no_grad()
@@ -50,8 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     compressor = load_compressor(args.compressor or b_path.with_name("compressor.safetensors"))
     lpips = Perceptual("alex")
     inception = InceptionFeatures()
-    shards, count = openmoji_shards(args.data_dir, "val")
-    samples = list(ShardDataset(shards, args.size, count=count))[:args.limit]
+    samples = openmoji_split(args.data_dir, "val", args.size, args.limit)
     images = torch.stack([s["image"] for s in samples])
     captions = [s["caption"] for s in samples]
     semantic = torch.cat([compressor(images[i:i + args.batch_size]) for i in range(0, len(images), args.batch_size)])
