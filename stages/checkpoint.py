@@ -163,7 +163,7 @@ def read_weights(path: str | os.PathLike, stage: str) -> tuple[dict[str, torch.T
         raise ValueError(f"{path} does not hold a state dict of tensors; pass a {stage} export or Lightning checkpoint")
     if ckpt.get("stage") not in (None, stage):
         raise ValueError(f"{path} is a {ckpt['stage']} checkpoint, not a {stage} checkpoint; pass the {stage} one")
-    for prefix in ("ema.", "model."):
+    for prefix in ("ema.module.", "model."):  # the EMA weights (AveragedModel), else the raw ones
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if sub:
             return sub, ckpt.get("model_config")

@@ -215,8 +215,12 @@ class OpenCLIPTextEncoder(TextEncoder):
 ENCODERS: dict[str, type[TextEncoder]] = {"minilm": MiniLMTextEncoder, "open_clip": OpenCLIPTextEncoder}
 
 
-def build_text_encoder(name: str | None, **kwargs) -> TextEncoder | None:
-    """``minilm`` (offline default), ``open_clip`` (the paper's) or ``none``/None (no text)."""
+def build_text_encoder(name: str | dict | None, **kwargs) -> TextEncoder | None:
+    """``minilm`` (offline default), ``open_clip`` (the paper's) or ``none``/None (no text); or a dict
+    ``{"name": ..., **constructor arguments}`` (e.g. ``{"name": "open_clip", "model": "ViT-bigG-14"}``)."""
+    if isinstance(name, dict):
+        spec = dict(name)
+        name, kwargs = spec.pop("name", None), {**spec, **kwargs}
     if name is None or name == "none":
         return None
     if name not in ENCODERS:

@@ -112,12 +112,12 @@ def test_semantic_decoder_gives_images_of_the_asked_size(stage_a_file):
     from train.stage_b import StageBTraining
 
     module = StageBTraining(size=dict(TINY_B, c_text=384), stage_a=str(stage_a_file), text_encoder="minilm",
-                            val_fid=False).eval()
+                            val_fid=False, sample_steps=2, guidance=2.0).eval()
     images = torch.rand(2, 3, 64, 96)
-    semantic, text = module.condition(module.eval_compressor(images), ["red apple", ""], train=False)
-    assert semantic.shape == (2, 16, 2, 3) and text.shape == (2, 77, 384)
-    out = module.decoder()(semantic, (64, 96), ["red apple", "café ☕"], steps=2, guidance=2.0)
-    assert out.shape == (2, 3, 64, 96) and 0 <= out.min() and out.max() <= 1
+    x0, (semantic, text) = module.inputs({"image": images, "caption": ["red apple", ""]}, train=False)
+    assert x0.shape == (2, 4, 16, 24) and semantic.shape == (2, 16, 2, 3) and text.shape == (2, 77, 384)
+    real, out = module.validation_images({"image": images, "caption": ["red apple", "café ☕"]}, 0, None)
+    assert real is images and out.shape == (2, 3, 64, 96) and 0 <= out.min() and out.max() <= 1
 
 
 def test_refine_continues_with_the_frozen_compressor_on_cached_latents(openmoji_dir, stage_a_file, tmp_path):
@@ -149,8 +149,8 @@ def test_refine_continues_with_the_frozen_compressor_on_cached_latents(openmoji_
     module = StageBTraining(size=TINY_B, stage_a=str(stage_a_file), compressor=str(first), init_from=str(first),
                             cache_latents=True, val_fid=False)
     batch = {"image": torch.rand(2, 3, 64, 64), "key": ["a", "b"]}
-    x0, semantic = module.cached_latents(batch)
-    assert set(module.latent_cache) == {"a", "b"}
+    x0, semantic = module.encode("stage_a", batch, train=True), module.encode("semantic", batch, train=True)
+    assert set(module.latent_cache) == {(kind, k) for kind in ("stage_a", "semantic") for k in "ab"}
     assert torch.allclose(x0, module.stage_a.encode(batch["image"]))
     assert torch.allclose(semantic, module.compressor(batch["image"]))
 

@@ -66,8 +66,10 @@ def test_latent_cache_gives_the_same_targets(stage_b_run):
 
     module = StageCTraining(size=TINY_C, compressor=str(stage_b_run), cache_latents=True)
     batch = {"image": torch.rand(3, 3, 64, 64), "key": ["a", "b", "c"]}
-    first = module.targets(batch)
-    assert set(module.latent_cache) == {"a", "b", "c"}
-    assert torch.equal(first, module.targets(batch))
+    first = module.target(module, batch, train=True)
+    assert set(module.latent_cache) == {("semantic", k) for k in "abc"}
+    assert torch.equal(first, module.target(module, batch, train=True))
+    with torch.no_grad():  # normalised as the release's (x + 1) / 42 (the module's defaults)
+        assert torch.allclose(first, (module.compressor.eval()(batch["image"]) + 1) / 42, atol=1e-6)
     with pytest.raises(ValueError, match="text_encoder"):
         StageCTraining(size=dict(TINY_C, c_text=1024), compressor=str(stage_b_run))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -19,12 +20,13 @@ from lightning.pytorch.cli import LightningCLI
 # "omegaconf+" resolves ${...} interpolations after command-line overrides; absolute paths such as
 # ${trainer.default_root_dir} then work in every subcommand (fit, validate, ...).
 set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+# Every stage has a fallback configure_optimizers; the config's optimizer replacing it is the normal case.
+warnings.filterwarnings("ignore", message=".*configure_optimizers` will be overridden")
 
 # Read at every step or validation (or put back into the restored optimizer), never baked into weights
 # or optimizer state: these may change when resuming. Every other model setting must match the checkpoint.
 # (stage_a and stage_b name frozen networks by path: the checkpoint's fingerprints check what they hold.)
 CHANGEABLE_ON_RESUME = frozenset({
-    "lr", "weight_decay", "warmup_steps", "lr_schedule",
     "mse_weight", "perceptual_weight", "adv_start_step", "quantize_skip_prob", "loss_weight", "sigmoid_bias",
     "semantic_noise_prob", "semantic_noise_max_t", "semantic_drop_prob", "text_drop_prob", "unfreeze_step",
     "cache_latents", "sample_steps", "guidance", "decoder_steps", "grid_images", "val_fid", "stage_a", "stage_b",
@@ -97,6 +99,18 @@ class TrainCLI(LightningCLI):
         ckpt = read_checkpoint(path)
         check_resumable(ckpt, config["model"]["class_path"], config["model"]["init_args"].as_dict(), path)
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_name", default="default", help="the run's folder under trainer.default_root_dir "
+                            "(the loggers' name in configs/trainer.yaml)")
+
+    @staticmethod
+    def configure_optimizers(lightning_module, optimizer, lr_scheduler=None):
+        """The config's ``optimizer`` (over every parameter that gets a gradient) and ``lr_scheduler``, stepped
+        every optimizer step."""
+        if lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
     def before_fit(self) -> None:
         loggers = self.trainer.loggers
         if len(loggers) > 1:  # CSV and TensorBoard write into the same version folder
@@ -106,10 +120,14 @@ class TrainCLI(LightningCLI):
                     lg._version = version
 
 
+SHARED_TRAINER = Path(__file__).resolve().parents[1] / "configs" / "trainer.yaml"
+
+
 def main(args: list[str] | None = None) -> TrainCLI:
+    shared = {"default_config_files": [str(SHARED_TRAINER)]}
     return TrainCLI(
         L.LightningModule, L.LightningDataModule,
         subclass_mode_model=True, subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_kwargs={"parser_mode": "omegaconf+", **{sub: shared for sub in TrainCLI.subcommands()}},
         args=args,
     )

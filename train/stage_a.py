@@ -34,8 +34,7 @@ class StageATraining(ExportsWeights, L.LightningModule):
     stage = "stage_a"
     frozen = ("perceptual.", "metric_lpips.")
 
-    def __init__(self, size: str | dict = "tiny", lr: float = 1e-4, weight_decay: float = 0.01,
-                 warmup_steps: int = 0, lr_schedule: str = "constant", mse_weight: float = 1.0, perceptual_weight: float = 0.1,
+    def __init__(self, size: str | dict = "tiny", mse_weight: float = 1.0, perceptual_weight: float = 0.1,
                  perceptual_net: str = "alex", adv_weight: float = 0.01, adv_start_step: int = 10_000,
                  disc_widths: tuple[int, ...] = (64, 128, 256), quantize_skip_prob: float = 0.1,
                  ema_decay: float | None = 0.999, codebook_init_from_data: bool = True,
@@ -44,7 +43,7 @@ class StageATraining(ExportsWeights, L.LightningModule):
         config = stage_a_config(size)
         self.save_hyperparameters()
         self.model = StageA(config)
-        self.ema = make_ema(self.model) if ema_decay else None
+        self.ema = ema_of(self.model, ema_decay) if ema_decay else None
         self.discriminator = PatchDiscriminator(tuple(disc_widths)) if adv_weight > 0 else None
         self.perceptual = Perceptual(perceptual_net)
         self.metric_lpips = self.perceptual if metric_net == perceptual_net else Perceptual(metric_net)
@@ -93,30 +92,8 @@ class StageATraining(ExportsWeights, L.LightningModule):
                 self.discriminator.requires_grad_(True)
                 loss = loss + w_adv * g_adv
                 self.log("train/g_adv", g_adv)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"Stage A loss is {loss.item()} at step {self.global_step} (mse {mse.item():.4g}, "
-                f"perceptual {perceptual.item():.4g}, vq {vq_loss.item():.4g}); {self.nan_advice()}"
-            )
-        self.log_dict({"train/loss": loss, "train/mse": mse, "train/perceptual": perceptual, "train/vq": vq_loss},
-                      prog_bar=False)
-        self.log("loss", loss, prog_bar=True, logger=False)
-        return loss
+        return self.log_training_loss(loss, {"mse": mse, "perceptual": perceptual, "vq": vq_loss})
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None:  # warm-up: short memory early, while the weights move fast
-            step = self.global_step
-            update_ema(self.ema, self.model, warmup_decay(self.hparams.ema_decay, step))
-
-    def configure_optimizers(self):
-        h = self.hparams
-        groups = [{"params": self.model.parameters()}]
-        if self.discriminator is not None:
-            groups.append({"params": self.discriminator.parameters()})
-        opt = torch.optim.AdamW(groups, lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.95))
-        return with_schedule(opt, h.warmup_steps, h.lr_schedule, self.trainer.max_steps if self.trainer else -1)
-
-    # -- checkpoints ------------------------------------------------------------------------
     # -- validation -------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]
@@ -128,17 +105,7 @@ class StageATraining(ExportsWeights, L.LightningModule):
         self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim, "val/lpips": self.val_lpips},
                       prog_bar=True)
         if batch_idx == 0 and self.hparams.grid_images:
-            out = self.run_dir / "samples" / f"recon_step{self.global_step:07d}.png"  # every rank: log_dir syncs
-            if not self.trainer.is_global_zero:
-                return
-            n = min(self.hparams.grid_images, images.shape[0])
-            out.parent.mkdir(parents=True, exist_ok=True)
-            save_image(torch.cat([images[:n], recon[:n]]), out, nrow=n, padding=2, pad_value=1.0)
+            self.write_grid("recon", images, recon)
 
-    def export(self) -> Path | None:
-        """Write the (EMA) weights to ``<run dir>/model.safetensors`` (rank 0), config in the metadata."""
-        path = self.run_dir / "model.safetensors"
-        if not self.trainer.is_global_zero:
-            return None
-        return save_safetensors(self.eval_model, path, "stage_a", self.model.config.to_dict(), overwrite=True,
-                                extra={**self.export_metadata(), "lpips": self.perceptual.description})
+    def export_metadata(self) -> dict:
+        return {**super().export_metadata(), "lpips": self.perceptual.description}

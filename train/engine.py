@@ -1,0 +1,422 @@
+"""The training engine: one LightningModule base for every stage, and the diffusion engine composed of
+parts, as in generative-models' ``DiffusionEngine``.
+
+``StageTraining`` (every stage, Stage A's GAN included): the run folder, checkpoints that name their
+stage and leave out frozen networks, EMA weights (``torch.optim.swa_utils.AveragedModel``) used by
+validation and exports, the optimizer and schedule given to the Lightning CLI (``optimizer:`` /
+``lr_scheduler:``), NaN checks, PNG grids and the safetensors export.
+
+``DiffusionTraining`` (Stages B, C and the pixel decoder) is composed of
+  * the network and its ``diffusion.Denoiser`` (schedule, parameterisation, loss weight),
+  * a ``target``: what is noised (``Latents`` of a frozen encoder, or ``Pixels``),
+  * ``conditions``: the network's inputs besides x_t and t, each with its own training-time
+    augmentation (``SemanticCondition``: noised and dropped, paper Sec. 3.2; ``TextCondition``: dropped
+    for classifier-free guidance),
+  * frozen ``encoders`` by name (``stage_a``, ``semantic``, ``text``) that make targets and conditions
+    from a batch's images and captions, or read them from precomputed shards (same names),
+  * validation: the loss at fixed noise, and the stage's ``validation_images`` (paired metrics and a grid).
+A stage is a thin subclass that builds these from its configuration.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+from torchvision.utils import save_image
+
+from diffusion import CosineSchedule
+from semantic_compressor import load_compressor, normalize_latents
+from stages.checkpoint import fingerprint, read_metadata, read_weights, resolve_checkpoint, save_safetensors
+from stages.denoisers import denoiser_for
+from stages.metrics import Perceptual, fid_metric
+from stages.text_encoder import TextEncoder, build_text_encoder
+
+
+def ema_of(module: nn.Module, decay: float) -> AveragedModel:
+    """A frozen exponential moving average of ``module``; the decay warms up as min(decay, (1 + n) / (10 + n))
+    after n updates (a short memory early, while the weights move fast). Integer buffers are copied."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n.item()) / (10.0 + n.item())))
+        else:
+            torch._foreach_copy_(averaged, current)
+
+    return AveragedModel(module, multi_avg_fn=update, use_buffers=True).requires_grad_(False).eval()
+
+
+def text_encoder_for(name: str | dict | None, width: int | None, what: str) -> TextEncoder | None:
+    """The named text encoder, checked against the width ``what`` expects (None: no text)."""
+    encoder = build_text_encoder(name)
+    if bool(width) != (encoder is not None) or (encoder is not None and encoder.dim != width):
+        raise ValueError(f"{what} expects text states of width {width}, but text_encoder is {name!r}"
+                         + (f" (width {encoder.dim})" if encoder else "")
+                         + "; pick a matching text_encoder or set c_text in the size")
+    return encoder
+
+
+def initial_weights(init_from: str, stage: str, checks: dict[str, tuple[str, str]]) -> tuple[dict, dict | None, dict]:
+    """``(state, config, metadata)`` of the export or run to start from, refused when it was trained on
+    other frozen inputs (``checks``: ``{metadata key: (our fingerprint, what)}``)."""
+    path = resolve_checkpoint(init_from)
+    state, config = read_weights(path, stage)
+    meta = read_metadata(path)
+    for key, (ours, what) in checks.items():
+        if meta.get(key) not in (None, ours):
+            raise ValueError(f"{path} was trained with another {what} ({meta[key]}) than this run's ({ours}); "
+                             f"pass the {what} it was trained with")
+    return state, config, {**meta, "path": str(path)}
+
+
+def training_cost(meta: dict) -> dict:
+    """The whole chain's cost so far: the starting export's own steps and wall time plus what it started from."""
+    return {f"init_{k}": meta[k] + meta.get(f"init_{k}", 0) for k in ("global_step", "wall_time_s") if k in meta}
+
+
+class StageTraining(L.LightningModule):
+    """What every stage's LightningModule shares. Subclasses set ``stage``, ``frozen`` (prefixes of networks
+    rebuilt on load, never saved), ``self.model`` and ``self.ema`` (``ema_of(model)`` or None), and
+    implement ``export_metadata()``; ``trained_on()`` names the fingerprints of the frozen inputs the stage
+    depends on (``{key: (fingerprint, what)}``); resuming with other ones is refused."""
+
+    stage: str = ""
+    frozen: tuple[str, ...] = ()
+
+    @property
+    def title(self) -> str:
+        return "Stage " + self.stage.removeprefix("stage_").upper() if self.stage.startswith("stage_") else "pixel decoder"
+
+    def trained_on(self) -> dict[str, tuple[str, str]]:
+        return {}
+
+    # -- weights --------------------------------------------------------------------------------
+    def averaged(self) -> list[tuple[AveragedModel, nn.Module]]:
+        """(EMA, network) pairs updated after every optimizer step."""
+        return [(self.ema, self.model)] if self.ema is not None else []
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validation and exports use: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name, module in self.named_children():  # frozen networks and EMA copies never leave eval mode
+            if name + "." in self.frozen or isinstance(module, AveragedModel):
+                module.eval()
+        return self
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        for ema, model in self.averaged():
+            ema.update_parameters(model)
+
+    def configure_optimizers(self):
+        """Used when the config names no ``optimizer`` (the CLI's own then replaces this)."""
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
+
+    def on_train_start(self) -> None:
+        """The optimizer settings given now take effect, also on resume, where Lightning has restored the saved
+        optimizer and schedule: each group's lr is rescaled to the given base rate (keeping the schedule's
+        current factor) and its weight decay set to the given one."""
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                base = group.get("initial_lr", group["lr"])
+                group["lr"] *= optimizer.defaults["lr"] / base if base else 1.0
+                group["initial_lr"] = optimizer.defaults["lr"]
+                if "weight_decay" in optimizer.defaults:
+                    group["weight_decay"] = optimizer.defaults["weight_decay"]
+        for config in self.trainer.lr_scheduler_configs:
+            config.scheduler.base_lrs = [g["initial_lr"] for g in config.scheduler.optimizer.param_groups]
+        self._fit_started = time.time()
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["stage"] = self.stage
+        checkpoint["model_config"] = self.model.config.to_dict()
+        checkpoint.update({key: fp for key, (fp, _) in self.trained_on().items()})
+        for k in [k for k in checkpoint["state_dict"] if k.startswith(self.frozen)]:
+            del checkpoint["state_dict"][k]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("stage", self.stage) != self.stage:
+            raise ValueError(f"this is a {checkpoint['stage']} checkpoint, not a {self.title} one")
+        for key, (fp, what) in self.trained_on().items():
+            saved = checkpoint.get(key)
+            if saved is not None and saved != fp:
+                raise ValueError(f"this {self.title} checkpoint was trained on a different {what} (fingerprint {saved}, "
+                                 f"the given one is {fp}); pass the {what} it was trained with")
+        for k, v in self.state_dict().items():  # frozen networks come from the module, not the file
+            if k.startswith(self.frozen):
+                checkpoint["state_dict"][k] = v
+
+    # -- losses ---------------------------------------------------------------------------------
+    def nan_advice(self) -> str:
+        """What to change after a NaN or infinite loss; resuming is advised only from a checkpoint that exists."""
+        advice = "lower the learning rate (--optimizer.init_args.lr) or enable gradient clipping (--trainer.gradient_clip_val)"
+        callback = self.trainer.checkpoint_callback
+        candidates = [Path(callback.dirpath) / "last.ckpt"] if callback and callback.dirpath else []
+        candidates += [Path(self.trainer.ckpt_path)] if self.trainer.ckpt_path else []
+        last = next((p for p in candidates if p.is_file()), None)
+        if last is None:
+            return f"{advice} and start again (no checkpoint was saved before this step)"
+        return f"{advice} and resume with --ckpt_path {last}"
+
+    def log_training_loss(self, loss: torch.Tensor, parts: dict | None = None) -> torch.Tensor:
+        """Log the step's loss (and its ``parts``); a NaN or infinite loss stops training with what to change."""
+        if not loss.isfinite():
+            detail = ", ".join(f"{k} {v.item():.4g}" for k, v in (parts or {}).items())
+            raise FloatingPointError(f"{self.title} loss is {loss.item()} at step {self.global_step}"
+                                     f"{f' ({detail})' if detail else ''}; {self.nan_advice()}")
+        self.log_dict({"train/loss": loss, **{f"train/{k}": v for k, v in (parts or {}).items()}})
+        self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    # -- outputs --------------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        """The run's folder; under DDP every rank must ask (``trainer.log_dir`` is a collective call)."""
+        return Path(self.trainer.log_dir or ".")
+
+    def write_grid(self, name: str, real: torch.Tensor, generated: torch.Tensor, captions: list[str] | None = None):
+        """``<run>/samples/<name>_step<N>.png``: real images on top, generated below (rank 0; every rank calls)."""
+        out = self.run_dir / "samples" / f"{name}_step{self.global_step:07d}.png"
+        if not self.trainer.is_global_zero:
+            return
+        n = min(self.hparams.grid_images, real.shape[0])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_image(torch.cat([real[:n], generated[:n]]).float(), out, nrow=n, padding=2, pad_value=1.0)
+        if captions:
+            out.with_suffix(".txt").write_text("\n".join(captions[:n]) + "\n")
+
+    def run_metadata(self) -> dict:
+        """Step and wall time of this fit (since it started or resumed)."""
+        meta = {"global_step": self.global_step}
+        if hasattr(self, "_fit_started"):
+            meta["wall_time_s"] = round(time.time() - self._fit_started, 1)
+        return meta
+
+    def export_metadata(self) -> dict:
+        """What the export records besides the weights and config (subclasses add theirs)."""
+        return self.run_metadata()
+
+    def export(self) -> Path | None:
+        """``<run>/model.safetensors``: the EMA weights with config and ``export_metadata()`` (rank 0)."""
+        path = self.run_dir / "model.safetensors"
+        if not self.trainer.is_global_zero:
+            return None
+        return save_safetensors(self.eval_model, path, self.stage, self.eval_model.config.to_dict(), overwrite=True,
+                                extra=self.export_metadata())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.export()
+
+    def on_train_end(self) -> None:
+        self.export()
+
+
+@dataclass
+class Latents:
+    """Target: a frozen encoder's latents (``stage_a``: Stage A's, ``semantic``: the compressor's), as
+    (x + shift) / scale."""
+    key: str
+    shift: float = 0.0
+    scale: float = 1.0
+
+    def __call__(self, engine: "DiffusionTraining", batch: dict, train: bool) -> torch.Tensor:
+        return normalize_latents(engine.encode(self.key, batch, train), self.shift, self.scale)
+
+
+@dataclass
+class Pixels:
+    """Target: the images at side ``resolution`` (aspect kept), in [-1, 1] (the pixel decoder)."""
+    resolution: int
+
+    def __call__(self, engine: "DiffusionTraining", batch: dict, train: bool) -> torch.Tensor:
+        images = batch["image"]
+        size = (self.resolution, round(images.shape[-1] * self.resolution / images.shape[-2]))
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+        return images.clamp(0, 1) * 2 - 1
+
+
+@dataclass
+class SemanticCondition:
+    """The compressor's latents, (x + shift) / scale; in training noised at a random t < ``noise_max_t``
+    with probability ``noise_prob`` (so the decoder accepts imperfect Stage C output) and zeroed with
+    probability ``drop_prob`` (classifier-free guidance), paper Sec. 3.2."""
+    shift: float = 0.0
+    scale: float = 1.0
+    noise_prob: float = 0.0
+    noise_max_t: float = 0.0
+    drop_prob: float = 0.0
+
+    def __call__(self, engine: "DiffusionTraining", batch: dict, train: bool) -> torch.Tensor:
+        latents = normalize_latents(engine.encode("semantic", batch, train), self.shift, self.scale)
+        if not train:
+            return latents
+        b, device = latents.shape[0], latents.device
+        noised = torch.rand(b, device=device) < self.noise_prob
+        if noised.any():
+            t = torch.rand(b, device=device) * self.noise_max_t
+            noisy = CosineSchedule().add_noise(latents, t, torch.randn_like(latents))
+            latents = torch.where(noised[:, None, None, None], noisy, latents)
+        return latents * (torch.rand(b, device=device) >= self.drop_prob)[:, None, None, None]
+
+
+@dataclass
+class TextCondition:
+    """The text encoder's token states; in training replaced by the empty prompt's with probability
+    ``drop_prob`` (classifier-free guidance). Without a text encoder the condition is None."""
+    drop_prob: float = 0.0
+
+    def __call__(self, engine: "DiffusionTraining", batch: dict, train: bool) -> torch.Tensor | None:
+        if engine.text_encoder is None:
+            return None
+        text = engine.encode("text", batch, train)
+        if not train:
+            return text
+        drop = (torch.rand(text.shape[0], device=text.device) < self.drop_prob)[:, None, None]
+        return torch.where(drop, engine.text_encoder.empty(text.shape[0]).to(text), text)
+
+
+class DiffusionTraining(StageTraining):
+    """A diffusion stage: ``target`` noised and denoised by ``model`` given ``conditions`` (see the module
+    docstring). Subclasses build ``model``, the encoders (``compressor`` and ``text_encoder``, None where
+    unused; ``stage_a`` where the target needs it), ``target`` and ``conditions``, then call ``setup_parts()``."""
+
+    logsnr_shift: float = 0.0
+    paired_metrics: bool = False  # validation images are reconstructions of the real ones (PSNR, LPIPS, FID)
+
+    def setup_parts(self, ema_decay: float | None, metric_net: str | None = None, val_fid: bool = False) -> None:
+        self.ema = ema_of(self.model, ema_decay) if ema_decay else None
+        trained_compressor = self.compressor is not None and any(p.requires_grad for p in self.compressor.parameters())
+        self.compressor_ema = ema_of(self.compressor, ema_decay) if ema_decay and trained_compressor else None
+        self.latent_cache: dict[tuple[str, str], torch.Tensor] = {}
+        if self.paired_metrics:
+            self.val_psnr = torchmetrics.image.PeakSignalNoiseRatio(data_range=1.0)
+            self.perceptual = Perceptual(metric_net) if metric_net else None
+            self.val_lpips = torchmetrics.MeanMetric()
+            self.val_fid = fid_metric() if val_fid else None
+
+    def averaged(self):
+        return super().averaged() + ([(self.compressor_ema, self.compressor)] if self.compressor_ema else [])
+
+    @property
+    def eval_compressor(self):
+        return self.compressor_ema.module if self.compressor_ema is not None else self.compressor
+
+    def denoiser(self, network: nn.Module):
+        return denoiser_for(network, logsnr_shift=self.logsnr_shift, loss_weight=self.hparams.loss_weight,
+                            sigmoid_bias=self.hparams.get("sigmoid_bias", 0.0))
+
+    # -- encoders -------------------------------------------------------------------------------
+    def encoder_fingerprints(self) -> dict[str, str]:
+        """What a precomputed shard set must have been made with (its manifest's keys)."""
+        found = {"stage_a_fingerprint": getattr(self, "stage_a", None), "compressor_fingerprint": self.compressor,
+                 "text_encoder_fingerprint": self.text_encoder}
+        return {k: fingerprint(m) for k, m in found.items() if m is not None}
+
+    def setup(self, stage: str) -> None:
+        """Refuse precomputed shards made by other encoder weights before any step."""
+        manifest = getattr(self.trainer.datamodule, "precomputed", None) if self.trainer else None
+        if not manifest:
+            return
+        if self.compressor is not None and self.compressor_ema is not None:
+            raise ValueError("precomputed shards hold fixed compressor latents, but this run trains the compressor; "
+                             "set compressor to a trained one (frozen) or train from images")
+        for key, ours in self.encoder_fingerprints().items():
+            if manifest.get(key) not in (None, ours):
+                raise ValueError(f"the precomputed shards were made with other weights ({key} {manifest[key]}, "
+                                 f"this run's is {ours}); precompute them again with this run's encoders")
+
+    def encode(self, key: str, batch: dict, train: bool) -> torch.Tensor:
+        """``stage_a``, ``semantic`` or ``text`` of a batch: from precomputed shards when the batch holds it,
+        else from the frozen encoder (the trained compressor with gradients, or its EMA in validation),
+        cached per sample key when ``cache_latents`` is set."""
+        if key in batch:
+            return batch[key].float()
+        if key == "text":
+            return self.text_encoder(batch["caption"])
+        if key == "semantic" and self.compressor_ema is not None:
+            return self.compressor(batch["image"]) if train else self.eval_compressor(batch["image"])
+        encode = self.stage_a.encode if key == "stage_a" else self.compressor
+        if not (train and self.hparams.cache_latents):
+            with torch.no_grad():
+                return encode(batch["image"])
+        missing = [i for i, k in enumerate(batch["key"]) if (key, k) not in self.latent_cache]
+        if missing:
+            with torch.no_grad():
+                fresh = encode(batch["image"][missing]).cpu()
+            self.latent_cache.update({(key, batch["key"][i]): z for i, z in zip(missing, fresh)})
+        return torch.stack([self.latent_cache[key, k] for k in batch["key"]]).to(self.device)
+
+    # -- training -------------------------------------------------------------------------------
+    def inputs(self, batch: dict, train: bool) -> tuple[torch.Tensor, list]:
+        return self.target(self, batch, train), [condition(self, batch, train) for condition in self.conditions]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x0, conditions = self.inputs(batch, train=True)
+        t = torch.rand(x0.shape[0], device=x0.device)
+        return self.log_training_loss(self.denoiser(self.model).loss(x0, t, torch.randn_like(x0), *conditions))
+
+    # -- validation -----------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x0, conditions = self.inputs(batch, train=False)
+        gen = torch.Generator(device=self.device).manual_seed(batch_idx)  # the same noise at every validation
+        t = torch.rand(x0.shape[0], generator=gen, device=self.device)
+        noise = torch.randn(x0.shape, generator=gen, device=self.device)
+        self.log("val/loss", self.denoiser(self.eval_model).loss(x0, t, noise, *conditions), prog_bar=True)
+        if not self.hparams.sample_steps:
+            return
+        images = self.validation_images(batch, batch_idx, gen)
+        if images is None:
+            return
+        real, generated = images
+        if self.paired_metrics:
+            self.val_psnr(generated, real)
+            self.log("val/psnr", self.val_psnr, prog_bar=True)
+            if self.perceptual is not None:
+                self.val_lpips.update(self.perceptual(generated, real))
+                self.log("val/lpips", self.val_lpips, prog_bar=True)
+            if self.val_fid is not None:
+                self.val_fid.update(real, real=True)
+                self.val_fid.update(generated, real=False)
+        if batch_idx == 0 and self.hparams.grid_images:
+            self.write_grid(self.grid_name, real, generated, None if self.paired_metrics else batch["caption"])
+
+    def validation_images(self, batch: dict, batch_idx: int, gen: torch.Generator):
+        """``(real, generated)`` images in [0, 1] for the grid (and paired metrics), or None."""
+        return None
+
+    def on_validation_epoch_end(self) -> None:
+        if self.paired_metrics and self.val_fid is not None:
+            self.log("val/fid", self.val_fid.compute(), prog_bar=True)
+            self.val_fid.reset()
+        super().on_validation_epoch_end()
+
+    def export_metadata(self) -> dict:
+        return {**super().export_metadata(), "diffusion": self.denoiser(self.eval_model).describe(),
+                **{key: fp for key, (fp, _) in self.trained_on().items()}}
+
+
+def frozen_compressor(path: str, channels: int, what: str):
+    """A trained compressor (``compressor.safetensors`` or a Stage B run folder), frozen, with the channels
+    ``what`` expects."""
+    compressor = load_compressor(path).requires_grad_(False)
+    check_channels(compressor, channels, what)
+    return compressor
+
+
+def check_channels(compressor, channels: int, what: str) -> None:
+    if compressor.config.latent_channels != channels:
+        raise ValueError(f"the compressor gives {compressor.config.latent_channels} latent channels; {what} expects "
+                         f"{channels} (c_semantic)")
+
