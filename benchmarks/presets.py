@@ -26,7 +26,8 @@ def read_preset(path: str | Path) -> dict:
     cfg = yaml.safe_load(Path(path).read_text())
     trainer, model, data = cfg["trainer"], cfg["model"]["init_args"], cfg["data"]["init_args"]
     return {"precision": trainer.get("precision", "32-true"), "strategy": trainer.get("strategy", "auto"),
-            "gradient_clip_val": trainer.get("gradient_clip_val"), "size": model["size"], "lr": model.get("lr", 1e-4),
+            "gradient_clip_val": trainer.get("gradient_clip_val"), "size": model["size"],
+            "lr": cfg.get("optimizer", {}).get("init_args", {}).get("lr", 1e-4),
             "px": data["image_size"], "batch": data["batch_size"]}
 
 

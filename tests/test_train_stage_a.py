@@ -10,7 +10,7 @@ from train.cli import main as cli_main
 from train.data import ImageTextData
 from train.stage_a import StageATraining
 
-TINY = dict(size=dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64), lr=1e-3, disc_widths=[8, 16],
+TINY = dict(size=dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64), disc_widths=[8, 16],
             adv_start_step=2, ema_decay=0.9)
 
 

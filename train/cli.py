@@ -3,7 +3,8 @@
 Resuming (``--ckpt_path``) keeps the configuration given now. A checkpoint of another stage or
 configuration is refused, and of the model's settings only those in ``CHANGEABLE_ON_RESUME`` may
 differ from the checkpoint's; they take effect (the learning rate and weight decay in the restored
-optimizer too, see ``train.export.ExportsWeights.on_train_start``).
+optimizer too, see ``train.engine.StageTraining.on_train_start``); the optimizer and schedule
+(``optimizer:``, ``lr_scheduler:``) may always change.
 """
 from __future__ import annotations
 

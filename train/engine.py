@@ -297,8 +297,8 @@ class DiffusionTraining(StageTraining):
 
     def setup_parts(self, ema_decay: float | None, metric_net: str | None = None, val_fid: bool = False) -> None:
         self.ema = ema_of(self.model, ema_decay) if ema_decay else None
-        trained_compressor = self.compressor is not None and any(p.requires_grad for p in self.compressor.parameters())
-        self.compressor_ema = ema_of(self.compressor, ema_decay) if ema_decay and trained_compressor else None
+        self.trains_compressor = self.compressor is not None and any(p.requires_grad for p in self.compressor.parameters())
+        self.compressor_ema = ema_of(self.compressor, ema_decay) if ema_decay and self.trains_compressor else None
         self.latent_cache: dict[tuple[str, str], torch.Tensor] = {}
         if self.paired_metrics:
             self.val_psnr = torchmetrics.image.PeakSignalNoiseRatio(data_range=1.0)
@@ -329,7 +329,7 @@ class DiffusionTraining(StageTraining):
         manifest = getattr(self.trainer.datamodule, "precomputed", None) if self.trainer else None
         if not manifest:
             return
-        if self.compressor is not None and self.compressor_ema is not None:
+        if self.trains_compressor:
             raise ValueError("precomputed shards hold fixed compressor latents, but this run trains the compressor; "
                              "set compressor to a trained one (frozen) or train from images")
         for key, ours in self.encoder_fingerprints().items():
@@ -345,7 +345,7 @@ class DiffusionTraining(StageTraining):
             return batch[key].float()
         if key == "text":
             return self.text_encoder(batch["caption"])
-        if key == "semantic" and self.compressor_ema is not None:
+        if key == "semantic" and self.trains_compressor:
             return self.compressor(batch["image"]) if train else self.eval_compressor(batch["image"])
         encode = self.stage_a.encode if key == "stage_a" else self.compressor
         if not (train and self.hparams.cache_latents):

@@ -11,24 +11,17 @@ discriminator's, so one backward and one step per batch train both, and ``global
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from torchvision.utils import save_image
 
-from stages.checkpoint import save_safetensors
-from stages.stage_a import StageA, stage_a_config
-from train.ema import make_ema, update_ema, warmup_decay
-from train.export import ExportsWeights
-from train.optim import with_schedule
 from stages.metrics import Perceptual
+from stages.stage_a import StageA, stage_a_config
+from train.engine import StageTraining, ema_of
 from train.losses import PatchDiscriminator, generator_adv_loss, hinge_d_loss
 
 
-class StageATraining(ExportsWeights, L.LightningModule):
+class StageATraining(StageTraining):
     """LightningModule for Stage A; ``size`` names a preset (``tiny``, ``paper``) or gives its fields."""
 
     stage = "stage_a"

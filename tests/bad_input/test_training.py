@@ -206,7 +206,7 @@ def test_checkpoint_of_another_network_size_is_refused(openmoji_dir, stage_a_run
 def test_settings_that_cannot_change_are_named(openmoji_dir, stage_a_run, last_ckpt, capsys, unchanged):
     with unchanged(stage_a_run):
         code, err = resume(stage_a_run, openmoji_dir, last_ckpt, capsys, "--model.init_args.ema_decay", "0.5",
-                           "--model.init_args.disc_widths", "[8, 32]", "--model.init_args.lr", "0.01")
+                           "--model.init_args.disc_widths", "[8, 32]", "--optimizer.init_args.lr", "0.01")
     line = assert_error(code, err, "cannot change disc_widths, ema_decay", "checkpoint 0.995, given 0.5")
     assert code == 2 and "lr" not in line.split("(")[0]
 
@@ -215,14 +215,14 @@ def test_changed_lr_and_weight_decay_take_effect_on_resume(openmoji_dir, stage_a
     saved = torch.load(last_ckpt, weights_only=True)
     before = snapshot(stage_a_run / "tiny" / "version_0")
     cli = cli_main(stage_a_args(stage_a_run, openmoji_dir, "--ckpt_path", str(last_ckpt),
-                                "--model.init_args.lr", "0.25", "--model.init_args.weight_decay", "0.5",
-                                "--model.init_args.warmup_steps", "0", "--model.init_args.lr_schedule", "constant",
-                                steps=3))
+                                "--optimizer.init_args.lr", "0.25", "--optimizer.init_args.weight_decay", "0.5",
+                                "--lr_scheduler.init_args.warmup_steps", "0",
+                                "--lr_scheduler.init_args.total_steps", "null", steps=3))
     opt = cli.trainer.optimizers[0]
     assert cli.trainer.global_step == 3 and saved["global_step"] == 2
-    assert [g["lr"] for g in opt.param_groups] == [0.25, 0.25]  # saved: 2e-3 at warm-up factor 2/100
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.5]
-    assert cli.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [0.25, 0.25]
+    assert [g["lr"] for g in opt.param_groups] == [0.25]  # saved: 2e-3 at warm-up factor 2/100
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5]
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [0.25]
     assert all(s["step"].item() == 3 for s in opt.state.values())  # Adam's moments went on from the saved ones
     assert snapshot(stage_a_run / "tiny" / "version_0") == before
     assert cli.trainer.log_dir != str(stage_a_run / "tiny" / "version_0")
@@ -320,7 +320,7 @@ def _nan_fit(openmoji_dir, tmp_path, monkeypatch, nan_from_step: int) -> str:
 
 def test_nan_before_any_checkpoint_does_not_advise_resuming(openmoji_dir, tmp_path, monkeypatch):
     message = _nan_fit(openmoji_dir, tmp_path, monkeypatch, nan_from_step=0)
-    assert "at step 0" in message and "--model.init_args.lr" in message
+    assert "at step 0" in message and "--optimizer.init_args.lr" in message
     assert "start again (no checkpoint was saved" in message and "resume" not in message
     assert not (tmp_path / "ckpt" / "last.ckpt").exists()
 

@@ -1,0 +1,145 @@
+"""The training engine: EMA and schedule parts, composition, precomputed-encoder checks, and every stage
+(A, B, C, pixel decoder phases 1-3) trained by the CLI under 2-process DDP (gloo) in bf16-mixed."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from train.engine import ema_of
+from train.optim import WarmupCosine
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_COMPRESSOR = ROOT / "checkpoints" / "tiny" / "compressor.safetensors"
+
+
+def test_ema_warms_up_then_decays_at_the_set_rate():
+    net = nn.Linear(2, 2)
+    ema = ema_of(net, decay=0.9)
+    assert not any(p.requires_grad for p in ema.parameters())  # never seen by DDP or the optimizer
+    expected = net.weight.detach().clone()  # the first update copies
+    for n in range(30):
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        ema.update_parameters(net)
+        if n:
+            d = min(0.9, (1 + n) / (10 + n))
+            expected = d * expected + (1 - d) * net.weight.detach()
+        else:
+            expected = net.weight.detach().clone()
+    assert torch.allclose(ema.module.weight, expected, atol=1e-5)
+    assert ema.n_averaged.item() == 30
+
+
+def test_warmup_cosine_factors():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = WarmupCosine(opt, warmup_steps=4, total_steps=20, final=0.1)
+    lrs = []
+    for _ in range(21):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(2.0 * 0.25 * (0.1 + 0.9 * 0.5 * (1 + math.cos(0))))
+    assert lrs[3] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 20))))
+    assert lrs[20] == pytest.approx(0.2)
+    constant = WarmupCosine(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), warmup_steps=0)
+    assert constant.get_last_lr() == [1.0]
+    with pytest.raises(ValueError, match="total_steps"):
+        WarmupCosine(opt, total_steps=0)
+
+
+def test_train_and_sample_never_import_each_other():
+    """Imports point one way: training and sampling both build on the library (stages, diffusion)."""
+    for app, other in (("train", "sample"), ("sample", "train")):
+        for path in (ROOT / app).rglob("*.py"):
+            text = path.read_text()
+            assert f"from {other}" not in text and f"import {other}" not in text, path
+
+
+def test_precomputed_shards_of_other_encoders_are_refused(tmp_path):
+    from semantic_compressor import load_compressor
+    from stages.checkpoint import fingerprint
+    from train.stage_c import StageCTraining
+
+    module = StageCTraining(size=dict(width=32, depth=1, heads=2, c_text=384, dropout=0.0),
+                            compressor=str(SHIPPED_COMPRESSOR))
+
+    class Trainer:  # what setup() reads: the data module's manifest
+        datamodule = type("Data", (), {"precomputed": {"compressor_fingerprint": "0123456789abcdef"}})()
+
+    module._trainer = Trainer()
+    with pytest.raises(ValueError, match="precompute them again"):
+        module.setup("fit")
+    Trainer.datamodule.precomputed = {"compressor_fingerprint": fingerprint(load_compressor(SHIPPED_COMPRESSOR))}
+    module.setup("fit")  # the same weights: accepted
+    # a batch that carries the latents is not encoded again
+    latents = torch.randn(2, 16, 2, 2)
+    got = module.target(module, {"semantic": latents.half(), "caption": ["a", "b"], "key": ["a", "b"]}, True)
+    assert torch.allclose(got, (latents.half().float() + 1) / 42)
+
+
+# --------------------------------------------------------------------------- every stage under DDP + bf16
+TINY_A = dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64)
+TINY_B = dict(widths=[16, 32], blocks=[1, 1], heads=[0, 2], inject_semantic=[False, True], c_cond=16, c_text=None,
+              dropout=0.0)
+TINY_C = dict(width=32, depth=1, heads=2, c_text=384, dropout=0.0)
+SMALL_PD = {"resolution": 32, "core_grid": 8, "entry_channels": 16, "width": 32, "depth": 1, "heads": 2, "c_t": 32,
+            "level_widths": [8, 16, 16], "level_blocks": [0, 1, 1], "level_heads": [0, 0, 0],
+            "level_kv_strides": [1, 1, 1]}
+
+
+def _ddp_fit(config: str, root: Path, openmoji_dir, *extra: str, image_size: int = 64) -> Path:
+    """``python -m train fit`` with 2 gloo processes in bf16-mixed: 2 steps, one validation, an export."""
+    cmd = [sys.executable, "-m", "train", "fit", "--config", config,
+           "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+           "--trainer.precision=bf16-mixed", "--trainer.default_root_dir", str(root), "--trainer.max_steps", "2",
+           "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+           "--data.init_args.embedded_dir", str(openmoji_dir), "--data.init_args.image_size", str(image_size),
+           "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2",
+           "--data.init_args.val_batch_size", "2", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = sorted(root.glob("*/version_0"))
+    assert len(runs) == 1, runs
+    run = runs[0]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert any(k.startswith("ema.module.") for k in ckpt["state_dict"])  # the EMA travels in the checkpoint
+    assert (run / "model.safetensors").is_file() and "val/" in (run / "metrics.csv").read_text()
+    return run
+
+
+def _size(preset: dict) -> str:
+    return json.dumps(preset)
+
+
+@pytest.mark.slow
+def test_every_stage_trains_validates_and_exports_under_ddp_in_bf16(openmoji_dir, tmp_path):
+    from stages.decoders import pixel_decoder_metadata
+
+    a = _ddp_fit("configs/stage_a/tiny.yaml", tmp_path / "a", openmoji_dir, "--model.init_args.size", _size(TINY_A),
+                 "--model.init_args.disc_widths", "[8, 16]", "--model.init_args.adv_start_step", "1",
+                 "--data.init_args.resize", "null", image_size=32)
+    assert list((a / "samples").glob("recon_step*.png"))
+    b = _ddp_fit("configs/stage_b/tiny.yaml", tmp_path / "b", openmoji_dir, "--model.init_args.size", _size(TINY_B),
+                 "--model.init_args.stage_a", str(a), "--model.init_args.sample_steps", "2")
+    assert (b / "compressor.safetensors").is_file() and "val/psnr" in (b / "metrics.csv").read_text()
+    c = _ddp_fit("configs/stage_c/tiny.yaml", tmp_path / "c", openmoji_dir, "--model.init_args.size", _size(TINY_C),
+                 "--model.init_args.compressor", str(b), "--model.init_args.stage_b", str(b),
+                 "--model.init_args.sample_steps", "2", "--model.init_args.decoder_steps", "2")
+    assert list((c / "samples").glob("text_to_image_step*.png"))
+    common = ("--model.init_args.size", _size(SMALL_PD), "--model.init_args.compressor", str(SHIPPED_COMPRESSOR),
+              "--model.init_args.sample_steps", "2")
+    p1 = _ddp_fit("configs/pixel_decoder/tiny_phase1.yaml", tmp_path / "p1", openmoji_dir, *common)
+    p2 = _ddp_fit("configs/pixel_decoder/tiny_phase2.yaml", tmp_path / "p2", openmoji_dir, *common,
+                  "--model.init_args.init_from", str(p1), "--model.init_args.resolution", "64",
+                  "--data.init_args.min_size", "64")
+    p3 = _ddp_fit("configs/pixel_decoder/tiny_phase3.yaml", tmp_path / "p3", openmoji_dir, *common,
+                  "--model.init_args.init_from", str(p2), "--model.init_args.resolution", "64")
+    assert [pixel_decoder_metadata(p / "model.safetensors")["phase"] for p in (p1, p2, p3)] == [1, 2, 3]
