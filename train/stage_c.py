@@ -44,7 +44,7 @@ class StageCTraining(DiffusionTraining):
         self.compressor_fingerprint = fingerprint(self.compressor)
         self.text_encoder = text_encoder_for(text_encoder, config.c_text, f"Stage C size {size!r}")
         self.model = StageC(config)
-        self.decoder = load_semantic_decoder(stage_b) if stage_b else None
+        self.decoder = load_semantic_decoder(stage_b).requires_grad_(False) if stage_b else None
         self.target = Latents("semantic", latent_shift, latent_scale)
         self.conditions = [TextCondition(text_drop_prob)]
         self.setup_parts(ema_decay)
