@@ -143,3 +143,18 @@ def test_every_stage_trains_validates_and_exports_under_ddp_in_bf16(openmoji_dir
     p3 = _ddp_fit("configs/pixel_decoder/tiny_phase3.yaml", tmp_path / "p3", openmoji_dir, *common,
                   "--model.init_args.init_from", str(p2), "--model.init_args.resolution", "64")
     assert [pixel_decoder_metadata(p / "model.safetensors")["phase"] for p in (p1, p2, p3)] == [1, 2, 3]
+
+
+def test_the_fsdp_overlay_builds_its_strategy():
+    """FSDP needs CUDA in Lightning, so only the GPU config's strategy is built here: the prior is the wrapped unit."""
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from stages.stage_c import StageC
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(FSDPStrategy, "strategy")
+    config = yaml.safe_load((ROOT / "configs/stage_c/fsdp_gpu.yaml").read_text())["trainer"]["strategy"]["init_args"]
+    strategy = parser.instantiate(parser.parse_object({"strategy": config})).strategy
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {StageC}
