@@ -448,22 +448,19 @@ class ShardStream(IterableDataset):
             per_rank //= self.batch_size  # training counts whole batches, validation samples
         quota = None if per_rank is None else per_rank // workers + (worker < per_rank % workers)
 
-        def one_pass(k: int) -> Iterator[dict]:
-            samples = self.samples(epoch, k, cid, consumers, rng)
-            return batch_by_shape(samples, self.batch_size, drop_last=True) if self.train else samples
         if quota is None:
-            stream = one_pass(0)
+            samples = self.samples(epoch, 0, cid, consumers, rng)
         else:  # repeated passes up to the quota: a consumer short of its share repeats its own part
-            stream = itertools.islice(endless(one_pass), quota)
-        got = [0]
-
-        def counted(items: Iterator[dict]) -> Iterator[dict]:
-            for item in items:
-                got[0] += 1
-                yield item
-        stream = counted(stream)
-        yield from stream if self.train else batch_by_shape(stream, self.batch_size, drop_last=False)
-        if quota is not None and got[0] < quota:
+            samples = endless(lambda k: self.samples(epoch, k, cid, consumers, rng))
+        if self.train:
+            stream = itertools.islice(batch_by_shape(samples, self.batch_size, drop_last=True), quota)
+        else:
+            stream = batch_by_shape(itertools.islice(samples, quota), self.batch_size, drop_last=False)
+        got = 0
+        for batch in stream:
+            got += 1 if self.train else len(batch["key"])
+            yield batch
+        if quota is not None and got < quota:
             raise ValueError(f"no readable sample for rank {rank} worker {worker} in {self.describe()} "
                              f"({SampleCounts.text(self.skipped.as_dict())}); check the shards, or lower min_size "
                              "or loosen the filters")
