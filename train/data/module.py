@@ -179,7 +179,7 @@ class ImageTextData(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
-        if self.train_set is None and stage in (None, "fit"):
+        if self.train_set is None and h.train and stage in (None, "fit"):
             self.train_set = self._source("train", True)
             if h.photo_crops_every and not isinstance(self.train_set, ShardStream):
                 raise ValueError("photo_crops_every works with shard sources (openmoji or .tar shards)")
