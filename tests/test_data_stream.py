@@ -6,6 +6,7 @@ import io
 import json
 import threading
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -223,3 +224,15 @@ def test_resampled_stream_is_seeded_by_epoch(tmp_path):
     assert epoch_keys(0) == first and epoch_keys(1) != first  # a resumed epoch sees the same stream
     with pytest.raises(ValueError, match="resampled stream is endless; set train_count"):
         ImageTextData(train=str(tmp_path), val=None, resampled=True, num_workers=0).setup("fit")
+
+
+def test_ddp_without_a_count_is_refused_before_the_ranks_drift_apart(tmp_path):
+    make_shards(tmp_path, [3, 5], image=img_bytes(size=(8, 8)))
+    dm = ImageTextData(train=str(tmp_path), val=None, image_size=8, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(current_epoch=3, world_size=2)
+    with pytest.raises(ValueError, match="2 DDP ranks need train_count .* set --data.init_args.train_count"):
+        dm.train_dataloader()
+    dm.hparams.train_count = dm.train_set.count = 8
+    dm.train_dataloader()
+    assert dm.train_set.epoch == 3  # the stream continues at the trainer's epoch

@@ -191,6 +191,10 @@ class ImageTextData(L.LightningDataModule):
         if isinstance(dataset, ShardStream):
             if self.trainer is not None:
                 dataset.epoch = self.trainer.current_epoch  # continue the seeded sequence after a resume
+                if train and dataset.count is None and self.trainer.world_size > 1:
+                    raise ValueError(f"{self.trainer.world_size} DDP ranks need train_count (the samples in "
+                                     f"{dataset.describe()}) so that every rank yields the same number of batches; "
+                                     "set --data.init_args.train_count")
             return CheckedLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
         if train and len(dataset) < batch_size:
             raise ValueError(f"{len(dataset)} images in {dataset.root} make no batch of {batch_size}; lower batch_size")

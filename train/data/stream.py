@@ -333,9 +333,9 @@ class ShardSet:
     spec: str = ""
 
 
-def endless(make_pass: Callable[[int], Iterator], first: int = 0) -> Iterator:
-    """Passes ``first``, ``first + 1``, ... one after the other; stops after a pass that yields nothing."""
-    k = first
+def endless(make_pass: Callable[[int], Iterator]) -> Iterator:
+    """Passes 0, 1, 2, ... one after the other; stops after a pass that yields nothing."""
+    k = 0
     while True:
         got = False
         for item in make_pass(k):
@@ -427,7 +427,7 @@ class ShardStream(IterableDataset):
         if len(self.sets) == 1:
             raw = self.raw(self.sets[0], epoch, k, cid, consumers)
         else:
-            streams = [endless(lambda j, s=s: self.raw(s, epoch, k + j, cid, consumers), 0) for s in self.sets]
+            streams = [endless(lambda j, s=s: self.raw(s, epoch, k + j, cid, consumers)) for s in self.sets]
             raw = mix(streams, [s.weight for s in self.sets], rng)
         if self.train and self.shuffle_buffer > 1:
             raw = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(raw)
