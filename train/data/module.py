@@ -167,6 +167,9 @@ class ImageTextData(L.LightningDataModule):
         if manifest is not None:
             count = count or self._precomputed_count(manifest, sets)
             prep = None
+            if self.buckets or h.aspect_ratio or h.metadata_filters:
+                log.warning("buckets and filters do not apply to the precomputed shards of %s (they hold latents); "
+                            "pass --buckets / --min-size to python -m train.precompute instead", spec)
         else:
             prep = ImagePrep(size, resize, crop, self.filters, self.buckets)
         extra = None
