@@ -66,6 +66,12 @@ def test_writes_shards_and_manifest_and_loads_as_encoding_the_images_gives(shard
     assert saved["text_encoder"] is None and saved["text_encoder_fingerprint"] is None
     assert saved["keys"] == ["stage_a", "semantic"] and saved["image_size"] == 64
 
+    subset = ImageTextData(train=str(out / "00000{0..1}.tar"), val=str(shards), precomputed=str(out / "manifest.json"))
+    subset.setup("fit")
+    assert subset.precomputed == saved and subset.manifests["val"] is None
+    assert subset.train_set.count == 9 and subset.train_set.prep is None and subset.val_set.prep is not None
+    with pytest.raises(FileNotFoundError, match="precomputed is set, but there is no manifest.json next to"):
+        ImageTextData(train=str(shards), val=None, precomputed=True)
     latents = ImageTextData(train=str(out), val=None, batch_size=4, num_workers=0, shuffle_buffer=1)
     assert latents.precomputed == saved
     latents.setup("fit")

@@ -87,9 +87,10 @@ class ImageTextData(L.LightningDataModule):
     training shards with replacement, endlessly (needs ``train_count`` as the epoch length).
 
     Precomputed shards (``python -m train.precompute``) are recognised by the ``manifest.json``
-    next to them (``precomputed``: True requires one, a path names it, e.g. for remote shards);
-    their batches hold ``stage_a``/``semantic``/``text`` tensors, and ``self.precomputed`` is the
-    training source's manifest (None for image data).
+    next to them (``precomputed``, for the training source: True requires one, a path names it,
+    e.g. for remote shards); their batches hold ``stage_a``/``semantic``/``text`` tensors.
+    ``self.precomputed`` is the training source's manifest (None for image data),
+    ``self.manifests["val"]`` the validation source's.
 
     ``photo_crops_every`` (Stage A only; 0 = off): every n-th training sample is a random crop of
     one of the real photos that ship with scikit-image and are not in the held-out set.
@@ -111,7 +112,9 @@ class ImageTextData(L.LightningDataModule):
         self.filters = Filters(min_size, aspect_ratio, metadata_filters or {})
         self.sets = {name: None if spec in (None, "openmoji") or is_folder_of_images(spec) else shard_sets(spec)
                      for name, spec in (("train", train), ("val", val))}
-        self.manifests = {name: self._manifest(sets) for name, sets in self.sets.items()}
+        # ``precomputed`` speaks of the training source; validation shards are recognised by their manifest
+        self.manifests = {"train": self._manifest(self.sets["train"], precomputed),
+                          "val": self._manifest(self.sets["val"], None)}
         self.precomputed: dict | None = self.manifests["train"]
         if self.buckets and any(is_folder_of_images(s) for s in (train, val)):
             raise ValueError("buckets work with shard sources; pack the image folder into .tar shards "
@@ -119,12 +122,12 @@ class ImageTextData(L.LightningDataModule):
         self.train_set: Dataset | ShardStream | None = None
         self.val_set: Dataset | ShardStream | None = None
 
-    def _manifest(self, sets: list[ShardSet] | None) -> dict | None:
+    @staticmethod
+    def _manifest(sets: list[ShardSet] | None, flag: bool | str | None) -> dict | None:
         """The precompute manifest of a source's shards (all of its sets must share one), or None."""
-        flag = self.hparams.precomputed
         if sets is None:
             if flag:
-                raise ValueError("precomputed is set, but the source is not a set of shards")
+                raise ValueError("precomputed is set, but the training source is not a set of shards")
             return None
         if isinstance(flag, str):
             return read_manifest(flag)
