@@ -10,7 +10,10 @@ batching by shape (aspect-ratio buckets, ``train.data.buckets``).
 
 Split: the consumers (ranks x workers) take disjoint parts that together cover the data: whole
 shards when there are at least as many shards as consumers, otherwise every consumer reads every
-shard and keeps every n-th sample. Equal batches per rank: with ``count`` (the samples in the set)
+shard and keeps every n-th sample. Both are a ``webdataset.slice`` by consumer index, with the rank
+as ``webdataset.utils.pytorch_worker_info`` finds it (``RANK``/``WORLD_SIZE`` or the process group),
+or as sent along to a spawned worker, which has neither (``split_by_node`` would see rank 0 there).
+Equal batches per rank: with ``count`` (the samples in the set)
 every rank yields ``count // world // batch_size`` batches in training (and ``count // world``
 samples in validation); a consumer short of its share repeats its own part, one over it stops.
 Resampled streams and weighted mixtures are endless, so they need ``count`` (the epoch length).
