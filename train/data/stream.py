@@ -12,7 +12,7 @@ Split: the consumers (ranks x workers) take disjoint parts that together cover t
 shards when there are at least as many shards as consumers, otherwise every consumer reads every
 shard and keeps every n-th sample. Both are a ``webdataset.slice`` by consumer index, with the rank
 as ``webdataset.utils.pytorch_worker_info`` finds it (``RANK``/``WORLD_SIZE`` or the process group),
-or as sent along to a spawned worker, which has neither (``split_by_node`` would see rank 0 there).
+or as sent along to a spawned worker, which may have neither (``split_by_node`` would then see rank 0).
 Equal batches per rank: with ``count`` (the samples in the set)
 every rank yields ``count // world // batch_size`` batches in training (and ``count // world``
 samples in validation); a consumer short of its share repeats its own part, one over it stops.
