@@ -39,33 +39,35 @@ def decode_image(data: bytes) -> Image.Image:
 
 def resize_crop(
     image: Image.Image,
-    size: int,
+    size: int | tuple[int, int],
     resize: int | None = None,
     crop: str = "center",
     min_size: int = 0,
     rng: random.Random | None = None,
 ) -> torch.Tensor:
-    """Resize the shorter side to ``resize`` (default ``size``; bicubic), crop ``size x size``.
+    """Resize (bicubic) and crop to ``size``: a side (square) or ``(height, width)``.
 
-    Returns ``(3, size, size)`` in [0, 1]. ``crop`` is ``center`` or ``random``; images whose shorter
-    side is below ``min_size`` raise ``TooSmall``.
+    Without ``resize`` the image is scaled to just cover the target (for a square: shorter side to
+    ``size``); with it the shorter side goes to ``resize`` (at least the target's longer side).
+    Returns ``(3, height, width)`` in [0, 1]. ``crop`` is ``center`` or ``random``; images whose
+    shorter side is below ``min_size`` raise ``TooSmall``.
     """
-    resize = resize or size
-    if resize < size:
-        raise ValueError(f"resize ({resize}) must be at least the crop size ({size})")
+    th, tw = (size, size) if isinstance(size, int) else size
+    if resize is not None and resize < max(th, tw):
+        raise ValueError(f"resize ({resize}) must be at least the crop size ({max(th, tw)})")
     w, h = image.size
     if min(w, h) < min_size:
         raise TooSmall(f"{w}x{h} is below the minimum side {min_size}")
-    scale = resize / min(w, h)
+    scale = resize / min(w, h) if resize is not None else max(th / h, tw / w)
     if scale != 1:
-        image = image.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BICUBIC)
+        image = image.resize((max(tw, round(w * scale)), max(th, round(h * scale))), Image.BICUBIC)
     w, h = image.size
     if crop == "center":
-        left, top = (w - size) // 2, (h - size) // 2
+        left, top = (w - tw) // 2, (h - th) // 2
     elif crop == "random":
         rng = rng or random
-        left, top = rng.randint(0, w - size), rng.randint(0, h - size)
+        left, top = rng.randint(0, w - tw), rng.randint(0, h - th)
     else:
         raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
-    image = image.crop((left, top, left + size, top + size))
+    image = image.crop((left, top, left + tw, top + th))
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0

@@ -20,11 +20,13 @@ import torch
 from PIL import Image
 
 import stages.embedded as embedded
-import train.data.loaders as loaders
-from train.data import ImageTextData
+import train.data.stream as stream
 from stages.embedded import build_openmoji, emoji_captions, openmoji_shards, split_of
 from stages.images import TooSmall, decode_image, resize_crop, to_rgb
-from train.data.loaders import FolderDataset, ShardDataset, consumer_plan, expand_shards
+from train.data import ImageTextData
+from train.data.loaders import FolderDataset
+from train.data.stream import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, existing_shards, list_shards,
+                               shard_samples)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,9 +71,26 @@ def _read_split(data_dir: str, split: str) -> tuple[tuple, ...]:
     index = json.loads((Path(data_dir) / "index.json").read_text())
     out = []
     for shard in index["splits"][split]["shards"]:
-        for s in loaders._tar_samples(str(Path(data_dir) / shard), loaders.SampleCounts()):
+        for s in shard_samples([{"url": str(Path(data_dir) / shard)}], SampleCounts()):
             out.append((s["__key__"], s["txt"].decode(), json.loads(s["json"]), s["png"]))
     return tuple(out)
+
+
+def stream_of(shards, size=8, batch_size=1, train=False, filters=None, buckets=None, shuffle_buffer=1000, seed=0,
+              count=None) -> ShardStream:
+    """A shard stream of image samples, as the data module builds it."""
+    prep = ImagePrep(size, None, "random" if train else "center", filters or Filters(), buckets)
+    return ShardStream([ShardSet(list_shards(shards))], batch_size, prep, train=train, shuffle_buffer=shuffle_buffer,
+                       seed=seed, count=count)
+
+
+def samples_of(ds) -> list[dict]:
+    """The batches of a stream, taken apart into samples again."""
+    return [{k: v[i] for k, v in b.items()} for b in ds for i in range(len(b["key"]))]
+
+
+def keys_of(ds) -> list[str]:
+    return [k for b in ds for k in b["key"]]
 
 
 def emoji_key(ch: str) -> str:
@@ -303,7 +322,7 @@ def test_resize_crop_limits():
         resize_crop(image, 16, resize=8)
 
 
-# ------------------------------------------------------------------------------------- 3. ShardDataset
+# ------------------------------------------------------------------------------------- 3. shard streams
 
 def test_shards_read_jpg_png_webp_with_txt_or_json_captions(tmp_path):
     import webdataset as wds
@@ -320,8 +339,8 @@ def test_shards_read_jpg_png_webp_with_txt_or_json_captions(tmp_path):
         sink.write({"__key__": "w0", "png": img_bytes((255, 255, 255)), "txt": "white from ShardWriter"})
         sink.write({"__key__": "w1", "jpg": img_bytes((0, 255, 255), fmt="JPEG"),
                     "json": json.dumps({"prompt": "cyan"})})
-    ds = ShardDataset([str(tmp_path / "a.tar"), str(tmp_path / "b-*.tar")], size=16)
-    got = {s["key"]: s for s in ds}
+    ds = stream_of([str(tmp_path / "a.tar"), str(tmp_path / "b-*.tar")], size=16)
+    got = {s["key"]: s for s in samples_of(ds)}
     assert {k: s["caption"] for k, s in got.items()} == {
         "k0": "a red square", "k1": "a green square", "k2": "blue", "k3": "yellow", "k4": "",
         "w0": "white from ShardWriter", "w1": "cyan"}
@@ -337,9 +356,9 @@ def test_a_corrupt_image_is_skipped_counted_and_logged(tmp_path, caplog):
     good = img_bytes()
     write_tar(tmp_path / "s.tar", [("a", {"png": good, "txt": "1"}), ("b", {"png": b"\x89PNG garbage", "txt": "2"}),
                                    ("c", {"jpg": good[:40], "txt": "3"}), ("d", {"png": good, "txt": "4"})])
-    ds = ShardDataset(str(tmp_path / "s.tar"), size=8)
-    with caplog.at_level(logging.WARNING, logger="train.data.loaders"):
-        keys = [s["key"] for s in ds]
+    ds = stream_of(str(tmp_path / "s.tar"), size=8)
+    with caplog.at_level(logging.WARNING, logger="train.data.stream"):
+        keys = keys_of(ds)
     assert keys == ["a", "d"]
     assert ds.skipped["corrupt_sample"] == 2
     assert any("skipped sample b" in r.getMessage() and "corrupt_sample" in r.getMessage() for r in caplog.records)
@@ -359,10 +378,10 @@ def test_broken_and_empty_shards_are_skipped(tmp_path, caplog):
     zero.write_bytes(b"")
     empty = tmp_path / "empty.tar"
     tarfile.open(empty, "w").close()
-    ds = ShardDataset([good0, str(garbage), str(zero), str(truncated), str(empty), good2, str(tmp_path / "gone.tar")],
-                      size=8)
-    with caplog.at_level(logging.WARNING, logger="train.data.loaders"):
-        got = [s["key"] for s in ds]
+    ds = stream_of([good0, str(garbage), str(zero), str(truncated), str(empty), good2, str(tmp_path / "gone.tar")],
+                   size=8)
+    with caplog.at_level(logging.WARNING, logger="train.data.stream"):
+        got = keys_of(ds)
     partial = [k for k in got if k.startswith("shard01")]
     assert partial == keys[3: 3 + 5]  # the complete samples before the cut
     assert got == keys[:3] + partial + keys[13:]
@@ -374,86 +393,98 @@ def test_no_readable_sample_with_a_count_fails_clearly(tmp_path):
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(b"\x00\x01junk" * 50)
     bad_images = write_tar(tmp_path / "bad.tar", [(f"k{i}", {"png": b"nope", "txt": "x"}) for i in range(3)])
-    ds = ShardDataset([str(garbage), str(bad_images)], size=8, count=10)
+    ds = stream_of([str(garbage), str(bad_images)], size=8, count=10)
     with pytest.raises(ValueError, match=r"no readable sample for rank 0 worker 0 in 2 shards") as e:
         list(ds)
     assert "corrupt_shard" in str(e.value) and "corrupt_sample" in str(e.value)
-    assert list(ShardDataset([str(garbage)], size=8)) == []  # without a count: simply nothing
+    assert list(stream_of([str(garbage)], size=8)) == []  # without a count: simply nothing
 
 
-def test_expand_shards(tmp_path):
-    assert expand_shards("d/shard-{000000..000003}.tar") == [f"d/shard-{i:06d}.tar" for i in range(4)]
-    assert expand_shards("d/{a,b}-{0..1}.tar") == ["d/a-0.tar", "d/a-1.tar", "d/b-0.tar", "d/b-1.tar"]
+def test_list_shards(tmp_path):
+    assert list_shards("d/shard-{000000..000003}.tar") == [f"d/shard-{i:06d}.tar" for i in range(4)]
+    assert list_shards("d/{a,b}-{0..1}.tar") == ["d/a-0.tar", "d/a-1.tar", "d/b-0.tar", "d/b-1.tar"]
     paths, _ = make_shards(tmp_path, [1, 1, 1])
-    assert expand_shards(str(tmp_path / "shard-*.tar")) == sorted(paths)
-    assert expand_shards(str(tmp_path / "shard-00000[02].tar")) == [paths[0], paths[2]]
-    assert expand_shards([paths[2], str(tmp_path / "shard-00000{0..1}.tar")]) == [paths[2], paths[0], paths[1]]
-    assert expand_shards(paths[1]) == [paths[1]]
+    assert list_shards(str(tmp_path / "shard-*.tar")) == sorted(paths)
+    assert list_shards(str(tmp_path)) == sorted(paths)  # a folder of shards
+    assert list_shards(str(tmp_path / "shard-00000[02].tar")) == [paths[0], paths[2]]
+    assert list_shards([paths[2], str(tmp_path / "shard-00000{0..1}.tar")]) == [paths[2], paths[0], paths[1]]
+    assert list_shards(paths[1]) == [paths[1]]
+    assert list_shards("https://host/x-{0..1}.tar") == ["https://host/x-0.tar", "https://host/x-1.tar"]
+    assert list_shards("pipe:cat /d/{a,b}.tar") == ["pipe:cat /d/a.tar", "pipe:cat /d/b.tar"]
+    assert list_shards("s3://bucket/x.tar") == ["pipe:aws s3 cp s3://bucket/x.tar -"]
     with pytest.raises(FileNotFoundError, match="no shards match"):
-        expand_shards(str(tmp_path / "nothing-*.tar"))
+        list_shards(str(tmp_path / "nothing-*.tar"))
     with pytest.raises(FileNotFoundError):
-        ShardDataset(str(tmp_path / "missing" / "*.tar"), size=8)
+        existing_shards(str(tmp_path / "missing" / "*.tar"))
 
 
 def test_min_size_drops_small_images(tmp_path):
     write_tar(tmp_path / "s.tar", [("small", {"png": img_bytes(size=(16, 40)), "txt": "s"}),
                                    ("big", {"png": img_bytes(size=(64, 48)), "txt": "b"}),
                                    ("edge", {"png": img_bytes(size=(32, 32)), "txt": "e"})])
-    ds = ShardDataset(str(tmp_path / "s.tar"), size=16, min_size=32)
-    assert [s["key"] for s in ds] == ["big", "edge"]
+    ds = stream_of(str(tmp_path / "s.tar"), size=16, filters=Filters(min_size=32))
+    assert keys_of(ds) == ["big", "edge"]
     assert ds.skipped["too_small"] == 1
 
 
 # ---------------------------------------------------------------------------------------- 4. splitting
 
-def _raw_keys(ds, epoch, rank, world, worker, workers):
-    return [s["__key__"] for s in ds._raw(epoch, rank, world, worker, workers)]
+def _consumer_keys(ds, monkeypatch, rank, world, worker, workers):
+    monkeypatch.setattr(stream, "rank_and_world", lambda: (rank, world))
+    monkeypatch.setattr(stream, "get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=workers))
+    return keys_of(ds)
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
-@pytest.mark.parametrize("num_shards,workers,mode", [(8, 1, "shard"), (8, 2, "shard"), (5, 2, "shard"),
-                                                     (1, 1, "sample"), (3, 2, "sample"), (1, 2, "sample")])
-def test_consumers_split_keys_disjointly(tmp_path, num_shards, workers, mode, shuffle):
-    paths, keys = make_shards(tmp_path, [5 + (i % 3) for i in range(num_shards)] if num_shards > 1 else [23])
-    ds = ShardDataset(paths, size=8, shuffle=shuffle, seed=3)
+@pytest.mark.parametrize("num_shards,workers", [(8, 1), (8, 2), (5, 2), (1, 1), (3, 2), (1, 2)])
+def test_consumers_split_keys_disjointly(tmp_path, monkeypatch, num_shards, workers, shuffle):
+    """Whole shards per consumer when there are enough, else every n-th sample: disjoint, covering."""
+    paths, keys = make_shards(tmp_path, [5 + (i % 3) for i in range(num_shards)] if num_shards > 1 else [23],
+                              image=img_bytes(size=(8, 8)))
     world = 2
-    assert consumer_plan(len(paths), 0, world, 0, workers)[0] == mode
     for epoch in (0, 1):
-        parts = [_raw_keys(ds, epoch, r, world, w, workers) for r in range(world) for w in range(workers)]
+        parts = []
+        for r in range(world):
+            for w in range(workers):
+                ds = stream_of(paths, size=8, train=shuffle, shuffle_buffer=4, seed=3)
+                ds.epoch = epoch
+                parts.append(_consumer_keys(ds, monkeypatch, r, world, w, workers))
         assert all(parts)  # every consumer gets something
         seen = [k for p in parts for k in p]
         assert len(seen) == len(set(seen)) == len(keys)  # pairwise disjoint ...
         assert set(seen) == set(keys)  # ... and together everything
 
 
-def _rank_samples(ds, monkeypatch, rank, world, workers):
-    monkeypatch.setattr(loaders, "rank_and_world", lambda: (rank, world))
-    per_worker = []
-    for w in range(workers):
-        monkeypatch.setattr(loaders, "get_worker_info", lambda w=w: SimpleNamespace(id=w, num_workers=workers))
-        per_worker.append([s["key"] for s in ds])
-    return per_worker
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("sizes", [[3, 5, 2, 6, 1], [17], [4, 4, 4, 4]])
-def test_every_rank_yields_count_over_world(tmp_path, monkeypatch, sizes, workers):
+def test_every_rank_yields_the_same_number_of_batches(tmp_path, monkeypatch, sizes, workers):
     paths, keys = make_shards(tmp_path, sizes, image=img_bytes(size=(8, 8)))
-    count, world = len(keys), 2
+    count, world, batch = len(keys), 2, 2
     totals = []
     for rank in range(world):
-        ds = ShardDataset(paths, size=8, count=count)
-        per_worker = _rank_samples(ds, monkeypatch, rank, world, workers)
-        assert [len(p) for p in per_worker] == [len(p) for p in _rank_samples(
-            ShardDataset(paths, size=8, count=count), monkeypatch, 0, world, workers)]
-        totals.append(sum(len(p) for p in per_worker))
-        assert set(k for p in per_worker for k in p) <= set(keys)
-    assert totals == [count // world] * world
+        batches = []
+        for w in range(workers):
+            ds = stream_of(paths, size=8, batch_size=batch, train=True, count=count)
+            monkeypatch.setattr(stream, "rank_and_world", lambda: (rank, world))
+            monkeypatch.setattr(stream, "get_worker_info", lambda w=w: SimpleNamespace(id=w, num_workers=workers))
+            batches += list(ds)
+        assert all(len(b["key"]) == batch for b in batches)
+        assert {k for b in batches for k in b["key"]} <= set(keys)
+        totals.append(len(batches))
+    assert totals == [count // world // batch] * world
+
+
+def test_validation_yields_count_over_world_samples_per_rank(tmp_path, monkeypatch):
+    paths, keys = make_shards(tmp_path, [3, 5, 2, 6, 1], image=img_bytes(size=(8, 8)))
+    for rank in range(2):
+        ds = stream_of(paths, size=8, batch_size=3, count=len(keys))
+        monkeypatch.setattr(stream, "rank_and_world", lambda: (rank, 2))
+        assert sum(len(b["key"]) for b in ds) == len(keys) // 2
 
 
 def test_ranks_do_not_overlap_when_the_shards_split_evenly(tmp_path, monkeypatch):
     paths, keys = make_shards(tmp_path, [5] * 4, image=img_bytes(size=(8, 8)))
-    seen = [_rank_samples(ShardDataset(paths, size=8, count=20, shuffle=True), monkeypatch, r, 2, 1)[0]
+    seen = [_consumer_keys(stream_of(paths, size=8, train=True, count=20, shuffle_buffer=4), monkeypatch, r, 2, 0, 1)
             for r in range(2)]
     assert len(seen[0]) == len(seen[1]) == 10
     assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == set(keys)
@@ -461,34 +492,34 @@ def test_ranks_do_not_overlap_when_the_shards_split_evenly(tmp_path, monkeypatch
 
 def test_shuffle_changes_the_order_between_epochs_not_the_set(tmp_path):
     paths, keys = make_shards(tmp_path, [5] * 8, image=img_bytes(size=(8, 8)))
-    ds = ShardDataset(paths, size=8, shuffle=True, shuffle_buffer=10, seed=1)
-    first, second = [s["key"] for s in ds], [s["key"] for s in ds]  # each pass is a new epoch
+    ds = stream_of(paths, size=8, train=True, shuffle_buffer=10, seed=1)
+    first, second = keys_of(ds), keys_of(ds)  # each pass is a new epoch
     assert sorted(first) == sorted(second) == sorted(keys) and len(first) == len(keys)
     assert first != second
-    again = ShardDataset(paths, size=8, shuffle=True, shuffle_buffer=10, seed=1)
-    assert [s["key"] for s in again] == first  # same seed and epoch: same order
-    resumed = ShardDataset(paths, size=8, shuffle=True, shuffle_buffer=10, seed=1)
+    again = stream_of(paths, size=8, train=True, shuffle_buffer=10, seed=1)
+    assert keys_of(again) == first  # same seed and epoch: same order
+    resumed = stream_of(paths, size=8, train=True, shuffle_buffer=10, seed=1)
     resumed.epoch = 1  # what the data module sets after a resume
-    assert [s["key"] for s in resumed] == second
-    plain = ShardDataset(paths, size=8)
-    assert [s["key"] for s in plain] == keys == [s["key"] for s in plain]
+    assert keys_of(resumed) == second
+    plain = stream_of(paths, size=8)
+    assert keys_of(plain) == keys == keys_of(plain)
 
 
 def test_the_rank_survives_pickling_into_spawned_workers(tmp_path, monkeypatch):
     """DataLoader workers started by spawn/forkserver have no process group; they must keep the rank."""
     paths, keys = make_shards(tmp_path, [6], image=img_bytes(size=(8, 8)))
-    ds = ShardDataset(paths, size=8)
-    monkeypatch.setattr(loaders, "rank_and_world", lambda: (1, 2))
-    expected = [s["key"] for s in ShardDataset(paths, size=8)]
+    ds = stream_of(paths, size=8)
+    monkeypatch.setattr(stream, "rank_and_world", lambda: (1, 2))
+    expected = keys_of(stream_of(paths, size=8))
     assert expected == keys[1::2]
     clone = pickle.loads(pickle.dumps(ds))  # what the main process sends to a spawned worker
     monkeypatch.undo()
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(loaders, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=1))
-    assert [s["key"] for s in clone] == expected
-    monkeypatch.setattr(loaders, "get_worker_info", lambda: None)
-    assert [s["key"] for s in pickle.loads(pickle.dumps(ds))] == keys  # not distributed: everything
+    monkeypatch.setattr(stream, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=1))
+    assert keys_of(clone) == expected
+    monkeypatch.setattr(stream, "get_worker_info", lambda: None)
+    assert keys_of(pickle.loads(pickle.dumps(ds))) == keys  # not distributed: everything
 
 
 # -------------------------------------------------------------------------------- 5. real DDP on CPU
@@ -630,8 +661,8 @@ def test_image_text_data_picks_folder_or_shard_loader(tmp_path):
                        val_count=11)
     dm.setup("fit")
     assert isinstance(dm.train_set, FolderDataset) and len(dm.train_set) == 3
-    assert isinstance(dm.val_set, ShardDataset) and dm.val_set.shards == sorted(paths)
-    assert dm.val_set.shuffle is False and dm.val_set.crop == "center" and dm.val_set.count == 11
+    assert isinstance(dm.val_set, ShardStream) and dm.val_set.sets[0].shards == sorted(paths)
+    assert dm.val_set.train is False and dm.val_set.prep.crop == "center" and dm.val_set.count == 11
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 3, 16, 16) and len(batch["caption"]) == len(batch["key"]) == 2
     val_keys = [k for b in dm.val_dataloader() for k in b["key"]]
@@ -639,7 +670,7 @@ def test_image_text_data_picks_folder_or_shard_loader(tmp_path):
     dm = ImageTextData(train=str(tmp_path / "tars" / "shard-*.tar"), val=None, image_size=16, batch_size=4,
                        num_workers=0, crop="random")
     dm.setup("fit")
-    assert isinstance(dm.train_set, ShardDataset) and dm.train_set.shuffle and dm.val_set is None
+    assert isinstance(dm.train_set, ShardStream) and dm.train_set.train and dm.val_set is None
     assert dm.val_dataloader() == []
     assert sum(len(b["key"]) for b in dm.train_dataloader()) == 8  # 11 samples, drop_last with batches of 4
 

@@ -1,4 +1,5 @@
-"""Data: the embedded OpenMoji set, held-out photos, shard and folder loaders, the data module."""
+"""Data: webdataset shard streams (image or precomputed-latent shards, filters, aspect-ratio buckets),
+image folders, Stage A's photo crops, the data module."""
 from train.data.module import ImageTextData
 
 __all__ = ["ImageTextData"]

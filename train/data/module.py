@@ -1,14 +1,19 @@
 """The Lightning data module every stage trains from."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
 from stages.embedded import openmoji_shards, training_photos
-from train.data.loaders import (FolderDataset, Interleaved, PhotoCrops, SampleCounts, ShardDataset, collate,
-                                existing_shards)
+from train.data.buckets import collate, parse_buckets
+from train.data.loaders import FolderDataset, PhotoCrops
+from train.data.stream import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, existing_shards, find_manifest,
+                               read_manifest)
+
+log = logging.getLogger(__name__)
 
 
 class CheckedLoader(DataLoader):
@@ -17,8 +22,8 @@ class CheckedLoader(DataLoader):
     and an error raised in a worker reaches the user as its own one-line message."""
 
     def __iter__(self):
-        shards = self.dataset.primary if isinstance(self.dataset, Interleaved) else self.dataset
-        before = shards.skipped.as_dict() if isinstance(shards, ShardDataset) else {}
+        stream = self.dataset if isinstance(self.dataset, ShardStream) else None
+        before = stream.skipped.as_dict() if stream else {}
         batches = 0
         try:
             for batch in super().__iter__():
@@ -29,83 +34,178 @@ class CheckedLoader(DataLoader):
                 raise
             # PyTorch re-raises a worker's error with the worker's traceback as its message; keep the last line
             raise type(error)(str(error).strip().splitlines()[-1].partition(": ")[2]) from None
-        if batches == 0 and isinstance(shards, ShardDataset):
-            counts = {k: v - before.get(k, 0) for k, v in shards.skipped.as_dict().items()}
-            raise ValueError(f"no batch of {self.batch_size} in a whole pass over {shards.describe()} "
+        if batches == 0 and stream is not None:
+            counts = {k: v - before.get(k, 0) for k, v in stream.skipped.as_dict().items()}
+            raise ValueError(f"no batch of {stream.batch_size} in a whole pass over {stream.describe()} "
                              f"({SampleCounts.text(counts)}); check that the shards hold readable images, "
-                             "lower min_size, or lower batch_size")
+                             "lower min_size, loosen the filters, or lower batch_size")
+
+
+def shard_sets(spec: str | list | None) -> list[ShardSet]:
+    """A source as shard sets: a spec (path, folder, pattern, URL) or a list of specs is one set; a
+    list of ``{shards: spec, weight: number}`` is a weighted mixture."""
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, dict) for s in spec):
+        sets = []
+        for item in spec:
+            if set(item) - {"shards", "weight"} or "shards" not in item:
+                raise ValueError(f"mixture entry {item!r} must be {{shards: <pattern>, weight: <number>}}")
+            weight = item.get("weight", 1)
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+                raise ValueError(f"mixture weight of {item['shards']!r} must be a positive number, got {weight!r}")
+            sets.append(ShardSet(existing_shards(item["shards"]), float(weight), str(item["shards"])))
+        return sets
+    if isinstance(spec, (list, tuple)) and any(isinstance(s, dict) for s in spec):
+        raise ValueError("a source list holds either shard patterns or {shards, weight} entries, not both")
+    return [ShardSet(existing_shards(spec), 1.0, str(spec))]
+
+
+def is_folder_of_images(spec: str | list | None) -> bool:
+    return isinstance(spec, (str, Path)) and Path(spec).is_dir() and not any(Path(spec).glob("*.tar"))
 
 
 class ImageTextData(L.LightningDataModule):
-    """Image-caption batches ``{"image", "caption", "key"}`` for training and validation.
+    """Image-caption batches ``{"image", "caption", "key"}`` (or precomputed latents) for training and validation.
 
     A source (``train``/``val``) is ``openmoji`` (the embedded set, built on first use in
-    ``embedded_dir``), a webdataset shard pattern (``shards/{000000..000099}.tar``, ``shards/*.tar``,
-    or a folder of ``.tar`` files), or a folder of images with optional ``.txt`` captions.
+    ``embedded_dir``), webdataset shards (``shards/{000000..000099}.tar``, ``shards/*.tar``, a folder
+    of ``.tar`` files, ``pipe:...``, ``https://...``, ``s3://...``; see ``train.data.stream``), a
+    weighted mixture (``[{shards: a/{000..009}.tar, weight: 3}, {shards: b/*.tar, weight: 1}]``),
+    or a folder of images with optional ``.txt`` captions (small local data).
 
     Training images are resized (shorter side to ``resize``, default ``image_size``) and cropped to
     ``image_size`` (``crop``: random or center); validation images are resized and centre-cropped to
-    ``val_size`` (default: ``resize`` or ``image_size``).
+    ``val_size`` (default: ``resize`` or ``image_size``). With ``buckets`` (a list of [height, width]
+    or the preset ``paper_c3``) every image is scaled to cover the bucket of nearest aspect ratio
+    and cropped to it, and each batch holds one bucket (``train.data.buckets``).
+
+    Filters (counted by reason): ``min_size`` (shorter side), ``aspect_ratio`` ([min, max] of
+    width/height), ``metadata_filters`` (thresholds on the sample's json, e.g.
+    ``{aesthetic: {min: 5.0}, pwatermark: {max: 0.5}}``).
+
+    ``train_count``/``val_count``: samples in the source; with it every DDP rank yields the same
+    number of batches (``openmoji`` and precomputed shards know theirs). ``resampled``: draw
+    training shards with replacement, endlessly (needs ``train_count`` as the epoch length).
+
+    Precomputed shards (``python -m train.precompute``) are recognised by the ``manifest.json``
+    next to them (``precomputed``, for the training source: True requires one, a path names it,
+    e.g. for remote shards); their batches hold ``stage_a``/``semantic``/``text`` tensors.
+    ``self.precomputed`` is the training source's manifest (None for image data),
+    ``self.manifests["val"]`` the validation source's.
 
     ``photo_crops_every`` (Stage A only; 0 = off): every n-th training sample is a random crop of
     one of the real photos that ship with scikit-image and are not in the held-out set.
     """
 
-    def __init__(self, train: str = "openmoji", val: str | None = "openmoji", image_size: int = 128,
+    def __init__(self, train: str | list | None = "openmoji", val: str | list | None = "openmoji", image_size: int = 128,
                  resize: int | None = None, val_size: int | None = None, crop: str = "random",
-                 min_size: int = 0, batch_size: int = 16, val_batch_size: int | None = None,
-                 num_workers: int = 2, shuffle_buffer: int = 1000, embedded_dir: str = "data/openmoji",
-                 train_count: int | None = None, val_count: int | None = None, seed: int = 0,
-                 photo_crops_every: int = 0):
+                 min_size: int = 0, aspect_ratio: list[float] | None = None,
+                 metadata_filters: dict[str, dict[str, float]] | None = None,
+                 buckets: str | list[list[int]] | None = None, batch_size: int = 16,
+                 val_batch_size: int | None = None, num_workers: int = 2, shuffle_buffer: int = 1000,
+                 embedded_dir: str = "data/openmoji", train_count: int | None = None, val_count: int | None = None,
+                 seed: int = 0, photo_crops_every: int = 0, resampled: bool = False,
+                 precomputed: bool | str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        for spec in (train, val):  # a missing path or a pattern that matches nothing fails now, not mid-fit
-            if spec and spec != "openmoji" and not Path(spec).is_dir():
-                existing_shards(spec)
-        self.train_set: Dataset | ShardDataset | None = None
-        self.val_set: Dataset | ShardDataset | None = None
+        # every check runs now, not mid-fit: a missing path, a pattern matching nothing, a bad filter or bucket
+        self.buckets = parse_buckets(buckets)
+        self.filters = Filters(min_size, aspect_ratio, metadata_filters or {})
+        self.sets = {name: None if spec in (None, "openmoji") or is_folder_of_images(spec) else shard_sets(spec)
+                     for name, spec in (("train", train), ("val", val))}
+        # ``precomputed`` speaks of the training source; validation shards are recognised by their manifest
+        self.manifests = {"train": self._manifest(self.sets["train"], precomputed),
+                          "val": self._manifest(self.sets["val"], None)}
+        self.precomputed: dict | None = self.manifests["train"]
+        if self.buckets and any(is_folder_of_images(s) for s in (train, val)):
+            raise ValueError("buckets work with shard sources; pack the image folder into .tar shards "
+                             "(webdataset.ShardWriter) or leave buckets unset")
+        self.train_set: Dataset | ShardStream | None = None
+        self.val_set: Dataset | ShardStream | None = None
 
-    def _source(self, spec: str, split: str, train: bool, count: int | None):
+    @staticmethod
+    def _manifest(sets: list[ShardSet] | None, flag: bool | str | None) -> dict | None:
+        """The precompute manifest of a source's shards (all of its sets must share one), or None."""
+        if sets is None:
+            if flag:
+                raise ValueError("precomputed is set, but the training source is not a set of shards")
+            return None
+        if isinstance(flag, str):
+            return read_manifest(flag)
+        found = [find_manifest(s.spec, s.shards) for s in sets]
+        if flag and not all(found):
+            missing = next(s.spec for s, m in zip(sets, found) if not m)
+            raise FileNotFoundError(f"precomputed is set, but there is no manifest.json next to {missing}; "
+                                    "give its path as precomputed: <path>/manifest.json")
+        if not any(found):
+            return None
+        if not all(found):
+            raise ValueError("a mixture cannot combine precomputed shards with image shards")
+        manifests = [read_manifest(m) for m in found]
+        ids = {k: manifests[0].get(k) for k in ("stage_a_fingerprint", "compressor_fingerprint",
+                                                 "text_encoder_fingerprint", "keys")}
+        if any({k: m.get(k) for k in ids} != ids for m in manifests[1:]):
+            raise ValueError("the precomputed shard sets of the mixture were made by different encoders; "
+                             "mix only sets with the same manifest fingerprints")
+        return manifests[0]
+
+    @staticmethod
+    def _precomputed_count(manifest: dict, sets: list[ShardSet]) -> int | None:
+        per_shard = manifest.get("shards", {})
+        names = [Path(s).name for ss in sets for s in ss.shards]
+        return sum(per_shard[n] for n in names) if all(n in per_shard for n in names) else None
+
+    def _source(self, name: str, train: bool):
         h = self.hparams
+        spec, count = (h.train, h.train_count) if train else (h.val, h.val_count)
         size = h.image_size if train else (h.val_size or h.resize or h.image_size)
         resize = h.resize if train else size
         crop = h.crop if train else "center"
+        batch_size = h.batch_size if train else (h.val_batch_size or h.batch_size)
+        sets, manifest = self.sets[name], self.manifests[name]
         if spec == "openmoji":
-            shards, n = openmoji_shards(h.embedded_dir, split)
-            return ShardDataset(shards, size, resize, crop, h.min_size, shuffle=train,
-                                shuffle_buffer=h.shuffle_buffer, seed=h.seed, count=n)
-        path = Path(spec)
-        if path.is_dir() and not any(path.glob("*.tar")):
-            return FolderDataset(path, size, resize, crop, h.min_size)
-        pattern = str(path / "*.tar") if path.is_dir() else spec
-        return ShardDataset(pattern, size, resize, crop, h.min_size, shuffle=train,
-                            shuffle_buffer=h.shuffle_buffer, seed=h.seed, count=count)
+            shards, n = openmoji_shards(h.embedded_dir, name)
+            sets, count = [ShardSet(shards, 1.0, "openmoji")], count or n
+        elif sets is None:  # a folder of images
+            return FolderDataset(spec, size, resize, crop, h.min_size)
+        if manifest is not None:
+            count = count or self._precomputed_count(manifest, sets)
+            prep = None
+            if self.buckets or h.aspect_ratio or h.metadata_filters:
+                log.warning("buckets and filters do not apply to the precomputed shards of %s (they hold latents); "
+                            "pass --buckets / --min-size to python -m train.precompute instead", spec)
+        else:
+            prep = ImagePrep(size, resize, crop, self.filters, self.buckets)
+        extra = None
+        if train and h.photo_crops_every:
+            if manifest is not None:
+                raise ValueError("photo_crops_every needs image shards, not precomputed latents")
+            extra = (PhotoCrops(training_photos(), h.image_size, h.seed, self.buckets), h.photo_crops_every)
+        return ShardStream(sets, batch_size, prep, train=train, shuffle_buffer=h.shuffle_buffer, seed=h.seed,
+                           count=count, resampled=train and h.resampled, extra=extra)
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
-        if self.train_set is None and stage in (None, "fit"):
-            self.train_set = self._source(h.train, "train", True, h.train_count)
-            if h.photo_crops_every:
-                if not isinstance(self.train_set, ShardDataset):
-                    raise ValueError("photo_crops_every works with shard sources (openmoji or .tar shards)")
-                self.train_set = Interleaved(self.train_set, PhotoCrops(training_photos(), h.image_size, h.seed),
-                                             h.photo_crops_every)
+        if self.train_set is None and h.train and stage in (None, "fit"):
+            self.train_set = self._source("train", True)
+            if h.photo_crops_every and not isinstance(self.train_set, ShardStream):
+                raise ValueError("photo_crops_every works with shard sources (openmoji or .tar shards)")
         if self.val_set is None and h.val and stage in (None, "fit", "validate"):
-            self.val_set = self._source(h.val, "val", False, h.val_count)
+            self.val_set = self._source("val", False)
 
     def _loader(self, dataset, batch_size: int, train: bool) -> DataLoader:
         workers = self.hparams.num_workers
-        if not isinstance(dataset, IterableDataset) and train and len(dataset) < batch_size:
+        if isinstance(dataset, ShardStream):
+            if self.trainer is not None:
+                dataset.epoch = self.trainer.current_epoch  # continue the seeded sequence after a resume
+                if train and dataset.count is None and self.trainer.world_size > 1:
+                    raise ValueError(f"{self.trainer.world_size} DDP ranks need train_count (the samples in "
+                                     f"{dataset.describe()}) so that every rank yields the same number of batches; "
+                                     "set --data.init_args.train_count")
+            return CheckedLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+        if train and len(dataset) < batch_size:
             raise ValueError(f"{len(dataset)} images in {dataset.root} make no batch of {batch_size}; lower batch_size")
-        shards = dataset.primary if isinstance(dataset, Interleaved) else dataset
-        if isinstance(shards, ShardDataset) and self.trainer is not None:
-            shards.epoch = self.trainer.current_epoch  # continue the shuffle sequence after a resume
-        return CheckedLoader(
-            dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-            shuffle=train and isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset),
-            drop_last=train,
-            persistent_workers=workers > 0, pin_memory=False,
-        )
+        return CheckedLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, shuffle=train,
+                             drop_last=train, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.hparams.batch_size, True)
