@@ -8,8 +8,9 @@ machines, so the offline default is the real pretrained MiniLM-L6 shipped in the
 
 Every encoder pads to a fixed ``max_tokens``, so batches stack and a prompt's states never depend on
 the other prompts of its batch (which is what makes the per-prompt cache exact). Padding positions
-keep the states the model computes there; the stages attend to all positions, as Würstchen does
-with CLIP's 77 tokens.
+keep the states the model computes there (padding keys masked, as the released pipelines pass the
+tokenizer's attention mask); the stages attend to all positions, as Würstchen does with CLIP's 77
+tokens.
 """
 from __future__ import annotations
 
@@ -170,8 +171,11 @@ class OpenCLIPTextEncoder(TextEncoder):
     """OpenCLIP text tower, unpooled: the paper's condition (ViT-H/14: 77 x 1024; Sec. 3.2).
 
     States are ``encode_text`` without pooling and projection: token + positional embedding, the
-    causal transformer, then ``ln_final``, at all positions. Tokens are ``<sot> prompt <eot> 0...``;
-    the mask is causal, so padding positions see only the prompt. ``pretrained`` is a tag, a
+    causal transformer, then ``ln_final``, at all positions. Tokens are ``<sot> prompt <eot> 0...``.
+    Attention is causal and padding keys (after ``<eot>``) are masked, as the released Würstchen
+    pipelines run their CLIP text encoders (transformers' ``CLIPTextModel`` with the tokenizer's
+    attention mask; its ``last_hidden_state``): prompt tokens see only earlier prompt tokens, and a
+    padding position sees the prompt and not the padding before it. ``pretrained`` is a tag, a
     checkpoint file or None (random weights, for tests); ``create_kwargs`` go to
     ``open_clip.create_model``. Only the text modules are kept (the image tower is dropped).
     """
@@ -196,6 +200,7 @@ class OpenCLIPTextEncoder(TextEncoder):
         self.transformer = tower.transformer  # handles batch_first itself: input and output are (B, L, D)
         self.ln_final = tower.ln_final
         self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
+        self.heads = tower.transformer.resblocks[0].attn.num_heads
         self.max_tokens = self.positional_embedding.shape[0]
         self.dim = self.transformer.width
         self.tokenizer = open_clip.get_tokenizer(model, context_length=self.max_tokens)
@@ -208,8 +213,19 @@ class OpenCLIPTextEncoder(TextEncoder):
         tokens = self.tokenizer(prompts, context_length=self.max_tokens).to(self.device)
         dtype = self.transformer.get_cast_dtype()
         x = self.token_embedding(tokens).to(dtype) + self.positional_embedding.to(dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.transformer(x, attn_mask=self.attention_mask(tokens))
         return self.ln_final(x)
+
+    def attention_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Additive mask ``(B * heads, L, L)``: causal, and keys after each prompt's first ``<eot>`` masked
+        (what transformers builds from the tokenizer's attention mask). Padding is found by position,
+        not by id: open_clip pads with id 0, which is also the token "!"."""
+        b, n = tokens.shape
+        length = (tokens == self.tokenizer.eot_token_id).int().argmax(dim=1) + 1
+        padding = torch.arange(n, device=tokens.device)[None, :] >= length[:, None]  # (B, L) keys to mask
+        causal = self.attn_mask if self.attn_mask is not None else torch.zeros(n, n, device=tokens.device)
+        mask = causal[None].expand(b, n, n).masked_fill(padding[:, None, :], float("-inf"))
+        return mask.repeat_interleave(self.heads, dim=0)
 
 
 ENCODERS: dict[str, type[TextEncoder]] = {"minilm": MiniLMTextEncoder, "open_clip": OpenCLIPTextEncoder}
