@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diffusion import TIME_LISTS
+from semantic_compressor import latent_grid
 from stages import inputs
 from stages.checkpoint import read_metadata, recorded_path, resolve_checkpoint
 from stages.pipeline import (DEFAULT_STRENGTH, add_sampler_arguments, load_pixel_text_to_image, load_text_to_image,
@@ -155,6 +156,8 @@ def find_compressor(args: argparse.Namespace) -> Path:
 def _sample(args: argparse.Namespace):
     samplers = sampler_options(args)  # a bad sampler setting fails before any model is loaded
     image = inputs.load_image(args.image) if args.image is not None else None  # a bad file fails here too
+    if image is not None:
+        latent_grid(*image.shape[-2:])  # too small for the compressor: refused before any model is loaded
     compressor = find_compressor(args) if image is not None else None
     if args.decoder == "pixel":
         if not Path(args.pixel_decoder).exists():
