@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from diffusion import Guided, sample
 from stages.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
 from stages.denoisers import denoiser_for
+from stages.inputs import check_half
 from stages.stage_a import StageA, load_stage_a
 from stages.stage_b import StageB, load_stage_b
 from stages.text_encoder import TextEncoder, build_text_encoder
@@ -63,7 +64,10 @@ class SemanticDecoder(torch.nn.Module):
         latents = sample(sampler, guided, noise.to(semantic.device), steps, generator=generator, progress=progress,
                          eta=eta)
         dtype = next(self.stage_a.parameters()).dtype
-        return self.stage_a.decode(latents.to(dtype)).float().clamp(0, 1)
+        images = self.stage_a.decode(latents.to(dtype)).float()
+        if dtype != torch.float32:  # an overflow must not be clamped into a black or white image
+            check_half(images, "Stage A's decoded images", dtype)
+        return images.clamp(0, 1)
 
 
 # what a Stage B or pixel decoder checkpoint records besides the weights (Stage A fingerprint and path,
@@ -157,6 +161,9 @@ class PixelDecoder(torch.nn.Module):
         guided = Guided(self.denoiser, (cond, text), (torch.zeros_like(cond), uncond_text), guidance)
         noise = torch.randn((b, 3, *size), generator=generator, device=generator.device if generator else "cpu")
         x = sample(sampler, guided, noise.to(semantic.device), steps, generator=generator, progress=progress, eta=eta)
+        dtype = next(self.model.parameters()).dtype
+        if dtype != torch.float32:  # an overflow must not be clamped into a black or white image
+            check_half(x, "the pixel decoder's images", dtype)
         return ((x + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
