@@ -12,7 +12,10 @@ img2img: image i with the caption of image i + N/2 as the new prompt, at each ``
 the image's latents are noised to t = s and Stage C continues with the new prompt. Caption
 retrieval (``sample.evaluate``: is the emoji of a caption among the 5 emoji nearest to the image,
 cosine on Inception features, searching the whole embedded set) for the new prompt should rise
-with s and for the source image's caption fall; LPIPS to the source rises. Prints JSON.
+with s and for the source image's caption fall; LPIPS to the source rises. The same retrieval on
+Stage C's latents, before any decoder (among the compressor latents of the whole set, cosine, as
+``sample.evaluate``'s ``stage_c_latent_retrieval``), shows Stage C's part without the decoder's loss;
+Stage C's latents do not depend on the decoder. Prints JSON.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sample.__main__ import SHIPPED
-from sample.evaluate import features, gallery, top5_hits
+from sample.evaluate import features, gallery, latent_gallery, top5_hits
 from stages.cli import check_output, emit, positive_int, seed, shown
 from stages.embedded import openmoji_split
 from stages.errors import run_command
@@ -126,14 +129,17 @@ def main(argv: list[str] | None = None) -> dict:
         "inception_cosine_distance_own": mean(torch.stack(cos_own)),
         "inception_cosine_distance_unrelated_image": mean(cosine_distance(real_feats, partner)),
         "top5_retrieval_own_caption": round(top5_hits(var_feats, gallery_feats, gallery_captions, captions), 4),
+        "top5_retrieval_new_prompt": round(top5_hits(var_feats, gallery_feats, gallery_captions, new_prompts), 4),
     }
 
-    rows = []
+    rows, latent_sets = [], []
     for strength in args.strengths:
-        out = batched(lambda s: pipe(new_prompts[s], image=real[s], strength=strength, prior_steps=args.prior_steps,
-                                     decoder_steps=steps, prior_guidance=args.prior_guidance,
-                                     decoder_guidance=args.decoder_guidance, seed=args.seed + s.start,
-                                     progress=False), n, bs)
+        pairs = [pipe(new_prompts[s], image=real[s], strength=strength, prior_steps=args.prior_steps,
+                      decoder_steps=steps, prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
+                      seed=args.seed + s.start, progress=False, return_latents=True)
+                 for s in (slice(i, i + bs) for i in range(0, n, bs))]
+        out = torch.cat([images for images, _ in pairs])
+        latent_sets.append(torch.cat([latents for _, latents in pairs]).flatten(1))
         feats = features(inception, out, bs, f"Inception features at strength {strength}")
         rows.append({"strength": strength,
                      "top5_retrieval_new_prompt": round(top5_hits(feats, gallery_feats, gallery_captions,
@@ -143,6 +149,18 @@ def main(argv: list[str] | None = None) -> dict:
                      "lpips_to_source": mean(lpips_to(out, own)),
                      "lpips_to_new_prompts_image": mean(lpips_to(out, partner))})
     report["img2img"] = rows
+    compressor_gallery = latent_gallery(args.data_dir, pipe.compressor, args.size, bs, args.gallery_limit)
+    for row, latents in zip(rows, latent_sets):
+        row["stage_c_latents_top5_new_prompt"] = round(top5_hits(latents, compressor_gallery, gallery_captions,
+                                                                 new_prompts), 4)
+        row["stage_c_latents_top5_source_caption"] = round(top5_hits(latents, compressor_gallery, gallery_captions,
+                                                                     captions), 4)
+    with torch.no_grad():
+        own_latents = batched(lambda s: pipe.encode(real[s]), n, bs).flatten(1)
+    report["variations"]["compressor_latents_top5_own_caption"] = round(
+        top5_hits(own_latents, compressor_gallery, gallery_captions, captions), 4)
+    report["variations"]["compressor_latents_top5_new_prompt"] = round(
+        top5_hits(own_latents, compressor_gallery, gallery_captions, new_prompts), 4)
     return emit(report, args.out)
 
 
