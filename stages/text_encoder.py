@@ -18,6 +18,7 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -228,11 +229,50 @@ class OpenCLIPTextEncoder(TextEncoder):
         return mask.repeat_interleave(self.heads, dim=0)
 
 
-ENCODERS: dict[str, type[TextEncoder]] = {"minilm": MiniLMTextEncoder, "open_clip": OpenCLIPTextEncoder}
+class CLIPTextEncoder(TextEncoder):
+    """transformers' CLIP text model, run as the released Würstchen pipelines run their text encoders.
+
+    ``CLIPTokenizer`` pads to ``model_max_length`` (77) and truncates; ``CLIPTextModel`` gets the
+    tokenizer's attention mask; the states are its ``last_hidden_state`` (after the final LayerNorm,
+    every position). ``path`` is a local folder holding the model (``config.json`` and weights) and
+    its tokenizer files, or a diffusers pipeline folder with ``text_encoder/`` and ``tokenizer/``
+    (the released Würstchen prior and decoder pipelines). A ``CLIPTextModelWithProjection``
+    checkpoint loads too: its ``last_hidden_state`` is the same; the projection is not used.
+    """
+
+    def __init__(self, path: str | os.PathLike, cache_size: int = 4096):
+        super().__init__(cache_size)
+        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers.utils import logging as hf_logging
+
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"no CLIP text encoder folder at {root}; pass a local folder with the model and "
+                                    "its tokenizer (or a pipeline folder with text_encoder/ and tokenizer/)")
+        model_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
+        tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
+        hf_logging.disable_progress_bar()
+        self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        self.model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True)
+        self.max_tokens = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+        self.dim = self.model.config.hidden_size
+        self.freeze()
+
+    def encode_uncached(self, prompts: list[str]) -> torch.Tensor:
+        lengths = [len(ids) for ids in self.tokenizer(prompts, verbose=False)["input_ids"]]
+        warn_truncated(lengths, self.max_tokens)
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_tokens,
+                                return_tensors="pt").to(self.device)
+        return self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+
+
+ENCODERS: dict[str, type[TextEncoder]] = {"minilm": MiniLMTextEncoder, "open_clip": OpenCLIPTextEncoder,
+                                          "clip": CLIPTextEncoder}
 
 
 def build_text_encoder(name: str | None, **kwargs) -> TextEncoder | None:
-    """``minilm`` (offline default), ``open_clip`` (the paper's) or ``none``/None (no text)."""
+    """``minilm`` (offline default), ``open_clip`` (the paper's), ``clip`` (transformers' CLIP from a local
+    folder, as the released pipelines) or ``none``/None (no text)."""
     if name is None or name == "none":
         return None
     if name not in ENCODERS:

@@ -4,7 +4,9 @@ tokenizer's attention mask, at every position (padding included), on the same we
 import pytest
 import torch
 
-from stages.text_encoder import OpenCLIPTextEncoder
+import json
+
+from stages.text_encoder import CLIPTextEncoder, OpenCLIPTextEncoder, build_text_encoder
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
@@ -115,3 +117,36 @@ def test_a_prompt_state_does_not_depend_on_its_batch(pair):
     ours.cache.clear()
     alone = torch.cat([ours([p]) for p in PROMPTS])
     torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-6)
+
+
+def clip_tokenizer_files(folder):
+    """A transformers ``CLIPTokenizer`` with open_clip's BPE vocabulary and merges, padding with id 0 ("!")
+    as open_clip does, saved to ``folder``."""
+    bpe = open_clip.SimpleTokenizer()
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # CLIPTokenizer's names
+    (folder / "vocab.json").write_text(json.dumps({names.get(k, k): v for k, v in bpe.encoder.items()}))
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!",
+                                           model_max_length=CONTEXT)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def test_transformers_clip_encoder_from_a_pipeline_folder_equals_ours(pair, tmp_path):
+    """``build_text_encoder("clip", path=...)`` on a pipeline folder (text_encoder/ + tokenizer/) gives the
+    open_clip encoder's states: same tokens, same masked attention, every position."""
+    ours, plain, _, _ = pair
+    plain.save_pretrained(tmp_path / "pipeline" / "text_encoder")
+    tokenizer = clip_tokenizer_files(tmp_path / "pipeline" / "tokenizer")
+    # no "!": with "!" as its pad token, transformers splits a literal "!" off as that special token
+    prompts = ["a red apple", "", "a cat with 3 hats", "café ☕ 寿司"]
+    ids, mask = tokens_and_mask(prompts)
+    tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=CONTEXT, return_tensors="pt")
+    assert torch.equal(tokens.input_ids, ids) and torch.equal(tokens.attention_mask, mask)  # one tokenisation
+    clip = build_text_encoder("clip", path=tmp_path / "pipeline")
+    assert isinstance(clip, CLIPTextEncoder) and (clip.max_tokens, clip.dim) == (CONTEXT, WIDTH)
+    torch.testing.assert_close(clip(prompts), ours(prompts), atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="no CLIP text encoder folder"):
+        CLIPTextEncoder(tmp_path / "missing")
