@@ -1,8 +1,8 @@
 """Decoders: semantic latents (from Stage C or the compressor) -> images. The sampler takes any of them.
 
 A decoder is a module called as ``decoder(semantic, size, prompts, steps, guidance, generator,
-progress, sampler, eta, negative_prompts=...)`` returning images ``(B, 3, H, W)`` in [0, 1]. ``SemanticDecoder`` is Stage B + Stage A
-(paper Fig. 3); ``PixelDecoder`` (the greedy-grown pixel-space model, ``stages.pixel_decoder``) has
+progress, sampler, eta, negative_prompts=...)`` returning images ``(B, 3, H, W)`` in [0, 1].
+``SemanticDecoder`` is Stage B + Stage A (paper Fig. 3); ``PixelDecoder`` (the greedy-grown pixel-space model, ``stages.pixel_decoder``) has
 the same call.
 """
 from __future__ import annotations
