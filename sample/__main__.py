@@ -158,10 +158,10 @@ def _sample(args: argparse.Namespace):
     image = inputs.load_image(args.image) if args.image is not None else None  # a bad file fails here too
     if image is not None:
         latent_grid(*image.shape[-2:])  # too small for the compressor: refused before any model is loaded
+    if args.decoder == "pixel" and not Path(args.pixel_decoder).exists():
+        raise FileNotFoundError(f"no pixel decoder at {args.pixel_decoder}; train one with {PIXEL_TRAINING}")
     compressor = find_compressor(args) if image is not None else None
     if args.decoder == "pixel":
-        if not Path(args.pixel_decoder).exists():
-            raise FileNotFoundError(f"no pixel decoder at {args.pixel_decoder}; train one with {PIXEL_TRAINING}")
         pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder, compressor=compressor, dtype=args.dtype)
     else:
         stage_a = args.stage_a
