@@ -72,8 +72,20 @@ class Denoiser:
         self.loss_weight, self.sigmoid_bias = check_loss_weight(loss_weight), sigmoid_bias
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, *conditions) -> torch.Tensor:
-        """The noise estimate eps of ``x`` at times ``t`` (B,)."""
-        head = self.network(x, t, *conditions)
+        """The noise estimate eps of ``x`` at times ``t`` (B,).
+
+        A network held in another floating dtype than ``x`` (bfloat16 or float16 weights, float32
+        sampler state) gets ``x`` and the floating condition tensors in its dtype, and its head comes
+        back in ``x``'s dtype: the sampler's arithmetic stays in the precision of ``x``.
+        """
+        weight = next(self.network.parameters(), None) if isinstance(self.network, nn.Module) else None
+        dtype = weight.dtype if weight is not None else x.dtype
+        if dtype != x.dtype and dtype.is_floating_point and x.is_floating_point():
+            cast = lambda c: c.to(dtype) if isinstance(c, torch.Tensor) and c.is_floating_point() else c  # noqa: E731
+            head = self.network(x.to(dtype), t, *map(cast, conditions))
+            head = tuple(h.to(x.dtype) for h in head) if isinstance(head, tuple) else head.to(x.dtype)
+        else:
+            head = self.network(x, t, *conditions)
         return self.parameterisation.eps(x, head, expand(self.schedule.alpha_bar(t), x))
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:

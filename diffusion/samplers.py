@@ -1,4 +1,5 @@
-"""Samplers: pure functions from noise at t = 1 to a sample at t = 0, all with one signature
+"""Samplers: pure functions from noise at t = 1 (or a noised sample at t = times[0] < 1) to a sample at
+t = 0, all with one signature
 
     sampler(denoiser, x, times, *, generator=None, callback=None, progress=False, **options) -> x_0
 
@@ -33,9 +34,17 @@ def register(sampler: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor
     return sampler
 
 
-def sampling_times(steps: int | str | Sequence[float]) -> torch.Tensor:
+def sampling_times(steps: int | str | Sequence[float], start: float | None = None) -> torch.Tensor:
     """``steps`` equal steps from t = 1 to 0 (``steps + 1`` times), a named list (``TIME_LISTS``), or an
-    explicit decreasing list of times from at most 1 to exactly 0."""
+    explicit decreasing list of times from at most 1 to exactly 0.
+
+    ``start`` in (0, 1]: begin at t = ``start`` instead (SDEdit, Meng et al. 2022: a sample noised to
+    ``start`` is denoised from there). A step count keeps its step length, ``max(1, round(steps *
+    start))`` equal steps from ``start`` to 0; a list keeps its times below ``start``, after ``start``
+    itself. None (the default) is the list unchanged.
+    """
+    if start is not None:
+        return _from(sampling_times(steps), steps, start)
     if isinstance(steps, str):
         if steps not in TIME_LISTS:
             raise ValueError(f"unknown time list {steps!r}; give a step count, explicit times or one of "
@@ -52,6 +61,20 @@ def sampling_times(steps: int | str | Sequence[float]) -> torch.Tensor:
             or times[0] > 1 or times[-1] != 0):
         raise ValueError(f"explicit timesteps must decrease from at most 1 to exactly 0, got {list(steps)}")
     return times
+
+
+def check_start(start: float) -> float:
+    """A start time in (0, 1], or a clear error."""
+    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0.0 < start <= 1.0:
+        raise ValueError(f"the start time (img2img strength) must be a number in (0, 1], got {start!r}")
+    return float(start)
+
+
+def _from(times: torch.Tensor, steps, start: float) -> torch.Tensor:
+    start = check_start(start)
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        return torch.linspace(start, 0.0, max(1, round(steps * start)) + 1)
+    return torch.cat([torch.tensor([start]), times[times < start]])
 
 
 def takes_eta(name: str) -> bool:
@@ -74,10 +97,14 @@ def check_sampler(name: str, eta: float | None = None) -> dict:
 @torch.no_grad()
 def sample(sampler: str, denoiser, noise: torch.Tensor, steps: int | str | Sequence[float], *,
            generator: torch.Generator | None = None, callback: Callable[[dict], None] | None = None,
-           progress: bool | str = False, eta: float | None = None) -> torch.Tensor:
-    """Run sampler ``sampler`` (a name in ``SAMPLERS``) from ``noise`` over ``steps``; checks come first."""
+           progress: bool | str = False, eta: float | None = None, start: float | None = None) -> torch.Tensor:
+    """Run sampler ``sampler`` (a name in ``SAMPLERS``) from ``noise`` over ``steps``; checks come first.
+
+    ``start``: ``noise`` is the sample at t = ``start`` (e.g. ``schedule.add_noise(x0, start, eps)``)
+    and sampling runs from there (``sampling_times``); None starts from pure noise at t = 1.
+    """
     options = check_sampler(sampler, eta)
-    times = sampling_times(steps).to(noise.device)
+    times = sampling_times(steps, start).to(noise.device)
     return SAMPLERS[sampler](denoiser, noise, times, generator=generator, callback=callback, progress=progress,
                              **options)
 

@@ -4,6 +4,10 @@ Defaults to the tiny checkpoints shipped in ``checkpoints/tiny/``; ``--stage-c``
 ``--stage-a`` take our safetensors exports, Lightning checkpoints or run folders (released weights
 go through ``python -m stages.convert`` first). ``--decoder pixel`` renders Stage C's latents with
 the greedy-grown pixel decoder (``--pixel-decoder``) instead of Stage B + Stage A.
+
+``--image in.png`` without a prompt renders variations of the image (its semantic compressor latents,
+decoded ``--n`` times); with a prompt it is img2img: the image's latents are noised to t =
+``--strength`` and Stage C continues from there with the prompt. ``--dtype bfloat16`` halves memory.
 """
 from __future__ import annotations
 
@@ -16,10 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diffusion import TIME_LISTS
-from stages.pipeline import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, sampler_options,
-                             save_images)
+from semantic_compressor import latent_grid
 from stages import inputs
-from stages.checkpoint import resolve_checkpoint
+from stages.checkpoint import read_metadata, recorded_path, resolve_checkpoint
+from stages.pipeline import (DEFAULT_STRENGTH, add_sampler_arguments, load_pixel_text_to_image, load_text_to_image,
+                             sampler_options, save_images)
 from stages.errors import run_command
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
@@ -66,14 +71,26 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     ap = argparse.ArgumentParser(prog="python -m sample", description=__doc__.split("\n\n")[0])
-    ap.add_argument("prompts", nargs="+", help="one or more prompts")
+    ap.add_argument("prompts", nargs="*", help="one or more prompts (none with --image: variations of the image)")
     ap.add_argument("--out", type=Path, default=Path("outputs/sample.png"),
                     help=f"image ({', '.join(OUT_EXTENSIONS)}): the image, or the grid when several")
-    ap.add_argument("--negative", default="", help="negative prompt (replaces the empty prompt in guidance)")
+    ap.add_argument("--negative", "--negative-prompt", dest="negative", default="",
+                    help="negative prompt: replaces the empty prompt in the guidance of Stage C and of a "
+                         "text-conditional decoder (the shipped tiny decoders take no text)")
+    ap.add_argument("--image", type=Path, default=None,
+                    help="an image file: variations of it (no prompt) or img2img (with a prompt and --strength)")
+    ap.add_argument("--strength", type=checked(inputs.strength, float, "a number"), default=None,
+                    help=f"img2img: the time in (0, 1] the image's latents are noised to (default {DEFAULT_STRENGTH}; "
+                         "1 = the prompt alone)")
+    ap.add_argument("--compressor", default=None,
+                    help="semantic compressor for --image (default: compressor.safetensors beside Stage C or "
+                         "the decoder, else the one the pixel decoder recorded)")
+    ap.add_argument("--dtype", choices=tuple(inputs.DTYPES), default="float32",
+                    help="weights' precision; float16 can overflow (refused with a note), bfloat16 does not")
     ap.add_argument("--n", type=checked(inputs.whole), default=1, help="images per prompt")
     ap.add_argument("--seed", type=checked(inputs.seed), default=0, help="in [0, 2**63)")
-    ap.add_argument("--height", type=checked(inputs.whole), default=128)
-    ap.add_argument("--width", type=checked(inputs.whole), default=128)
+    ap.add_argument("--height", type=checked(inputs.whole), default=None, help="default 128, or the --image's")
+    ap.add_argument("--width", type=checked(inputs.whole), default=None, help="default 128, or the --image's")
     ap.add_argument("--prior-steps", type=checked(inputs.steps, steps_arg, STEPS), default=60,
                     help=f"Stage C steps, times '1,0.5,0' or a named list ({', '.join(TIME_LISTS)})")
     ap.add_argument("--decoder-steps", type=checked(inputs.steps, steps_arg, STEPS), default=None,
@@ -98,6 +115,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     add_sampler_arguments(ap)
     args = ap.parse_args(argv)
     check_out(args.out, args.overwrite)
+    if not args.prompts and args.image is None:
+        ap.error("give one or more prompts, or --image for variations of an image")
+    if args.strength is not None and (args.image is None or not args.prompts):
+        ap.error("--strength applies to img2img: give --image and a prompt (variations of an image take no "
+                 "--strength)")
 
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always", UserWarning)
@@ -107,27 +129,55 @@ def main(argv: list[str] | None = None) -> list[Path]:
             for note in dict.fromkeys(str(n.message) for n in notes if issubclass(n.category, UserWarning)):
                 print(f"note: {note}", file=sys.stderr)
     print(json.dumps({"image": str(paths[0]), "images": [str(p) for p in paths[1:]], "prompts": args.prompts,
-                      "size": list(images.shape[-2:]), "seed": args.seed}))
+                      "size": list(images.shape[-2:]), "seed": args.seed,
+                      **({"source": str(args.image), "mode": "img2img" if args.prompts else "variations"}
+                         if args.image is not None else {})}))
     return paths
+
+
+def find_compressor(args: argparse.Namespace) -> Path:
+    """--compressor, else compressor.safetensors beside Stage C or the decoder, else the pixel decoder's record."""
+    if args.compressor is not None:
+        return Path(args.compressor)
+    decoder = args.pixel_decoder if args.decoder == "pixel" else args.stage_b
+    for checkpoint in (args.stage_c, decoder):
+        beside = resolve_checkpoint(checkpoint).with_name("compressor.safetensors")
+        if beside.exists():
+            return beside
+    if args.decoder == "pixel":
+        path = resolve_checkpoint(args.pixel_decoder)
+        recorded = read_metadata(path).get("compressor_path")
+        if recorded:
+            return recorded_path(recorded, path)
+    raise FileNotFoundError(f"no compressor.safetensors beside {args.stage_c} or {decoder}; pass --compressor "
+                            "(the compressor Stage C and the decoder were trained with)")
 
 
 def _sample(args: argparse.Namespace):
     samplers = sampler_options(args)  # a bad sampler setting fails before any model is loaded
+    image = inputs.load_image(args.image) if args.image is not None else None  # a bad file fails here too
+    if image is not None:
+        latent_grid(*image.shape[-2:])  # too small for the compressor: refused before any model is loaded
+    if args.decoder == "pixel" and not Path(args.pixel_decoder).exists():
+        raise FileNotFoundError(f"no pixel decoder at {args.pixel_decoder}; train one with {PIXEL_TRAINING}")
+    compressor = find_compressor(args) if image is not None else None
     if args.decoder == "pixel":
-        if not Path(args.pixel_decoder).exists():
-            raise FileNotFoundError(f"no pixel decoder at {args.pixel_decoder}; train one with {PIXEL_TRAINING}")
-        pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder)
+        pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder, compressor=compressor, dtype=args.dtype)
     else:
         stage_a = args.stage_a
         if stage_a is None:  # a bundle keeps Stage A next to Stage B; else the path Stage B recorded
             beside = resolve_checkpoint(args.stage_b).with_name("stage_a.safetensors")
             stage_a = beside if beside.exists() else None
-        pipe = load_text_to_image(args.stage_c, args.stage_b, stage_a)
+        pipe = load_text_to_image(args.stage_c, args.stage_b, stage_a, compressor=compressor, dtype=args.dtype)
     steps = args.decoder_steps if args.decoder_steps is not None else pipe.decoder.default_steps
     limits = None if args.no_limits else inputs.Limits(pixel_steps=args.max_pixel_steps)
+    if image is not None and not args.prompts:
+        images = pipe.variations(image, args.n, args.height, args.width, steps, args.decoder_guidance, args.seed,
+                                 not args.quiet, samplers["decoder_sampler"], samplers["decoder_eta"], limits)
+        return save_images(images, args.out, nrow=math.ceil(len(images) ** 0.5), overwrite=args.overwrite), images
     images = pipe(args.prompts, args.negative, args.height, args.width, args.n, args.prior_steps,
                   steps, args.prior_guidance, args.decoder_guidance, args.seed, not args.quiet, limits=limits,
-                  **samplers)
+                  image=image, strength=args.strength, **samplers)
     # a row per prompt for several images each; otherwise as square a grid as the images make
     nrow = args.n if len(args.prompts) > 1 and args.n > 1 else math.ceil(len(images) ** 0.5)
     return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite), images

@@ -1,8 +1,8 @@
 """Decoders: semantic latents (from Stage C or the compressor) -> images. The sampler takes any of them.
 
 A decoder is a module called as ``decoder(semantic, size, prompts, steps, guidance, generator,
-progress)`` returning images ``(B, 3, H, W)`` in [0, 1]. ``SemanticDecoder`` is Stage B + Stage A
-(paper Fig. 3); ``PixelDecoder`` (the greedy-grown pixel-space model, ``stages.pixel_decoder``) has
+progress, sampler, eta, negative_prompts=...)`` returning images ``(B, 3, H, W)`` in [0, 1].
+``SemanticDecoder`` is Stage B + Stage A (paper Fig. 3); ``PixelDecoder`` (the greedy-grown pixel-space model, ``stages.pixel_decoder``) has
 the same call.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from diffusion import Guided, sample
 from stages.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
 from stages.denoisers import denoiser_for
+from stages.inputs import check_half
 from stages.stage_a import StageA, load_stage_a
 from stages.stage_b import StageB, load_stage_b
 from stages.text_encoder import TextEncoder, build_text_encoder
@@ -40,11 +41,13 @@ class SemanticDecoder(torch.nn.Module):
     @torch.no_grad()
     def forward(self, semantic: torch.Tensor, size: tuple[int, int], prompts: list[str] | None = None,
                 steps: int | str | list[float] = 12, guidance: float = 1.0, generator: torch.Generator | None = None,
-                progress: bool | str = False, sampler: str = "ddpm", eta: float | None = None) -> torch.Tensor:
+                progress: bool | str = False, sampler: str = "ddpm", eta: float | None = None,
+                negative_prompts: list[str] | None = None) -> torch.Tensor:
         """Images of ``size`` (H, W; multiples of the Stage B grid) from raw semantic latents.
 
-        ``guidance`` w > 1 mixes in the prediction without semantic latents (and with the empty
-        prompt): eps_uncond + w (eps_cond - eps_uncond). Latents are decoded unquantised.
+        ``guidance`` w > 1 mixes in the prediction without semantic latents (and, for a text-conditional
+        Stage B, with ``negative_prompts``, else the empty prompt, as the released decoder pipeline):
+        eps_uncond + w (eps_cond - eps_uncond). Latents are decoded unquantised, in Stage A's dtype.
         """
         b = semantic.shape[0]
         text = uncond_text = None
@@ -52,14 +55,19 @@ class SemanticDecoder(torch.nn.Module):
             if self.text_encoder is None:
                 raise ValueError("this Stage B is text-conditional but no text encoder was given")
             text = self.text_encoder(list(prompts) if prompts is not None else [""] * b)
-            uncond_text = self.text_encoder.empty(b)
+            uncond_text = (self.text_encoder(list(negative_prompts)) if negative_prompts is not None
+                           else self.text_encoder.empty(b))
         guided = Guided(self.denoiser, (semantic, text), (torch.zeros_like(semantic), uncond_text), guidance)
         h, w = size
         shape = (b, self.stage_b.config.c_latent, h // 4, w // 4)
         noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
         latents = sample(sampler, guided, noise.to(semantic.device), steps, generator=generator, progress=progress,
                          eta=eta)
-        return self.stage_a.decode(latents).clamp(0, 1)
+        dtype = next(self.stage_a.parameters()).dtype
+        images = self.stage_a.decode(latents.to(dtype)).float()
+        if dtype != torch.float32:  # an overflow must not be clamped into a black or white image
+            check_half(images, "Stage A's decoded images", dtype)
+        return images.clamp(0, 1)
 
 
 # what a Stage B or pixel decoder checkpoint records besides the weights (Stage A fingerprint and path,
@@ -134,11 +142,12 @@ class PixelDecoder(torch.nn.Module):
     @torch.no_grad()
     def render(self, semantic: torch.Tensor, size: tuple[int, int], prompts: list[str] | None = None,
                steps: int | str | list[float] = 50, guidance: float = 1.0, generator: torch.Generator | None = None,
-               progress: bool | str = False, sampler: str = "ddpm", eta: float | None = None) -> torch.Tensor:
+               progress: bool | str = False, sampler: str = "ddpm", eta: float | None = None,
+               negative_prompts: list[str] | None = None) -> torch.Tensor:
         """Images in [0, 1] at the network's own size ``size`` (multiples of its grid) from raw latents.
 
         ``guidance`` w > 1: eps_uncond + w (eps_cond - eps_uncond), unconditional = zero latents
-        (and the empty prompt), as in training.
+        (and ``negative_prompts``, else the empty prompt, for a text-conditional model).
         """
         b = semantic.shape[0]
         cond = self.normalize(semantic)
@@ -147,20 +156,25 @@ class PixelDecoder(torch.nn.Module):
             if self.text_encoder is None:
                 raise ValueError("this pixel decoder is text-conditional but no text encoder was given")
             text = self.text_encoder(list(prompts) if prompts is not None else [""] * b)
-            uncond_text = self.text_encoder.empty(b)
+            uncond_text = (self.text_encoder(list(negative_prompts)) if negative_prompts is not None
+                           else self.text_encoder.empty(b))
         guided = Guided(self.denoiser, (cond, text), (torch.zeros_like(cond), uncond_text), guidance)
         noise = torch.randn((b, 3, *size), generator=generator, device=generator.device if generator else "cpu")
         x = sample(sampler, guided, noise.to(semantic.device), steps, generator=generator, progress=progress, eta=eta)
+        dtype = next(self.model.parameters()).dtype
+        if dtype != torch.float32:  # an overflow must not be clamped into a black or white image
+            check_half(x, "the pixel decoder's images", dtype)
         return ((x + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
     def forward(self, semantic: torch.Tensor, size: tuple[int, int], prompts: list[str] | None = None,
                 steps: int | str | list[float] = 50, guidance: float = 1.0, generator: torch.Generator | None = None,
-                progress: bool | str = False, sampler: str = "ddpm", eta: float | None = None) -> torch.Tensor:
+                progress: bool | str = False, sampler: str = "ddpm", eta: float | None = None,
+                negative_prompts: list[str] | None = None) -> torch.Tensor:
         """Images ``(B, 3, *size)`` in [0, 1] from raw semantic latents (the decoder interface)."""
         size = tuple(int(s) for s in size)
         images = self.render(semantic, self.render_size(size), prompts, steps, guidance, generator, progress,
-                             sampler, eta)
+                             sampler, eta, negative_prompts)
         if tuple(images.shape[-2:]) != size:
             images = F.interpolate(images, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
         return images

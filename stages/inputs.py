@@ -24,10 +24,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from diffusion import sampling_times
+from stages.images import to_rgb
 from stages.text_encoder import check_prompts
 
 MAX_SEED = 2 ** 63  # torch.Generator seeds are 64-bit; negative ones wrap around
@@ -123,6 +127,63 @@ def steps(value: object, name: str = "") -> int | str | list[float]:
     return whole(value, name)
 
 
+def strength(value: object, name: str = "") -> float:
+    """An img2img strength in (0, 1]: the time t = strength the image's latents are noised to (1: pure
+    noise up to 1% of the image, text-to-image in effect)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise _fail(name, f"must be a number in (0, 1], got {value!r}")
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise _fail(name, f"must be in (0, 1] (the time the image is noised to; 1 = text alone), got {value}")
+    return float(value)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype(value: object, name: str = "dtype") -> torch.dtype:
+    """A sampling dtype: ``float32``, ``bfloat16`` or ``float16`` (a name or the ``torch.dtype``)."""
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    raise _fail(name, f"must be one of {', '.join(DTYPES)}, got {value!r}")
+
+
+def dtype_name(value: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == value)
+
+
+def check_half(tensor: torch.Tensor, what: str, precision: torch.dtype) -> torch.Tensor:
+    """``tensor`` if finite; else a FloatingPointError naming the reduced ``precision`` and bfloat16 as the fix.
+
+    float16's largest value is 65504: the activations of the released Stage C (and of networks trained
+    like it) exceed it, and the overflow becomes inf, then NaN, then a black image. bfloat16 keeps
+    float32's exponent range.
+    """
+    fix = (f"in {dtype_name(precision)} an activation overflowed (float16 stops at 65504); sample with "
+           "--dtype bfloat16 (Python: dtype=torch.bfloat16), which has float32's range, or float32"
+           if precision == torch.float16 else
+           f"in {dtype_name(precision)}; try --dtype float32, and check the checkpoints for NaN/inf weights")
+    return check_finite(tensor, what, fix)
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """An image file (png, jpg, webp, ...; any mode, alpha composited on white) as ``(1, 3, H, W)`` in [0, 1]."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--image {path} is a folder; give an image file (png, jpg, webp)")
+    if not path.is_file():
+        raise FileNotFoundError(f"--image {path} not found; give an image file (png, jpg, webp)")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = to_rgb(im)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"--image {path} is not a readable image ({type(e).__name__}); give a png, jpg or "
+                         "webp file") from None
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)[None].float() / 255.0
+
+
 def network_calls(step_value: int | str | Sequence[float], guidance_scale: float) -> int:
     """Network evaluations of a sampler: one per step, two with guidance w != 1."""
     n = len(sampling_times(step_value)) - 1
@@ -196,6 +257,19 @@ def check_request(pipe: torch.nn.Module, prompts: Sequence[str], negative_prompt
     sides = [whole(height, "height"), whole(width, "width")]
     calls = (network_calls(steps(prior_steps, "prior_steps"), guidance(prior_guidance, "prior_guidance"))
              + network_calls(steps(decoder_steps, "decoder_steps"), guidance(decoder_guidance, "decoder_guidance")))
+    seed(seed_value, "seed")
+    if limits is not None:
+        m = pipe.decoder.size_multiple
+        check_limits(pipe, images, tuple(math.ceil(s / m) * m for s in sides), calls, limits)
+
+
+def check_image_request(pipe: torch.nn.Module, n_images: int, images_per_image: int, height: int, width: int,
+                        decoder_steps: int | Sequence[float], decoder_guidance: float, seed_value: int,
+                        limits: Limits | None = Limits()) -> None:
+    """Every argument of ``TextToImage.variations`` valid, and the work within ``limits`` (None: no limits)."""
+    images = n_images * whole(images_per_image, "images_per_image")
+    sides = [whole(height, "height"), whole(width, "width")]
+    calls = network_calls(steps(decoder_steps, "decoder_steps"), guidance(decoder_guidance, "decoder_guidance"))
     seed(seed_value, "seed")
     if limits is not None:
         m = pipe.decoder.size_multiple

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from diffusion import SAMPLERS, Guided, check_sampler, sample, takes_eta
-from semantic_compressor import denormalize_latents, latent_grid
-from stages.checkpoint import read_metadata, resolve_checkpoint
+from diffusion import SAMPLERS, Guided, check_sampler, check_start, sample, takes_eta
+from semantic_compressor import SemanticCompressor, denormalize_latents, latent_grid, load_compressor, normalize_latents
+from stages.checkpoint import fingerprint, read_metadata, resolve_checkpoint
 from stages.denoisers import denoiser_for
-from stages.inputs import Limits, check_finite, check_request
+from stages import inputs
+from stages.inputs import Limits, check_finite, check_half, check_image_request, check_request
 from stages.stage_c import StageC, load_stage_c
 from stages.text_encoder import TextEncoder, build_text_encoder, check_prompts
 
@@ -42,14 +44,27 @@ class Prior:
     @torch.no_grad()
     def sample(self, prompts: list[str], negative: list[str], grid: tuple[int, int], steps: int | str | list[float],
                guidance: float, generator: torch.Generator, progress: bool = True, sampler: str = "ddpm",
-               eta: float | None = None) -> torch.Tensor:
-        """Raw semantic latents (B, 16, *grid) for the prompts, ready for a decoder."""
+               eta: float | None = None, init: torch.Tensor | None = None,
+               strength: float | None = None) -> torch.Tensor:
+        """Raw semantic latents (B, 16, *grid) for the prompts, ready for a decoder (float32, whatever
+        the model's dtype: the sampler's state stays in float32).
+
+        ``init`` (raw compressor latents, B x 16 x grid) and ``strength`` s in (0, 1]: img2img in the
+        semantic space (SDEdit, Meng et al. 2022). The latents are normalised as Stage C's training
+        latents are, noised to t = s (``x_s = sqrt(ab_s) x_0 + sqrt(1 - ab_s) eps``), and Stage C
+        continues from t = s with the prompts.
+        """
         guided = Guided(self.denoiser, (self.text_encoder(prompts),), (self.text_encoder(negative),), guidance)
         device = next(self.model.parameters()).device
         noise = torch.randn((len(prompts), self.model.config.c_latent, *grid), generator=generator,
                             device=generator.device).to(device)
+        if init is not None:
+            x0 = normalize_latents(init.float().to(device), self.latent_shift, self.latent_scale)
+            if x0.shape != noise.shape:
+                raise ValueError(f"img2img latents have shape {tuple(x0.shape)}; Stage C samples {tuple(noise.shape)}")
+            noise = self.denoiser.schedule.add_noise(x0, torch.full((len(prompts),), check_start(strength)), noise)
         latents = sample(sampler, guided, noise, steps, generator=generator, eta=eta,
-                         progress="Stage C" if progress else False)
+                         progress="Stage C" if progress else False, start=strength if init is not None else None)
         return denormalize_latents(latents, self.latent_shift, self.latent_scale)
 
 
@@ -79,31 +94,61 @@ def snap_size(height: int, width: int, multiple: int) -> tuple[int, int]:
     return h, w
 
 
-class TextToImage(nn.Module):
-    """The composable sampler: prompts -> images ``(B, 3, H, W)`` in [0, 1]."""
+DEFAULT_STRENGTH = 0.6
 
-    def __init__(self, prior: Prior, decoder: nn.Module):
+
+class TextToImage(nn.Module):
+    """The composable sampler: prompts (and optionally an image) -> images ``(B, 3, H, W)`` in [0, 1].
+
+    ``compressor``: the semantic compressor Stage C and the decoder were trained on (paper Sec. 3.2);
+    needed only for image variations and img2img (``variations``, ``forward(image=...)``).
+    """
+
+    def __init__(self, prior: Prior, decoder: nn.Module, compressor: SemanticCompressor | None = None):
         super().__init__()
-        self.prior, self.decoder = prior, decoder
+        self.prior, self.decoder, self.compressor = prior, decoder, compressor
         self.model, self.text_encoder = prior.model, prior.text_encoder  # registered: .to(device) moves them
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype Stage C runs in (``load_text_to_image(..., dtype=)``; float32 by default)."""
+        return next(self.prior.model.parameters()).dtype
+
     @torch.no_grad()
-    def forward(self, prompts: list[str] | str, negative_prompt: str = "", height: int = 128, width: int = 128,
-                images_per_prompt: int = 1, prior_steps: int | str | list[float] = 60,
+    def forward(self, prompts: list[str] | str, negative_prompt: str = "", height: int | None = None,
+                width: int | None = None, images_per_prompt: int = 1, prior_steps: int | str | list[float] = 60,
                 decoder_steps: int | str | list[float] = 12, prior_guidance: float = 4.0, decoder_guidance: float = 3.0,
                 seed: int = 0, progress: bool = True, return_latents: bool = False, prior_sampler: str = "ddpm",
                 decoder_sampler: str = "ddpm", prior_eta: float | None = None, decoder_eta: float | None = None,
-                limits: Limits | None = Limits(),
+                limits: Limits | None = Limits(), image: torch.Tensor | None = None, strength: float | None = None,
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images for every prompt, ``images_per_prompt`` each (prompt-major order).
 
-        The same arguments and seed give the same images. H and W are rounded up to the decoder's
-        grid with a note; step counts (or explicit decreasing time lists ending in 0, or a named list
-        of ``diffusion.TIME_LISTS``) are per stage, and so are the samplers (``diffusion.SAMPLERS``)
-        and their eta. ``return_latents``: also return Stage C's semantic latents, ``(images, latents)``.
-        ``limits``: refuse work too large for the device (``stages.inputs.Limits``; None: no check).
+        The same arguments and seed give the same images. H and W (default 128, or the image's size)
+        are rounded up to the decoder's grid with a note; step counts (or explicit decreasing time
+        lists ending in 0, or a named list of ``diffusion.TIME_LISTS``) are per stage, and so are the
+        samplers (``diffusion.SAMPLERS``) and their eta. ``negative_prompt`` replaces the empty prompt
+        in the guidance of Stage C and of a text-conditional decoder (the released pipelines use it in
+        both); a decoder without text ignores it. ``return_latents``: also return Stage C's semantic
+        latents, ``(images, latents)``. ``limits``: refuse work too large for the device
+        (``stages.inputs.Limits``; None: no check).
+
+        ``image`` (1 or ``len(prompts)`` images ``(B, 3, H, W)`` in [0, 1]) with ``strength`` s in
+        (0, 1] (default 0.6): img2img. The image's compressor latents are noised to t = s and Stage C
+        continues from there with the prompts (``Prior.sample``); it runs ``round(prior_steps * s)``
+        of a step count. The image is resized to the output size first.
         """
         check_sampler(prior_sampler, prior_eta), check_sampler(decoder_sampler, decoder_eta)
+        if image is None and strength is not None:
+            raise ValueError("strength applies to img2img only; pass image= (CLI: --image) or drop strength")
+        if image is not None:
+            strength = inputs.strength(DEFAULT_STRENGTH if strength is None else strength, "strength")
+            self._check_image(image, "img2img")
+            n_prompts = 1 if isinstance(prompts, str) else len(prompts) if isinstance(prompts, (list, tuple)) else 0
+            if image.shape[0] not in (1, n_prompts):
+                raise ValueError(f"img2img got {image.shape[0]} images for {n_prompts} prompt(s); pass one image "
+                                 "for all prompts or one per prompt")
+        height, width = self._size(image, height, width)
         check_request(self, prompts, negative_prompt, height, width, images_per_prompt, prior_steps, decoder_steps,
                       prior_guidance, decoder_guidance, seed, limits)  # everything else, before any work
         prompts = check_prompts([prompts] if isinstance(prompts, str) else prompts)
@@ -111,24 +156,118 @@ class TextToImage(nn.Module):
         if not prompts or any(not p.strip() for p in prompts):
             warnings.warn("an empty prompt samples unconditionally (no text guidance)", stacklevel=2)
         batch = [p for p in prompts for _ in range(images_per_prompt)]
+        negatives = [negative_prompt] * len(batch)
+        init = None
+        if image is not None:
+            init = self.encode(image, (h, w))
+            init = init.expand(len(prompts), *init.shape[1:]).repeat_interleave(images_per_prompt, 0)
         generator = torch.Generator().manual_seed(seed)
-        semantic = self.prior.sample(batch, [negative_prompt] * len(batch), latent_grid(h, w), prior_steps,
-                                     prior_guidance, generator, progress, prior_sampler, prior_eta)
+        semantic = self.prior.sample(batch, negatives, latent_grid(h, w), prior_steps, prior_guidance, generator,
+                                     progress, prior_sampler, prior_eta, init=init, strength=strength)
+        if self.dtype != torch.float32:
+            check_half(semantic, "Stage C's latents", self.dtype)
         images = self.decoder(semantic, (h, w), batch, decoder_steps, decoder_guidance, generator,
                               getattr(self.decoder, "progress_name", "decoder") if progress else False,
-                              decoder_sampler, decoder_eta)
-        check_finite(images, "the sampled images", "a model may hold NaN/inf weights (corrupt or diverged checkpoint)")
+                              decoder_sampler, decoder_eta, negative_prompts=negatives)
+        self._check_images_out(images)
         return (images, semantic) if return_latents else images
+
+    @torch.no_grad()
+    def variations(self, images: torch.Tensor, images_per_image: int = 1, height: int | None = None,
+                   width: int | None = None, decoder_steps: int | str | list[float] | None = None,
+                   decoder_guidance: float = 3.0, seed: int = 0, progress: bool = True,
+                   decoder_sampler: str = "ddpm", decoder_eta: float | None = None, limits: Limits | None = Limits(),
+                   return_latents: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Variations of ``images`` ``(B, 3, H, W)`` in [0, 1]: each image's semantic latents (the
+        compressor's 42:1 code, paper Sec. 3.2) rendered ``images_per_image`` times by the decoder with
+        different noise (image-major order). Stage C is not used; output size defaults to the image's.
+        ``decoder_steps`` defaults to the decoder's own (Stage B 12, pixel decoder 50).
+        """
+        check_sampler(decoder_sampler, decoder_eta)
+        self._check_image(images, "variations")
+        height, width = self._size(images, height, width)
+        steps = self.decoder.default_steps if decoder_steps is None else decoder_steps
+        check_image_request(self, images.shape[0], images_per_image, height, width, steps, decoder_guidance, seed,
+                            limits)
+        h, w = snap_size(height, width, self.decoder.size_multiple)
+        semantic = self.encode(images, (h, w)).repeat_interleave(images_per_image, 0)
+        generator = torch.Generator().manual_seed(seed)
+        out = self.decoder(semantic, (h, w), [""] * semantic.shape[0], steps, decoder_guidance, generator,
+                           getattr(self.decoder, "progress_name", "decoder") if progress else False,
+                           decoder_sampler, decoder_eta)
+        self._check_images_out(out)
+        return (out, semantic) if return_latents else out
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Raw semantic latents (float32) of images in [0, 1], resized (bicubic, antialiased) to ``size`` first."""
+        if self.compressor is None:
+            raise ValueError("this pipeline has no semantic compressor; load it with compressor=PATH (the "
+                             "compressor.safetensors Stage C and the decoder were trained with; CLI: --compressor)")
+        self._check_image(images, "the semantic compressor")
+        device = next(self.compressor.parameters()).device
+        images = images.to(device, torch.float32)
+        if size is not None and tuple(images.shape[-2:]) != tuple(size):
+            images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        dtype = next(self.compressor.parameters()).dtype
+        return self.compressor(images.to(dtype)).float()
+
+    @staticmethod
+    def _check_image(images: torch.Tensor, who: str) -> None:
+        inputs.check_images(images, who)
+        latent_grid(*images.shape[-2:])  # at least one compressor cell, with the fix named
+
+    @staticmethod
+    def _size(image: torch.Tensor | None, height: int | None, width: int | None) -> tuple[int, int]:
+        """Requested H and W; unset ones are the image's, else 128."""
+        default = (128, 128) if image is None else tuple(image.shape[-2:])
+        return (default[0] if height is None else height, default[1] if width is None else width)
+
+    def _check_images_out(self, images: torch.Tensor) -> None:
+        if self.dtype != torch.float32:
+            check_half(images, "the sampled images", self.dtype)
+        check_finite(images, "the sampled images", "a model may hold NaN/inf weights (corrupt or diverged checkpoint)")
+
+
+def _with_compressor(pipe: TextToImage, compressor: str | os.PathLike | SemanticCompressor | None,
+                     decoder_fingerprint: str | None, decoder_name: str) -> TextToImage:
+    """Attach the compressor, refusing one other than the compressor Stage C and the decoder were trained on."""
+    if compressor is None:
+        return pipe
+    model = compressor if isinstance(compressor, SemanticCompressor) else load_compressor(compressor)
+    got = fingerprint(model)
+    for who, expected in (("Stage C", pipe.prior.compressor_fingerprint), (decoder_name, decoder_fingerprint)):
+        if expected and got != expected:
+            raise ValueError(f"the semantic compressor {compressor} (fingerprint {got}) is not the one {who} was "
+                             f"trained on ({expected}); pass the compressor.safetensors of its training run")
+    pipe.compressor = model.eval()
+    return pipe
+
+
+def _cast(pipe: TextToImage, dtype: torch.dtype | str | None) -> TextToImage:
+    """Every network in ``dtype`` but the semantic compressor, which stays in float32 (its antialiased
+    bicubic resize has no half-precision kernel on CPU; it runs once per image)."""
+    if dtype is None:
+        return pipe
+    pipe.to(inputs.dtype(dtype))
+    if pipe.compressor is not None:
+        pipe.compressor.float()
+    return pipe
 
 
 def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
-                       stage_a: str | os.PathLike | None = None, prior: Prior | None = None) -> TextToImage:
+                       stage_a: str | os.PathLike | None = None, prior: Prior | None = None,
+                       compressor: str | os.PathLike | SemanticCompressor | None = None,
+                       dtype: torch.dtype | str | None = None) -> TextToImage:
     """The C -> B -> A sampler from checkpoints, refusing stages that were not trained together.
 
-    ``prior``: Stage C already loaded from ``stage_c`` (several decoders share one).
+    ``prior``: Stage C already loaded from ``stage_c`` (several decoders share one). ``compressor``:
+    the semantic compressor (a path or model) for variations and img2img. ``dtype``: float32
+    (default), bfloat16 or float16 weights; samplers keep their state in float32.
     """
     from stages.decoders import load_semantic_decoder
 
+    dtype = None if dtype is None else inputs.dtype(dtype)
     prior = prior or load_prior(stage_c)
     decoder = load_semantic_decoder(stage_b, stage_a)
     b_meta = read_metadata(stage_b)
@@ -136,17 +275,22 @@ def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
     if c_fp and b_fp and c_fp != b_fp:
         raise ValueError(f"Stage C {stage_c} was trained on a different semantic compressor ({c_fp}) than the one "
                          f"Stage B {stage_b} was trained with ({b_fp}); use the Stage B whose compressor trained C")
-    return TextToImage(prior, decoder).eval()
+    pipe = _with_compressor(TextToImage(prior, decoder), compressor, b_fp, "Stage B")
+    return _cast(pipe, dtype).eval()
 
 
 def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os.PathLike,
-                             prior: Prior | None = None) -> TextToImage:
+                             prior: Prior | None = None,
+                             compressor: str | os.PathLike | SemanticCompressor | None = None,
+                             dtype: torch.dtype | str | None = None) -> TextToImage:
     """Stage C -> the greedy-grown pixel decoder, refusing a decoder trained on another compressor's latents.
 
-    ``prior``: Stage C already loaded from ``stage_c`` (several decoders share one).
+    ``prior``: Stage C already loaded from ``stage_c`` (several decoders share one); ``compressor``
+    and ``dtype`` as for ``load_text_to_image``.
     """
     from stages.decoders import load_pixel_decoder
 
+    dtype = None if dtype is None else inputs.dtype(dtype)
     prior = prior or load_prior(stage_c)
     decoder = load_pixel_decoder(pixel_decoder)
     c_fp, p_fp = prior.compressor_fingerprint, decoder.compressor_fingerprint
@@ -154,7 +298,8 @@ def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os
         raise ValueError(f"Stage C {stage_c} was trained on a different semantic compressor ({c_fp}) than the one "
                          f"pixel decoder {pixel_decoder} was trained with ({p_fp}); train the pixel decoder with "
                          "the compressor that trained Stage C")
-    return TextToImage(prior, decoder).eval()
+    pipe = _with_compressor(TextToImage(prior, decoder), compressor, p_fp, "the pixel decoder")
+    return _cast(pipe, dtype).eval()
 
 
 def save_images(images: torch.Tensor, out: str | os.PathLike, nrow: int, overwrite: bool = False) -> list[Path]:

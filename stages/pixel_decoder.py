@@ -279,7 +279,7 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(c_r, c_t), nn.SiLU(), nn.Linear(c_t, c_t))
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(r, self.c_r))
+        return self.mlp(timestep_embedding(r, self.c_r).to(self.mlp[0].weight.dtype))
 
 
 class Core(nn.Module):

@@ -8,8 +8,9 @@ machines, so the offline default is the real pretrained MiniLM-L6 shipped in the
 
 Every encoder pads to a fixed ``max_tokens``, so batches stack and a prompt's states never depend on
 the other prompts of its batch (which is what makes the per-prompt cache exact). Padding positions
-keep the states the model computes there; the stages attend to all positions, as Würstchen does
-with CLIP's 77 tokens.
+keep the states the model computes there (padding keys masked, as the released pipelines pass the
+tokenizer's attention mask); the stages attend to all positions, as Würstchen does with CLIP's 77
+tokens.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -170,8 +172,11 @@ class OpenCLIPTextEncoder(TextEncoder):
     """OpenCLIP text tower, unpooled: the paper's condition (ViT-H/14: 77 x 1024; Sec. 3.2).
 
     States are ``encode_text`` without pooling and projection: token + positional embedding, the
-    causal transformer, then ``ln_final``, at all positions. Tokens are ``<sot> prompt <eot> 0...``;
-    the mask is causal, so padding positions see only the prompt. ``pretrained`` is a tag, a
+    causal transformer, then ``ln_final``, at all positions. Tokens are ``<sot> prompt <eot> 0...``.
+    Attention is causal and padding keys (after ``<eot>``) are masked, as the released Würstchen
+    pipelines run their CLIP text encoders (transformers' ``CLIPTextModel`` with the tokenizer's
+    attention mask; its ``last_hidden_state``): prompt tokens see only earlier prompt tokens, and a
+    padding position sees the prompt and not the padding before it. ``pretrained`` is a tag, a
     checkpoint file or None (random weights, for tests); ``create_kwargs`` go to
     ``open_clip.create_model``. Only the text modules are kept (the image tower is dropped).
     """
@@ -196,6 +201,7 @@ class OpenCLIPTextEncoder(TextEncoder):
         self.transformer = tower.transformer  # handles batch_first itself: input and output are (B, L, D)
         self.ln_final = tower.ln_final
         self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
+        self.heads = tower.transformer.resblocks[0].attn.num_heads
         self.max_tokens = self.positional_embedding.shape[0]
         self.dim = self.transformer.width
         self.tokenizer = open_clip.get_tokenizer(model, context_length=self.max_tokens)
@@ -208,16 +214,66 @@ class OpenCLIPTextEncoder(TextEncoder):
         tokens = self.tokenizer(prompts, context_length=self.max_tokens).to(self.device)
         dtype = self.transformer.get_cast_dtype()
         x = self.token_embedding(tokens).to(dtype) + self.positional_embedding.to(dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.transformer(x, attn_mask=self.attention_mask(tokens))
         return self.ln_final(x)
 
+    def attention_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Additive mask ``(B * heads, L, L)``: causal, and keys after each prompt's first ``<eot>`` masked
+        (what transformers builds from the tokenizer's attention mask). Padding is found by position,
+        not by id: open_clip pads with id 0, which is also the token "!"."""
+        b, n = tokens.shape
+        length = (tokens == self.tokenizer.eot_token_id).int().argmax(dim=1) + 1
+        padding = torch.arange(n, device=tokens.device)[None, :] >= length[:, None]  # (B, L) keys to mask
+        causal = self.attn_mask if self.attn_mask is not None else torch.zeros(n, n, device=tokens.device)
+        mask = causal[None].expand(b, n, n).masked_fill(padding[:, None, :], float("-inf"))
+        return mask.repeat_interleave(self.heads, dim=0)
 
-ENCODERS: dict[str, type[TextEncoder]] = {"minilm": MiniLMTextEncoder, "open_clip": OpenCLIPTextEncoder}
+
+class CLIPTextEncoder(TextEncoder):
+    """transformers' CLIP text model, run as the released Würstchen pipelines run their text encoders.
+
+    ``CLIPTokenizer`` pads to ``model_max_length`` (77) and truncates; ``CLIPTextModel`` gets the
+    tokenizer's attention mask; the states are its ``last_hidden_state`` (after the final LayerNorm,
+    every position). ``path`` is a local folder holding the model (``config.json`` and weights) and
+    its tokenizer files, or a diffusers pipeline folder with ``text_encoder/`` and ``tokenizer/``
+    (the released Würstchen prior and decoder pipelines). A ``CLIPTextModelWithProjection``
+    checkpoint loads too: its ``last_hidden_state`` is the same; the projection is not used.
+    """
+
+    def __init__(self, path: str | os.PathLike, cache_size: int = 4096):
+        super().__init__(cache_size)
+        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers.utils import logging as hf_logging
+
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"no CLIP text encoder folder at {root}; pass a local folder with the model and "
+                                    "its tokenizer (or a pipeline folder with text_encoder/ and tokenizer/)")
+        model_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
+        tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
+        hf_logging.disable_progress_bar()
+        self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        self.model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True)
+        self.max_tokens = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+        self.dim = self.model.config.hidden_size
+        self.freeze()
+
+    def encode_uncached(self, prompts: list[str]) -> torch.Tensor:
+        lengths = [len(ids) for ids in self.tokenizer(prompts, verbose=False)["input_ids"]]
+        warn_truncated(lengths, self.max_tokens)
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_tokens,
+                                return_tensors="pt").to(self.device)
+        return self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+
+
+ENCODERS: dict[str, type[TextEncoder]] = {"minilm": MiniLMTextEncoder, "open_clip": OpenCLIPTextEncoder,
+                                          "clip": CLIPTextEncoder}
 
 
 def build_text_encoder(name: str | dict | None, **kwargs) -> TextEncoder | None:
-    """``minilm`` (offline default), ``open_clip`` (the paper's) or ``none``/None (no text); or a dict
-    ``{"name": ..., **constructor arguments}`` (e.g. ``{"name": "open_clip", "model": "ViT-bigG-14"}``)."""
+    """``minilm`` (offline default), ``open_clip`` (the paper's), ``clip`` (transformers' CLIP from a local
+    folder, as the released pipelines) or ``none``/None (no text); or a dict ``{"name": ..., **constructor
+    arguments}`` (e.g. ``{"name": "open_clip", "model": "ViT-bigG-14"}``)."""
     if isinstance(name, dict):
         spec = dict(name)
         name, kwargs = spec.pop("name", None), {**spec, **kwargs}

@@ -79,9 +79,12 @@ def test_timestep_embedding_formula_and_block_identity():
     r = torch.tensor([0.0, 0.25, 1.0])
     emb = timestep_embedding(r, 64)
     half = 32
-    freqs = torch.exp(-math.log(10000) * torch.arange(half) / (half - 1))
-    expected = torch.cat([(r[:, None] * 10000 * freqs).sin(), (r[:, None] * 10000 * freqs).cos()], 1)
-    assert torch.allclose(emb, expected, atol=1e-4)
+    exact = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / (half - 1))
+    args = r.double()[:, None] * 10000 * exact
+    assert torch.allclose(emb.double(), torch.cat([args.sin(), args.cos()], 1), atol=1e-3)  # float32 args up to 1e4
+    released = torch.arange(half).float().mul(-math.log(10000) / (half - 1)).exp()  # the released gen_r_embedding
+    args = (r * 10000)[:, None] * released[None]
+    assert torch.equal(emb, torch.cat([args.sin(), args.cos()], 1))
     block = TimestepBlock(16)
     x = torch.randn(3, 16, 4, 4)
     assert torch.equal(block(x, emb), x)  # zero-initialised

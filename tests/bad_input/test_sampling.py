@@ -33,6 +33,7 @@ def bundle(tmp_path_factory):
     c_extra = {"compressor_fingerprint": fingerprint(compressor), "text_encoder": "minilm",
                "latent_shift": 0.0, "latent_scale": 1.0}
     save_safetensors(a, out / "stage_a.safetensors", "stage_a", a.config.to_dict())
+    save_safetensors(compressor, out / "compressor.safetensors", "semantic_compressor", compressor.config.to_dict())
     save_safetensors(b, out / "stage_b.safetensors", "stage_b", b.config.to_dict(),
                      extra={"stage_a_fingerprint": fingerprint(a), "compressor_fingerprint": fingerprint(compressor)})
     save_safetensors(c, out / "stage_c.safetensors", "stage_c", c.config.to_dict(), extra=c_extra)
@@ -235,3 +236,93 @@ def test_shape_only_runs_skip_the_value_check():
         assert model.encode(torch.empty(1, 3, 64, 64)).shape == (1, 4, 16, 16)
         with pytest.raises(ValueError, match="RGB"):
             model.encode(torch.empty(1, 4, 64, 64))
+
+
+# -- variations and img2img: the image, the strength and the compressor ------------------------------
+@pytest.fixture(scope="module")
+def image_pipe(bundle):
+    return load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
+                              bundle / "stage_a.safetensors", compressor=bundle / "compressor.safetensors")
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("extra,fragments", [
+    (["--strength", "0.5"], ["--strength applies to img2img", "--image"]),  # no --image
+    (["--image", "IMAGE", "--strength", "0.5", "--no-prompt"], ["--strength applies to img2img", "a prompt"]),
+    (["--image", "IMAGE", "--strength", "0"], ["--strength", "(0, 1]"]),
+    (["--image", "IMAGE", "--strength", "1.5"], ["--strength", "(0, 1]"]),
+    (["--image", "IMAGE", "--strength", "nan"], ["--strength", "(0, 1]"]),
+    (["--image", "IMAGE", "--strength", "half"], ["--strength", "not a number"]),
+    (["--image", "MISSING"], ["--image", "not found"]),
+    (["--image", "FOLDER"], ["--image", "is a folder"]),
+    (["--image", "TEXT"], ["--image", "not a readable image"]),
+    (["--image", "TINY"], ["at least 42x42", "semantic compressor"]),
+    (["--dtype", "float64"], ["--dtype", "invalid choice"]),
+])
+def test_bad_image_requests_are_refused_before_any_model_is_loaded(bundle, image_file, tmp_path, capsys,
+                                                                   monkeypatch, extra, fragments):
+    from PIL import Image
+
+    import sample.__main__ as cli
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("RGB", (30, 30)).save(tmp_path / "tiny.png")
+    paths = {"IMAGE": image_file, "MISSING": tmp_path / "none.png", "FOLDER": tmp_path / "folder",
+             "TEXT": tmp_path / "notes.png", "TINY": tmp_path / "tiny.png"}
+    extra = [str(paths.get(e, e)) for e in extra]
+    monkeypatch.setattr(cli, "load_text_to_image", lambda *a, **k: pytest.fail("a model was loaded"))
+    prompt = [] if "--no-prompt" in extra else ["sun"]
+    extra = [e for e in extra if e != "--no-prompt"]
+    argv = _argv(bundle, tmp_path / "x.png", *extra)[1:]  # _argv starts with the prompt
+    code, err = run_main(main, [*prompt, *argv], capsys)
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    assert_error(code, err, *fragments)
+
+
+def test_neither_prompt_nor_image_is_named(bundle, tmp_path, capsys):
+    code, err = run_main(main, _argv(bundle, tmp_path / "x.png")[1:], capsys)
+    assert_error(code, err, "give one or more prompts, or --image")
+
+
+@pytest.mark.parametrize("call,fragment", [
+    (lambda p: p.variations(torch.rand(1, 3, 64, 64) * 255), r"variations expects images in \[0, 1\]"),
+    (lambda p: p.variations((torch.rand(1, 3, 64, 64) * 255).byte()), "float images"),
+    (lambda p: p.variations(torch.rand(1, 4, 64, 64)), "RGB"),
+    (lambda p: p.variations(torch.rand(1, 3, 30, 64)), "at least 42x42"),
+    (lambda p: p.variations(torch.rand(1, 3, 64, 64), images_per_image=0), "images_per_image must be at least 1"),
+    (lambda p: p.variations(torch.rand(1, 3, 64, 64), decoder_steps=0), "decoder_steps must be at least 1"),
+    (lambda p: p("sun", image=torch.rand(1, 3, 64, 64), strength=0.0), r"strength must be in \(0, 1\]"),
+    (lambda p: p("sun", image=torch.rand(1, 3, 64, 64), strength=True), "strength must be a number"),
+    (lambda p: p("sun", strength=0.5), "strength applies to img2img only"),
+    (lambda p: p(["a", "b", "c"], image=torch.rand(2, 3, 64, 64)), "2 images for 3 prompt"),
+    (lambda p: p("sun", image=torch.rand(1, 3, 64, 64).fill_(float("nan"))), "NaN"),
+])
+def test_api_image_arguments_are_named(image_pipe, monkeypatch, call, fragment):
+    monkeypatch.setattr(Prior, "sample", lambda *a, **k: pytest.fail("sampling started"))
+    monkeypatch.setattr(type(image_pipe.decoder), "forward", lambda *a, **k: pytest.fail("decoding started"))
+    with pytest.raises(ValueError, match=fragment) as e:
+        call(image_pipe)
+    assert "\n" not in str(e.value)
+
+
+def test_a_pipeline_without_compressor_names_the_fix(pipe):
+    with pytest.raises(ValueError, match="no semantic compressor; load it with compressor=PATH"):
+        pipe.variations(torch.rand(1, 3, 64, 64))
+
+
+def test_another_compressor_is_refused(bundle, tmp_path):
+    other = SemanticCompressor(pretrained=False, trainable="none")
+    with torch.no_grad():
+        other.mapper[0].weight.mul_(2)
+    with pytest.raises(ValueError, match="is not the one Stage C was trained on"):
+        load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
+                           bundle / "stage_a.safetensors", compressor=other)
