@@ -158,3 +158,39 @@ def test_the_fsdp_overlay_builds_its_strategy():
     config = yaml.safe_load((ROOT / "configs/stage_c/fsdp_gpu.yaml").read_text())["trainer"]["strategy"]["init_args"]
     strategy = parser.instantiate(parser.parse_object({"strategy": config})).strategy
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {StageC}
+
+
+def _configs() -> list[Path]:
+    return sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name in
+                  ("stage_a", "stage_b", "stage_c", "pixel_decoder"))
+
+
+def test_every_preset_has_a_config():
+    import yaml
+
+    from stages import pixel_decoder, stage_a, stage_b, stage_c
+
+    named = {}
+    for path in _configs():
+        size = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args", {}).get("size")
+        named.setdefault(path.parent.name, set()).add(size if isinstance(size, str) else None)
+    for stage, module in (("stage_a", stage_a), ("stage_b", stage_b), ("stage_c", stage_c),
+                          ("pixel_decoder", pixel_decoder)):
+        assert set(module.PRESETS) <= named[stage], (stage, set(module.PRESETS) - named[stage])
+
+
+@pytest.mark.parametrize("path", _configs(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_config_parses_with_the_shared_trainer(path, capsys):
+    """Each stage config (overlays after their base) resolves with configs/trainer.yaml under the CLI."""
+    from train.cli import main as cli_main
+
+    configs = [str(path)]
+    if "_finetune" in path.name or "_scratch" in path.name or "freeze_unfreeze" in path.name:
+        configs = [str(path.with_name("tiny_phase2.yaml")), str(path)]
+    if path.name == "fsdp_gpu.yaml":
+        configs = [str(path.with_name("paper_gpu.yaml")), str(path)]
+    with pytest.raises(SystemExit) as done:
+        cli_main(["fit", *[a for c in configs for a in ("--config", c)], "--print_config"])
+    assert done.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "ModelCheckpoint" in printed and "optimizer:" in printed
