@@ -21,6 +21,18 @@ from stages.stage_b import StageB, load_stage_b
 from stages.text_encoder import TextEncoder, build_text_encoder
 
 
+def text_states(encoder: TextEncoder | None, c_text: int | None, prompts: list[str] | None,
+                negative_prompts: list[str] | None, b: int, what: str) -> tuple:
+    """(text, unconditional text) states of a decoder: None, None without text; the prompts' (else the empty
+    prompt's) and the negative prompts' (else the empty prompt's) for a text-conditional one."""
+    if not c_text:
+        return None, None
+    if encoder is None:
+        raise ValueError(f"this {what} is text-conditional but no text encoder was given")
+    text = encoder(list(prompts) if prompts is not None else [""] * b)
+    return text, encoder(list(negative_prompts)) if negative_prompts is not None else encoder.empty(b)
+
+
 class SemanticDecoder(torch.nn.Module):
     """Stage B samples Stage A latents from the semantic latents (12 DDPM steps), Stage A decodes them."""
 
@@ -50,13 +62,8 @@ class SemanticDecoder(torch.nn.Module):
         eps_uncond + w (eps_cond - eps_uncond). Latents are decoded unquantised, in Stage A's dtype.
         """
         b = semantic.shape[0]
-        text = uncond_text = None
-        if self.stage_b.config.c_text:
-            if self.text_encoder is None:
-                raise ValueError("this Stage B is text-conditional but no text encoder was given")
-            text = self.text_encoder(list(prompts) if prompts is not None else [""] * b)
-            uncond_text = (self.text_encoder(list(negative_prompts)) if negative_prompts is not None
-                           else self.text_encoder.empty(b))
+        text, uncond_text = text_states(self.text_encoder, self.stage_b.config.c_text, prompts, negative_prompts, b,
+                                        "Stage B")
         guided = Guided(self.denoiser, (semantic, text), (torch.zeros_like(semantic), uncond_text), guidance)
         h, w = size
         shape = (b, self.stage_b.config.c_latent, h // 4, w // 4)
@@ -151,13 +158,8 @@ class PixelDecoder(torch.nn.Module):
         """
         b = semantic.shape[0]
         cond = self.normalize(semantic)
-        text = uncond_text = None
-        if self.model.config.c_text:
-            if self.text_encoder is None:
-                raise ValueError("this pixel decoder is text-conditional but no text encoder was given")
-            text = self.text_encoder(list(prompts) if prompts is not None else [""] * b)
-            uncond_text = (self.text_encoder(list(negative_prompts)) if negative_prompts is not None
-                           else self.text_encoder.empty(b))
+        text, uncond_text = text_states(self.text_encoder, self.model.config.c_text, prompts, negative_prompts, b,
+                                        "pixel decoder")
         guided = Guided(self.denoiser, (cond, text), (torch.zeros_like(cond), uncond_text), guidance)
         noise = torch.randn((b, 3, *size), generator=generator, device=generator.device if generator else "cpu")
         x = sample(sampler, guided, noise.to(semantic.device), steps, generator=generator, progress=progress, eta=eta)
