@@ -194,3 +194,32 @@ def test_every_config_parses_with_the_shared_trainer(path, capsys):
     assert done.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "ModelCheckpoint" in printed and "optimizer:" in printed
+
+
+def test_stage_c_trains_from_precomputed_shards_and_refuses_other_encoders(openmoji_dir, tmp_path):
+    """python -m train.precompute over the val split, then the Stage C CLI trains from its shards (the batches
+    carry the latents and text states: no image is encoded); another compressor is refused before any step."""
+    from stages.checkpoint import fingerprint
+    from train.cli import main as cli_main
+    from train.precompute import main as precompute
+
+    latents = tmp_path / "latents"
+    precompute(["--shards", str(openmoji_dir / "val-*.tar"), "--out", str(latents), "--compressor",
+                str(SHIPPED_COMPRESSOR), "--text-encoder", "minilm", "--image-size", "64"])
+    args = ["fit", "--config", "configs/stage_c/tiny.yaml", "--trainer.default_root_dir", str(tmp_path / "runs"),
+            "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
+            "--model.init_args.size", _size(TINY_C), "--model.init_args.stage_b", "null",
+            "--model.init_args.compressor", str(SHIPPED_COMPRESSOR), "--data.init_args.train", str(latents),
+            "--data.init_args.val", "null", "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]
+    cli = cli_main(args)
+    assert cli.trainer.global_step == 2 and cli.datamodule.precomputed["compressor_fingerprint"] == \
+        fingerprint(cli.model.compressor)
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert "image" not in batch and batch["semantic"].shape[1:] == (16, 2, 2) and batch["text"].shape[-1] == 384
+
+    from semantic_compressor import SemanticCompressor
+    from stages.checkpoint import save_safetensors
+    other = SemanticCompressor(pretrained=False, trainable="none")
+    save_safetensors(other, tmp_path / "other.safetensors", "semantic_compressor", other.config.to_dict())
+    with pytest.raises(ValueError, match="precompute them again"):
+        cli_main([*args, "--model.init_args.compressor", str(tmp_path / "other.safetensors")])
