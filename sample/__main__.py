@@ -26,6 +26,7 @@ from stages.checkpoint import read_metadata, recorded_path, resolve_checkpoint
 from stages.pipeline import (DEFAULT_STRENGTH, add_sampler_arguments, load_pixel_text_to_image, load_text_to_image,
                              sampler_options, save_images)
 from stages.errors import run_command
+from stages.lora import check_loras, parse_lora
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
 PIXEL_TRAINING = ("python -m train fit --config configs/pixel_decoder/tiny_phase1.yaml, then "
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
                     help="refuse more work than images x H x W x network calls (default %(default).0e)")
     ap.add_argument("--no-limits", action="store_true",
                     help="skip the memory and time estimates that refuse work too large for this device")
+    ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                    help="a LoRA adapter.safetensors (Stage C or Stage B, python -m train ... tiny_lora.yaml) with "
+                         "its scale (default 1); repeatable")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     add_sampler_arguments(ap)
@@ -155,6 +159,8 @@ def find_compressor(args: argparse.Namespace) -> Path:
 
 def _sample(args: argparse.Namespace):
     samplers = sampler_options(args)  # a bad sampler setting fails before any model is loaded
+    loras = [parse_lora(text) for text in args.lora]
+    check_loras(loras)  # a missing or wrong adapter file fails here too
     image = inputs.load_image(args.image) if args.image is not None else None  # a bad file fails here too
     if image is not None:
         latent_grid(*image.shape[-2:])  # too small for the compressor: refused before any model is loaded
@@ -162,13 +168,15 @@ def _sample(args: argparse.Namespace):
         raise FileNotFoundError(f"no pixel decoder at {args.pixel_decoder}; train one with {PIXEL_TRAINING}")
     compressor = find_compressor(args) if image is not None else None
     if args.decoder == "pixel":
-        pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder, compressor=compressor, dtype=args.dtype)
+        pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder, compressor=compressor, dtype=args.dtype,
+                                        loras=loras)
     else:
         stage_a = args.stage_a
         if stage_a is None:  # a bundle keeps Stage A next to Stage B; else the path Stage B recorded
             beside = resolve_checkpoint(args.stage_b).with_name("stage_a.safetensors")
             stage_a = beside if beside.exists() else None
-        pipe = load_text_to_image(args.stage_c, args.stage_b, stage_a, compressor=compressor, dtype=args.dtype)
+        pipe = load_text_to_image(args.stage_c, args.stage_b, stage_a, compressor=compressor, dtype=args.dtype,
+                                  loras=loras)
     steps = args.decoder_steps if args.decoder_steps is not None else pipe.decoder.default_steps
     limits = None if args.no_limits else inputs.Limits(pixel_steps=args.max_pixel_steps)
     if image is not None and not args.prompts:

@@ -35,6 +35,7 @@ from diffusion import CosineSchedule
 from semantic_compressor import load_compressor, normalize_latents
 from stages.checkpoint import fingerprint, read_metadata, read_weights, resolve_checkpoint, save_safetensors
 from stages.denoisers import denoiser_for
+from stages.lora import add_lora, save_adapter
 from stages.metrics import Perceptual, fid_metric
 from stages.text_encoder import TextEncoder, build_text_encoder
 
@@ -295,7 +296,17 @@ class DiffusionTraining(StageTraining):
     logsnr_shift: float = 0.0
     paired_metrics: bool = False  # validation images are reconstructions of the real ones (PSNR, LPIPS, FID)
 
-    def setup_parts(self, ema_decay: float | None, metric_net: str | None = None, val_fid: bool = False) -> None:
+    def setup_parts(self, ema_decay: float | None, metric_net: str | None = None, val_fid: bool = False,
+                    lora: dict | None = None) -> None:
+        """EMA, frozen-compressor bookkeeping and metrics. ``lora`` (``{rank, alpha, target_modules, dropout}``):
+        freeze ``model`` and train LoRA adapters only (``stages.lora``); the EMA then averages the adapters
+        (the frozen base weights stay as they are) and exports write ``adapter.safetensors``."""
+        if lora is not None and not isinstance(lora, dict):
+            raise ValueError(f"lora must be a mapping {{rank, alpha, target_modules, dropout}} or null, got {lora!r}")
+        unknown = set(lora or {}) - {"rank", "alpha", "target_modules", "dropout"}
+        if unknown:
+            raise ValueError(f"lora has unknown keys {sorted(unknown)}; use rank, alpha, target_modules, dropout")
+        self.lora_settings = add_lora(self.model, **lora) if lora else None
         self.ema = ema_of(self.model, ema_decay) if ema_decay else None
         self.trains_compressor = self.compressor is not None and any(p.requires_grad for p in self.compressor.parameters())
         self.compressor_ema = ema_of(self.compressor, ema_decay) if ema_decay and self.trains_compressor else None
@@ -405,6 +416,16 @@ class DiffusionTraining(StageTraining):
     def export_metadata(self) -> dict:
         return {**super().export_metadata(), "diffusion": self.denoiser(self.eval_model).describe(),
                 **{key: fp for key, (fp, _) in self.trained_on().items()}}
+
+    def export(self) -> Path | None:
+        """With LoRA: ``<run>/adapter.safetensors`` (the EMA adapters, recording the base's fingerprint)
+        instead of the full network (rank 0); else the full export."""
+        if self.lora_settings is None:
+            return super().export()
+        if not self.trainer.is_global_zero:
+            return None
+        return save_adapter(self.eval_model, self.run_dir / "adapter.safetensors", self.stage, self.lora_settings,
+                            overwrite=True, extra=self.export_metadata())
 
 
 def frozen_compressor(path: str, channels: int, what: str):
