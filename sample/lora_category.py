@@ -11,7 +11,8 @@ captioned "France", "Åland Islands", ...) as PNG files with ``.txt`` captions, 
 in ``train/`` and ``val/`` (the embedded set's fixed split). ``score`` samples Stage C latents for the
 category's val captions and reports Stage C latent retrieval (as in ``python -m sample.evaluate``: is
 the caption's emoji among the 5 whose compressor latents are nearest, over the whole embedded set?)
-for the base model (plain and trigger captions) and with the adapter (trigger captions).
+and category retrieval (is one of the 5 nearest in the category?) for the base model and the adapter,
+each with plain and trigger captions, on the category's val captions (unseen) and training captions.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torchvision.utils import save_image
 
 from sample.__main__ import SHIPPED
@@ -66,33 +68,43 @@ def prepare(args: argparse.Namespace) -> dict:
     return {"out": str(out), "category": args.category, "trigger": args.trigger, **counts}
 
 
+def category_hits(latents: torch.Tensor, known: torch.Tensor, in_category: torch.Tensor) -> float:
+    """Share of sampled latents whose 5 nearest (cosine) embedded emoji include one of the category."""
+    sims = F.normalize(latents.flatten(1), dim=1) @ F.normalize(known, dim=1).T
+    return in_category[sims.topk(5, dim=1).indices].any(dim=1).float().mean().item()
+
+
 @torch.no_grad()
 def score(args: argparse.Namespace) -> dict:
     lora = parse_lora(args.lora)
-    val = category(args.data_dir, "val", args.category, args.size)
-    captions = [s["caption"] for s in val]
+    sets = {"val": [s["caption"] for s in category(args.data_dir, "val", args.category, args.size)],
+            "train": [s["caption"] for s in category(args.data_dir, "train", args.category, args.size)][:args.train_limit]}
     compressor = load_compressor(args.compressor).eval()
     known = latent_gallery(args.data_dir, compressor, args.size, 32)
     _, gallery_captions = whole_set(args.data_dir, args.size)
+    members = {caption for emoji, caption in emoji_captions() if CATEGORIES[args.category](emoji, caption)}
+    in_category = torch.tensor([c in members for c in gallery_captions])
     grid = latent_grid(args.size, args.size)
+    priors = {"base": load_prior(args.stage_c), "lora": load_prior(args.stage_c, loras=[lora])}
 
-    def retrieval(loras, prompts) -> float:
-        prior = load_prior(args.stage_c, loras=loras)
+    def scores(model: str, prompts: list[str], captions: list[str]) -> dict:
         gen = torch.Generator().manual_seed(args.seed)
-        latents = prior.sample(prompts, [""] * len(prompts), grid, args.prior_steps, args.prior_guidance, gen,
-                               progress=False)
-        return round(top5_hits(latents.flatten(1), known, gallery_captions, captions), 4)
+        latents = priors[model].sample(prompts, [""] * len(prompts), grid, args.prior_steps, args.prior_guidance,
+                                       gen, progress=False).flatten(1)
+        return {"top5_own_caption": round(top5_hits(latents, known, gallery_captions, captions), 4),
+                "top5_in_category": round(category_hits(latents, known, in_category), 4)}
 
-    triggered = [f"{args.trigger} {c}" for c in captions]
     started = time.time()
-    report = {"category": args.category, "trigger": args.trigger, "val_captions": len(captions),
-              "stage_c": args.stage_c, "lora": str(lora[0]), "lora_scale": lora[1],
-              "adapter_kb": round(lora[0].stat().st_size / 1024, 1),
-              "top5_latent_retrieval": {"base": retrieval([], captions),
-                                        "base_with_trigger": retrieval([], triggered),
-                                        "lora_with_trigger": retrieval([lora], triggered),
-                                        "lora_without_trigger": retrieval([lora], captions)},
-              "chance_top5": round(5 / len(gallery_captions), 4)}
+    report = {"category": args.category, "trigger": args.trigger, "stage_c": args.stage_c, "lora": str(lora[0]),
+              "lora_scale": lora[1], "adapter_kb": round(lora[0].stat().st_size / 1024, 1),
+              "chance_top5_own_caption": round(5 / len(gallery_captions), 4),
+              "category_share_of_set": round(in_category.float().mean().item(), 4)}
+    for split, captions in sets.items():
+        triggered = [f"{args.trigger} {c}" for c in captions]
+        report[f"{split}_captions"] = {"n": len(captions), "base": scores("base", captions, captions),
+                                       "base_with_trigger": scores("base", triggered, captions),
+                                       "lora_with_trigger": scores("lora", triggered, captions),
+                                       "lora_without_trigger": scores("lora", captions, captions)}
     report["score_time_s"] = round(time.time() - started, 1)
     return report
 
@@ -116,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prior-steps", type=positive_int, default=60)
     p.add_argument("--prior-guidance", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-limit", type=positive_int, default=64, help="training captions scored (seen in training)")
     args = ap.parse_args(argv)
     report = prepare(args) if args.command == "prepare" else score(args)
     print(json.dumps(report, indent=1))

@@ -185,14 +185,17 @@ class StageTraining(L.LightningModule):
         """The run's folder; under DDP every rank must ask (``trainer.log_dir`` is a collective call)."""
         return Path(self.trainer.log_dir or ".")
 
-    def write_grid(self, name: str, real: torch.Tensor, generated: torch.Tensor, captions: list[str] | None = None):
-        """``<run>/samples/<name>_step<N>.png``: real images on top, generated below (rank 0; every rank calls)."""
+    def write_grid(self, name: str, real: torch.Tensor, generated: torch.Tensor, captions: list[str] | None = None,
+                   extra: tuple[torch.Tensor, ...] = ()):
+        """``<run>/samples/<name>_step<N>.png``: real images on top, generated below, then any ``extra`` rows
+        (rank 0; every rank calls)."""
         out = self.run_dir / "samples" / f"{name}_step{self.global_step:07d}.png"
         if not self.trainer.is_global_zero:
             return
         n = min(self.hparams.grid_images, real.shape[0])
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_image(torch.cat([real[:n], generated[:n]]).float(), out, nrow=n, padding=2, pad_value=1.0)
+        rows = [real[:n], generated[:n], *(row[:n] for row in extra)]
+        save_image(torch.cat(rows).float(), out, nrow=n, padding=2, pad_value=1.0)
         if captions:
             out.with_suffix(".txt").write_text("\n".join(captions[:n]) + "\n")
 
@@ -390,7 +393,7 @@ class DiffusionTraining(StageTraining):
         images = self.validation_images(batch, batch_idx, gen)
         if images is None:
             return
-        real, generated = images
+        real, generated, *extra = images
         if self.paired_metrics:
             self.val_psnr(generated, real)
             self.log("val/psnr", self.val_psnr, prog_bar=True)
@@ -401,10 +404,12 @@ class DiffusionTraining(StageTraining):
                 self.val_fid.update(real, real=True)
                 self.val_fid.update(generated, real=False)
         if batch_idx == 0 and self.hparams.grid_images:
-            self.write_grid(self.grid_name, real, generated, None if self.paired_metrics else batch["caption"])
+            self.write_grid(self.grid_name, real, generated, None if self.paired_metrics else batch["caption"],
+                            tuple(extra))
 
     def validation_images(self, batch: dict, batch_idx: int, gen: torch.Generator):
-        """``(real, generated)`` images in [0, 1] for the grid (and paired metrics), or None."""
+        """``(real, generated, *extra rows)`` images in [0, 1] for the grid (real and generated also for paired
+        metrics), or None."""
         return None
 
     def on_validation_epoch_end(self) -> None:

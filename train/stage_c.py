@@ -11,11 +11,13 @@ latents for the val captions and decodes them with Stage B + Stage A into a PNG 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from semantic_compressor import latent_grid
 from stages.checkpoint import fingerprint, load_into
 from stages.decoders import load_semantic_decoder
 from stages.pipeline import Prior
+from stages.previewer import load_previewer
 from stages.stage_c import StageC, stage_c_config
 from train.engine import (DiffusionTraining, Latents, TextCondition, frozen_compressor, initial_weights,
                           text_encoder_for, training_cost)
@@ -29,10 +31,12 @@ class StageCTraining(DiffusionTraining):
     ``sample_steps``: a number or a named time list (``diffusion.TIME_LISTS``). ``latent_shift``/``latent_scale``: the release's 1 and 42 suit its
     compressor (latent std about 42); ours give about unit variance with 0 and 1. ``init_from``: a Stage C
     export or run to start from (same size and compressor). ``lora``: ``{rank, alpha, target_modules,
-    dropout}`` trains LoRA adapters on the frozen network (``stages.lora``) and exports ``adapter.safetensors``."""
+    dropout}`` trains LoRA adapters on the frozen network (``stages.lora``) and exports ``adapter.safetensors``.
+    ``previewer``: a trained previewer (``stages.previewer``, same compressor): the validation grid gets a
+    row of the sampled latents' previews (without Stage B, upscaled to the image size)."""
 
     stage = "stage_c"
-    frozen = ("compressor.", "text_encoder.", "decoder.")  # rebuilt on load, never saved
+    frozen = ("compressor.", "text_encoder.", "decoder.", "previewer.")  # rebuilt on load, never saved
     grid_name = "text_to_image"
 
     def __init__(self, size: str | dict = "tiny", compressor: str = "runs/stage_b/tiny",
@@ -40,7 +44,7 @@ class StageCTraining(DiffusionTraining):
                  text_drop_prob: float = 0.05, ema_decay: float | None = 0.999, sample_steps: int | str = 60,
                  guidance: float = 4.0, decoder_steps: int = 12, grid_images: int = 8, cache_latents: bool = False,
                  latent_shift: float = 1.0, latent_scale: float = 42.0, init_from: str | None = None,
-                 lora: dict | None = None):
+                 lora: dict | None = None, previewer: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         config = stage_c_config(size)
@@ -56,6 +60,7 @@ class StageCTraining(DiffusionTraining):
             self.init_cost = training_cost(meta)
             load_into(self.model, state, meta["path"])
         self.decoder = load_semantic_decoder(stage_b).requires_grad_(False) if stage_b else None
+        self.previewer = load_previewer(previewer, self.compressor_fingerprint) if previewer else None
         self.target = Latents("semantic", latent_shift, latent_scale)
         self.conditions = [TextCondition(text_drop_prob)]
         self.setup_parts(ema_decay, lora=lora)
@@ -64,8 +69,9 @@ class StageCTraining(DiffusionTraining):
         return {"compressor_fingerprint": (self.compressor_fingerprint, "semantic compressor")}
 
     def validation_images(self, batch: dict, batch_idx: int, gen: torch.Generator):
-        """Batch 0 only: text -> Stage C -> Stage B -> Stage A for the first captions."""
-        if batch_idx or self.decoder is None or not self.hparams.grid_images:
+        """Batch 0 only: text -> Stage C -> Stage B -> Stage A for the first captions, and their previews
+        (a row below, or the only one without Stage B) when a previewer is given."""
+        if batch_idx or (self.decoder is None and self.previewer is None) or not self.hparams.grid_images:
             return None
         h = self.hparams
         n = min(h.grid_images, len(batch["caption"]))
@@ -74,7 +80,11 @@ class StageCTraining(DiffusionTraining):
         prior = Prior(self.eval_model, self.text_encoder, h.latent_shift, h.latent_scale)
         latents = prior.sample(captions, [""] * n, latent_grid(*images.shape[-2:]), h.sample_steps, h.guidance, gen,
                                progress=False)
-        return images, self.decoder(latents, images.shape[-2:], captions, h.decoder_steps, 1.0, gen)
+        rows = [] if self.decoder is None else [self.decoder(latents, images.shape[-2:], captions, h.decoder_steps,
+                                                             1.0, gen)]
+        if self.previewer is not None:
+            rows.append(F.interpolate(self.previewer(latents), size=images.shape[-2:], mode="nearest"))
+        return images, *rows
 
     def export_metadata(self) -> dict:
         h = self.hparams
