@@ -197,3 +197,28 @@ def test_cli_fit_with_lora_writes_the_adapter_and_resumes(bundle, openmoji_dir, 
     assert not torch.equal(_out(prior), _out(_base(bundle)))
     fit(4, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
     assert read_metadata(tmp_path / "tiny" / "version_1" / "adapter.safetensors")["global_step"] == 4
+
+
+def test_stage_b_lora_trains_only_adapters_and_loads_into_the_decoder(bundle, tmp_path):
+    from train.stage_b import StageBTraining
+    module = StageBTraining(size=TINY_B.to_dict(), stage_a=str(bundle / "stage_a.safetensors"),
+                            compressor=str(bundle / "compressor.safetensors"),
+                            init_from=str(bundle / "stage_b.safetensors"), val_fid=False, metric_net=None,
+                            lora={"rank": 2, "alpha": 2.0, "target_modules": ["to_q", "to_v"], "dropout": 0.0})
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    path = save_adapter(module.model, tmp_path / "b_adapter.safetensors", "stage_b", module.lora_settings)
+    from stages.pipeline import load_text_to_image
+    pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
+                              bundle / "stage_a.safetensors",
+                              loras=[(path, 1.0), (bundle / "adapter.safetensors", 0.5)])
+    assert any(".lora_A." in n for n, _ in pipe.decoder.stage_b.named_parameters())
+    assert any(".lora_A." in n for n, _ in pipe.prior.model.named_parameters())
+    with pytest.raises(ValueError, match="unknown keys"):
+        StageBTraining(size=TINY_B.to_dict(), stage_a=str(bundle / "stage_a.safetensors"),
+                       compressor=str(bundle / "compressor.safetensors"), val_fid=False, metric_net=None,
+                       lora={"rank": 2, "alhpa": 2.0})
