@@ -8,6 +8,10 @@ the greedy-grown pixel decoder (``--pixel-decoder``) instead of Stage B + Stage 
 ``--image in.png`` without a prompt renders variations of the image (its semantic compressor latents,
 decoded ``--n`` times); with a prompt it is img2img: the image's latents are noised to t =
 ``--strength`` and Stage C continues from there with the prompt. ``--dtype bfloat16`` halves memory.
+
+``--lora PATH[:SCALE]`` (repeatable) adds LoRA adapters (``stages.lora``) to the stage each was trained
+for. ``--preview`` renders Stage C's latents with the previewer (``stages.previewer``) instead of a
+decoder: a coarse image at 8x the latent grid, no Stage B.
 """
 from __future__ import annotations
 
@@ -130,8 +134,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     check_out(args.out, args.overwrite)
     if not args.prompts and args.image is None:
         ap.error("give one or more prompts, or --image for variations of an image")
-    if args.preview is not None and args.image is not None:
-        ap.error("--preview shows what Stage C samples for prompts; drop --image")
+    if args.preview is not None and (args.image is not None or args.decoder == "pixel"):
+        ap.error("--preview shows what Stage C samples for prompts without a decoder; drop --image and --decoder")
     if args.strength is not None and (args.image is None or not args.prompts):
         ap.error("--strength applies to img2img: give --image and a prompt (variations of an image take no "
                  "--strength)")

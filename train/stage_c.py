@@ -57,6 +57,11 @@ class StageCTraining(DiffusionTraining):
             state, stored, meta = initial_weights(init_from, self.stage, self.trained_on())
             if stored is not None and stage_c_config(stored) != config:
                 raise ValueError(f"{meta['path']} is a Stage C of another size ({stored}); set size to match it")
+            for key, ours in (("latent_shift", latent_shift), ("latent_scale", latent_scale),
+                              ("text_encoder", text_encoder)):
+                if key in meta and meta[key] != ours:
+                    raise ValueError(f"{meta['path']} was trained with {key} {meta[key]!r}, this run gives {ours!r}; "
+                                     f"set {key} to the export's")
             self.init_cost = training_cost(meta)
             load_into(self.model, state, meta["path"])
         self.decoder = load_semantic_decoder(stage_b).requires_grad_(False) if stage_b else None
