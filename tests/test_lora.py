@@ -222,3 +222,16 @@ def test_stage_b_lora_trains_only_adapters_and_loads_into_the_decoder(bundle, tm
         StageBTraining(size=TINY_B.to_dict(), stage_a=str(bundle / "stage_a.safetensors"),
                        compressor=str(bundle / "compressor.safetensors"), val_fid=False, metric_net=None,
                        lora={"rank": 2, "alhpa": 2.0})
+
+
+def test_stage_c_init_from_is_checked_against_the_run(bundle):
+    from train.stage_c import StageCTraining
+    common = dict(size=TINY_C.to_dict(), compressor=str(bundle / "compressor.safetensors"),
+                  init_from=str(bundle / "stage_c.safetensors"))
+    module = StageCTraining(**common, latent_shift=0.0, latent_scale=1.0)
+    assert all(torch.equal(p, q) for p, q in zip(module.model.state_dict().values(),
+                                                 _base(bundle).state_dict().values()))
+    with pytest.raises(ValueError, match="latent_scale"):
+        StageCTraining(**common, latent_shift=0.0, latent_scale=42.0)
+    with pytest.raises(ValueError, match="another size"):
+        StageCTraining(**dict(common, size=dict(TINY_C.to_dict(), width=64)), latent_shift=0.0, latent_scale=1.0)
