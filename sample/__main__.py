@@ -8,6 +8,10 @@ the greedy-grown pixel decoder (``--pixel-decoder``) instead of Stage B + Stage 
 ``--image in.png`` without a prompt renders variations of the image (its semantic compressor latents,
 decoded ``--n`` times); with a prompt it is img2img: the image's latents are noised to t =
 ``--strength`` and Stage C continues from there with the prompt. ``--dtype bfloat16`` halves memory.
+
+``--lora PATH[:SCALE]`` (repeatable) adds LoRA adapters (``stages.lora``) to the stage each was trained
+for. ``--preview`` renders Stage C's latents with the previewer (``stages.previewer``) instead of a
+decoder: a coarse image at 8x the latent grid, no Stage B.
 """
 from __future__ import annotations
 
@@ -19,13 +23,19 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from diffusion import TIME_LISTS
 from semantic_compressor import latent_grid
 from stages import inputs
 from stages.checkpoint import read_metadata, recorded_path, resolve_checkpoint
-from stages.pipeline import (DEFAULT_STRENGTH, add_sampler_arguments, load_pixel_text_to_image, load_text_to_image,
-                             sampler_options, save_images)
+from stages.pipeline import (DEFAULT_STRENGTH, add_sampler_arguments, load_pixel_text_to_image, load_prior,
+                             load_text_to_image, sampler_options, save_images)
+from stages.previewer import load_previewer
+from stages.text_encoder import check_prompts
 from stages.errors import run_command
+from stages.lora import check_loras, parse_lora
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
 PIXEL_TRAINING = ("python -m train fit --config configs/pixel_decoder/tiny_phase1.yaml, then "
@@ -110,6 +120,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
                     help="refuse more work than images x H x W x network calls (default %(default).0e)")
     ap.add_argument("--no-limits", action="store_true",
                     help="skip the memory and time estimates that refuse work too large for this device")
+    ap.add_argument("--preview", nargs="?", const=str(SHIPPED / "previewer.safetensors"), default=None,
+                    metavar="PREVIEWER",
+                    help="render Stage C's latents with the previewer (default: the shipped tiny one) instead of a "
+                         "decoder: a coarse image (latent grid x 8, upscaled to --height x --width), no Stage B")
+    ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                    help="a LoRA adapter.safetensors (Stage C or Stage B, python -m train ... tiny_lora.yaml) with "
+                         "its scale (default 1); repeatable")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     add_sampler_arguments(ap)
@@ -117,6 +134,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     check_out(args.out, args.overwrite)
     if not args.prompts and args.image is None:
         ap.error("give one or more prompts, or --image for variations of an image")
+    if args.preview is not None and (args.image is not None or args.decoder == "pixel"):
+        ap.error("--preview shows what Stage C samples for prompts without a decoder; drop --image and --decoder")
     if args.strength is not None and (args.image is None or not args.prompts):
         ap.error("--strength applies to img2img: give --image and a prompt (variations of an image take no "
                  "--strength)")
@@ -155,20 +174,26 @@ def find_compressor(args: argparse.Namespace) -> Path:
 
 def _sample(args: argparse.Namespace):
     samplers = sampler_options(args)  # a bad sampler setting fails before any model is loaded
+    loras = [parse_lora(text) for text in args.lora]
+    check_loras(loras)  # a missing or wrong adapter file fails here too
     image = inputs.load_image(args.image) if args.image is not None else None  # a bad file fails here too
     if image is not None:
         latent_grid(*image.shape[-2:])  # too small for the compressor: refused before any model is loaded
     if args.decoder == "pixel" and not Path(args.pixel_decoder).exists():
         raise FileNotFoundError(f"no pixel decoder at {args.pixel_decoder}; train one with {PIXEL_TRAINING}")
+    if args.preview is not None:
+        return _preview(args, samplers, loras)
     compressor = find_compressor(args) if image is not None else None
     if args.decoder == "pixel":
-        pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder, compressor=compressor, dtype=args.dtype)
+        pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder, compressor=compressor, dtype=args.dtype,
+                                        loras=loras)
     else:
         stage_a = args.stage_a
         if stage_a is None:  # a bundle keeps Stage A next to Stage B; else the path Stage B recorded
             beside = resolve_checkpoint(args.stage_b).with_name("stage_a.safetensors")
             stage_a = beside if beside.exists() else None
-        pipe = load_text_to_image(args.stage_c, args.stage_b, stage_a, compressor=compressor, dtype=args.dtype)
+        pipe = load_text_to_image(args.stage_c, args.stage_b, stage_a, compressor=compressor, dtype=args.dtype,
+                                  loras=loras)
     steps = args.decoder_steps if args.decoder_steps is not None else pipe.decoder.default_steps
     limits = None if args.no_limits else inputs.Limits(pixel_steps=args.max_pixel_steps)
     if image is not None and not args.prompts:
@@ -179,6 +204,25 @@ def _sample(args: argparse.Namespace):
                   steps, args.prior_guidance, args.decoder_guidance, args.seed, not args.quiet, limits=limits,
                   image=image, strength=args.strength, **samplers)
     # a row per prompt for several images each; otherwise as square a grid as the images make
+    nrow = args.n if len(args.prompts) > 1 and args.n > 1 else math.ceil(len(images) ** 0.5)
+    return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite), images
+
+
+def _preview(args: argparse.Namespace, samplers: dict, loras: list):
+    """Stage C's latents for the prompts, rendered by the previewer (``stages.previewer``) without Stage B."""
+    if not Path(args.preview).exists():
+        raise FileNotFoundError(f"no previewer at {args.preview}; train one with python -m train fit --config "
+                                "configs/previewer/tiny.yaml and pass --preview runs/previewer/tiny")
+    prior = load_prior(args.stage_c, loras=loras)
+    previewer = load_previewer(args.preview, prior.compressor_fingerprint)
+    h, w = args.height or 128, args.width or 128
+    batch = [p for p in check_prompts(args.prompts) for _ in range(args.n)]
+    generator = torch.Generator().manual_seed(args.seed)
+    latents = prior.sample(batch, [args.negative] * len(batch), latent_grid(h, w), args.prior_steps,
+                           args.prior_guidance, generator, not args.quiet, samplers["prior_sampler"],
+                           samplers["prior_eta"])
+    with torch.no_grad():
+        images = F.interpolate(previewer(latents), size=(h, w), mode="nearest")
     nrow = args.n if len(args.prompts) > 1 and args.n > 1 else math.ceil(len(images) ** 0.5)
     return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite), images
 

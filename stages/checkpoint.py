@@ -41,11 +41,17 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, stage: str, conf
                      overwrite: bool = False, extra: dict | None = None) -> Path:
     """Write ``model``'s weights with ``{"stage", "config", "checksum"}`` metadata; refuses to overwrite
     unless asked. ``extra`` values are stored as JSON."""
+    return save_tensors(model.state_dict(), path, stage, config, overwrite, extra)
+
+
+def save_tensors(state: dict[str, torch.Tensor], path: str | os.PathLike, stage: str, config: dict,
+                 overwrite: bool = False, extra: dict | None = None) -> Path:
+    """``save_safetensors`` for a bare state dict (adapters, merged weights)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     meta = {"stage": stage, "config": json.dumps(config), "checksum": tensor_digest(state),
             **{k: json.dumps(v) for k, v in (extra or {}).items()}}
     tmp = path.with_name(path.name + ".tmp")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from semantic_compressor import SemanticCompressor, denormalize_latents, latent_
 from stages.checkpoint import fingerprint, read_metadata, resolve_checkpoint
 from stages.denoisers import denoiser_for
 from stages import inputs
+from stages.lora import check_loras, load_loras
 from stages.inputs import Limits, check_finite, check_half, check_image_request, check_request
 from stages.stage_c import StageC, load_stage_c
 from stages.text_encoder import TextEncoder, build_text_encoder, check_prompts
@@ -68,11 +70,15 @@ class Prior:
         return denormalize_latents(latents, self.latent_shift, self.latent_scale)
 
 
-def load_prior(path: str | os.PathLike, text_encoder: TextEncoder | None = None) -> Prior:
-    """Stage C (file or run folder) with the text encoder and normalisation recorded in its export."""
+def load_prior(path: str | os.PathLike, text_encoder: TextEncoder | None = None,
+               loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> Prior:
+    """Stage C (file or run folder) with the text encoder and normalisation recorded in its export;
+    ``loras``: Stage C LoRA adapters ``(path, scale)`` added to it (``stages.lora.load_loras``)."""
     path = resolve_checkpoint(path)
     meta = read_metadata(path)
     model = load_stage_c(str(path))
+    if loras:
+        load_loras(model, loras, "stage_c")
     if text_encoder is None:
         text_encoder = build_text_encoder(meta.get("text_encoder") or "minilm")
     if text_encoder.dim != model.config.c_text:
@@ -255,21 +261,40 @@ def _cast(pipe: TextToImage, dtype: torch.dtype | str | None) -> TextToImage:
     return pipe
 
 
+def split_loras(loras: Sequence[tuple[str | os.PathLike, float]], stages: tuple[str, ...],
+                prior: Prior | None) -> dict[str, list[tuple[str | os.PathLike, float]]]:
+    """LoRA adapters by the stage each was made for (every file read and checked before any network loads)."""
+    found: dict[str, list] = {stage: [] for stage in stages}
+    for path, scale, meta in check_loras(loras):
+        if meta["base_stage"] not in found:
+            raise ValueError(f"LoRA adapter {path} is for {meta['base_stage']}, which this pipeline does not use "
+                             f"({', '.join(stages)}); drop it or use the decoder it was made for")
+        found[meta["base_stage"]].append((path, scale))
+    if prior is not None and found.get("stage_c"):
+        raise ValueError("Stage C LoRA adapters go to load_prior(..., loras=) when a loaded prior is passed")
+    return found
+
+
 def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
                        stage_a: str | os.PathLike | None = None, prior: Prior | None = None,
                        compressor: str | os.PathLike | SemanticCompressor | None = None,
-                       dtype: torch.dtype | str | None = None) -> TextToImage:
+                       dtype: torch.dtype | str | None = None,
+                       loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> TextToImage:
     """The C -> B -> A sampler from checkpoints, refusing stages that were not trained together.
 
     ``prior``: Stage C already loaded from ``stage_c`` (several decoders share one). ``compressor``:
     the semantic compressor (a path or model) for variations and img2img. ``dtype``: float32
-    (default), bfloat16 or float16 weights; samplers keep their state in float32.
+    (default), bfloat16 or float16 weights; samplers keep their state in float32. ``loras``: LoRA
+    adapters ``(path, scale)`` (``stages.lora``), each added to the stage (C or B) it was trained for.
     """
     from stages.decoders import load_semantic_decoder
 
     dtype = None if dtype is None else inputs.dtype(dtype)
-    prior = prior or load_prior(stage_c)
+    by_stage = split_loras(loras, ("stage_c", "stage_b"), prior)
+    prior = prior or load_prior(stage_c, loras=by_stage["stage_c"])
     decoder = load_semantic_decoder(stage_b, stage_a)
+    if by_stage["stage_b"]:
+        load_loras(decoder.stage_b, by_stage["stage_b"], "stage_b")
     b_meta = read_metadata(stage_b)
     c_fp, b_fp = prior.compressor_fingerprint, b_meta.get("compressor_fingerprint")
     if c_fp and b_fp and c_fp != b_fp:
@@ -282,16 +307,17 @@ def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
 def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os.PathLike,
                              prior: Prior | None = None,
                              compressor: str | os.PathLike | SemanticCompressor | None = None,
-                             dtype: torch.dtype | str | None = None) -> TextToImage:
+                             dtype: torch.dtype | str | None = None,
+                             loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> TextToImage:
     """Stage C -> the greedy-grown pixel decoder, refusing a decoder trained on another compressor's latents.
 
-    ``prior``: Stage C already loaded from ``stage_c`` (several decoders share one); ``compressor``
-    and ``dtype`` as for ``load_text_to_image``.
+    ``prior``: Stage C already loaded from ``stage_c`` (several decoders share one); ``compressor``,
+    ``dtype`` and ``loras`` (Stage C adapters only) as for ``load_text_to_image``.
     """
     from stages.decoders import load_pixel_decoder
 
     dtype = None if dtype is None else inputs.dtype(dtype)
-    prior = prior or load_prior(stage_c)
+    prior = prior or load_prior(stage_c, loras=split_loras(loras, ("stage_c",), prior)["stage_c"])
     decoder = load_pixel_decoder(pixel_decoder)
     c_fp, p_fp = prior.compressor_fingerprint, decoder.compressor_fingerprint
     if c_fp and p_fp and c_fp != p_fp:

@@ -35,6 +35,7 @@ from diffusion import CosineSchedule
 from semantic_compressor import load_compressor, normalize_latents
 from stages.checkpoint import fingerprint, read_metadata, read_weights, resolve_checkpoint, save_safetensors
 from stages.denoisers import denoiser_for
+from stages.lora import add_lora, save_adapter
 from stages.metrics import Perceptual, fid_metric
 from stages.text_encoder import TextEncoder, build_text_encoder
 
@@ -184,14 +185,17 @@ class StageTraining(L.LightningModule):
         """The run's folder; under DDP every rank must ask (``trainer.log_dir`` is a collective call)."""
         return Path(self.trainer.log_dir or ".")
 
-    def write_grid(self, name: str, real: torch.Tensor, generated: torch.Tensor, captions: list[str] | None = None):
-        """``<run>/samples/<name>_step<N>.png``: real images on top, generated below (rank 0; every rank calls)."""
+    def write_grid(self, name: str, real: torch.Tensor, generated: torch.Tensor, captions: list[str] | None = None,
+                   extra: tuple[torch.Tensor, ...] = ()):
+        """``<run>/samples/<name>_step<N>.png``: real images on top, generated below, then any ``extra`` rows
+        (rank 0; every rank calls)."""
         out = self.run_dir / "samples" / f"{name}_step{self.global_step:07d}.png"
         if not self.trainer.is_global_zero:
             return
         n = min(self.hparams.grid_images, real.shape[0])
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_image(torch.cat([real[:n], generated[:n]]).float(), out, nrow=n, padding=2, pad_value=1.0)
+        rows = [real[:n], generated[:n], *(row[:n] for row in extra)]
+        save_image(torch.cat(rows).float(), out, nrow=n, padding=2, pad_value=1.0)
         if captions:
             out.with_suffix(".txt").write_text("\n".join(captions[:n]) + "\n")
 
@@ -295,7 +299,17 @@ class DiffusionTraining(StageTraining):
     logsnr_shift: float = 0.0
     paired_metrics: bool = False  # validation images are reconstructions of the real ones (PSNR, LPIPS, FID)
 
-    def setup_parts(self, ema_decay: float | None, metric_net: str | None = None, val_fid: bool = False) -> None:
+    def setup_parts(self, ema_decay: float | None, metric_net: str | None = None, val_fid: bool = False,
+                    lora: dict | None = None) -> None:
+        """EMA, frozen-compressor bookkeeping and metrics. ``lora`` (``{rank, alpha, target_modules, dropout}``):
+        freeze ``model`` and train LoRA adapters only (``stages.lora``); the EMA then averages the adapters
+        (the frozen base weights stay as they are) and exports write ``adapter.safetensors``."""
+        if lora is not None and not isinstance(lora, dict):
+            raise ValueError(f"lora must be a mapping {{rank, alpha, target_modules, dropout}} or null, got {lora!r}")
+        unknown = set(lora or {}) - {"rank", "alpha", "target_modules", "dropout"}
+        if unknown:
+            raise ValueError(f"lora has unknown keys {sorted(unknown)}; use rank, alpha, target_modules, dropout")
+        self.lora_settings = add_lora(self.model, **lora) if lora else None
         self.ema = ema_of(self.model, ema_decay) if ema_decay else None
         self.trains_compressor = self.compressor is not None and any(p.requires_grad for p in self.compressor.parameters())
         self.compressor_ema = ema_of(self.compressor, ema_decay) if ema_decay and self.trains_compressor else None
@@ -379,7 +393,7 @@ class DiffusionTraining(StageTraining):
         images = self.validation_images(batch, batch_idx, gen)
         if images is None:
             return
-        real, generated = images
+        real, generated, *extra = images
         if self.paired_metrics:
             self.val_psnr(generated, real)
             self.log("val/psnr", self.val_psnr, prog_bar=True)
@@ -390,10 +404,12 @@ class DiffusionTraining(StageTraining):
                 self.val_fid.update(real, real=True)
                 self.val_fid.update(generated, real=False)
         if batch_idx == 0 and self.hparams.grid_images:
-            self.write_grid(self.grid_name, real, generated, None if self.paired_metrics else batch["caption"])
+            self.write_grid(self.grid_name, real, generated, None if self.paired_metrics else batch["caption"],
+                            tuple(extra))
 
     def validation_images(self, batch: dict, batch_idx: int, gen: torch.Generator):
-        """``(real, generated)`` images in [0, 1] for the grid (and paired metrics), or None."""
+        """``(real, generated, *extra rows)`` images in [0, 1] for the grid (real and generated also for paired
+        metrics), or None."""
         return None
 
     def on_validation_epoch_end(self) -> None:
@@ -405,6 +421,16 @@ class DiffusionTraining(StageTraining):
     def export_metadata(self) -> dict:
         return {**super().export_metadata(), "diffusion": self.denoiser(self.eval_model).describe(),
                 **{key: fp for key, (fp, _) in self.trained_on().items()}}
+
+    def export(self) -> Path | None:
+        """With LoRA: ``<run>/adapter.safetensors`` (the EMA adapters, recording the base's fingerprint)
+        instead of the full network (rank 0); else the full export."""
+        if self.lora_settings is None:
+            return super().export()
+        if not self.trainer.is_global_zero:
+            return None
+        return save_adapter(self.eval_model, self.run_dir / "adapter.safetensors", self.stage, self.lora_settings,
+                            overwrite=True, extra=self.export_metadata())
 
 
 def frozen_compressor(path: str, channels: int, what: str):

@@ -30,7 +30,8 @@ class StageBTraining(DiffusionTraining):
     ``.ckpt`` or run folder). ``compressor``: ``SemanticCompressor`` arguments (trained with Stage B), or
     a trained ``compressor.safetensors`` / Stage B run folder (kept frozen). ``text_encoder``: ``minilm``,
     ``open_clip`` or null (must match the preset's ``c_text``). ``init_from``: a Stage B to continue
-    from (same config, Stage A and compressor). ``cache_latents``: encode each training image once
+    from (same config, Stage A and compressor). ``lora``: ``{rank, alpha, target_modules, dropout}`` trains LoRA
+    adapters on the frozen Stage B (``stages.lora``; export: ``adapter.safetensors``). ``cache_latents``: encode each training image once
     (frozen compressor and whole images only)."""
 
     stage = "stage_b"
@@ -44,7 +45,7 @@ class StageBTraining(DiffusionTraining):
                  semantic_noise_prob: float = 0.3, semantic_noise_max_t: float = 0.3,
                  semantic_drop_prob: float = 0.1, text_drop_prob: float = 0.1,
                  ema_decay: float | None = 0.999, sample_steps: int = 12, guidance: float = 1.0,
-                 grid_images: int = 8, metric_net: str = "alex", val_fid: bool = True):
+                 grid_images: int = 8, metric_net: str = "alex", val_fid: bool = True, lora: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         config = stage_b_config(size)
@@ -77,7 +78,7 @@ class StageBTraining(DiffusionTraining):
         self.target = Latents("stage_a")
         self.conditions = [SemanticCondition(noise_prob=semantic_noise_prob, noise_max_t=semantic_noise_max_t,
                                              drop_prob=semantic_drop_prob), TextCondition(text_drop_prob)]
-        self.setup_parts(ema_decay, metric_net, val_fid)
+        self.setup_parts(ema_decay, metric_net, val_fid, lora)
 
     def trained_on(self) -> dict[str, tuple[str, str]]:
         return {"stage_a_fingerprint": (self.stage_a_fingerprint, "Stage A")}

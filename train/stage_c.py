@@ -11,13 +11,16 @@ latents for the val captions and decodes them with Stage B + Stage A into a PNG 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from semantic_compressor import latent_grid
-from stages.checkpoint import fingerprint
+from stages.checkpoint import fingerprint, load_into
 from stages.decoders import load_semantic_decoder
 from stages.pipeline import Prior
+from stages.previewer import load_previewer
 from stages.stage_c import StageC, stage_c_config
-from train.engine import DiffusionTraining, Latents, TextCondition, frozen_compressor, text_encoder_for
+from train.engine import (DiffusionTraining, Latents, TextCondition, frozen_compressor, initial_weights,
+                          text_encoder_for, training_cost)
 
 
 class StageCTraining(DiffusionTraining):
@@ -26,17 +29,22 @@ class StageCTraining(DiffusionTraining):
     (file or run folder) for validation grids. ``cache_latents``: encode each training image once
     (whole images only). ``text_encoder``: a name or ``{name: open_clip, model: ..., pretrained: ...}``.
     ``sample_steps``: a number or a named time list (``diffusion.TIME_LISTS``). ``latent_shift``/``latent_scale``: the release's 1 and 42 suit its
-    compressor (latent std about 42); ours give about unit variance with 0 and 1."""
+    compressor (latent std about 42); ours give about unit variance with 0 and 1. ``init_from``: a Stage C
+    export or run to start from (same size and compressor). ``lora``: ``{rank, alpha, target_modules,
+    dropout}`` trains LoRA adapters on the frozen network (``stages.lora``) and exports ``adapter.safetensors``.
+    ``previewer``: a trained previewer (``stages.previewer``, same compressor): the validation grid gets a
+    row of the sampled latents' previews (without Stage B, upscaled to the image size)."""
 
     stage = "stage_c"
-    frozen = ("compressor.", "text_encoder.", "decoder.")  # rebuilt on load, never saved
+    frozen = ("compressor.", "text_encoder.", "decoder.", "previewer.")  # rebuilt on load, never saved
     grid_name = "text_to_image"
 
     def __init__(self, size: str | dict = "tiny", compressor: str = "runs/stage_b/tiny",
                  text_encoder: str | dict = "minilm", stage_b: str | None = None, loss_weight: str = "paper_p2",
                  text_drop_prob: float = 0.05, ema_decay: float | None = 0.999, sample_steps: int | str = 60,
                  guidance: float = 4.0, decoder_steps: int = 12, grid_images: int = 8, cache_latents: bool = False,
-                 latent_shift: float = 1.0, latent_scale: float = 42.0):
+                 latent_shift: float = 1.0, latent_scale: float = 42.0, init_from: str | None = None,
+                 lora: dict | None = None, previewer: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         config = stage_c_config(size)
@@ -44,17 +52,31 @@ class StageCTraining(DiffusionTraining):
         self.compressor_fingerprint = fingerprint(self.compressor)
         self.text_encoder = text_encoder_for(text_encoder, config.c_text, f"Stage C size {size!r}")
         self.model = StageC(config)
+        self.init_cost: dict = {}
+        if init_from:
+            state, stored, meta = initial_weights(init_from, self.stage, self.trained_on())
+            if stored is not None and stage_c_config(stored) != config:
+                raise ValueError(f"{meta['path']} is a Stage C of another size ({stored}); set size to match it")
+            for key, ours in (("latent_shift", latent_shift), ("latent_scale", latent_scale),
+                              ("text_encoder", text_encoder)):
+                if key in meta and meta[key] != ours:
+                    raise ValueError(f"{meta['path']} was trained with {key} {meta[key]!r}, this run gives {ours!r}; "
+                                     f"set {key} to the export's")
+            self.init_cost = training_cost(meta)
+            load_into(self.model, state, meta["path"])
         self.decoder = load_semantic_decoder(stage_b).requires_grad_(False) if stage_b else None
+        self.previewer = load_previewer(previewer, self.compressor_fingerprint) if previewer else None
         self.target = Latents("semantic", latent_shift, latent_scale)
         self.conditions = [TextCondition(text_drop_prob)]
-        self.setup_parts(ema_decay)
+        self.setup_parts(ema_decay, lora=lora)
 
     def trained_on(self) -> dict[str, tuple[str, str]]:
         return {"compressor_fingerprint": (self.compressor_fingerprint, "semantic compressor")}
 
     def validation_images(self, batch: dict, batch_idx: int, gen: torch.Generator):
-        """Batch 0 only: text -> Stage C -> Stage B -> Stage A for the first captions."""
-        if batch_idx or self.decoder is None or not self.hparams.grid_images:
+        """Batch 0 only: text -> Stage C -> Stage B -> Stage A for the first captions, and their previews
+        (a row below, or the only one without Stage B) when a previewer is given."""
+        if batch_idx or (self.decoder is None and self.previewer is None) or not self.hparams.grid_images:
             return None
         h = self.hparams
         n = min(h.grid_images, len(batch["caption"]))
@@ -63,9 +85,13 @@ class StageCTraining(DiffusionTraining):
         prior = Prior(self.eval_model, self.text_encoder, h.latent_shift, h.latent_scale)
         latents = prior.sample(captions, [""] * n, latent_grid(*images.shape[-2:]), h.sample_steps, h.guidance, gen,
                                progress=False)
-        return images, self.decoder(latents, images.shape[-2:], captions, h.decoder_steps, 1.0, gen)
+        rows = [] if self.decoder is None else [self.decoder(latents, images.shape[-2:], captions, h.decoder_steps,
+                                                             1.0, gen)]
+        if self.previewer is not None:
+            rows.append(F.interpolate(self.previewer(latents), size=images.shape[-2:], mode="nearest"))
+        return images, *rows
 
     def export_metadata(self) -> dict:
         h = self.hparams
-        return {**super().export_metadata(), "text_encoder": h.text_encoder, "latent_shift": h.latent_shift,
+        return {**super().export_metadata(), **self.init_cost, "text_encoder": h.text_encoder, "latent_shift": h.latent_shift,
                 "latent_scale": h.latent_scale}
