@@ -90,6 +90,10 @@ class StageTraining(L.LightningModule):
     stage: str = ""
     frozen: tuple[str, ...] = ()
 
+    def __init__(self):
+        super().__init__()
+        self.latent_cache: dict[tuple[str, str], torch.Tensor] = {}  # frozen encodings by (encoder, sample key)
+
     @property
     def title(self) -> str:
         return "Stage " + self.stage.removeprefix("stage_").upper() if self.stage.startswith("stage_") else "pixel decoder"
@@ -156,6 +160,18 @@ class StageTraining(L.LightningModule):
         for k, v in self.state_dict().items():  # frozen networks come from the module, not the file
             if k.startswith(self.frozen):
                 checkpoint["state_dict"][k] = v
+
+    @torch.no_grad()
+    def frozen_encoding(self, key: str, batch: dict, encode, train: bool) -> torch.Tensor:
+        """``encode(images)`` of a batch by a frozen encoder; in training with ``cache_latents``, computed once
+        per sample key and kept on the CPU in ``latent_cache`` (valid for whole images, no random crops)."""
+        if not (train and self.hparams.cache_latents):
+            return encode(batch["image"])
+        missing = [i for i, k in enumerate(batch["key"]) if (key, k) not in self.latent_cache]
+        if missing:
+            fresh = encode(batch["image"][missing]).cpu()
+            self.latent_cache.update({(key, batch["key"][i]): z for i, z in zip(missing, fresh)})
+        return torch.stack([self.latent_cache[key, k] for k in batch["key"]]).to(self.device)
 
     # -- losses ---------------------------------------------------------------------------------
     def nan_advice(self) -> str:
@@ -313,7 +329,6 @@ class DiffusionTraining(StageTraining):
         self.ema = ema_of(self.model, ema_decay) if ema_decay else None
         self.trains_compressor = self.compressor is not None and any(p.requires_grad for p in self.compressor.parameters())
         self.compressor_ema = ema_of(self.compressor, ema_decay) if ema_decay and self.trains_compressor else None
-        self.latent_cache: dict[tuple[str, str], torch.Tensor] = {}
         if self.paired_metrics:
             self.val_psnr = torchmetrics.image.PeakSignalNoiseRatio(data_range=1.0)
             self.perceptual = Perceptual(metric_net) if metric_net else None
@@ -362,15 +377,7 @@ class DiffusionTraining(StageTraining):
         if key == "semantic" and self.trains_compressor:
             return self.compressor(batch["image"]) if train else self.eval_compressor(batch["image"])
         encode = self.stage_a.encode if key == "stage_a" else self.compressor
-        if not (train and self.hparams.cache_latents):
-            with torch.no_grad():
-                return encode(batch["image"])
-        missing = [i for i, k in enumerate(batch["key"]) if (key, k) not in self.latent_cache]
-        if missing:
-            with torch.no_grad():
-                fresh = encode(batch["image"][missing]).cpu()
-            self.latent_cache.update({(key, batch["key"][i]): z for i, z in zip(missing, fresh)})
-        return torch.stack([self.latent_cache[key, k] for k in batch["key"]]).to(self.device)
+        return self.frozen_encoding(key, batch, encode, train)
 
     # -- training -------------------------------------------------------------------------------
     def inputs(self, batch: dict, train: bool) -> tuple[torch.Tensor, list]:

@@ -38,21 +38,13 @@ class PreviewerTraining(StageTraining):
         self.model = Previewer(config)
         self.ema = ema_of(self.model, ema_decay) if ema_decay else None
         self.val_psnr = torchmetrics.image.PeakSignalNoiseRatio(data_range=1.0)
-        self.latent_cache: dict[str, torch.Tensor] = {}
 
     def trained_on(self) -> dict[str, tuple[str, str]]:
         return {"compressor_fingerprint": (self.compressor_fingerprint, "semantic compressor")}
 
-    @torch.no_grad()
     def latents(self, batch: dict, train: bool) -> torch.Tensor:
         """Raw compressor latents of the batch's images (cached per sample key in training when asked)."""
-        if not (train and self.hparams.cache_latents):
-            return self.compressor(batch["image"])
-        missing = [i for i, k in enumerate(batch["key"]) if k not in self.latent_cache]
-        if missing:
-            fresh = self.compressor(batch["image"][missing]).cpu()
-            self.latent_cache.update({batch["key"][i]: z for i, z in zip(missing, fresh)})
-        return torch.stack([self.latent_cache[k] for k in batch["key"]]).to(self.device)
+        return self.frozen_encoding("semantic", batch, self.compressor, train)
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """The images at the previewer's output size: the latent grid times its upsampling factor."""
