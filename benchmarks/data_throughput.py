@@ -36,8 +36,8 @@ from benchmarks.targets import targets
 from benchmarks.throughput import train_flops
 from stages.cli import check_output, positive_int
 from stages.errors import run_command
+from stages.shards import npy_bytes, write_json
 from train.data import ImageTextData
-from train.precompute import npy_bytes, write_json
 
 PX = 512  # the first training phase of Stage B and Stage C (App. E.2, E.3)
 PAPER_BATCH = {kind: next(p.batch for p in SCHEDULE[kind] if p.px == PX) for kind in ("stage_c", "stage_b")}

@@ -101,18 +101,19 @@ def _header(path: Path) -> dict[str, str]:
         raise ValueError(f"{path} is not a readable safetensors file ({e}); {REDOWNLOAD}") from None
 
 
-def load_torch(path: str | os.PathLike) -> object:
-    """A ``torch.save`` file read with ``weights_only=True``; refusals and corrupt files as one line."""
+def load_torch(path: str | os.PathLike, advice: str = REDOWNLOAD) -> object:
+    """A ``torch.save`` file read with ``weights_only=True``; refusals and corrupt files as one line ending
+    with ``advice``."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):
             raise ValueError(f"{path} holds objects that weights-only loading refuses (they could run code); if "
-                             "you trust it, re-save just its state dict with torch.save, or convert it") from None
-        raise ValueError(f"{path} is not a readable checkpoint (damaged pickle data); {REDOWNLOAD}") from None
+                             f"you trust it, re-save just its state dict with torch.save, or convert it; {advice}") from None
+        raise ValueError(f"{path} is not a readable checkpoint (damaged pickle data); {advice}") from None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable checkpoint ({first}); {REDOWNLOAD}") from None
+        raise ValueError(f"{path} is not a readable checkpoint ({first}); {advice}") from None
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

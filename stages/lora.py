@@ -24,8 +24,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from stages.checkpoint import (fingerprint, load_model, load_safetensors, read_metadata, resolve_checkpoint,
-                               save_tensors, tensor_digest)
+from stages.checkpoint import (load_model, load_safetensors, read_metadata, resolve_checkpoint, save_tensors,
+                               tensor_digest)
 from stages.errors import run_command
 from stages.stage_b import StageB
 from stages.stage_c import StageC
@@ -80,6 +80,18 @@ def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None,
     for param_name, param in model.named_parameters():
         param.requires_grad_(f".lora_A.{name}." in param_name or f".lora_B.{name}." in param_name)
     return settings
+
+
+def add_lora_from_config(model: nn.Module, settings: dict | None) -> dict | None:
+    """``add_lora`` with a config's ``lora:`` mapping (``{rank, alpha, target_modules, dropout}``); None adds none."""
+    if settings is None:
+        return None
+    if not isinstance(settings, dict):
+        raise ValueError(f"lora must be a mapping {{rank, alpha, target_modules, dropout}} or null, got {settings!r}")
+    unknown = set(settings) - {"rank", "alpha", "target_modules", "dropout"}
+    if unknown:
+        raise ValueError(f"lora has unknown keys {sorted(unknown)}; use rank, alpha, target_modules, dropout")
+    return add_lora(model, **settings)
 
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:

@@ -138,6 +138,24 @@ class StageA(nn.Module):
         return self.decoder(zq if quantize else z).contiguous(), vq_loss
 
 
+class PatchDiscriminator(nn.Module):
+    """Stage A's adversary in training (paper App. E.1): a small PatchGAN of stride-2 4x4 convs with
+    LeakyReLU, one logit per patch."""
+
+    def __init__(self, widths: tuple[int, ...] = (64, 128, 256)):
+        super().__init__()
+        layers, c_in = [], 3
+        for i, c in enumerate(widths):
+            layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.GroupNorm(1, c) if i else nn.Identity(),
+                       nn.LeakyReLU(0.2)]
+            c_in = c
+        layers.append(nn.Conv2d(c_in, 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * 2 - 1)
+
+
 def load_stage_a(path: str, config: str | StageAConfig | dict | None = None) -> StageA:
     """A Stage A from our safetensors export or Lightning checkpoint (config read from the file).
 

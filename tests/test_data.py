@@ -20,13 +20,12 @@ import torch
 from PIL import Image
 
 import stages.embedded as embedded
-import train.data.stream as stream
+import stages.shards as stream
 from stages.embedded import build_openmoji, emoji_captions, openmoji_shards, split_of
-from stages.images import TooSmall, decode_image, resize_crop, to_rgb
+from stages.images import FolderDataset, decode_image, resize_crop, to_rgb
+from stages.shards import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, existing_shards, list_shards,
+                           shard_samples)
 from train.data import ImageTextData
-from train.data.loaders import FolderDataset
-from train.data.stream import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, existing_shards, list_shards,
-                               shard_samples)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -315,9 +314,7 @@ def test_center_crop_takes_the_middle_and_random_crop_moves():
 
 def test_resize_crop_limits():
     image = Image.new("RGB", (40, 12))
-    with pytest.raises(TooSmall):
-        resize_crop(image, 8, min_size=16)
-    assert resize_crop(image, 8, min_size=12).shape == (3, 8, 8)
+    assert resize_crop(image, 8).shape == (3, 8, 8)
     with pytest.raises(ValueError, match="at least the crop size"):
         resize_crop(image, 16, resize=8)
 
@@ -357,7 +354,7 @@ def test_a_corrupt_image_is_skipped_counted_and_logged(tmp_path, caplog):
     write_tar(tmp_path / "s.tar", [("a", {"png": good, "txt": "1"}), ("b", {"png": b"\x89PNG garbage", "txt": "2"}),
                                    ("c", {"jpg": good[:40], "txt": "3"}), ("d", {"png": good, "txt": "4"})])
     ds = stream_of(str(tmp_path / "s.tar"), size=8)
-    with caplog.at_level(logging.WARNING, logger="train.data.stream"):
+    with caplog.at_level(logging.WARNING, logger="stages.shards"):
         keys = keys_of(ds)
     assert keys == ["a", "d"]
     assert ds.skipped["corrupt_sample"] == 2
@@ -380,7 +377,7 @@ def test_broken_and_empty_shards_are_skipped(tmp_path, caplog):
     tarfile.open(empty, "w").close()
     ds = stream_of([good0, str(garbage), str(zero), str(truncated), str(empty), good2, str(tmp_path / "gone.tar")],
                    size=8)
-    with caplog.at_level(logging.WARNING, logger="train.data.stream"):
+    with caplog.at_level(logging.WARNING, logger="stages.shards"):
         got = keys_of(ds)
     partial = [k for k in got if k.startswith("shard01")]
     assert partial == keys[3: 3 + 5]  # the complete samples before the cut
@@ -625,7 +622,7 @@ def test_folder_dataset_skips_an_unreadable_file(tmp_path, caplog):
     (root / "a" / "broken.png").write_bytes(b"\x89PNG but not really")
     ds = FolderDataset(root, size=16)
     i = [p.name for p in ds.files].index("broken.png")
-    with caplog.at_level(logging.WARNING, logger="train.data.loaders"):
+    with caplog.at_level(logging.WARNING, logger="stages.images"):
         item = ds[i]
     assert item["key"] == str(ds.files[i + 1].relative_to(root))
     assert any("broken.png" in r.getMessage() for r in caplog.records)
@@ -677,7 +674,8 @@ def test_image_text_data_picks_folder_or_shard_loader(tmp_path):
 
 def test_training_photos_are_disjoint_from_heldout_and_interleave():
     from stages.embedded import HELDOUT_SKIMAGE, HELDOUT_SKLEARN, heldout_photos, training_photos
-    from train.data.loaders import Interleaved, PhotoCrops
+    from stages.images import PhotoCrops
+    from stages.shards import interleave
 
     held = heldout_photos(64)
     train = training_photos()
@@ -685,7 +683,7 @@ def test_training_photos_are_disjoint_from_heldout_and_interleave():
     assert {n for n, _ in held} == set(HELDOUT_SKIMAGE) | set(HELDOUT_SKLEARN)
     assert not {n for n, _ in held} & {n for n, _ in train}
     primary = [{"image": torch.zeros(3, 8, 8), "caption": "x", "key": str(i)} for i in range(9)]
-    mixed = list(Interleaved(primary, PhotoCrops(train, 8), every=4))
+    mixed = list(interleave(primary, PhotoCrops(train, 8), every=4))
     keys = [s["key"] for s in mixed]
     assert len(mixed) == 12 and all(k.startswith("photo:") for k in keys[3::4])
     assert all(s["image"].shape == (3, 8, 8) for s in mixed)

@@ -14,8 +14,8 @@ from PIL import Image
 
 from tests.test_data import img_bytes, keys_of, make_shards, samples_of, stream_of, write_tar
 from train.data import ImageTextData
-from train.data.buckets import PRESETS, nearest_bucket, parse_buckets
-from train.data.stream import Filters
+from stages.buckets import PRESETS, nearest_bucket, parse_buckets
+from stages.shards import Filters
 
 
 def png(size, color=(200, 30, 30)) -> bytes:
@@ -136,11 +136,19 @@ def test_filters_count_every_reason(tmp_path):
     (dict(buckets=[[768]]), "not a \\[height, width\\] pair"),
     (dict(train=[{"shards": "x.tar", "weight": 0}]), "must be a positive number"),
     (dict(train=[{"shard": "x.tar"}]), "must be \\{shards"),
+    (dict(photo_crops_every=1), "photo_crops_every 1: every n-th sample \\(n >= 2"),
+    (dict(train="FOLDER", photo_crops_every=2), "not precomputed ones or a folder"),
+    (dict(train="FOLDER", precomputed=True), "training source is not a set of shards"),
 ])
 def test_bad_settings_fail_at_construction_with_one_line(tmp_path, kw, message):
     make_shards(tmp_path, [1])
     if "train" in kw:
-        kw["train"][0] = {k: (str(tmp_path / v) if k in ("shards", "shard") else v) for k, v in kw["train"][0].items()}
+        if kw["train"] == "FOLDER":  # a folder of images
+            (tmp_path / "images").mkdir()
+            Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+            kw["train"] = str(tmp_path / "images")
+        else:
+            kw["train"][0] = {k: (str(tmp_path / v) if k in ("shards", "shard") else v) for k, v in kw["train"][0].items()}
     with pytest.raises(ValueError, match=message) as e:
         ImageTextData(**{"train": str(tmp_path), "val": None, **kw})
     assert "\n" not in str(e.value)

@@ -72,6 +72,8 @@ def test_writes_shards_and_manifest_and_loads_as_encoding_the_images_gives(shard
     assert subset.train_set.count == 9 and subset.train_set.prep is None and subset.val_set.prep is not None
     with pytest.raises(FileNotFoundError, match="precomputed is set, but there is no manifest.json next to"):
         ImageTextData(train=str(shards), val=None, precomputed=True)
+    with pytest.raises(ValueError, match="photo_crops_every 2: .*not precomputed ones"):
+        ImageTextData(train=str(out), val=None, photo_crops_every=2)
     latents = ImageTextData(train=str(out), val=None, batch_size=4, num_workers=0, shuffle_buffer=1)
     assert latents.precomputed == saved
     latents.setup("fit")

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from sample.__main__ import main
-from semantic_compressor import SemanticCompressor, load_compressor, normalize_latents
+from semantic_compressor import SemanticCompressor, normalize_latents
 from stages.checkpoint import fingerprint, save_safetensors
 from stages.decoders import PixelDecoder, SemanticDecoder
 from stages.errors import run_command

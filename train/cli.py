@@ -14,9 +14,10 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
+
+from stages.checkpoint import load_torch
 
 # "omegaconf+" resolves ${...} interpolations after command-line overrides; absolute paths such as
 # ${trainer.default_root_dir} then work in every subcommand (fit, validate, ...).
@@ -24,9 +25,8 @@ set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 # Every stage has a fallback configure_optimizers; the config's optimizer replacing it is the normal case.
 warnings.filterwarnings("ignore", message=".*configure_optimizers` will be overridden")
 
-# Read at every step or validation (or put back into the restored optimizer), never baked into weights
-# or optimizer state: these may change when resuming. Every other model setting must match the checkpoint.
-# (stage_a and stage_b name frozen networks by path: the checkpoint's fingerprints check what they hold.)
+# Read at every step or validation, never baked into weights or optimizer state: these may change when
+# resuming (stage_a and stage_b name frozen networks by path; the checkpoint's fingerprints check them).
 CHANGEABLE_ON_RESUME = frozenset({
     "mse_weight", "perceptual_weight", "adv_start_step", "quantize_skip_prob", "loss_weight", "sigmoid_bias",
     "semantic_noise_prob", "semantic_noise_max_t", "semantic_drop_prob", "text_drop_prob", "unfreeze_step",
@@ -47,13 +47,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path} is an export (weights only, no optimizer state) and cannot resume a run; resume "
                          "from the run's checkpoints/last.ckpt, or start a new run from the export with "
                          "--model.init_args.init_from where the stage has it")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any failure to read an arbitrary file means: not a usable checkpoint
-        reason = (str(error).strip().splitlines() or [""])[0][:160]
-        raise ValueError(f"cannot load the checkpoint {path} weights-only ({type(error).__name__}: {reason}); it is "
-                         "empty, truncated, corrupt or holds pickled objects: resume from another checkpoint of "
-                         "the run (checkpoints/*.ckpt)") from None
+    ckpt = load_torch(path, "resume from another checkpoint of the run (checkpoints/*.ckpt)")
     if not isinstance(ckpt, dict) or not {"state_dict", "optimizer_states", "global_step"} <= ckpt.keys():
         raise ValueError(f"{path} is not a Lightning training checkpoint (no state_dict, optimizer_states and "
                          "global_step); resume from a run's checkpoints/last.ckpt")

@@ -1,21 +1,15 @@
-"""The training engine: one LightningModule base for every stage, and the diffusion engine composed of
-parts, as in generative-models' ``DiffusionEngine``.
+"""The training engine, composed of parts as generative-models' ``DiffusionEngine`` is.
 
 ``StageTraining`` (every stage, Stage A's GAN included): the run folder, checkpoints that name their
 stage and leave out frozen networks, EMA weights (``torch.optim.swa_utils.AveragedModel``) used by
-validation and exports, the optimizer and schedule given to the Lightning CLI (``optimizer:`` /
-``lr_scheduler:``), NaN checks, PNG grids and the safetensors export.
+validation and exports, the CLI's ``optimizer:`` / ``lr_scheduler:``, NaN checks, grids, exports.
 
-``DiffusionTraining`` (Stages B, C and the pixel decoder) is composed of
-  * the network and its ``diffusion.Denoiser`` (schedule, parameterisation, loss weight),
-  * a ``target``: what is noised (``Latents`` of a frozen encoder, or ``Pixels``),
-  * ``conditions``: the network's inputs besides x_t and t, each with its own training-time
-    augmentation (``SemanticCondition``: noised and dropped, paper Sec. 3.2; ``TextCondition``: dropped
-    for classifier-free guidance),
-  * frozen ``encoders`` by name (``stage_a``, ``semantic``, ``text``) that make targets and conditions
-    from a batch's images and captions, or read them from precomputed shards (same names),
-  * validation: the loss at fixed noise, and the stage's ``validation_images`` (paired metrics and a grid).
-A stage is a thin subclass that builds these from its configuration.
+``DiffusionTraining`` (Stages B, C and the pixel decoder): the network and its ``diffusion.Denoiser``;
+a ``target`` to noise (``Latents`` of a frozen encoder, or ``Pixels``); ``conditions``, each with its
+own augmentation (``SemanticCondition``: noised and dropped, paper Sec. 3.2; ``TextCondition``:
+dropped for classifier-free guidance); frozen encoders by name (``stage_a``, ``semantic``, ``text``),
+or the same names read from precomputed shards; validation loss at fixed noise and the stage's
+``validation_images``. A stage is a thin subclass that builds these from its configuration.
 """
 from __future__ import annotations
 
@@ -32,11 +26,12 @@ from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import save_image
 
 from diffusion import CosineSchedule
-from semantic_compressor import load_compressor, normalize_latents
-from stages.checkpoint import fingerprint, read_metadata, read_weights, resolve_checkpoint, save_safetensors
+from semantic_compressor import SemanticCompressor, load_compressor, normalize_latents
+from stages.checkpoint import fingerprint, load_into, read_metadata, read_weights, resolve_checkpoint, save_safetensors
 from stages.denoisers import denoiser_for
-from stages.lora import add_lora, save_adapter
+from stages.lora import add_lora_from_config, save_adapter
 from stages.metrics import Perceptual, fid_metric
+from stages.shards import FINGERPRINTS, check_made_with
 from stages.text_encoder import TextEncoder, build_text_encoder
 
 
@@ -217,10 +212,8 @@ class StageTraining(L.LightningModule):
 
     def run_metadata(self) -> dict:
         """Step and wall time of this fit (since it started or resumed)."""
-        meta = {"global_step": self.global_step}
-        if hasattr(self, "_fit_started"):
-            meta["wall_time_s"] = round(time.time() - self._fit_started, 1)
-        return meta
+        started = getattr(self, "_fit_started", None)
+        return {"global_step": self.global_step, **({"wall_time_s": round(time.time() - started, 1)} if started else {})}
 
     def export_metadata(self) -> dict:
         """What the export records besides the weights and config (subclasses add theirs)."""
@@ -317,15 +310,9 @@ class DiffusionTraining(StageTraining):
 
     def setup_parts(self, ema_decay: float | None, metric_net: str | None = None, val_fid: bool = False,
                     lora: dict | None = None) -> None:
-        """EMA, frozen-compressor bookkeeping and metrics. ``lora`` (``{rank, alpha, target_modules, dropout}``):
-        freeze ``model`` and train LoRA adapters only (``stages.lora``); the EMA then averages the adapters
-        (the frozen base weights stay as they are) and exports write ``adapter.safetensors``."""
-        if lora is not None and not isinstance(lora, dict):
-            raise ValueError(f"lora must be a mapping {{rank, alpha, target_modules, dropout}} or null, got {lora!r}")
-        unknown = set(lora or {}) - {"rank", "alpha", "target_modules", "dropout"}
-        if unknown:
-            raise ValueError(f"lora has unknown keys {sorted(unknown)}; use rank, alpha, target_modules, dropout")
-        self.lora_settings = add_lora(self.model, **lora) if lora else None
+        """EMA, frozen-compressor bookkeeping and metrics. ``lora``: train LoRA adapters on the frozen ``model``
+        (``stages.lora``); the EMA then averages the adapters and exports write ``adapter.safetensors``."""
+        self.lora_settings = add_lora_from_config(self.model, lora)
         self.ema = ema_of(self.model, ema_decay) if ema_decay else None
         self.trains_compressor = self.compressor is not None and any(p.requires_grad for p in self.compressor.parameters())
         self.compressor_ema = ema_of(self.compressor, ema_decay) if ema_decay and self.trains_compressor else None
@@ -334,6 +321,23 @@ class DiffusionTraining(StageTraining):
             self.perceptual = Perceptual(metric_net) if metric_net else None
             self.val_lpips = torchmetrics.MeanMetric()
             self.val_fid = fid_metric() if val_fid else None
+
+    def start_from(self, init_from: str | None, config_of, checks: dict, settings: dict | None = None) -> None:
+        """Load ``init_from`` (an export or run of this stage) into ``model``; refused when it was trained on other
+        frozen inputs (``checks``, as for ``initial_weights``), at another size (``config_of(stored) != config``)
+        or with other ``settings`` (``{metadata key: this run's value}``)."""
+        self.init_cost: dict = {}
+        if not init_from:
+            return
+        state, stored, meta = initial_weights(init_from, self.stage, checks)
+        if stored is not None and config_of(stored) != self.model.config:
+            raise ValueError(f"{meta['path']} is a {self.title} of another size ({stored}); set size to match it")
+        for key, ours in (settings or {}).items():
+            if key in meta and meta[key] != ours:
+                raise ValueError(f"{meta['path']} was trained with {key} {meta[key]!r}, this run gives {ours!r}; "
+                                 f"set {key} to the export's")
+        self.init_cost = training_cost(meta)
+        load_into(self.model, state, meta["path"])
 
     def averaged(self):
         return super().averaged() + ([(self.compressor_ema, self.compressor)] if self.compressor_ema else [])
@@ -349,9 +353,8 @@ class DiffusionTraining(StageTraining):
     # -- encoders -------------------------------------------------------------------------------
     def encoder_fingerprints(self) -> dict[str, str]:
         """What a precomputed shard set must have been made with (its manifest's keys)."""
-        found = {"stage_a_fingerprint": getattr(self, "stage_a", None), "compressor_fingerprint": self.compressor,
-                 "text_encoder_fingerprint": self.text_encoder}
-        return {k: fingerprint(m) for k, m in found.items() if m is not None}
+        encoders = (getattr(self, "stage_a", None), self.compressor, self.text_encoder)  # as FINGERPRINTS names them
+        return {k: fingerprint(m) for k, m in zip(FINGERPRINTS, encoders) if m is not None}
 
     def setup(self, stage: str) -> None:
         """Refuse precomputed shards made by other encoder weights before any step."""
@@ -361,10 +364,7 @@ class DiffusionTraining(StageTraining):
         if self.trains_compressor:
             raise ValueError("precomputed shards hold fixed compressor latents, but this run trains the compressor; "
                              "set compressor to a trained one (frozen) or train from images")
-        for key, ours in self.encoder_fingerprints().items():
-            if manifest.get(key) not in (None, ours):
-                raise ValueError(f"the precomputed shards were made with other weights ({key} {manifest[key]}, "
-                                 f"this run's is {ours}); precompute them again with this run's encoders")
+        check_made_with(manifest, self.encoder_fingerprints())
 
     def encode(self, key: str, batch: dict, train: bool) -> torch.Tensor:
         """``stage_a``, ``semantic`` or ``text`` of a batch: from precomputed shards when the batch holds it,
@@ -440,16 +440,12 @@ class DiffusionTraining(StageTraining):
                             overwrite=True, extra=self.export_metadata())
 
 
-def frozen_compressor(path: str, channels: int, what: str):
-    """A trained compressor (``compressor.safetensors`` or a Stage B run folder), frozen, with the channels
-    ``what`` expects."""
-    compressor = load_compressor(path).requires_grad_(False)
-    check_channels(compressor, channels, what)
-    return compressor
-
-
-def check_channels(compressor, channels: int, what: str) -> None:
+def compressor_for(spec: str | dict | None, channels: int, what: str) -> SemanticCompressor:
+    """A trained compressor (``compressor.safetensors`` or a Stage B run folder; frozen), or a new one from
+    ``SemanticCompressor`` arguments (a dict, or None for the defaults), with the channels ``what`` expects."""
+    compressor = load_compressor(spec).requires_grad_(False) if isinstance(spec, str) else \
+        SemanticCompressor(**(spec or {}))
     if compressor.config.latent_channels != channels:
         raise ValueError(f"the compressor gives {compressor.config.latent_channels} latent channels; {what} expects "
                          f"{channels} (c_semantic)")
-
+    return compressor

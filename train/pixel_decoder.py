@@ -1,22 +1,17 @@
 """Training the greedy-grown pixel decoder (Greedy Growing paper Sec. 3.2-3.3, 4) as a configuration of
 the diffusion engine; each phase is its own CLI run and config (``configs/pixel_decoder/``):
 
-* ``phase: 1``: the Shallow-UViT at its low ``resolution`` on all training data. Images are loaded
-  at the sampler's size (the frozen compressor's latents come from them, as Stage C's targets do)
-  and downsampled to ``resolution`` for the diffusion target.
-* ``phase: 2``: grows the phase-1 model (``init_from``: its export, ``.ckpt`` or run folder) to the
-  target ``resolution``, trained on the shifted schedule (logSNR + 2 log(base / d), ``base`` the
-  phase-1 resolution), on data filtered to images at least that size (``data.min_size``).
-  ``mode``: ``greedy`` (core and condition encoders frozen; the paper's recipe), ``finetune``
-  (nothing frozen), ``scratch`` (the grown architecture from random weights, no ``init_from``),
-  ``freeze_unfreeze`` (``greedy`` until ``unfreeze_step``, then everything trains).
+* ``phase: 1``: the Shallow-UViT at its low ``resolution``; images load at the sampler's size (the
+  compressor's latents come from them) and are downsampled to ``resolution`` for the target.
+* ``phase: 2``: grows the phase-1 model (``init_from``) to the target ``resolution`` on the shifted
+  schedule (logSNR + 2 log(base / d)), on images at least that size (``data.min_size``). ``mode``:
+  ``greedy`` (core and condition encoders frozen; the paper's recipe), ``finetune`` (nothing frozen),
+  ``scratch`` (grown architecture, random weights), ``freeze_unfreeze`` (greedy until ``unfreeze_step``).
 * ``phase: 3`` (optional): continues a grown model (``init_from`` a phase-2 export), all trainable.
 
-Target: the images in [-1, 1] at ``resolution``. Conditions as for Stage B: the compressor's
-latents (noised 30%, zeroed 10% of the time) and optional text (dropped 10%). Loss on the eps implied
-by the network's output: ``loss_weight`` ``v_mse`` (the default v-predicting head), ``constant``,
-``p2`` or SiD2's ``sigmoid`` (``sigmoid_bias``). Validation decodes the val images from their own
-semantic latents (grid: real on top, decoded below) and logs PSNR and the loss.
+Target: the images in [-1, 1]; conditions as for Stage B. ``loss_weight``: ``constant`` (eps-MSE),
+``v_mse``, ``p2`` or SiD2's ``sigmoid`` (``sigmoid_bias``). Validation decodes the val images from
+their own semantic latents (PSNR, grid).
 """
 from __future__ import annotations
 
@@ -30,7 +25,7 @@ from stages.checkpoint import fingerprint, load_into
 from stages.decoders import PixelDecoder
 from stages.pixel_decoder import (MODES, STAGE, GrownUViT, ShallowUViT, build_pixel_model, check_core_match,
                                   freeze_plan, grow, pixel_decoder_config)
-from train.engine import (DiffusionTraining, Pixels, SemanticCondition, TextCondition, frozen_compressor,
+from train.engine import (DiffusionTraining, Pixels, SemanticCondition, TextCondition, compressor_for,
                           initial_weights, text_encoder_for, training_cost)
 
 
@@ -62,8 +57,10 @@ class PixelDecoderTraining(DiffusionTraining):
         check_loss_weight(loss_weight)
         if mode == "freeze_unfreeze" and phase == 2 and not (unfreeze_step and unfreeze_step > 0):
             raise ValueError("mode freeze_unfreeze needs unfreeze_step (the step at which everything starts to train)")
+        if phase == 2 and resolution is None:
+            raise ValueError("phase 2 needs resolution: the target image side to grow to (e.g. 128)")
         config = pixel_decoder_config(size)
-        self.compressor = frozen_compressor(compressor, config.c_semantic, "the pixel decoder")
+        self.compressor = compressor_for(compressor, config.c_semantic, "the pixel decoder")
         self.compressor_path = str(Path(compressor).resolve())  # recorded absolute, as every path in an export
         self.compressor_fingerprint = fingerprint(self.compressor)
         self.text_encoder = text_encoder_for(text_encoder, config.c_text, f"pixel decoder size {size!r}")
@@ -97,7 +94,7 @@ class PixelDecoderTraining(DiffusionTraining):
             if h.init_from:
                 raise ValueError("mode scratch trains the grown model from random weights; drop init_from "
                                  "(greedy, finetune and freeze_unfreeze start from it)")
-            return GrownUViT(replace(config, target_resolution=self.target_side())), None
+            return GrownUViT(replace(config, target_resolution=h.resolution)), None
         if not h.init_from:
             raise ValueError(f"phase {h.phase} ({h.mode}) starts from a checkpoint: set init_from to the "
                              f"{'phase 1' if h.phase == 2 else 'phase 2'} export or run folder")
@@ -115,7 +112,7 @@ class PixelDecoderTraining(DiffusionTraining):
             check_core_match(config, stored, path)
             phase1 = load_into(ShallowUViT(stored), state, path)
             self.init_fingerprint = fingerprint(phase1)
-            return grow(phase1, self.target_side(), config), None
+            return grow(phase1, h.resolution, config), None
         if not stored.grown:
             raise ValueError(f"{path} is a phase 1 (Shallow-UViT) model; phase 3 continues a grown (phase 2) one")
         if h.resolution is not None and h.resolution != stored.target_resolution:
@@ -123,11 +120,6 @@ class PixelDecoderTraining(DiffusionTraining):
         model = load_into(build_pixel_model(stored), state, path)
         self.init_fingerprint = fingerprint(model)
         return model, meta.get("logsnr_shift")
-
-    def target_side(self) -> int:
-        if self.hparams.resolution is None:
-            raise ValueError("phase 2 needs resolution: the target image side to grow to (e.g. 128)")
-        return self.hparams.resolution
 
     def trained_on(self) -> dict[str, tuple[str, str]]:
         return {"compressor_fingerprint": (self.compressor_fingerprint, "semantic compressor")}

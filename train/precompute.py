@@ -17,13 +17,11 @@ folder is only replaced with ``--overwrite``.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import webdataset as wds
 from tqdm.auto import tqdm
@@ -34,11 +32,10 @@ from stages.cli import check_output, positive_int
 from stages.errors import run_command
 from stages.stage_a import load_stage_a
 from stages.text_encoder import ENCODERS, build_text_encoder
-from train.data.buckets import batch_by_shape, parse_buckets
-from train.data.stream import (BASE_REASONS, LATENT_KEYS, MANIFEST, Filters, ImagePrep, SampleCounts, existing_shards,
-                               shard_samples)
+from stages.buckets import batch_by_shape, parse_buckets
+from stages.shards import (BASE_REASONS, FINGERPRINTS, FORMAT, LATENT_KEYS, MANIFEST, Filters, ImagePrep,
+                           SampleCounts, existing_shards, npy_bytes, shard_samples, write_json)
 
-FORMAT = "wuerstchen-precomputed/1"
 PARTIAL = ".partial"
 
 
@@ -82,19 +79,6 @@ def output_names(shards: list[str]) -> list[str]:
     return [f"{i:06d}.tar" for i in range(len(shards))]
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Written under a temporary name and renamed: a reader never sees half a manifest."""
-    tmp = path.with_name(path.name + PARTIAL)
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 def prepare_output(out: Path, settings: dict, overwrite: bool) -> dict:
     """The manifest to continue from: a fresh one, or an interrupted run's with the same settings.
     A finished run, or an interrupted one with other settings, is replaced only with ``overwrite``."""
@@ -118,29 +102,22 @@ def prepare_output(out: Path, settings: dict, overwrite: bool) -> dict:
     else:
         check_output(out)  # new or empty, and writable
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {**settings, "format": FORMAT, "complete": False, "shards": {}, "count": 0,
-                "skipped": {}}
+    manifest = {**settings, "format": FORMAT, "complete": False, "shards": {}, "count": 0, "skipped": {}}
     write_json(manifest_path, manifest)
     return manifest
 
 
 @torch.no_grad()
 def encode(batch: dict, encoders: dict, device: str) -> dict[str, torch.Tensor]:
-    """The stored tensors of one batch (same-shape images): ``{"stage_a", "semantic", "text"}``, whichever exist."""
+    """The stored tensors of one batch (same-shape images), by encoder name (``LATENT_KEYS``)."""
     images = batch["image"].to(device)
-    out = {}
-    if "stage_a" in encoders:
-        out["stage_a"] = encoders["stage_a"].encode(images)
-    if "semantic" in encoders:
-        out["semantic"] = encoders["semantic"](images)
-    if "text" in encoders:
-        out["text"] = encoders["text"](batch["caption"])
-    return out
+    inputs = {"stage_a": images, "semantic": images, "text": batch["caption"]}
+    return {k: (m.encode if k == "stage_a" else m)(inputs[k]) for k, m in encoders.items()}
 
 
-def precompute_shard(url: str, tmp: Path, prep: ImagePrep, encoders: dict, args, counts: SampleCounts) -> int:
-    """Encode one input shard into the tar ``tmp``; returns the samples written."""
-    n = 0
+def precompute_shard(url: str, tmp: Path, prep: ImagePrep, encoders: dict, args) -> tuple[int, SampleCounts]:
+    """Encode one input shard into the tar ``tmp``; returns the samples written and those skipped."""
+    n, counts = 0, SampleCounts(BASE_REASONS + prep.filters.reasons())
     samples = prep(shard_samples([{"url": url}], counts), counts, rng=None)
     with wds.TarWriter(str(tmp)) as sink:
         for batch in batch_by_shape(samples, args.batch_size, drop_last=False):
@@ -150,11 +127,10 @@ def precompute_shard(url: str, tmp: Path, prep: ImagePrep, encoders: dict, args,
                 for name, t in tensors.items():
                     record[f"{name}.npy"] = npy_bytes(t[i].to(torch.float16).cpu().numpy())
                 if args.keep_images:
-                    image = (batch["image"][i] * 255).round().to(torch.uint8).numpy()
-                    record["image.npy"] = npy_bytes(image)
+                    record["image.npy"] = npy_bytes((batch["image"][i] * 255).round().to(torch.uint8).numpy())
                 sink.write(record)
                 n += 1
-    return n
+    return n, counts
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -163,39 +139,29 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a new or empty folder")
-    # load every encoder before writing anything: a wrong path fails now
-    encoders: dict[str, torch.nn.Module] = {}
-    settings: dict = {"source": str(args.shards), "names": output_names(shards), "image_size": args.image_size,
-                      "buckets": [list(b) for b in args.buckets] if args.buckets else None, "min_size": args.min_size,
-                      "keep_images": args.keep_images, "stage_a_fingerprint": None, "compressor_fingerprint": None,
-                      "text_encoder": args.text_encoder, "text_encoder_fingerprint": None}
-    if args.stage_a:
-        encoders["stage_a"] = load_stage_a(args.stage_a).to(args.device).eval()
-        settings["stage_a_fingerprint"] = fingerprint(encoders["stage_a"])
-    if args.compressor:
-        encoders["semantic"] = load_compressor(args.compressor).to(args.device).eval()
-        settings["compressor_fingerprint"] = fingerprint(encoders["semantic"])
-    if args.text_encoder:
-        encoders["text"] = build_text_encoder(args.text_encoder).to(args.device)
-        settings["text_encoder_fingerprint"] = fingerprint(encoders["text"])
-    settings["keys"] = [k for k in LATENT_KEYS if k in encoders]
+    # every encoder loads before anything is written: a wrong path fails now
+    encoders = {"stage_a": args.stage_a and load_stage_a(args.stage_a),
+                "semantic": args.compressor and load_compressor(args.compressor),
+                "text": args.text_encoder and build_text_encoder(args.text_encoder)}
+    encoders = {k: m.to(args.device).eval() for k, m in encoders.items() if m}
+    settings = {"source": str(args.shards), "names": output_names(shards), "image_size": args.image_size,
+                "buckets": [list(b) for b in args.buckets] if args.buckets else None, "min_size": args.min_size,
+                "keep_images": args.keep_images, "text_encoder": args.text_encoder, "keys": list(encoders),
+                **{fp: fingerprint(encoders[k]) if k in encoders else None for k, fp in zip(LATENT_KEYS, FINGERPRINTS)}}
     manifest = prepare_output(out, settings, args.overwrite)
 
     prep = ImagePrep(args.image_size, None, "center", Filters(min_size=args.min_size), args.buckets)
-    counts = SampleCounts(BASE_REASONS + prep.filters.reasons())
     todo = [(url, name) for url, name in zip(shards, settings["names"]) if name not in manifest["shards"]]
     bar = tqdm(todo, desc="precompute", unit="shard", initial=len(shards) - len(todo), total=len(shards),
                file=sys.stderr)
     for url, name in bar:
         tmp = out / (name + PARTIAL)
-        n = precompute_shard(url, tmp, prep, encoders, args, counts)
+        manifest["shards"][name], counts = precompute_shard(url, tmp, prep, encoders, args)
         os.replace(tmp, out / name)
-        manifest["shards"][name] = n
         manifest["count"] = sum(manifest["shards"].values())
         for reason, k in counts.as_dict().items():
             if reason != "yielded" and k:
                 manifest["skipped"][reason] = manifest["skipped"].get(reason, 0) + k
-        counts = SampleCounts(counts.reasons)
         write_json(out / MANIFEST, manifest)
         bar.set_postfix(samples=manifest["count"])
     if manifest["count"] == 0:

@@ -16,7 +16,7 @@ import torchmetrics
 from semantic_compressor import latent_grid
 from stages.checkpoint import fingerprint
 from stages.previewer import STAGE, Previewer, previewer_config
-from train.engine import StageTraining, ema_of, frozen_compressor
+from train.engine import StageTraining, ema_of, compressor_for
 
 
 class PreviewerTraining(StageTraining):
@@ -32,7 +32,7 @@ class PreviewerTraining(StageTraining):
         super().__init__()
         self.save_hyperparameters()
         config = previewer_config(size)
-        self.compressor = frozen_compressor(compressor, config.c_latent, "the previewer")
+        self.compressor = compressor_for(compressor, config.c_latent, "the previewer")
         self.compressor_path = str(Path(compressor).resolve())
         self.compressor_fingerprint = fingerprint(self.compressor)
         self.model = Previewer(config)
@@ -42,10 +42,6 @@ class PreviewerTraining(StageTraining):
     def trained_on(self) -> dict[str, tuple[str, str]]:
         return {"compressor_fingerprint": (self.compressor_fingerprint, "semantic compressor")}
 
-    def latents(self, batch: dict, train: bool) -> torch.Tensor:
-        """Raw compressor latents of the batch's images (cached per sample key in training when asked)."""
-        return self.frozen_encoding("semantic", batch, self.compressor, train)
-
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """The images at the previewer's output size: the latent grid times its upsampling factor."""
         h, w = latent_grid(*images.shape[-2:])
@@ -53,12 +49,12 @@ class PreviewerTraining(StageTraining):
         return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        preview = self.model(self.latents(batch, train=True))
+        preview = self.model(self.frozen_encoding("semantic", batch, self.compressor, train=True))
         return self.log_training_loss(F.mse_loss(preview, self.targets(batch["image"])))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         real = self.targets(batch["image"])
-        preview = self.eval_model(self.latents(batch, train=False))
+        preview = self.eval_model(self.frozen_encoding("semantic", batch, self.compressor, train=False))
         self.log("val/loss", F.mse_loss(preview, real), prog_bar=True)
         self.val_psnr(preview, real)
         self.log("val/psnr", self.val_psnr, prog_bar=True)

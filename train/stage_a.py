@@ -4,10 +4,9 @@ Loss = MSE + 0.1 * LPIPS + (vq + 0.25 * commitment) + w_adv * adversarial, with 
 term switched on after ``adv_start_step`` (paper: 0 for 10k steps, then 0.01) and quantisation
 skipped with probability 0.1, since Stage B later works in the unquantised space.
 
-The discriminator trains from step 0; its term reaches the generator only from ``adv_start_step``.
-Generator and discriminator share one AdamW optimizer (two parameter groups): the discriminator's
-weights take no gradient from the generator's term and the generator's none from the
-discriminator's, so one backward and one step per batch train both, and ``global_step`` counts batches.
+The discriminator (hinge loss) trains from step 0; its term reaches the generator only from
+``adv_start_step``. Both share one optimizer: the discriminator takes no gradient from the generator's
+term nor the generator from the discriminator's, so one backward and one step per batch train both.
 """
 from __future__ import annotations
 
@@ -16,9 +15,8 @@ import torch.nn.functional as F
 import torchmetrics
 
 from stages.metrics import Perceptual
-from stages.stage_a import StageA, stage_a_config
+from stages.stage_a import PatchDiscriminator, StageA, stage_a_config
 from train.engine import StageTraining, ema_of
-from train.losses import PatchDiscriminator, generator_adv_loss, hinge_d_loss
 
 
 class StageATraining(StageTraining):
@@ -59,9 +57,6 @@ class StageATraining(StageTraining):
         self.model.quantizer.codebook.weight.copy_(z[pick] + noise)
         self.codebook_ready.fill_(True)
 
-    def adv_weight_at(self, step: int) -> float:
-        return self.hparams.adv_weight if self.discriminator is not None and step >= self.hparams.adv_start_step else 0.0
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         h = self.hparams
         images = batch["image"]
@@ -75,15 +70,15 @@ class StageATraining(StageTraining):
         if self.discriminator is not None:
             # D trains from the start (so every parameter gets a gradient each step, as DDP needs);
             # the generator feels it only from adv_start_step on.
-            d_loss = hinge_d_loss(self.discriminator(images), self.discriminator(recon.detach()))
+            d_loss = 0.5 * (F.relu(1 - self.discriminator(images)).mean()  # hinge loss
+                            + F.relu(1 + self.discriminator(recon.detach())).mean())
             loss = loss + d_loss
             self.log("train/d_loss", d_loss)
-            w_adv = self.adv_weight_at(self.global_step)
-            if w_adv > 0:
+            if self.global_step >= h.adv_start_step:
                 self.discriminator.requires_grad_(False)  # generator term: no gradient into D
-                g_adv = generator_adv_loss(self.discriminator(recon))
+                g_adv = -self.discriminator(recon).mean()
                 self.discriminator.requires_grad_(True)
-                loss = loss + w_adv * g_adv
+                loss = loss + h.adv_weight * g_adv
                 self.log("train/g_adv", g_adv)
         return self.log_training_loss(loss, {"mse": mse, "perceptual": perceptual, "vq": vq_loss})
 

@@ -1,38 +1,30 @@
 """Training Stage B (Würstchen paper Sec. 3.2 and App. E.2) as a configuration of the diffusion engine.
 
 Target: the frozen Stage A's unquantised latents. Conditions: the semantic compressor's latents
-(trainable head, frozen backbone by default; noised at a small random t 30% of the time and zeroed
-10% of the time) and, when used, text states (dropped 10% of the time). Loss: the p2-weighted
-eps-MSE of the released decoder's A/B head.
-
-Refinement (``configs/stage_b/tiny_refine.yaml``): ``init_from`` starts from a trained Stage B and
-``compressor`` names the compressor trained with it, which then stays frozen, so a Stage C trained
-on that compressor keeps working; with whole images, ``cache_latents`` encodes each image once.
-
-Validation: semantic reconstruction, image -> compressor -> Stage B (12 DDPM steps) -> Stage A,
-scored by PSNR, LPIPS and FID against the images.
+(trained with Stage B; noised at a small random t 30% of the time, zeroed 10%) and optional text
+(dropped 10%). Loss: the p2-weighted eps-MSE of the released decoder's A/B head. Validation:
+image -> compressor -> Stage B (12 DDPM steps) -> Stage A, scored by PSNR, LPIPS and FID.
 """
 from __future__ import annotations
 
 import torch
 
-from semantic_compressor import SemanticCompressor
-from stages.checkpoint import fingerprint, load_into, resolve_checkpoint, save_safetensors
+from stages.checkpoint import fingerprint, resolve_checkpoint, save_safetensors
 from stages.decoders import SemanticDecoder
 from stages.stage_a import load_stage_a
 from stages.stage_b import StageB, stage_b_config
-from train.engine import (DiffusionTraining, Latents, SemanticCondition, TextCondition, check_channels,
-                          frozen_compressor, initial_weights, text_encoder_for, training_cost)
+from train.engine import (DiffusionTraining, Latents, SemanticCondition, TextCondition, compressor_for,
+                          text_encoder_for)
 
 
 class StageBTraining(DiffusionTraining):
     """``size``: a preset (``tiny``, ``paper``) or its fields. ``stage_a``: a trained Stage A (export,
-    ``.ckpt`` or run folder). ``compressor``: ``SemanticCompressor`` arguments (trained with Stage B), or
-    a trained ``compressor.safetensors`` / Stage B run folder (kept frozen). ``text_encoder``: ``minilm``,
-    ``open_clip`` or null (must match the preset's ``c_text``). ``init_from``: a Stage B to continue
-    from (same config, Stage A and compressor). ``lora``: ``{rank, alpha, target_modules, dropout}`` trains LoRA
-    adapters on the frozen Stage B (``stages.lora``; export: ``adapter.safetensors``). ``cache_latents``: encode each training image once
-    (frozen compressor and whole images only)."""
+    ``.ckpt`` or run folder). ``compressor``: ``SemanticCompressor`` arguments (trained with Stage B), or a
+    trained ``compressor.safetensors`` / Stage B run folder (kept frozen: refinement, as in
+    ``configs/stage_b/tiny_refine.yaml``). ``text_encoder``: a name or null (matching ``c_text``).
+    ``init_from``: a Stage B to continue from (same size, Stage A and compressor). ``lora``: ``{rank, alpha,
+    target_modules, dropout}``: train LoRA adapters on the frozen network (export ``adapter.safetensors``).
+    ``cache_latents``: encode each training image once (frozen compressor, whole images)."""
 
     stage = "stage_b"
     frozen = ("stage_a.", "text_encoder.", "perceptual.", "val_fid.")  # rebuilt on load, never saved
@@ -57,24 +49,13 @@ class StageBTraining(DiffusionTraining):
             raise ValueError(f"Stage A at {stage_a_path} has {self.stage_a.config.latent_channels} latent channels; "
                              f"this Stage B expects {config.c_latent}")
         self.text_encoder = text_encoder_for(text_encoder, config.c_text, f"Stage B size {size!r}")
-        if isinstance(compressor, str):
-            self.compressor = frozen_compressor(compressor, config.c_semantic, "Stage B")
-        else:
-            self.compressor = SemanticCompressor(**(compressor or {}))
-            check_channels(self.compressor, config.c_semantic, "Stage B")
+        self.compressor = compressor_for(compressor, config.c_semantic, "Stage B")
         if cache_latents and self.compressor.trainable != "none":
             raise ValueError("cache_latents needs a frozen compressor: set compressor to a trained "
                              "compressor.safetensors or Stage B run folder")
-        self.init_cost: dict = {}
         self.model = StageB(config)
-        if init_from:
-            state, stored, meta = initial_weights(init_from, self.stage, {
-                "stage_a_fingerprint": (self.stage_a_fingerprint, "Stage A"),
-                "compressor_fingerprint": (fingerprint(self.compressor), "semantic compressor")})
-            if stored is not None and stage_b_config(stored) != config:
-                raise ValueError(f"{meta['path']} is a Stage B of another size ({stored}); set size to match it")
-            self.init_cost = training_cost(meta)
-            load_into(self.model, state, meta["path"])
+        self.start_from(init_from, stage_b_config, {**self.trained_on(), "compressor_fingerprint": (
+            fingerprint(self.compressor), "semantic compressor")})
         self.target = Latents("stage_a")
         self.conditions = [SemanticCondition(noise_prob=semantic_noise_prob, noise_max_t=semantic_noise_max_t,
                                              drop_prob=semantic_drop_prob), TextCondition(text_drop_prob)]

@@ -1,12 +1,10 @@
 """Training Stage C, the text-to-latent prior (Würstchen paper Sec. 3.3 and App. E.3), as a configuration
 of the diffusion engine.
 
-Target: the frozen semantic compressor's latents, normalised as (x + shift) / scale (the release:
-1 and 42). Condition: the text states, replaced by the empty prompt 5% of the time for
-classifier-free guidance. Loss: the p2-weighted eps-MSE of the prior's A/B head.
-
-Validation logs the loss at fixed noise on the val split and, when a Stage B is given, samples
-latents for the val captions and decodes them with Stage B + Stage A into a PNG grid.
+Target: the frozen compressor's latents, (x + shift) / scale (the release: 1 and 42). Condition: the
+text states, replaced by the empty prompt's 5% of the time (classifier-free guidance). Loss: the
+p2-weighted eps-MSE of the prior's A/B head. Validation: the loss at fixed noise and, given a Stage B
+or a previewer, a grid of images sampled for the val captions.
 """
 from __future__ import annotations
 
@@ -14,13 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from semantic_compressor import latent_grid
-from stages.checkpoint import fingerprint, load_into
+from stages.checkpoint import fingerprint
 from stages.decoders import load_semantic_decoder
 from stages.pipeline import Prior
 from stages.previewer import load_previewer
 from stages.stage_c import StageC, stage_c_config
-from train.engine import (DiffusionTraining, Latents, TextCondition, frozen_compressor, initial_weights,
-                          text_encoder_for, training_cost)
+from train.engine import DiffusionTraining, Latents, TextCondition, compressor_for, text_encoder_for
 
 
 class StageCTraining(DiffusionTraining):
@@ -28,12 +25,10 @@ class StageCTraining(DiffusionTraining):
     compressor (``compressor.safetensors`` or the Stage B run folder). ``stage_b``: optional Stage B
     (file or run folder) for validation grids. ``cache_latents``: encode each training image once
     (whole images only). ``text_encoder``: a name or ``{name: open_clip, model: ..., pretrained: ...}``.
-    ``sample_steps``: a number or a named time list (``diffusion.TIME_LISTS``). ``latent_shift``/``latent_scale``: the release's 1 and 42 suit its
-    compressor (latent std about 42); ours give about unit variance with 0 and 1. ``init_from``: a Stage C
-    export or run to start from (same size and compressor). ``lora``: ``{rank, alpha, target_modules,
-    dropout}`` trains LoRA adapters on the frozen network (``stages.lora``) and exports ``adapter.safetensors``.
-    ``previewer``: a trained previewer (``stages.previewer``, same compressor): the validation grid gets a
-    row of the sampled latents' previews (without Stage B, upscaled to the image size)."""
+    ``sample_steps``: a number or a named time list (``diffusion.TIME_LISTS``). ``latent_shift`` /
+    ``latent_scale``: the release's 1 and 42 suit its compressor (latent std about 42); ours need 0 and 1.
+    ``init_from``, ``lora``: as for Stage B. ``previewer``: a trained previewer (same compressor) adds a
+    row of the sampled latents' previews to the validation grid."""
 
     stage = "stage_c"
     frozen = ("compressor.", "text_encoder.", "decoder.", "previewer.")  # rebuilt on load, never saved
@@ -48,22 +43,12 @@ class StageCTraining(DiffusionTraining):
         super().__init__()
         self.save_hyperparameters()
         config = stage_c_config(size)
-        self.compressor = frozen_compressor(compressor, config.c_latent, "Stage C")
+        self.compressor = compressor_for(compressor, config.c_latent, "Stage C")
         self.compressor_fingerprint = fingerprint(self.compressor)
         self.text_encoder = text_encoder_for(text_encoder, config.c_text, f"Stage C size {size!r}")
         self.model = StageC(config)
-        self.init_cost: dict = {}
-        if init_from:
-            state, stored, meta = initial_weights(init_from, self.stage, self.trained_on())
-            if stored is not None and stage_c_config(stored) != config:
-                raise ValueError(f"{meta['path']} is a Stage C of another size ({stored}); set size to match it")
-            for key, ours in (("latent_shift", latent_shift), ("latent_scale", latent_scale),
-                              ("text_encoder", text_encoder)):
-                if key in meta and meta[key] != ours:
-                    raise ValueError(f"{meta['path']} was trained with {key} {meta[key]!r}, this run gives {ours!r}; "
-                                     f"set {key} to the export's")
-            self.init_cost = training_cost(meta)
-            load_into(self.model, state, meta["path"])
+        self.start_from(init_from, stage_c_config, self.trained_on(), {
+            "latent_shift": latent_shift, "latent_scale": latent_scale, "text_encoder": text_encoder})
         self.decoder = load_semantic_decoder(stage_b).requires_grad_(False) if stage_b else None
         self.previewer = load_previewer(previewer, self.compressor_fingerprint) if previewer else None
         self.target = Latents("semantic", latent_shift, latent_scale)

@@ -1,4 +1,4 @@
-"""Webdataset streams: image-caption shards (LAION/img2dataset layout) and precomputed-latent shards.
+"""Webdataset shard streams: image-caption shards (LAION/img2dataset layout) and precomputed-latent shards.
 
 A shard set is a local tar, a folder of ``.tar`` files, a glob (``data/*.tar``), a brace pattern
 (``data/{000000..000099}.tar``) or a URL that ``webdataset.gopen`` opens: ``pipe:<command>``,
@@ -6,20 +6,24 @@ A shard set is a local tar, a folder of ``.tar`` files, a glob (``data/*.tar``),
 ``webdataset.DataPipeline``: a ``SimpleShardList`` (``ResampledShards`` with ``resampled``), a split
 across DDP ranks and dataloader workers, ``tarfile_to_samples``' parts with a handler that counts a
 broken shard and goes on, a seeded ``shuffle`` buffer (training), decoding with filters, and
-batching by shape (aspect-ratio buckets, ``train.data.buckets``).
+batching by shape (aspect-ratio buckets, ``stages.buckets``).
 
 Split: the consumers (ranks x workers) take disjoint parts that together cover the data: whole
 shards when there are at least as many shards as consumers, otherwise every consumer reads every
 shard and keeps every n-th sample. Both are a ``webdataset.slice`` by consumer index, with the rank
 as ``webdataset.utils.pytorch_worker_info`` finds it (``RANK``/``WORLD_SIZE`` or the process group),
 or as sent along to a spawned worker, which may have neither (``split_by_node`` would then see rank 0).
-Equal batches per rank: with ``count`` (the samples in the set)
-every rank yields ``count // world // batch_size`` batches in training (and ``count // world``
-samples in validation); a consumer short of its share repeats its own part, one over it stops.
-Resampled streams and weighted mixtures are endless, so they need ``count`` (the epoch length).
+Equal batches per rank: with ``count`` (the samples in the set) every rank yields
+``count // world // batch_size`` batches in training (and ``count // world`` samples in validation);
+a consumer short of its share repeats its own part, one over it stops. Resampled streams and
+weighted mixtures are endless, so they need ``count`` (the epoch length).
 
 Determinism: shard order, shuffle buffer, crops and resampling are seeded by (seed, epoch, rank,
 worker), so a pass at epoch ``e`` gives the same batches for the same seed, ranks and workers.
+
+Precomputed shards (written by ``python -m train.precompute``) hold ``<key>.npy`` float16 tensors
+per sample and a ``manifest.json`` next to them naming the encoders' fingerprints; the manifest is
+read and checked here, where the stream reads the shards.
 """
 from __future__ import annotations
 
@@ -41,19 +45,36 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.utils import pytorch_worker_info
 
+from stages.buckets import batch_by_shape, nearest_bucket
 from stages.images import IMAGE_EXTENSIONS, decode_image, resize_crop
-from train.data.buckets import batch_by_shape, nearest_bucket
-from train.data.loaders import Interleaved, rank_and_world
 
 log = logging.getLogger(__name__)
 CAPTION_KEYS = ("txt", "caption", "text")
 MANIFEST = "manifest.json"
+FORMAT = "wuerstchen-precomputed/1"
 LATENT_KEYS = ("stage_a", "semantic", "text")  # precomputed tensors, stored as ``<key>.npy`` (fp16)
+FINGERPRINTS = ("stage_a_fingerprint", "compressor_fingerprint", "text_encoder_fingerprint")
 BASE_REASONS = ("yielded", "corrupt_shard", "no_image", "corrupt_sample")
 
 
+def rank_and_world() -> tuple[int, int]:
+    """DDP rank and world size as webdataset sees them (``RANK``/``WORLD_SIZE``, else the process group)."""
+    rank, world, _, _ = pytorch_worker_info()
+    return rank, world
+
+
 # --------------------------------------------------------------------------------------- shard lists
+
+@dataclass
+class ShardSet:
+    """One shard set of a source: its URLs, its mixing weight and how the user wrote it."""
+
+    shards: list[str]
+    weight: float = 1.0
+    spec: str = ""
+
 
 def is_url(spec: str) -> bool:
     return spec.startswith("pipe:") or "://" in spec
@@ -101,6 +122,24 @@ def existing_shards(spec: str | list) -> list[str]:
     return shards
 
 
+def shard_sets(spec: str | list) -> list[ShardSet]:
+    """A source as shard sets: a spec (path, folder, pattern, URL) or a list of specs is one set; a
+    list of ``{shards: spec, weight: number}`` is a weighted mixture."""
+    if not (isinstance(spec, (list, tuple)) and any(isinstance(s, dict) for s in spec)):
+        return [ShardSet(existing_shards(spec), 1.0, str(spec))]
+    if not all(isinstance(s, dict) for s in spec):
+        raise ValueError("a source list holds either shard patterns or {shards, weight} entries, not both")
+    sets = []
+    for item in spec:
+        weight = item.get("weight", 1)
+        if set(item) - {"shards", "weight"} or "shards" not in item:
+            raise ValueError(f"mixture entry {item!r} must be {{shards: <pattern>, weight: <number>}}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+            raise ValueError(f"mixture weight of {item['shards']!r} must be a positive number, got {weight!r}")
+        sets.append(ShardSet(existing_shards(item["shards"]), float(weight), str(item["shards"])))
+    return sets
+
+
 def find_manifest(spec: str | list, shards: list[str]) -> Path | None:
     """``manifest.json`` next to local shards (in the folder given, or the first shard's folder)."""
     first = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
@@ -126,6 +165,60 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise ValueError(f"the precompute in {path.parent} did not finish; run the same python -m train.precompute "
                          "command again to complete it")
     return manifest
+
+
+def source_manifest(sets: list[ShardSet], given: bool | str | None = None) -> dict | None:
+    """The precompute manifest of a source's shard sets (all must share one), or None for image shards.
+    ``given``: True requires one next to the shards; a path names it (e.g. for remote shards)."""
+    if isinstance(given, str):
+        return read_manifest(given)
+    found = [find_manifest(s.spec, s.shards) for s in sets]
+    if given and not all(found):
+        missing = next(s.spec for s, m in zip(sets, found) if not m)
+        raise FileNotFoundError(f"precomputed is set, but there is no manifest.json next to {missing}; "
+                                "give its path as precomputed: <path>/manifest.json")
+    if not any(found):
+        return None
+    if not all(found):
+        raise ValueError("a mixture cannot combine precomputed shards with image shards")
+    manifests = [read_manifest(m) for m in found]
+    if any(m.get(k) != manifests[0].get(k) for m in manifests[1:] for k in (*FINGERPRINTS, "keys")):
+        raise ValueError("the precomputed shard sets of the mixture were made by different encoders; "
+                         "mix only sets with the same manifest fingerprints")
+    return manifests[0]
+
+
+def check_made_with(manifest: dict, fingerprints: dict[str, str]) -> None:
+    """Refuse precomputed shards whose manifest names other encoder weights than ``fingerprints``
+    (``{manifest key: fingerprint}``, e.g. ``compressor_fingerprint``)."""
+    for key, ours in fingerprints.items():
+        if manifest.get(key) not in (None, ours):
+            raise ValueError(f"the precomputed shards were made with other weights ({key} {manifest[key]}, "
+                             f"this run's is {ours}); precompute them again with this run's encoders")
+
+
+def manifest_count(manifest: dict, sets: list[ShardSet]) -> int | None:
+    """The samples in ``sets`` as the manifest records them (None when it does not list every shard)."""
+    per_shard = manifest.get("shards", {})
+    names = [Path(s).name for ss in sets for s in ss.shards]
+    return sum(per_shard[n] for n in names) if all(n in per_shard for n in names) else None
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Written under a temporary name and renamed: a reader never sees half a manifest."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 # --------------------------------------------------------------------------------------- skip counts
@@ -300,10 +393,6 @@ class ImagePrep:
             yield {"image": tensor, "caption": caption, "key": sample["__key__"]}
 
 
-def npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
 def precomputed_samples(samples: Iterable[dict], counts: SampleCounts) -> Iterator[dict]:
     """Precomputed shards (``train.precompute``) -> ``{"caption", "key", "stage_a"?, "semantic"?,
     "text"?, "image"?}``: float32 tensors of whichever were stored (``image`` from uint8 to [0, 1])."""
@@ -326,15 +415,6 @@ def precomputed_samples(samples: Iterable[dict], counts: SampleCounts) -> Iterat
 
 
 # ------------------------------------------------------------------------------------------- streams
-
-@dataclass
-class ShardSet:
-    """One shard set of a source: its URLs, its mixing weight and how the user wrote it."""
-
-    shards: list[str]
-    weight: float = 1.0
-    spec: str = ""
-
 
 def endless(make_pass: Callable[[int], Iterator]) -> Iterator:
     """Passes 0, 1, 2, ... one after the other; stops after a pass that yields nothing."""
@@ -359,6 +439,15 @@ def mix(streams: list[Iterator], weights: list[float], rng: random.Random) -> It
             yield next(streams[i])
         except StopIteration:
             del streams[i], weights[i]
+
+
+def interleave(primary: Iterable[dict], extra: Iterable[dict], every: int) -> Iterator[dict]:
+    """``primary`` with one sample of ``extra`` after every ``every - 1`` of its own (ends with primary)."""
+    extra = iter(extra)
+    for i, sample in enumerate(primary, start=1):
+        yield sample
+        if i % (every - 1) == 0:
+            yield next(extra)
 
 
 class ShardStream(IterableDataset):
@@ -436,7 +525,7 @@ class ShardStream(IterableDataset):
             raw = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(raw)
         out = self.prep(raw, self.skipped, rng) if self.prep else precomputed_samples(raw, self.skipped)
         if self.extra is not None:
-            out = iter(Interleaved(out, *self.extra))
+            out = interleave(out, *self.extra)
         return out
 
     def __iter__(self) -> Iterator[dict]:

@@ -1,17 +1,18 @@
-"""The Lightning data module every stage trains from."""
+"""The Lightning data module every stage trains from; the datasets it serves are the library's
+(``stages.shards``: webdataset streams; ``stages.images``: image folders)."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from stages.buckets import collate, parse_buckets
 from stages.embedded import openmoji_shards, training_photos
-from train.data.buckets import collate, parse_buckets
-from train.data.loaders import FolderDataset, PhotoCrops
-from train.data.stream import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, existing_shards, find_manifest,
-                               read_manifest)
+from stages.images import FolderDataset, PhotoCrops
+from stages.shards import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, manifest_count, shard_sets,
+                           source_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +42,6 @@ class CheckedLoader(DataLoader):
                              "lower min_size, loosen the filters, or lower batch_size")
 
 
-def shard_sets(spec: str | list | None) -> list[ShardSet]:
-    """A source as shard sets: a spec (path, folder, pattern, URL) or a list of specs is one set; a
-    list of ``{shards: spec, weight: number}`` is a weighted mixture."""
-    if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, dict) for s in spec):
-        sets = []
-        for item in spec:
-            if set(item) - {"shards", "weight"} or "shards" not in item:
-                raise ValueError(f"mixture entry {item!r} must be {{shards: <pattern>, weight: <number>}}")
-            weight = item.get("weight", 1)
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
-                raise ValueError(f"mixture weight of {item['shards']!r} must be a positive number, got {weight!r}")
-            sets.append(ShardSet(existing_shards(item["shards"]), float(weight), str(item["shards"])))
-        return sets
-    if isinstance(spec, (list, tuple)) and any(isinstance(s, dict) for s in spec):
-        raise ValueError("a source list holds either shard patterns or {shards, weight} entries, not both")
-    return [ShardSet(existing_shards(spec), 1.0, str(spec))]
-
-
 def is_folder_of_images(spec: str | list | None) -> bool:
     return isinstance(spec, (str, Path)) and Path(spec).is_dir() and not any(Path(spec).glob("*.tar"))
 
@@ -68,7 +51,7 @@ class ImageTextData(L.LightningDataModule):
 
     A source (``train``/``val``) is ``openmoji`` (the embedded set, built on first use in
     ``embedded_dir``), webdataset shards (``shards/{000000..000099}.tar``, ``shards/*.tar``, a folder
-    of ``.tar`` files, ``pipe:...``, ``https://...``, ``s3://...``; see ``train.data.stream``), a
+    of ``.tar`` files, ``pipe:...``, ``https://...``, ``s3://...``; see ``stages.shards``), a
     weighted mixture (``[{shards: a/{000..009}.tar, weight: 3}, {shards: b/*.tar, weight: 1}]``),
     or a folder of images with optional ``.txt`` captions (small local data).
 
@@ -76,7 +59,7 @@ class ImageTextData(L.LightningDataModule):
     ``image_size`` (``crop``: random or center); validation images are resized and centre-cropped to
     ``val_size`` (default: ``resize`` or ``image_size``). With ``buckets`` (a list of [height, width]
     or the preset ``paper_c3``) every image is scaled to cover the bucket of nearest aspect ratio
-    and cropped to it, and each batch holds one bucket (``train.data.buckets``).
+    and cropped to it, and each batch holds one bucket (``stages.buckets``).
 
     Filters (counted by reason): ``min_size`` (shorter side), ``aspect_ratio`` ([min, max] of
     width/height), ``metadata_filters`` (thresholds on the sample's json, e.g.
@@ -112,47 +95,19 @@ class ImageTextData(L.LightningDataModule):
         self.filters = Filters(min_size, aspect_ratio, metadata_filters or {})
         self.sets = {name: None if spec in (None, "openmoji") or is_folder_of_images(spec) else shard_sets(spec)
                      for name, spec in (("train", train), ("val", val))}
+        if precomputed and self.sets["train"] is None:
+            raise ValueError("precomputed is set, but the training source is not a set of shards")
         # ``precomputed`` speaks of the training source; validation shards are recognised by their manifest
-        self.manifests = {"train": self._manifest(self.sets["train"], precomputed),
-                          "val": self._manifest(self.sets["val"], None)}
+        self.manifests = {name: sets and source_manifest(sets, precomputed if name == "train" else None)
+                          for name, sets in self.sets.items()}
         self.precomputed: dict | None = self.manifests["train"]
         if self.buckets and any(is_folder_of_images(s) for s in (train, val)):
             raise ValueError("buckets work with shard sources; pack the image folder into .tar shards "
                              "(webdataset.ShardWriter) or leave buckets unset")
-        self.train_set: Dataset | ShardStream | None = None
-        self.val_set: Dataset | ShardStream | None = None
-
-    @staticmethod
-    def _manifest(sets: list[ShardSet] | None, flag: bool | str | None) -> dict | None:
-        """The precompute manifest of a source's shards (all of its sets must share one), or None."""
-        if sets is None:
-            if flag:
-                raise ValueError("precomputed is set, but the training source is not a set of shards")
-            return None
-        if isinstance(flag, str):
-            return read_manifest(flag)
-        found = [find_manifest(s.spec, s.shards) for s in sets]
-        if flag and not all(found):
-            missing = next(s.spec for s, m in zip(sets, found) if not m)
-            raise FileNotFoundError(f"precomputed is set, but there is no manifest.json next to {missing}; "
-                                    "give its path as precomputed: <path>/manifest.json")
-        if not any(found):
-            return None
-        if not all(found):
-            raise ValueError("a mixture cannot combine precomputed shards with image shards")
-        manifests = [read_manifest(m) for m in found]
-        ids = {k: manifests[0].get(k) for k in ("stage_a_fingerprint", "compressor_fingerprint",
-                                                 "text_encoder_fingerprint", "keys")}
-        if any({k: m.get(k) for k in ids} != ids for m in manifests[1:]):
-            raise ValueError("the precomputed shard sets of the mixture were made by different encoders; "
-                             "mix only sets with the same manifest fingerprints")
-        return manifests[0]
-
-    @staticmethod
-    def _precomputed_count(manifest: dict, sets: list[ShardSet]) -> int | None:
-        per_shard = manifest.get("shards", {})
-        names = [Path(s).name for ss in sets for s in ss.shards]
-        return sum(per_shard[n] for n in names) if all(n in per_shard for n in names) else None
+        if photo_crops_every and (photo_crops_every < 2 or self.precomputed or is_folder_of_images(train)):
+            raise ValueError(f"photo_crops_every {photo_crops_every}: every n-th sample (n >= 2, 0 = off) of image "
+                             "shards (openmoji or .tar shards of images, not precomputed ones or a folder)")
+        self.train_set = self.val_set = None  # datasets (stages.images) or streams (stages.shards), made in setup
 
     def _source(self, name: str, train: bool):
         h = self.hparams
@@ -168,7 +123,7 @@ class ImageTextData(L.LightningDataModule):
         elif sets is None:  # a folder of images
             return FolderDataset(spec, size, resize, crop, h.min_size)
         if manifest is not None:
-            count = count or self._precomputed_count(manifest, sets)
+            count = count or manifest_count(manifest, sets)
             prep = None
             if self.buckets or h.aspect_ratio or h.metadata_filters:
                 log.warning("buckets and filters do not apply to the precomputed shards of %s (they hold latents); "
@@ -177,8 +132,6 @@ class ImageTextData(L.LightningDataModule):
             prep = ImagePrep(size, resize, crop, self.filters, self.buckets)
         extra = None
         if train and h.photo_crops_every:
-            if manifest is not None:
-                raise ValueError("photo_crops_every needs image shards, not precomputed latents")
             extra = (PhotoCrops(training_photos(), h.image_size, h.seed, self.buckets), h.photo_crops_every)
         return ShardStream(sets, batch_size, prep, train=train, shuffle_buffer=h.shuffle_buffer, seed=h.seed,
                            count=count, resampled=train and h.resampled, extra=extra)
@@ -187,8 +140,6 @@ class ImageTextData(L.LightningDataModule):
         h = self.hparams
         if self.train_set is None and h.train and stage in (None, "fit"):
             self.train_set = self._source("train", True)
-            if h.photo_crops_every and not isinstance(self.train_set, ShardStream):
-                raise ValueError("photo_crops_every works with shard sources (openmoji or .tar shards)")
         if self.val_set is None and h.val and stage in (None, "fit", "validate"):
             self.val_set = self._source("val", False)
 
