@@ -218,7 +218,7 @@ def _preview(args: argparse.Namespace, samplers: dict, loras: list):
     h, w = args.height or 128, args.width or 128
     batch = [p for p in check_prompts(args.prompts) for _ in range(args.n)]
     generator = torch.Generator().manual_seed(args.seed)
-    latents = prior.sample(batch, [args.negative] * len(batch), latent_grid(h, w), args.prior_steps,
+    latents = prior.sample(batch, [args.negative] * len(batch), prior.grid(h, w), args.prior_steps,
                            args.prior_guidance, generator, not args.quiet, samplers["prior_sampler"],
                            samplers["prior_eta"])
     with torch.no_grad():

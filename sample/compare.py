@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from sample.__main__ import SHIPPED
 from sample.evaluate import ValScorer, add_common_arguments, compressor_beside, write_outputs
 from stages.pipeline import load_pixel_text_to_image, load_prior, load_text_to_image, sampler_options
-from semantic_compressor import latent_grid, load_compressor
+from semantic_compressor import load_compressor
 from stages.checkpoint import fingerprint, read_metadata
 from stages.cli import check_output, positive_int, shown
 from stages.errors import run_command
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     true_latents = torch.cat([compressor(scorer.real[i:i + args.batch_size]) for i in range(0, n, args.batch_size)])
     prior_latents = torch.cat([
         prior.sample(captions[i:i + args.batch_size], [""] * len(captions[i:i + args.batch_size]),
-                     latent_grid(args.size, args.size), args.prior_steps, args.prior_guidance,
+                     prior.grid(args.size, args.size), args.prior_steps, args.prior_guidance,
                      torch.Generator().manual_seed(args.seed + i), progress=False,
                      sampler=samplers["prior_sampler"], eta=samplers["prior_eta"])
         for i in tqdm(range(0, n, args.batch_size), desc="Stage C latents")])

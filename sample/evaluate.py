@@ -1,4 +1,4 @@
-"""Evaluate text-to-image sampling on the embedded val captions.
+"""Evaluate text-to-image sampling on the embedded val captions and on everyday prompts.
 
     python -m sample.evaluate [--stage-c ... --stage-b ...] [--out eval.json]
 
@@ -11,6 +11,10 @@ For each of the 185 val captions one image is generated (fixed seed). Prints JSO
   own compressor latents (no Stage C): the best the text-to-image scores can get with this decoder.
 * ``stage_c_latent_retrieval``: Stage C alone, before any decoder: is the emoji of the caption among
   the 5 emoji whose compressor latents are nearest (cosine) to the latents Stage C sampled for it?
+* ``stage_a_alone``: retrieval of the val images reconstructed by Stage A (encode, decode): the
+  ceiling of every decoder that ends in Stage A.
+* ``everyday``: the same scores (but FID, which 48 images cannot estimate) for ``EVERYDAY``, 48
+  training captions of food, animals, vehicles, weather and symbols: what a new user types first.
 
 ``--decoder pixel --pixel-decoder PATH`` scores the greedy-grown pixel decoder in place of B + A.
 """
@@ -34,6 +38,33 @@ from stages.errors import run_command
 from stages.embedded import openmoji_split
 from stages.cli import emit
 from stages.metrics import InceptionFeatures, fid_metric
+from stages.stage_a import StageA, load_stage_a
+
+
+# Everyday prompts: training captions (so each has its emoji in the set) of things, no people.
+EVERYDAY = (
+    "red apple", "green apple", "banana", "grapes", "lemon", "strawberry", "watermelon", "pizza",  # food
+    "hamburger", "birthday cake", "doughnut", "ice cream",
+    "dog face", "cat face", "horse", "cow face", "pig face", "rabbit face", "panda", "penguin",  # animals
+    "tropical fish", "octopus", "butterfly", "turtle",
+    "bus", "taxi", "police car", "bicycle", "airplane", "rocket", "sailboat", "helicopter",  # vehicles
+    "sun", "cloud", "cloud with rain", "snowflake", "snowman", "rainbow", "fire", "umbrella",  # weather
+    "red heart", "blue heart", "star", "key", "guitar", "trophy", "house", "wrapped gift",  # symbols, objects
+)
+PROMPT_SETS = ("val", "everyday")
+
+
+def prompt_set(data_dir: str, name: str, size: int, limit: int | None = None) -> list[dict]:
+    """The ``{"image", "caption"}`` samples of a prompt set: the val split, or ``EVERYDAY``'s emoji."""
+    if name == "val":
+        return openmoji_split(data_dir, "val", size, limit)
+    if name != "everyday":
+        raise ValueError(f"unknown prompt set {name!r}; choose one of {list(PROMPT_SETS)}")
+    found = {s["caption"]: s for s in openmoji_split(data_dir, "train", size) if s["caption"] in EVERYDAY}
+    missing = [c for c in EVERYDAY if c not in found]
+    if missing:
+        raise ValueError(f"everyday prompts missing from the embedded training set: {missing}")
+    return [found[c] for c in EVERYDAY[:limit]]
 
 
 @torch.no_grad()
@@ -83,22 +114,25 @@ def top5_hits(generated: torch.Tensor, gallery_feats: torch.Tensor, gallery_capt
 
 
 class ValScorer:
-    """The val split's real images and captions, the whole-set gallery, and the scores of a generated set.
+    """A prompt set's real images and captions (``prompt_set``: the val split by default), the whole-set
+    gallery, and the scores of a generated set.
 
-    Image ``i`` of a generated set belongs to val caption ``i``. The real images' FID statistics are
-    computed once and reused for every set.
+    Image ``i`` of a generated set belongs to caption ``i``. On the val split the real images' FID
+    statistics are computed once and reused for every set; other sets are too small for FID.
     """
 
     def __init__(self, data_dir: str = "data/openmoji", size: int = 128, batch_size: int = 32,
-                 limit: int | None = None, gallery_limit: int | None = None):
+                 limit: int | None = None, gallery_limit: int | None = None, prompts: str = "val"):
         self.net, self.batch_size = InceptionFeatures(), batch_size
-        val = openmoji_split(data_dir, "val", size, limit)
-        self.real = torch.stack([s["image"] for s in val])
-        self.captions = [s["caption"] for s in val]
+        samples = prompt_set(data_dir, prompts, size, limit)
+        self.real = torch.stack([s["image"] for s in samples])
+        self.captions = [s["caption"] for s in samples]
         self.shuffled = self.captions[1:] + self.captions[:1]  # image i scored against caption i+1: never its own
         self.gallery_feats, self.gallery_captions = gallery(data_dir, self.net, size, batch_size, gallery_limit)
-        self.fid = fid_metric(self.net, reset_real_features=False)
-        self.fid.update(self.real, real=True)
+        self.fid = None
+        if prompts == "val":
+            self.fid = fid_metric(self.net, reset_real_features=False)
+            self.fid.update(self.real, real=True)
 
     @property
     def chance_top5(self) -> float:
@@ -106,13 +140,15 @@ class ValScorer:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, what: str) -> dict:
-        """FID against the real val images and top-5 caption retrieval, own and shuffled captions."""
-        self.fid.reset()
-        self.fid.update(images, real=False)
+        """FID against the real val images (val split only) and top-5 caption retrieval, own and shuffled captions."""
+        scores = {}
+        if self.fid is not None:
+            self.fid.reset()
+            self.fid.update(images, real=False)
+            scores["fid_vs_val"] = round(self.fid.compute().item(), 2)
         feats = features(self.net, images, self.batch_size, f"Inception features of the {what}")
         top5 = lambda targets: round(top5_hits(feats, self.gallery_feats, self.gallery_captions, targets), 4)
-        return {"fid_vs_val": round(self.fid.compute().item(), 2),
-                "top5_retrieval_own_caption": top5(self.captions),
+        return {**scores, "top5_retrieval_own_caption": top5(self.captions),
                 "top5_retrieval_shuffled_captions": top5(self.shuffled)}
 
 
@@ -186,11 +222,27 @@ def main(argv: list[str] | None = None) -> dict:
     if pipe.prior.compressor_fingerprint not in (None, fingerprint(compressor)):
         raise ValueError(f"the compressor {compressor_path} is not the one Stage C {args.stage_c} was trained on; "
                          "pass the compressor of the Stage B run that trained it (--compressor)")
-    scorer = ValScorer(args.data_dir, args.size, args.batch_size, args.limit, args.gallery_limit)
-    real, captions = scorer.real, scorer.captions
+    stage_a = load_stage_a(args.stage_a) if args.decoder == "semantic" else None
+    report = {
+        "stage_c": shown(args.stage_c), "decoder": args.decoder,
+        "decoder_checkpoint": shown(args.pixel_decoder if args.decoder == "pixel" else args.stage_b),
+        "size": args.size, "prior_steps": args.prior_steps, "decoder_steps": decoder_steps,
+        "prior_guidance": args.prior_guidance, "decoder_guidance": args.decoder_guidance, **non_default(samplers)}
+    for name in PROMPT_SETS:
+        scores = score_prompt_set(pipe, compressor, stage_a, name, decoder_steps, samplers, args)
+        report.update(scores) if name == "val" else report.update({name: scores})
+    return emit(report, args.out)
 
-    generated, decoded, prior_latents = [], [], []
-    for i in tqdm(range(0, len(captions), args.batch_size), desc="generating"):
+
+@torch.no_grad()
+def score_prompt_set(pipe, compressor: torch.nn.Module, stage_a: StageA | None, name: str, decoder_steps: int,
+                     samplers: dict, args: argparse.Namespace) -> dict:
+    """End-to-end images for a prompt set's captions and the ceilings of each stage on its real images:
+    Stage A alone, the decoder from the true compressor latents, and Stage C's latents."""
+    scorer = ValScorer(args.data_dir, args.size, args.batch_size, args.limit, args.gallery_limit, name)
+    real, captions = scorer.real, scorer.captions
+    generated, decoded, reconstructed, prior_latents = [], [], [], []
+    for i in tqdm(range(0, len(captions), args.batch_size), desc=f"generating ({name})"):
         batch = captions[i:i + args.batch_size]
         images, latents = pipe(batch, "", args.size, args.size, 1, args.prior_steps, decoder_steps, args.prior_guidance,
                                args.decoder_guidance, args.seed + i, progress=False, return_latents=True, **samplers)
@@ -200,19 +252,17 @@ def main(argv: list[str] | None = None) -> dict:
         decoded.append(pipe.decoder(semantic, (args.size, args.size), batch, decoder_steps, args.decoder_guidance,
                                     torch.Generator().manual_seed(args.seed + i), sampler=samplers["decoder_sampler"],
                                     eta=samplers["decoder_eta"]))
-    report = {
-        "stage_c": shown(args.stage_c), "decoder": args.decoder,
-        "decoder_checkpoint": shown(args.pixel_decoder if args.decoder == "pixel" else args.stage_b),
-        "n_captions": len(captions), "size": args.size, "prior_steps": args.prior_steps,
-        "decoder_steps": decoder_steps, "prior_guidance": args.prior_guidance,
-        "decoder_guidance": args.decoder_guidance, **non_default(samplers),
+        if stage_a is not None:
+            reconstructed.append(stage_a.decode(stage_a.encode(real[i:i + args.batch_size])).clamp(0, 1))
+    scores = {
+        "n_captions": len(captions),
         **scorer(torch.cat(generated), "generated images"),
         "from_true_latents": scorer(torch.cat(decoded), "images decoded from their own latents"),
         "stage_c_latent_retrieval": latent_scores(torch.cat(prior_latents), scorer, compressor, args),
-        "gallery_size": len(scorer.gallery_captions),
-        "chance_top5": scorer.chance_top5,
     }
-    return emit(report, args.out)
+    if stage_a is not None:
+        scores["stage_a_alone"] = scorer(torch.cat(reconstructed), "Stage A reconstructions")
+    return {**scores, "gallery_size": len(scorer.gallery_captions), "chance_top5": scorer.chance_top5}
 
 
 if __name__ == "__main__":

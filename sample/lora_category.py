@@ -27,7 +27,7 @@ from torchvision.utils import save_image
 
 from sample.__main__ import SHIPPED
 from sample.evaluate import latent_gallery, top5_hits, whole_set
-from semantic_compressor import latent_grid, load_compressor
+from semantic_compressor import load_compressor
 from stages.cli import positive_int
 from stages.embedded import emoji_captions, openmoji_split
 from stages.errors import run_command
@@ -84,7 +84,7 @@ def score(args: argparse.Namespace) -> dict:
     _, gallery_captions = whole_set(args.data_dir, args.size)
     members = {caption for emoji, caption in emoji_captions() if CATEGORIES[args.category](emoji, caption)}
     in_category = torch.tensor([c in members for c in gallery_captions])
-    grid = latent_grid(args.size, args.size)
+    grid = compressor.latent_grid(args.size, args.size)
     priors = {"base": load_prior(args.stage_c), "lora": load_prior(args.stage_c, loras=[lora])}
 
     def scores(model: str, prompts: list[str], captions: list[str]) -> dict:

@@ -33,7 +33,6 @@ from diffusion import SAMPLERS
 from sample.compare import decode_all
 from sample.evaluate import ValScorer, add_common_arguments, write_outputs
 from stages.pipeline import load_text_to_image
-from semantic_compressor import latent_grid
 from stages.cli import check_output, comma_list, positive_ints, shown
 from stages.errors import run_command
 
@@ -64,7 +63,7 @@ class Sweep:
             a, captions = self.args, self.scorer.captions
             self.latents[sampler, steps] = torch.cat([
                 self.pipe.prior.sample(captions[i:i + a.batch_size], [""] * len(captions[i:i + a.batch_size]),
-                                       latent_grid(a.size, a.size), steps, a.prior_guidance,
+                                       self.pipe.prior.grid(a.size, a.size), steps, a.prior_guidance,
                                        torch.Generator().manual_seed(a.seed + i), progress=False, sampler=sampler)
                 for i in tqdm(range(0, len(captions), a.batch_size), desc=f"Stage C {sampler} {steps}")])
         return self.latents[sampler, steps]

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion import SAMPLERS, Guided, check_sampler, check_start, sample, takes_eta
-from semantic_compressor import SemanticCompressor, denormalize_latents, latent_grid, load_compressor, normalize_latents
+from semantic_compressor import (PAPER_INPUT_SCALE, SemanticCompressor, denormalize_latents, latent_grid, load_compressor,
+                                 normalize_latents)
 from stages.checkpoint import fingerprint, read_metadata, resolve_checkpoint
 from stages.denoisers import denoiser_for
 from stages import inputs
@@ -39,9 +40,14 @@ class Prior:
     latent_scale: float = 42.0
     compressor_fingerprint: str | None = None
     diffusion: dict | None = None
+    compressor_input_scale: float = PAPER_INPUT_SCALE  # the resize its compressor applies (sets the latent grid)
 
     def __post_init__(self):
         self.denoiser = denoiser_for(self.model, self.diffusion)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """The latent grid Stage C samples for an image of ``height x width`` (its compressor's grid)."""
+        return latent_grid(height, width, self.compressor_input_scale)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], negative: list[str], grid: tuple[int, int], steps: int | str | list[float],
@@ -85,7 +91,8 @@ def load_prior(path: str | os.PathLike, text_encoder: TextEncoder | None = None,
         raise ValueError(f"Stage C {path} expects text states of width {model.config.c_text}; the text encoder "
                          f"gives {text_encoder.dim}")
     return Prior(model, text_encoder, meta.get("latent_shift", 1.0), meta.get("latent_scale", 42.0),
-                 meta.get("compressor_fingerprint"), meta.get("diffusion"))
+                 meta.get("compressor_fingerprint"), meta.get("diffusion"),
+                 meta.get("compressor_input_scale", PAPER_INPUT_SCALE))
 
 
 def snap_size(height: int, width: int, multiple: int) -> tuple[int, int]:
@@ -168,7 +175,7 @@ class TextToImage(nn.Module):
             init = self.encode(image, (h, w))
             init = init.expand(len(prompts), *init.shape[1:]).repeat_interleave(images_per_prompt, 0)
         generator = torch.Generator().manual_seed(seed)
-        semantic = self.prior.sample(batch, negatives, latent_grid(h, w), prior_steps, prior_guidance, generator,
+        semantic = self.prior.sample(batch, negatives, self.prior.grid(h, w), prior_steps, prior_guidance, generator,
                                      progress, prior_sampler, prior_eta, init=init, strength=strength)
         if self.dtype != torch.float32:
             check_half(semantic, "Stage C's latents", self.dtype)
@@ -221,7 +228,7 @@ class TextToImage(nn.Module):
     @staticmethod
     def _check_image(images: torch.Tensor, who: str) -> None:
         inputs.check_images(images, who)
-        latent_grid(*images.shape[-2:])  # at least one compressor cell, with the fix named
+        self.prior.grid(*images.shape[-2:])  # at least one compressor cell, with the fix named
 
     @staticmethod
     def _size(image: torch.Tensor | None, height: int | None, width: int | None) -> tuple[int, int]:

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
-from semantic_compressor import latent_grid
 from stages.checkpoint import fingerprint
 from stages.previewer import STAGE, Previewer, previewer_config
 from train.engine import StageTraining, ema_of, compressor_for
@@ -44,7 +43,7 @@ class PreviewerTraining(StageTraining):
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """The images at the previewer's output size: the latent grid times its upsampling factor."""
-        h, w = latent_grid(*images.shape[-2:])
+        h, w = self.compressor.latent_grid(*images.shape[-2:])
         size = (h * self.model.factor, w * self.model.factor)
         return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from semantic_compressor import latent_grid
 from stages.checkpoint import fingerprint
 from stages.decoders import load_semantic_decoder
 from stages.pipeline import Prior
@@ -67,8 +66,9 @@ class StageCTraining(DiffusionTraining):
         n = min(h.grid_images, len(batch["caption"]))
         images, captions = batch["image"][:n], batch["caption"][:n]
         gen = torch.Generator(device=self.device).manual_seed(0)
-        prior = Prior(self.eval_model, self.text_encoder, h.latent_shift, h.latent_scale)
-        latents = prior.sample(captions, [""] * n, latent_grid(*images.shape[-2:]), h.sample_steps, h.guidance, gen,
+        prior = Prior(self.eval_model, self.text_encoder, h.latent_shift, h.latent_scale,
+                      compressor_input_scale=self.compressor.config.input_scale)
+        latents = prior.sample(captions, [""] * n, self.compressor.latent_grid(*images.shape[-2:]), h.sample_steps, h.guidance, gen,
                                progress=False)
         rows = [] if self.decoder is None else [self.decoder(latents, images.shape[-2:], captions, h.decoder_steps,
                                                              1.0, gen)]
@@ -79,4 +79,4 @@ class StageCTraining(DiffusionTraining):
     def export_metadata(self) -> dict:
         h = self.hparams
         return {**super().export_metadata(), **self.init_cost, "text_encoder": h.text_encoder, "latent_shift": h.latent_shift,
-                "latent_scale": h.latent_scale}
+                "latent_scale": h.latent_scale, "compressor_input_scale": self.compressor.config.input_scale}
