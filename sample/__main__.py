@@ -12,6 +12,9 @@ decoded ``--n`` times); with a prompt it is img2img: the image's latents are noi
 ``--lora PATH[:SCALE]`` (repeatable) adds LoRA adapters (``stages.lora``) to the stage each was trained
 for. ``--preview`` renders Stage C's latents with the previewer (``stages.previewer``) instead of a
 decoder: a coarse image at 8x the latent grid, no Stage B.
+
+Every PNG carries its settings (text chunk ``settings``, JSON) and the command that writes the same
+pixels again (``command``); ``python -m sample.app`` serves the same command as a web page.
 """
 from __future__ import annotations
 

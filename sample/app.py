@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from torchvision.utils import make_grid
 
 from diffusion import SAMPLERS
 from sample.__main__ import (SHIPPED, build_parser, check_request, find_compressor, load_pipeline, parse_args,
-                             render, settings)
+                             render)
 from stages.errors import USER_ERRORS, one_line, run_command
 from stages.pipeline import TextToImage, snap_size
 from stages.previewer import Previewer, load_previewer
@@ -196,6 +196,7 @@ class Studio:
         except USER_ERRORS as e:
             yield None, "", skip, skip, "", f"error: {one_line(e)}"
             return
+        yield None, progress_html({}), [], None, "", "running ..."  # the last request's results go
         cancel = self.cancels[session] = threading.Event()
         events: queue.Queue = queue.Queue()
         worker = threading.Thread(target=self._work, args=(args, cancel, events, f"outputs/{stem}.png"), daemon=True)
@@ -205,10 +206,10 @@ class Studio:
                 kind, *payload = events.get()
                 if kind == "progress":
                     bars, preview = payload
-                    yield (preview if preview is not None else skip), progress_html(bars), skip, skip, skip, \
-                        "sampling ..."
+                    # the status is left alone: Cancel's "cancelled" must not be overwritten by a late step
+                    yield (preview if preview is not None else skip), progress_html(bars), skip, skip, skip, skip
                 elif kind == "error":
-                    yield skip, skip, skip, skip, "", payload[0]
+                    yield skip, skip, skip, skip, skip, payload[0]
                     return
                 else:
                     paths, command, status = payload
@@ -250,9 +251,8 @@ class Studio:
 
                 paths, images = render(args, pipe, samplers, image, callback=step, command_out=command_out)
                 notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-            record = settings(args)
             status = (f"done: {len(images)} image(s) of {images.shape[-2]} x {images.shape[-1]} px, seed "
-                      f"{record['seed']}" + "".join(f"\n\nnote: {n}" for n in dict.fromkeys(notes + [preview_note])
+                      f"{args.seed}" + "".join(f"\n\nnote: {n}" for n in dict.fromkeys(notes + [preview_note])
                                                      if n))
             with Image.open(paths[0]) as im:
                 command = im.text["command"]
@@ -268,7 +268,7 @@ class Studio:
     # --- the page ------------------------------------------------------------------------------------------
     def page(self) -> "gr.Blocks":
         names = sorted(SAMPLERS)
-        with gr.Blocks(title="Würstchen") as demo:
+        with gr.Blocks(title="Würstchen", analytics_enabled=False) as demo:  # nothing sent anywhere
             gr.Markdown("## Würstchen: text -> Stage C -> decoder\nEvery result is a `python -m sample` command "
                         "(below it, to copy); its PNG carries the settings.")
             with gr.Row():
@@ -312,7 +312,7 @@ class Studio:
                     status = gr.Markdown("", elem_id="status")
                     progress = gr.HTML(progress_html({}), elem_id="progress")
                     with gr.Row():
-                        preview = gr.Image(label="Stage C, through the previewer", elem_id="preview", format="png",
+                        preview = gr.Image(label="Stage C preview", elem_id="preview", format="png",
                                            interactive=False, height=180)
                         gallery = gr.Gallery(label="Result", elem_id="gallery", format="png", columns=2, height=180)
                     files = gr.File(label="PNGs with their settings", elem_id="files", file_count="multiple",

@@ -47,7 +47,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The app on the shipped checkpoints, on a free localhost port (closed after the module)."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     studio = Studio([], tmp_path_factory.mktemp("app"), str(ROOT / "checkpoints/tiny/previewer.safetensors"),
                     preview_every=1)
     warm(studio)
@@ -182,7 +181,7 @@ def test_cancel_stops_the_work_promptly(page_run, server):
     page, studio = page_run["page"], server[1]
     _type(page, "prior-steps", "400")
     _click(page, "run")
-    _status(page, "sampling", 60)
+    _status(page, "running", 60)
     _wait(lambda: page.execute_script(
         "const b = document.querySelector('#stage-progress .stage-bar'); return b && b.dataset.done > 0"), 60,
         "a Stage C step")
