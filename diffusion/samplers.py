@@ -4,8 +4,9 @@ t = 0, all with one signature
     sampler(denoiser, x, times, *, generator=None, callback=None, progress=False, **options) -> x_0
 
 ``denoiser(x_t, t) -> eps`` (a ``Denoiser`` or ``Guided``) with a ``schedule``; ``times`` a
-decreasing 1-D tensor from at most 1 to 0 (``sampling_times``). ``callback({"i", "t", "x", "x0"})``
-sees every step. To add a sampler, write one such function below and decorate it with ``@register``:
+decreasing 1-D tensor from at most 1 to 0 (``sampling_times``). ``callback({"i", "steps", "t", "x", "x0"})``
+sees every step (step ``i`` of ``steps``, the sample ``x`` at time ``t`` and the model's prediction
+``x0`` of the clean sample from it). To add a sampler, write one such function below and decorate it with ``@register``:
 ``sample``, the command-line flags and the sweep find it by name.
 """
 from __future__ import annotations
@@ -126,9 +127,9 @@ def _ab(schedule, t: torch.Tensor) -> float:
     return float(schedule.alpha_bar(t, torch.float64))
 
 
-def _report(callback, i, t, x, x0):
+def _report(callback, i, times, x, x0):
     if callback is not None:
-        callback({"i": i, "t": float(t), "x": x, "x0": x0})
+        callback({"i": i, "steps": len(times) - 1, "t": float(times[i]), "x": x, "x0": x0})
 
 
 @register
@@ -146,7 +147,8 @@ def ddpm(denoiser, x, times, *, generator=None, callback=None, progress=False):
         alpha = ab / ab_prev
         mu = (x - (1 - alpha) * eps / (1 - ab).sqrt()) / alpha.sqrt()
         sigma = ((1 - alpha) * (1 - ab_prev) / (1 - ab)).sqrt()
-        _report(callback, i, t, x, None)
+        if callback is not None:
+            _report(callback, i, times, x, x0_from_eps(x, eps, ab))
         x = mu + sigma * z * expand((tpb > 0).float(), x)
     return x
 
@@ -162,7 +164,7 @@ def ddim(denoiser, x, times, *, generator=None, callback=None, progress=False, e
         ab, ab_prev = _ab(denoiser.schedule, t), _ab(denoiser.schedule, t_prev)
         eps = denoiser(x, t.expand(b)).to(x.dtype)
         x0 = x0_from_eps(x, eps, torch.tensor(ab, dtype=x.dtype))
-        _report(callback, i, t, x, x0)
+        _report(callback, i, times, x, x0)
         s = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
         x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - s * s, 0.0)) * eps
         if t_prev > 0 and s > 0:
@@ -197,7 +199,7 @@ def dpmpp_2m_sde(denoiser, x, times, *, generator=None, callback=None, progress=
         ab, ab_next = _ab(denoiser.schedule, t), _ab(denoiser.schedule, t_prev)
         eps = denoiser(x, t.expand(b)).to(x.dtype)
         x0 = x0_from_eps(x, eps, torch.tensor(ab, dtype=x.dtype))
-        _report(callback, i, t, x, x0)
+        _report(callback, i, times, x, x0)
         h = _lambda(ab_next) - _lambda(ab)
         d = x0 if not h_prev else x0 + h / (2 * h_prev) * (x0 - x0_prev)
         x = (math.sqrt((1 - ab_next) / (1 - ab)) * math.exp(-eta * h) * x

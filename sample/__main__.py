@@ -12,12 +12,17 @@ decoded ``--n`` times); with a prompt it is img2img: the image's latents are noi
 ``--lora PATH[:SCALE]`` (repeatable) adds LoRA adapters (``stages.lora``) to the stage each was trained
 for. ``--preview`` renders Stage C's latents with the previewer (``stages.previewer``) instead of a
 decoder: a coarse image at 8x the latent grid, no Stage B.
+
+Every PNG carries its settings (text chunk ``settings``, JSON) and the command that writes the same
+pixels again (``command``); ``python -m sample.app`` serves the same command as a web page.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -79,11 +84,13 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
 
 
-def main(argv: list[str] | None = None) -> list[Path]:
-    ap = argparse.ArgumentParser(prog="python -m sample", description=__doc__.split("\n\n")[0])
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The command's arguments (``parser_class``: the web app's raises its errors instead of exiting)."""
+    ap = parser_class(prog="python -m sample", description=__doc__.split("\n\n")[0])
     ap.add_argument("prompts", nargs="*", help="one or more prompts (none with --image: variations of the image)")
     ap.add_argument("--out", type=Path, default=Path("outputs/sample.png"),
-                    help=f"image ({', '.join(OUT_EXTENSIONS)}): the image, or the grid when several")
+                    help=f"image ({', '.join(OUT_EXTENSIONS)}): the image, or the grid when several; a PNG carries "
+                         "its settings and the command that reproduces it (text chunks 'settings', 'command')")
     ap.add_argument("--negative", "--negative-prompt", dest="negative", default="",
                     help="negative prompt: replaces the empty prompt in the guidance of Stage C and of a "
                          "text-conditional decoder (the shipped tiny decoders take no text)")
@@ -130,6 +137,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     add_sampler_arguments(ap)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The arguments, each checked when parsed and together after (before any file is read)."""
+    ap = parser or build_parser()
     args = ap.parse_args(argv)
     check_out(args.out, args.overwrite)
     if not args.prompts and args.image is None:
@@ -139,7 +152,60 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if args.strength is not None and (args.image is None or not args.prompts):
         ap.error("--strength applies to img2img: give --image and a prompt (variations of an image take no "
                  "--strength)")
+    return args
 
+
+# what only says where the images go or how the command behaves; every other argument decides the images
+NOT_SETTINGS = ("help", "out", "overwrite", "quiet", "no_limits", "max_pixel_steps")
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """Every argument that decides the images, by name, as JSON values (embedded in each PNG)."""
+    def plain(value):
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else (
+            str(value) if isinstance(value, Path) else value)
+    return {action.dest: plain(getattr(args, action.dest)) for action in build_parser()._actions
+            if action.dest not in NOT_SETTINGS}
+
+
+def command_line(settings: dict, out: str | os.PathLike) -> str:
+    """``python -m sample ...`` that makes these images again (bit for bit, on the same checkpoints) at ``out``:
+    the settings that differ from the command's defaults, as flags."""
+    def text(value) -> str:
+        if isinstance(value, list):  # explicit times
+            return ",".join(repr(float(v)) for v in value)
+        return repr(value) if isinstance(value, float) else str(value)
+
+    flags = []
+    for action in build_parser()._actions:
+        if action.dest not in settings or not action.option_strings:
+            continue
+        value, flag = settings[action.dest], action.option_strings[0]
+        default = action.default if not isinstance(action.default, Path) else str(action.default)
+        if value == default:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            flags.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            flags += [part for item in value for part in (flag, text(item))]
+        else:
+            flags += [flag, text(value)]
+    flags += ["--out", str(out)]
+    prompts = list(settings.get("prompts", []))
+    # a prompt starting with '-' would read as a flag: after '--' every word is a prompt
+    argv = flags + ["--"] + prompts if any(p.startswith("-") for p in prompts) else prompts + flags
+    return "python -m sample " + shlex.join(argv)
+
+
+def embedded(args: argparse.Namespace, command_out: str | os.PathLike | None = None) -> dict[str, str]:
+    """The PNG text chunks: ``settings`` (JSON) and ``command`` (with ``--out command_out``, default ``args.out``)."""
+    record = settings(args)
+    return {"settings": json.dumps(record, ensure_ascii=False),
+            "command": command_line(record, args.out if command_out is None else command_out)}
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    args = parse_args(argv)
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always", UserWarning)
         try:
@@ -173,6 +239,15 @@ def find_compressor(args: argparse.Namespace) -> Path:
 
 
 def _sample(args: argparse.Namespace):
+    samplers, loras, image = check_request(args)
+    if args.preview is not None:
+        return _preview(args, samplers, loras)
+    pipe = load_pipeline(args, loras, find_compressor(args) if image is not None else None)
+    return render(args, pipe, samplers, image)
+
+
+def check_request(args: argparse.Namespace) -> tuple[dict, list[tuple[Path, float]], torch.Tensor | None]:
+    """The sampler options, LoRA adapters and ``--image`` of a request, each checked before any model is loaded."""
     samplers = sampler_options(args)  # a bad sampler setting fails before any model is loaded
     loras = [parse_lora(text) for text in args.lora]
     check_loras(loras)  # a missing or wrong adapter file fails here too
@@ -181,31 +256,44 @@ def _sample(args: argparse.Namespace):
         latent_grid(*image.shape[-2:])  # too small for the compressor: refused before any model is loaded
     if args.decoder == "pixel" and not Path(args.pixel_decoder).exists():
         raise FileNotFoundError(f"no pixel decoder at {args.pixel_decoder}; train one with {PIXEL_TRAINING}")
-    if args.preview is not None:
-        return _preview(args, samplers, loras)
-    compressor = find_compressor(args) if image is not None else None
+    return samplers, loras, image
+
+
+def load_pipeline(args: argparse.Namespace, loras: list[tuple[Path, float]], compressor: Path | None):
+    """Stage C with the decoder ``--decoder`` names (``TextToImage``), in ``--dtype``, with the adapters."""
     if args.decoder == "pixel":
-        pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder, compressor=compressor, dtype=args.dtype,
+        return load_pixel_text_to_image(args.stage_c, args.pixel_decoder, compressor=compressor, dtype=args.dtype,
                                         loras=loras)
-    else:
-        stage_a = args.stage_a
-        if stage_a is None:  # a bundle keeps Stage A next to Stage B; else the path Stage B recorded
-            beside = resolve_checkpoint(args.stage_b).with_name("stage_a.safetensors")
-            stage_a = beside if beside.exists() else None
-        pipe = load_text_to_image(args.stage_c, args.stage_b, stage_a, compressor=compressor, dtype=args.dtype,
-                                  loras=loras)
+    stage_a = args.stage_a
+    if stage_a is None:  # a bundle keeps Stage A next to Stage B; else the path Stage B recorded
+        beside = resolve_checkpoint(args.stage_b).with_name("stage_a.safetensors")
+        stage_a = beside if beside.exists() else None
+    return load_text_to_image(args.stage_c, args.stage_b, stage_a, compressor=compressor, dtype=args.dtype,
+                              loras=loras)
+
+
+def render(args: argparse.Namespace, pipe, samplers: dict, image: torch.Tensor | None,
+           callback: Callable[[dict], None] | None = None, command_out: str | os.PathLike | None = None):
+    """The request's images from a loaded pipeline, written to ``--out`` with their settings: (paths, images).
+
+    ``callback`` sees every sampler step (``TextToImage.forward``); ``command_out``: the ``--out`` of the
+    embedded command (default ``--out`` itself).
+    """
     steps = args.decoder_steps if args.decoder_steps is not None else pipe.decoder.default_steps
     limits = None if args.no_limits else inputs.Limits(pixel_steps=args.max_pixel_steps)
+    text = embedded(args, command_out)
     if image is not None and not args.prompts:
         images = pipe.variations(image, args.n, args.height, args.width, steps, args.decoder_guidance, args.seed,
-                                 not args.quiet, samplers["decoder_sampler"], samplers["decoder_eta"], limits)
-        return save_images(images, args.out, nrow=math.ceil(len(images) ** 0.5), overwrite=args.overwrite), images
+                                 not args.quiet, samplers["decoder_sampler"], samplers["decoder_eta"], limits,
+                                 callback=callback)
+        return save_images(images, args.out, nrow=math.ceil(len(images) ** 0.5), overwrite=args.overwrite,
+                           text=text), images
     images = pipe(args.prompts, args.negative, args.height, args.width, args.n, args.prior_steps,
                   steps, args.prior_guidance, args.decoder_guidance, args.seed, not args.quiet, limits=limits,
-                  image=image, strength=args.strength, **samplers)
+                  image=image, strength=args.strength, callback=callback, **samplers)
     # a row per prompt for several images each; otherwise as square a grid as the images make
     nrow = args.n if len(args.prompts) > 1 and args.n > 1 else math.ceil(len(images) ** 0.5)
-    return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite), images
+    return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite, text=text), images
 
 
 def _preview(args: argparse.Namespace, samplers: dict, loras: list):
@@ -224,7 +312,7 @@ def _preview(args: argparse.Namespace, samplers: dict, loras: list):
     with torch.no_grad():
         images = F.interpolate(previewer(latents), size=(h, w), mode="nearest")
     nrow = args.n if len(args.prompts) > 1 and args.n > 1 else math.ceil(len(images) ** 0.5)
-    return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite), images
+    return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite, text=embedded(args)), images
 
 
 if __name__ == "__main__":

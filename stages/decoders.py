@@ -1,13 +1,16 @@
 """Decoders: semantic latents (from Stage C or the compressor) -> images. The sampler takes any of them.
 
 A decoder is a module called as ``decoder(semantic, size, prompts, steps, guidance, generator,
-progress, sampler, eta, negative_prompts=...)`` returning images ``(B, 3, H, W)`` in [0, 1].
+progress, sampler, eta, negative_prompts=..., callback=...)`` returning images ``(B, 3, H, W)`` in
+[0, 1]; ``callback`` sees every sampler step's state (``diffusion.sample``) with ``"stage"`` set to
+the decoder's ``progress_name``.
 ``SemanticDecoder`` is Stage B + Stage A (paper Fig. 3); ``PixelDecoder`` (the greedy-grown pixel-space model, ``stages.pixel_decoder``) has
 the same call.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,11 @@ def text_states(encoder: TextEncoder | None, c_text: int | None, prompts: list[s
     return text, encoder(list(negative_prompts)) if negative_prompts is not None else encoder.empty(b)
 
 
+def staged(callback: Callable[[dict], None] | None, stage: str) -> Callable[[dict], None] | None:
+    """A sampler callback that passes each step's state on to ``callback`` with ``"stage"`` added."""
+    return None if callback is None else lambda state: callback({**state, "stage": stage})
+
+
 class SemanticDecoder(torch.nn.Module):
     """Stage B samples Stage A latents from the semantic latents (12 DDPM steps), Stage A decodes them."""
 
@@ -54,7 +62,8 @@ class SemanticDecoder(torch.nn.Module):
     def forward(self, semantic: torch.Tensor, size: tuple[int, int], prompts: list[str] | None = None,
                 steps: int | str | list[float] = 12, guidance: float = 1.0, generator: torch.Generator | None = None,
                 progress: bool | str = False, sampler: str = "ddpm", eta: float | None = None,
-                negative_prompts: list[str] | None = None) -> torch.Tensor:
+                negative_prompts: list[str] | None = None, callback: Callable[[dict], None] | None = None
+                ) -> torch.Tensor:
         """Images of ``size`` (H, W; multiples of the Stage B grid) from raw semantic latents.
 
         ``guidance`` w > 1 mixes in the prediction without semantic latents (and, for a text-conditional
@@ -69,7 +78,7 @@ class SemanticDecoder(torch.nn.Module):
         shape = (b, self.stage_b.config.c_latent, h // 4, w // 4)
         noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
         latents = sample(sampler, guided, noise.to(semantic.device), steps, generator=generator, progress=progress,
-                         eta=eta)
+                         eta=eta, callback=staged(callback, self.progress_name))
         dtype = next(self.stage_a.parameters()).dtype
         images = self.stage_a.decode(latents.to(dtype)).float()
         if dtype != torch.float32:  # an overflow must not be clamped into a black or white image
@@ -150,7 +159,8 @@ class PixelDecoder(torch.nn.Module):
     def render(self, semantic: torch.Tensor, size: tuple[int, int], prompts: list[str] | None = None,
                steps: int | str | list[float] = 50, guidance: float = 1.0, generator: torch.Generator | None = None,
                progress: bool | str = False, sampler: str = "ddpm", eta: float | None = None,
-               negative_prompts: list[str] | None = None) -> torch.Tensor:
+               negative_prompts: list[str] | None = None, callback: Callable[[dict], None] | None = None
+               ) -> torch.Tensor:
         """Images in [0, 1] at the network's own size ``size`` (multiples of its grid) from raw latents.
 
         ``guidance`` w > 1: eps_uncond + w (eps_cond - eps_uncond), unconditional = zero latents
@@ -162,7 +172,8 @@ class PixelDecoder(torch.nn.Module):
                                         "pixel decoder")
         guided = Guided(self.denoiser, (cond, text), (torch.zeros_like(cond), uncond_text), guidance)
         noise = torch.randn((b, 3, *size), generator=generator, device=generator.device if generator else "cpu")
-        x = sample(sampler, guided, noise.to(semantic.device), steps, generator=generator, progress=progress, eta=eta)
+        x = sample(sampler, guided, noise.to(semantic.device), steps, generator=generator, progress=progress, eta=eta,
+                   callback=staged(callback, self.progress_name))
         dtype = next(self.model.parameters()).dtype
         if dtype != torch.float32:  # an overflow must not be clamped into a black or white image
             check_half(x, "the pixel decoder's images", dtype)
@@ -172,11 +183,12 @@ class PixelDecoder(torch.nn.Module):
     def forward(self, semantic: torch.Tensor, size: tuple[int, int], prompts: list[str] | None = None,
                 steps: int | str | list[float] = 50, guidance: float = 1.0, generator: torch.Generator | None = None,
                 progress: bool | str = False, sampler: str = "ddpm", eta: float | None = None,
-                negative_prompts: list[str] | None = None) -> torch.Tensor:
+                negative_prompts: list[str] | None = None, callback: Callable[[dict], None] | None = None
+                ) -> torch.Tensor:
         """Images ``(B, 3, *size)`` in [0, 1] from raw semantic latents (the decoder interface)."""
         size = tuple(int(s) for s in size)
         images = self.render(semantic, self.render_size(size), prompts, steps, guidance, generator, progress,
-                             sampler, eta, negative_prompts)
+                             sampler, eta, negative_prompts, callback)
         if tuple(images.shape[-2:]) != size:
             images = F.interpolate(images, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
         return images

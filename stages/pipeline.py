@@ -9,13 +9,16 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from torch import nn
+from torchvision.utils import make_grid
 
 from diffusion import SAMPLERS, Guided, check_sampler, check_start, sample, takes_eta
 from semantic_compressor import (PAPER_INPUT_SCALE, SemanticCompressor, denormalize_latents, latent_grid, load_compressor,
@@ -53,7 +56,7 @@ class Prior:
     def sample(self, prompts: list[str], negative: list[str], grid: tuple[int, int], steps: int | str | list[float],
                guidance: float, generator: torch.Generator, progress: bool = True, sampler: str = "ddpm",
                eta: float | None = None, init: torch.Tensor | None = None,
-               strength: float | None = None) -> torch.Tensor:
+               strength: float | None = None, callback: Callable[[dict], None] | None = None) -> torch.Tensor:
         """Raw semantic latents (B, 16, *grid) for the prompts, ready for a decoder (float32, whatever
         the model's dtype: the sampler's state stays in float32).
 
@@ -61,6 +64,10 @@ class Prior:
         semantic space (SDEdit, Meng et al. 2022). The latents are normalised as Stage C's training
         latents are, noised to t = s (``x_s = sqrt(ab_s) x_0 + sqrt(1 - ab_s) eps``), and Stage C
         continues from t = s with the prompts.
+
+        ``callback``: called at every step with the sampler's state (``diffusion.sample``) plus
+        ``"stage": "Stage C"`` and ``"semantic"``, the raw latents of the step's prediction ``x0`` (what a
+        decoder or the previewer takes).
         """
         guided = Guided(self.denoiser, (self.text_encoder(prompts),), (self.text_encoder(negative),), guidance)
         device = next(self.model.parameters()).device
@@ -71,7 +78,10 @@ class Prior:
             if x0.shape != noise.shape:
                 raise ValueError(f"img2img latents have shape {tuple(x0.shape)}; Stage C samples {tuple(noise.shape)}")
             noise = self.denoiser.schedule.add_noise(x0, torch.full((len(prompts),), check_start(strength)), noise)
-        latents = sample(sampler, guided, noise, steps, generator=generator, eta=eta,
+        report = None if callback is None else lambda state: callback(
+            {**state, "stage": "Stage C",
+             "semantic": denormalize_latents(state["x0"].float(), self.latent_shift, self.latent_scale)})
+        latents = sample(sampler, guided, noise, steps, generator=generator, eta=eta, callback=report,
                          progress="Stage C" if progress else False, start=strength if init is not None else None)
         return denormalize_latents(latents, self.latent_shift, self.latent_scale)
 
@@ -134,7 +144,7 @@ class TextToImage(nn.Module):
                 seed: int = 0, progress: bool = True, return_latents: bool = False, prior_sampler: str = "ddpm",
                 decoder_sampler: str = "ddpm", prior_eta: float | None = None, decoder_eta: float | None = None,
                 limits: Limits | None = Limits(), image: torch.Tensor | None = None, strength: float | None = None,
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                callback: Callable[[dict], None] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images for every prompt, ``images_per_prompt`` each (prompt-major order).
 
         The same arguments and seed give the same images. H and W (default 128, or the image's size)
@@ -144,7 +154,9 @@ class TextToImage(nn.Module):
         in the guidance of Stage C and of a text-conditional decoder (the released pipelines use it in
         both); a decoder without text ignores it. ``return_latents``: also return Stage C's semantic
         latents, ``(images, latents)``. ``limits``: refuse work too large for the device
-        (``stages.inputs.Limits``; None: no check).
+        (``stages.inputs.Limits``; None: no check). ``callback``: called at every step of every stage
+        with the sampler's state and ``"stage"`` ("Stage C", then the decoder's ``progress_name``);
+        Stage C's also carries ``"semantic"`` (``Prior.sample``). An exception it raises stops the work.
 
         ``image`` (1 or ``len(prompts)`` images ``(B, 3, H, W)`` in [0, 1]) with ``strength`` s in
         (0, 1] (default 0.6): img2img. The image's compressor latents are noised to t = s and Stage C
@@ -176,12 +188,13 @@ class TextToImage(nn.Module):
             init = init.expand(len(prompts), *init.shape[1:]).repeat_interleave(images_per_prompt, 0)
         generator = torch.Generator().manual_seed(seed)
         semantic = self.prior.sample(batch, negatives, self.prior.grid(h, w), prior_steps, prior_guidance, generator,
-                                     progress, prior_sampler, prior_eta, init=init, strength=strength)
+                                     progress, prior_sampler, prior_eta, init=init, strength=strength,
+                                     callback=callback)
         if self.dtype != torch.float32:
             check_half(semantic, "Stage C's latents", self.dtype)
         images = self.decoder(semantic, (h, w), batch, decoder_steps, decoder_guidance, generator,
                               getattr(self.decoder, "progress_name", "decoder") if progress else False,
-                              decoder_sampler, decoder_eta, negative_prompts=negatives)
+                              decoder_sampler, decoder_eta, negative_prompts=negatives, callback=callback)
         self._check_images_out(images)
         return (images, semantic) if return_latents else images
 
@@ -190,11 +203,13 @@ class TextToImage(nn.Module):
                    width: int | None = None, decoder_steps: int | str | list[float] | None = None,
                    decoder_guidance: float = 3.0, seed: int = 0, progress: bool = True,
                    decoder_sampler: str = "ddpm", decoder_eta: float | None = None, limits: Limits | None = Limits(),
-                   return_latents: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   return_latents: bool = False, callback: Callable[[dict], None] | None = None,
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Variations of ``images`` ``(B, 3, H, W)`` in [0, 1]: each image's semantic latents (the
         compressor's 42:1 code, paper Sec. 3.2) rendered ``images_per_image`` times by the decoder with
         different noise (image-major order). Stage C is not used; output size defaults to the image's.
-        ``decoder_steps`` defaults to the decoder's own (Stage B 12, pixel decoder 50).
+        ``decoder_steps`` defaults to the decoder's own (Stage B 12, pixel decoder 50); ``callback`` as
+        for ``forward``.
         """
         check_sampler(decoder_sampler, decoder_eta)
         self._check_image(images, "variations")
@@ -207,7 +222,7 @@ class TextToImage(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         out = self.decoder(semantic, (h, w), [""] * semantic.shape[0], steps, decoder_guidance, generator,
                            getattr(self.decoder, "progress_name", "decoder") if progress else False,
-                           decoder_sampler, decoder_eta)
+                           decoder_sampler, decoder_eta, callback=callback)
         self._check_images_out(out)
         return (out, semantic) if return_latents else out
 
@@ -335,10 +350,13 @@ def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os
     return _cast(pipe, dtype).eval()
 
 
-def save_images(images: torch.Tensor, out: str | os.PathLike, nrow: int, overwrite: bool = False) -> list[Path]:
-    """One image: ``out``. Several: ``out`` is the grid and ``<stem>_<i>.png`` the single images."""
-    from torchvision.utils import save_image
+def save_images(images: torch.Tensor, out: str | os.PathLike, nrow: int, overwrite: bool = False,
+                text: dict[str, str] | None = None) -> list[Path]:
+    """One image: ``out``. Several: ``out`` is the grid and ``<stem>_<i>.png`` the single images.
 
+    ``text``: key -> value pairs written into every PNG as text chunks (``tEXt``/``iTXt``; PIL reads them
+    back as ``Image.open(path).text``); other formats are written without them.
+    """
     out = Path(out)
     paths = [out] if images.shape[0] == 1 else [out] + [out.with_name(f"{out.stem}_{i}{out.suffix}")
                                                       for i in range(images.shape[0])]
@@ -346,10 +364,21 @@ def save_images(images: torch.Tensor, out: str | os.PathLike, nrow: int, overwri
     if clash and not overwrite:
         raise FileExistsError(f"{clash[0]} exists; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, out, nrow=nrow, padding=2, pad_value=1.0)
+    _save_image(make_grid(images, nrow=nrow, padding=2, pad_value=1.0), out, text)
     for p, im in zip(paths[1:], images):
-        save_image(im, p)
+        _save_image(im, p, text)
     return paths
+
+
+def _save_image(image: torch.Tensor, path: Path, text: dict[str, str] | None) -> None:
+    """One (3, H, W) image in [0, 1] to 8 bits as ``torchvision.utils.save_image`` rounds it, with PNG text."""
+    pixels = image.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
+    info = None
+    if text and path.suffix.lower() == ".png":
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)  # iTXt: UTF-8, so prompts in any script survive
+    Image.fromarray(pixels).save(path, pnginfo=info)
 
 
 def add_sampler_arguments(parser) -> None:

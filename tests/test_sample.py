@@ -77,6 +77,51 @@ def test_batches_grid_and_reproducible_seeds(bundle, tmp_path):
     assert len(paths) == 5 and all(p.exists() for p in paths)  # grid + 4 single images
 
 
+def test_png_carries_its_settings_and_a_command_that_makes_it_again(bundle, tmp_path):
+    import shlex
+
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "first.png"
+    sample_main(["-5 degrees", "café ☕", "--out", str(out), *_args(bundle), "--height", "64", "--seed", "5",
+                 "--prior-steps", "1,0.5,0", "--sampler", "ddim", "--eta", "0.3", "--n", "2"])
+    text = Image.open(out).text
+    settings = json.loads(text["settings"])
+    assert (settings["prompts"], settings["seed"], settings["height"], settings["width"]) == (
+        ["-5 degrees", "café ☕"], 5, 64, None)
+    assert (settings["prior_steps"], settings["sampler"], settings["eta"], settings["n"]) == ([1.0, 0.5, 0.0], "ddim",
+                                                                                              0.3, 2)
+    assert "out" not in settings and "quiet" not in settings  # where the images go does not decide them
+    words = shlex.split(text["command"])
+    assert words[:3] == ["python", "-m", "sample"] and words[-3:] == ["--", "-5 degrees", "café ☕"]
+    again = tmp_path / "again.png"
+    words[words.index("--out") + 1] = str(again)
+    sample_main(["--quiet", *words[3:]])
+    for name in ("", "_0", "_3"):  # the grid and the single images
+        first, second = (Image.open(tmp_path / f"{stem}{name}.png") for stem in ("first", "again"))
+        assert np.array_equal(np.asarray(first), np.asarray(second))
+        assert json.loads(second.text["settings"]) == settings
+
+
+def test_callback_sees_every_step_of_each_stage_and_can_stop_the_work(bundle):
+    from stages.pipeline import load_text_to_image
+
+    pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
+                              bundle / "stage_a.safetensors")
+    seen = []
+    pipe("sun", height=96, width=64, prior_steps=3, decoder_steps=2, progress=False, callback=seen.append)
+    assert [(s["stage"], s["i"], s["steps"]) for s in seen] == [("Stage C", 0, 3), ("Stage C", 1, 3), ("Stage C", 2, 3),
+                                                                ("Stage B", 0, 2), ("Stage B", 1, 2)]
+    assert seen[0]["semantic"].shape[:2] == (1, 16) and seen[0]["x0"] is not None  # DDPM reports its x0 too
+
+    def stop(state):
+        if state["i"] == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        pipe("sun", height=64, width=64, prior_steps=3, decoder_steps=2, progress=False, callback=stop)
+
+
 def test_sizes_are_rounded_to_the_grid_with_a_note(bundle, tmp_path, capsys):
     sample_main(["sun", "--height", "100", "--width", "150", "--out", str(tmp_path / "s.png"), *_args(bundle)])
     captured = capsys.readouterr()
