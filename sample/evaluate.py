@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sample.__main__ import SHIPPED
+from stages.decoders import load_pixel_decoder, load_semantic_decoder
 from stages.pipeline import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, non_default,
                              sampler_options)
 from semantic_compressor import load_compressor
 from stages.checkpoint import fingerprint, resolve_checkpoint
-from stages.cli import at_least, check_output, positive_int, seed, shown
+from stages.cli import at_least, check_output, comma_list, positive_int, seed, shown
 from stages.errors import run_command
 from stages.embedded import openmoji_split
 from stages.cli import emit
@@ -181,7 +182,8 @@ def write_outputs(out: Path, stem: str, report: dict, table: str, draw) -> None:
 
 def add_common_arguments(ap: argparse.ArgumentParser) -> None:
     """The checkpoints, data and sampling options this command and ``sample.compare`` share."""
-    ap.add_argument("--stage-c", default=str(SHIPPED / "stage_c.safetensors"))
+    ap.add_argument("--stage-c", default=str(SHIPPED / "stage_c.safetensors"),
+                    help="Stage C; none: score only the decoder's and Stage A's ceilings (sample.evaluate only)")
     ap.add_argument("--stage-b", default=str(SHIPPED / "stage_b.safetensors"))
     ap.add_argument("--stage-a", default=str(SHIPPED / "stage_a.safetensors"))
     ap.add_argument("--compressor", default=None,
@@ -207,19 +209,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--decoder", choices=("semantic", "pixel"), default="semantic",
                     help="semantic: Stage B + Stage A; pixel: the greedy-grown pixel decoder")
     ap.add_argument("--pixel-decoder", default=str(SHIPPED / "pixel_decoder.safetensors"))
+    ap.add_argument("--prompt-sets", type=comma_list(PROMPT_SETS), default=",".join(PROMPT_SETS),
+                    help="which prompt sets to score (val: the 185 val captions; everyday: EVERYDAY)")
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
     args = ap.parse_args(argv)
     samplers = sampler_options(args)
     if args.out:
         check_output(args.out, (".json",))
-    compressor_path = args.compressor or compressor_beside(args.stage_c, args.stage_b)
-    if args.decoder == "pixel":
-        pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder)
+    decoder_path = args.pixel_decoder if args.decoder == "pixel" else args.stage_b
+    if args.stage_c == "none":  # the decoder's ceilings only: no Stage C (e.g. before one is trained)
+        compressor_path = args.compressor or compressor_beside(decoder_path)
+        decoder = load_pixel_decoder(decoder_path) if args.decoder == "pixel" else \
+            load_semantic_decoder(args.stage_b, args.stage_a)
+        pipe = None
     else:
-        pipe = load_text_to_image(args.stage_c, args.stage_b, args.stage_a)
-    decoder_steps = args.decoder_steps if args.decoder_steps is not None else pipe.decoder.default_steps
+        compressor_path = args.compressor or compressor_beside(args.stage_c, decoder_path)
+        pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder) if args.decoder == "pixel" else \
+            load_text_to_image(args.stage_c, args.stage_b, args.stage_a)
+        decoder = pipe.decoder
+    decoder_steps = args.decoder_steps if args.decoder_steps is not None else decoder.default_steps
     compressor = load_compressor(compressor_path)
-    if pipe.prior.compressor_fingerprint not in (None, fingerprint(compressor)):
+    if pipe is not None and pipe.prior.compressor_fingerprint not in (None, fingerprint(compressor)):
         raise ValueError(f"the compressor {compressor_path} is not the one Stage C {args.stage_c} was trained on; "
                          "pass the compressor of the Stage B run that trained it (--compressor)")
     stage_a = load_stage_a(args.stage_a) if args.decoder == "semantic" else None
@@ -228,38 +238,41 @@ def main(argv: list[str] | None = None) -> dict:
         "decoder_checkpoint": shown(args.pixel_decoder if args.decoder == "pixel" else args.stage_b),
         "size": args.size, "prior_steps": args.prior_steps, "decoder_steps": decoder_steps,
         "prior_guidance": args.prior_guidance, "decoder_guidance": args.decoder_guidance, **non_default(samplers)}
-    for name in PROMPT_SETS:
-        scores = score_prompt_set(pipe, compressor, stage_a, name, decoder_steps, samplers, args)
+    for name in args.prompt_sets:
+        scores = score_prompt_set(pipe, decoder, compressor, stage_a, name, decoder_steps, samplers, args)
         report.update(scores) if name == "val" else report.update({name: scores})
     return emit(report, args.out)
 
 
 @torch.no_grad()
-def score_prompt_set(pipe, compressor: torch.nn.Module, stage_a: StageA | None, name: str, decoder_steps: int,
-                     samplers: dict, args: argparse.Namespace) -> dict:
+def score_prompt_set(pipe, decoder, compressor: torch.nn.Module, stage_a: StageA | None, name: str,
+                     decoder_steps: int, samplers: dict, args: argparse.Namespace) -> dict:
     """End-to-end images for a prompt set's captions and the ceilings of each stage on its real images:
-    Stage A alone, the decoder from the true compressor latents, and Stage C's latents."""
+    Stage A alone, the decoder from the true compressor latents, and Stage C's latents. Without a
+    pipeline (``--stage-c none``) only the decoder's and Stage A's ceilings."""
     scorer = ValScorer(args.data_dir, args.size, args.batch_size, args.limit, args.gallery_limit, name)
     real, captions = scorer.real, scorer.captions
     generated, decoded, reconstructed, prior_latents = [], [], [], []
     for i in tqdm(range(0, len(captions), args.batch_size), desc=f"generating ({name})"):
         batch = captions[i:i + args.batch_size]
-        images, latents = pipe(batch, "", args.size, args.size, 1, args.prior_steps, decoder_steps, args.prior_guidance,
-                               args.decoder_guidance, args.seed + i, progress=False, return_latents=True, **samplers)
-        generated.append(images)
-        prior_latents.append(latents.flatten(1))
+        if pipe is not None:
+            images, latents = pipe(batch, "", args.size, args.size, 1, args.prior_steps, decoder_steps,
+                                   args.prior_guidance, args.decoder_guidance, args.seed + i, progress=False,
+                                   return_latents=True, **samplers)
+            generated.append(images)
+            prior_latents.append(latents.flatten(1))
         semantic = compressor(real[i:i + args.batch_size])
-        decoded.append(pipe.decoder(semantic, (args.size, args.size), batch, decoder_steps, args.decoder_guidance,
+        decoded.append(decoder(semantic, (args.size, args.size), batch, decoder_steps, args.decoder_guidance,
                                     torch.Generator().manual_seed(args.seed + i), sampler=samplers["decoder_sampler"],
                                     eta=samplers["decoder_eta"]))
         if stage_a is not None:
             reconstructed.append(stage_a.decode(stage_a.encode(real[i:i + args.batch_size])).clamp(0, 1))
-    scores = {
-        "n_captions": len(captions),
-        **scorer(torch.cat(generated), "generated images"),
-        "from_true_latents": scorer(torch.cat(decoded), "images decoded from their own latents"),
-        "stage_c_latent_retrieval": latent_scores(torch.cat(prior_latents), scorer, compressor, args),
-    }
+    scores = {"n_captions": len(captions)}
+    if pipe is not None:
+        scores.update(scorer(torch.cat(generated), "generated images"))
+    scores["from_true_latents"] = scorer(torch.cat(decoded), "images decoded from their own latents")
+    if pipe is not None:
+        scores["stage_c_latent_retrieval"] = latent_scores(torch.cat(prior_latents), scorer, compressor, args)
     if stage_a is not None:
         scores["stage_a_alone"] = scorer(torch.cat(reconstructed), "Stage A reconstructions")
     return {**scores, "gallery_size": len(scorer.gallery_captions), "chance_top5": scorer.chance_top5}

@@ -195,6 +195,17 @@ def test_evaluate_prints_scores_for_text_to_image_and_true_latents(bundle, openm
     assert all(0 <= v <= 1 for v in report["stage_c_latent_retrieval"].values())
     with pytest.raises(FileExistsError, match="exists"):  # never overwrites a report
         evaluate(args)
+    everyday = report["everyday"]
+    assert everyday["n_captions"] == 4 and "fid_vs_val" not in everyday  # too few images for FID
+    for scores in (everyday, everyday["from_true_latents"], everyday["stage_a_alone"], report["stage_a_alone"]):
+        assert 0 <= scores["top5_retrieval_own_caption"] <= 1
+
+    # no Stage C: only the decoder's and Stage A's ceilings, on the sets asked for
+    ceilings = evaluate([*args[2:-2], "--stage-c", "none", "--prompt-sets", "val"])
+    assert ceilings["stage_c"] == "none" and "everyday" not in ceilings
+    assert "top5_retrieval_own_caption" not in ceilings and "stage_c_latent_retrieval" not in ceilings
+    assert ceilings["from_true_latents"] == report["from_true_latents"]  # same seeds, same decoder
+    assert ceilings["stage_a_alone"] == report["stage_a_alone"]
 
 
 def test_latent_gallery_follows_the_inception_gallery_order(bundle, openmoji_dir):
