@@ -70,7 +70,7 @@ def config_from_release(state: dict[str, torch.Tensor], config: dict | None = No
             w, resample = state[f"down_downscalers.{i}.1.weight"], "strided"
         widths.append(w.shape[0])
     has_attn = [any(re.match(rf"down_blocks\.{i}\.\d+\.kv_mapper\.", k) for k in state) for i in range(n)]
-    heads = [h if a else 0 for h, a in zip(config.get("num_attention_heads", [w // 64 for w in widths]), has_attn)]
+    heads = [h if a else 0 for h, a in zip(config.get("num_attention_heads", [max(1, w // 64) for w in widths]), has_attn)]
     blocks_down = [_count(state, rf"down_blocks\.{i}\.\d+\.depthwise\.weight") for i in range(n)]
     blocks_up = [_count(state, rf"up_blocks\.{n - 1 - i}\.\d+\.depthwise\.weight") for i in range(n)]
     repeats_down = [1 + _count(state, rf"down_repeat_mappers\.{i}\.\d+\.weight") for i in range(n)]

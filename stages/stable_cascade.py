@@ -30,7 +30,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stages.blocks import AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, timestep_embedding
+from stages.checkpoint import load_model, read_metadata, resolve_checkpoint
 from stages.config import DictConfig
+
+# checkpoint stage names of each version, and how errors name them
+STAGE_NAMES = {"stage_c": "Würstchen v2 Stage C", "stage_b": "Würstchen v2 Stage B",
+               "stage_c3": "Stable Cascade (v3) Stage C", "stage_b3": "Stable Cascade (v3) Stage B"}
 
 
 @dataclass(frozen=True)
@@ -71,11 +76,6 @@ class CascadeConfig(DictConfig):
         for w, h in zip(self.widths, self.heads):
             if h and w % h:
                 raise ValueError(f"level width {w} is not divisible by its {h} attention heads")
-
-    @property
-    def downsampling(self) -> int:
-        """Input pixels per lowest-level pixel: the input sides must be multiples of this."""
-        return self.patch_size * (2 ** (len(self.widths) - 1) if self.resample == "strided" else 1)
 
 
 def _levels(widths, heads, down, up, **kw) -> CascadeConfig:
@@ -265,10 +265,10 @@ class CascadeUNet(nn.Module):
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != cfg.c_latent:
             raise ValueError(f"{type(self).__name__} expects {what} (B, {cfg.c_latent}, h, w), got {tuple(x.shape)}")
-        d = cfg.downsampling
-        if x.shape[-2] % d or x.shape[-1] % d:
-            raise ValueError(f"{type(self).__name__}: the grid {tuple(x.shape[-2:])} is not a multiple of {d}; "
-                             "resize or crop the images")
+        p = cfg.patch_size  # other sides pass: the up path resizes to each skip's grid, as released
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"{type(self).__name__}: the grid {tuple(x.shape[-2:])} is not a multiple of the patch "
+                             f"size {p}; resize or crop the images")
 
     def _check_pooled(self, pooled: torch.Tensor | None, batch: int) -> None:
         c = self.config.c_pooled
@@ -344,3 +344,26 @@ class StageB3(CascadeUNet):
                 pixels = x.new_zeros(x.shape[0], cfg.c_pixels, 8, 8)
             h = h + _resize(self.pixels_mapper(pixels.to(x.dtype)), h.shape[-2:])
         return self.run(h, r_embed, cond)
+
+
+def check_version(path, expected: str) -> None:
+    """Refuse a checkpoint of the other Würstchen version (or stage) in one line naming both."""
+    found = read_metadata(path).get("stage")
+    if found in STAGE_NAMES and found != expected:
+        raise ValueError(f"{path} holds a {STAGE_NAMES[found]} ({found}), but a {STAGE_NAMES[expected]} ({expected}) "
+                         f"is expected here; pass a {expected} checkpoint (python -m stages.convert converts released "
+                         "weights)")
+
+
+def load_stage_c3(path: str, config: CascadeConfig | str | dict | None = None) -> StageC3:
+    """A Stable Cascade Stage C from our safetensors export or Lightning checkpoint (config from the file if not given)."""
+    path = resolve_checkpoint(path)
+    check_version(path, "stage_c3")
+    return load_model(path, "stage_c3", StageC3, config)
+
+
+def load_stage_b3(path: str, config: CascadeConfig | str | dict | None = None) -> StageB3:
+    """A Stable Cascade Stage B from our safetensors export or Lightning checkpoint (config from the file if not given)."""
+    path = resolve_checkpoint(path)
+    check_version(path, "stage_b3")
+    return load_model(path, "stage_b3", StageB3, config)

@@ -117,8 +117,8 @@ def test_bad_input_is_named():
         c(torch.randn(1, 16, 3, 3), torch.rand(1), torch.randn(1, 77, 1280), torch.randn(1, 384))
     with pytest.raises(ValueError, match="pooled text"):
         c(torch.randn(1, 16, 3, 3), torch.rand(1), torch.randn(1, 77, 384), None)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        b(torch.randn(1, 4, 12, 16), torch.rand(1), torch.randn(1, 16, 3, 3), torch.randn(1, 384))
+    with pytest.raises(ValueError, match="multiple of the patch size 2"):
+        b(torch.randn(1, 4, 13, 16), torch.rand(1), torch.randn(1, 16, 3, 3), torch.randn(1, 384))
     with pytest.raises(ValueError, match="unknown time conditions"):
         b(torch.randn(1, 4, 16, 16), torch.rand(1), torch.randn(1, 16, 3, 3), torch.randn(1, 384), crp=torch.rand(1))
     with pytest.raises(ValueError, match="resample"):
