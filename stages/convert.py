@@ -111,9 +111,12 @@ def stage_a_from_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def load_stage_a_release(src: str | Path) -> StageA:
-    """Our ``StageA`` with the released VQGAN weights (diffusers folder or original checkpoint)."""
+def load_stage_a_release(src: str | Path, scale_factor: float | None = None) -> StageA:
+    """Our ``StageA`` with the released VQGAN weights (diffusers folder or original checkpoint). ``scale_factor``
+    overrides the config's (0.3764 without one; the StableCascade repository's Stage A uses 0.43)."""
     state, config = read_state_dict(src)
+    if scale_factor is not None:
+        config = {**config, "scale_factor": scale_factor}
     renamed = stage_a_from_release(state)  # refuses a foreign state dict before reading its shapes
     return load_into(StageA(stage_a_config_from_release(state, config)), renamed, str(src)).eval()
 
@@ -226,8 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ap.add_argument("--to", choices=LAYOUTS, default=None,
                     help="write our Stable Cascade export --src back in this layout (stage_b, stage_c)")
+    ap.add_argument("--scale-factor", type=float, default=None,
+                    help="stage_a: the latent scale (default: config.json's, else 0.3764; StableCascade's stage_a: 0.43)")
     args = ap.parse_args(argv)
     check_output(args.out, (".safetensors",), args.overwrite)
+    if args.scale_factor is not None and args.stage != "stage_a":
+        ap.error("--scale-factor applies to stage_a")
     if args.to:
         if args.stage == "stage_a":
             ap.error("--to applies to Stable Cascade Stage B and C exports")
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     if read is not None and is_stable_cascade(read[0]):
         model, stage = load_cascade_release(args.src, stage, read), stage + "3"
     else:
-        model = loaders[stage](args.src)
+        model = loaders[stage](args.src, args.scale_factor) if stage == "stage_a" else loaders[stage](args.src)
     path = save_safetensors(model, args.out, stage, model.config.to_dict(), overwrite=args.overwrite)
     n = sum(p.numel() for p in model.parameters())
     print(json.dumps({"out": str(path), "stage": STAGE_NAMES.get(stage, stage), "params": n,
