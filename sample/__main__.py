@@ -139,13 +139,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     add_sampler_arguments(ap)
     args = ap.parse_args(argv)
     check_out(args.out, args.overwrite)
-    cascade = is_cascade(args.stage_c)
-    defaults = (RELEASE["prior"]["steps"], RELEASE["prior"]["guidance"], RELEASE["decoder"]["guidance"]) if cascade \
-        else (60, 4.0, 3.0)
-    for name, value in zip(("prior_steps", "prior_guidance", "decoder_guidance"), defaults):
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if cascade and args.decoder == "pixel":
+    if fill_sampling_defaults(args) and args.decoder == "pixel":
         ap.error("--decoder pixel renders Würstchen v2 Stage C latents; a Stable Cascade Stage C goes with its Stage B")
     if not args.prompts and args.image is None:
         ap.error("give one or more prompts, or --image for variations of an image")
@@ -176,6 +170,18 @@ def is_cascade(stage_c: str) -> bool:
         return read_metadata(resolve_checkpoint(stage_c)).get("stage") == "stage_c3"
     except (ValueError, OSError):
         return False
+
+
+def fill_sampling_defaults(args: argparse.Namespace) -> bool:
+    """Unset --prior-steps, --prior-guidance and --decoder-guidance: Würstchen's (60, 4, 3), or the released
+    Stable Cascade settings (20, 4, 1.1) for a v3 --stage-c. Returns whether it is v3."""
+    cascade = is_cascade(args.stage_c)
+    defaults = (RELEASE["prior"]["steps"], RELEASE["prior"]["guidance"], RELEASE["decoder"]["guidance"]) if cascade \
+        else (60, 4.0, 3.0)
+    for name, value in zip(("prior_steps", "prior_guidance", "decoder_guidance"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return cascade
 
 
 def find_compressor(args: argparse.Namespace) -> Path:
