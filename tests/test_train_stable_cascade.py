@@ -8,8 +8,12 @@ import torch
 from sample.__main__ import main as sample_main
 from stages.cascade_pipeline import load_cascade_text_to_image
 from stages.checkpoint import read_metadata
+from stages.lora import add_lora, save_adapter
+from stages.pipeline import load_text_to_image
+from stages.stable_cascade import load_stage_c3
 from tests.bad_input.conftest import assert_error, run_main
 from train.cli import main as cli_main
+from train.stable_cascade import StageC3Training
 
 TINY_B3 = dict(widths=[16, 32], heads=[0, 2], blocks_down=[1, 1], blocks_up=[1, 1], repeats_down=[1, 1],
                repeats_up=[2, 1], resample="strided", c_latent=4, patch_size=2, c_cond=16, t_conds=["sca"],
@@ -51,8 +55,6 @@ def test_tiny_v3_stages_train_through_the_cli(runs):
 
 
 def test_adaptive_state_is_restored_on_resume(runs):
-    from train.stable_cascade import StageC3Training
-
     _, c3 = runs
     ckpt = torch.load(c3 / "checkpoints" / "last.ckpt", weights_only=True)
     module = StageC3Training(size=TINY_C3, compressor="checkpoints/tiny/compressor.safetensors")
@@ -78,3 +80,22 @@ def test_sample_runs_the_v3_chain_with_img2img(runs, tmp_path, capsys):
     code, err = run_main(sample_main, ["a cat", "--stage-c", str(c3), "--stage-b", "checkpoints/tiny/stage_b.safetensors",
                                        "--out", str(tmp_path / "mixed.png"), "--quiet"], capsys)
     assert_error(code, err, "Würstchen v2 Stage B", "Stable Cascade (v3) Stage B")
+
+
+def test_a_v3_lora_changes_what_the_chain_samples(runs, tmp_path):
+    """A LoRA adapter on the v3 Stage C (random up-projections) is found by its stage and moves the samples."""
+    b3, c3 = runs
+    model = load_stage_c3(str(c3))
+    settings = add_lora(model, rank=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.5)
+    adapter = save_adapter(model, tmp_path / "adapter.safetensors", "stage_c3", settings)
+    kw = dict(height=64, width=64, prior_steps=2, decoder_steps=2, progress=False, seed=1)
+    plain = load_cascade_text_to_image(c3, b3)(["a cat"], **kw)
+    with_lora = load_cascade_text_to_image(c3, b3, loras=[(adapter, 1.0)])(["a cat"], **kw)
+    assert plain.shape == with_lora.shape and not torch.allclose(plain, with_lora)
+    with pytest.raises(ValueError, match="stage_c3"):
+        load_text_to_image("checkpoints/tiny/stage_c.safetensors", "checkpoints/tiny/stage_b.safetensors",
+                           loras=[(adapter, 1.0)])
