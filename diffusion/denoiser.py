@@ -111,7 +111,8 @@ class Denoiser:
             raise ValueError(f"unknown time input {time_input!r}; choose one of {sorted(TIME_INPUTS)}")
         self.time_input = time_input
         if adaptive is not None and self.loss_weight != ADAPTIVE:
-            raise ValueError(f"an adaptive loss weight state was given with loss_weight {loss_weight!r}; use 'adaptive'")
+            raise ValueError(f"an adaptive loss weight state was given with loss_weight {loss_weight!r}; "
+                             "use 'adaptive'")
         self.adaptive = (adaptive if adaptive is not None else AdaptiveLossWeight()) if self.loss_weight == ADAPTIVE \
             else None
 

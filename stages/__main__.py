@@ -9,7 +9,8 @@ from stages.errors import run_command
 from stages.stage_a import PRESETS as STAGE_A_PRESETS, StageA
 from stages.stage_b import PRESETS as STAGE_B_PRESETS, StageB
 from stages.stage_c import PRESETS as STAGE_C_PRESETS, StageC
-from stages.stable_cascade import STAGE_B_PRESETS as STAGE_B3_PRESETS, STAGE_C_PRESETS as STAGE_C3_PRESETS, StageB3, StageC3
+from stages.stable_cascade import (STAGE_B_PRESETS as STAGE_B3_PRESETS, STAGE_C_PRESETS as STAGE_C3_PRESETS, StageB3,
+                                   StageC3)
 
 
 def _count(model: nn.Module) -> int:

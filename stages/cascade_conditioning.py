@@ -64,7 +64,8 @@ class PooledCLIP(TextEncoder):
         self.model = CLIPTextModelWithProjection.from_pretrained(model_dir, local_files_only=True)
         config = self.model.config
         if config.hidden_size != config.projection_dim:
-            raise ValueError(f"{model_dir}: states ({config.hidden_size}) and pooled embedding ({config.projection_dim}) "
+            raise ValueError(f"{model_dir}: states ({config.hidden_size}) and pooled embedding "
+                             f"({config.projection_dim}) "
                              "differ in width; Stable Cascade's text encoder gives both at one width (bigG: 1280)")
         self.max_tokens = min(self.tokenizer.model_max_length, config.max_position_embeddings)
         self.dim = config.hidden_size

@@ -74,7 +74,8 @@ class CascadePrior:
         image = None
         if self.model.config.c_image:
             zeros = torch.zeros(b, 1, self.model.config.c_image, device=device)
-            image = zeros if self.image_embeds is None else self.image_embeds.to(device).expand(b, *self.image_embeds.shape[1:])
+            given = self.image_embeds
+            image = zeros if given is None else given.to(device).expand(b, *given.shape[1:])
             uncond_image = torch.zeros_like(image)
         conditions = (text, pooled) + ((image,) if image is not None else ())
         unconditional = (uncond_text, uncond_pooled) + ((uncond_image,) if image is not None else ())

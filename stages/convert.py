@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 
 from stages.checkpoint import load_into, load_safetensors, load_torch, resolve_checkpoint, save_safetensors
 from stages.cli import check_output
-from stages.convert_cascade import LAYOUTS, cascade_stage, config_from_release, from_release, is_stable_cascade, to_release
+from stages.convert_cascade import (LAYOUTS, cascade_stage, config_from_release, from_release, is_stable_cascade,
+                                    to_release)
 from stages.errors import run_command
 from stages.stage_a import StageA, StageAConfig
 from stages.stage_b import StageB, StageBConfig
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--to", choices=LAYOUTS, default=None,
                     help="write our Stable Cascade export --src back in this layout (stage_b, stage_c)")
     ap.add_argument("--scale-factor", type=float, default=None,
-                    help="stage_a: the latent scale (default: config.json's, else 0.3764; StableCascade's stage_a: 0.43)")
+                    help="stage_a: the latent scale (default: config.json's, else 0.3764; StableCascade's "
+                         "stage_a: 0.43)")
     args = ap.parse_args(argv)
     check_output(args.out, (".safetensors",), args.overwrite)
     if args.scale_factor is not None and args.stage != "stage_a":

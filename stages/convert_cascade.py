@@ -36,14 +36,6 @@ def cascade_stage(state: dict[str, torch.Tensor]) -> str:
     return "stage_b" if "effnet_mapper.0.weight" in state else "stage_c"
 
 
-def layout_of(state: dict[str, torch.Tensor]) -> str:
-    if any(k.endswith(".attention.attn.in_proj_weight") for k in state):
-        return "stablecascade"
-    if any(k.endswith(".attention.to_q.weight") for k in state):
-        return "diffusers"
-    return "stablecascade" if "clip_mapper.weight" in state else "diffusers"  # no attention: only the name tells
-
-
 def _count(state, pattern: str) -> int:
     return sum(1 for k in state if re.fullmatch(pattern, k))
 
@@ -60,7 +52,8 @@ def config_from_release(state: dict[str, torch.Tensor], config: dict | None = No
     stage_b = cascade_stage(state) == "stage_b"
     pooled_key = next((k for k in ("clip_txt_pooled_mapper.weight", "clip_mapper.weight") if k in state), None)
     if pooled_key is None:
-        raise ValueError("no clip_txt_pooled_mapper / clip_mapper weights: not a Stable Cascade Stage C or B state dict")
+        raise ValueError("no clip_txt_pooled_mapper / clip_mapper weights: not a Stable Cascade Stage C or B "
+                         "state dict")
     n = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"down_blocks\.(\d+)\.", k)))
     widths = [state["embedding.1.weight"].shape[0]]
     resample = "pointwise"
@@ -70,7 +63,8 @@ def config_from_release(state: dict[str, torch.Tensor], config: dict | None = No
             w, resample = state[f"down_downscalers.{i}.1.weight"], "strided"
         widths.append(w.shape[0])
     has_attn = [any(re.match(rf"down_blocks\.{i}\.\d+\.kv_mapper\.", k) for k in state) for i in range(n)]
-    heads = [h if a else 0 for h, a in zip(config.get("num_attention_heads", [max(1, w // 64) for w in widths]), has_attn)]
+    given_heads = config.get("num_attention_heads", [max(1, w // 64) for w in widths])
+    heads = [h if a else 0 for h, a in zip(given_heads, has_attn)]
     blocks_down = [_count(state, rf"down_blocks\.{i}\.\d+\.depthwise\.weight") for i in range(n)]
     blocks_up = [_count(state, rf"up_blocks\.{n - 1 - i}\.\d+\.depthwise\.weight") for i in range(n)]
     repeats_down = [1 + _count(state, rf"down_repeat_mappers\.{i}\.\d+\.weight") for i in range(n)]
@@ -164,7 +158,8 @@ def diffusers_config(cfg: CascadeConfig) -> dict:
             "timestep_ratio_embedding_dim": cfg.c_r, "patch_size": cfg.patch_size, "conditioning_dim": cfg.c_cond,
             "block_out_channels": list(cfg.widths), "num_attention_heads": list(cfg.heads),
             "down_num_layers_per_block": list(cfg.blocks_down), "up_num_layers_per_block": list(cfg.blocks_up)[::-1],
-            "down_blocks_repeat_mappers": list(cfg.repeats_down), "up_blocks_repeat_mappers": list(cfg.repeats_up)[::-1],
+            "down_blocks_repeat_mappers": list(cfg.repeats_down),
+            "up_blocks_repeat_mappers": list(cfg.repeats_up)[::-1],
             "block_types_per_layer": types, "clip_text_in_channels": cfg.c_text,
             "clip_text_pooled_in_channels": cfg.c_pooled, "clip_image_in_channels": cfg.c_image,
             "clip_seq": cfg.c_seq, "effnet_in_channels": cfg.c_semantic, "pixel_mapper_in_channels": cfg.c_pixels,
@@ -179,6 +174,3 @@ def check_diffusers_expressible(cfg: CascadeConfig) -> None:
         raise ValueError("diffusers' StableCascadeUNet reads text states only together with image embeddings; this "
                          f"network has c_text={cfg.c_text}, c_image={cfg.c_image}: give it both or neither")
 
-
-def build(stage: str, config: CascadeConfig) -> StageC3 | StageB3:
-    return (StageB3 if stage == "stage_b" else StageC3)(config)

@@ -130,7 +130,8 @@ def cascade_to_diffusers(model: StageC3 | StageB3) -> tuple[dict, dict[str, torc
     return diffusers_config(model.config), to_release(model, "diffusers")
 
 
-CASCADE_EXPORTERS = {"stage_b3": (load_stage_b3, cascade_to_diffusers), "stage_c3": (load_stage_c3, cascade_to_diffusers)}
+CASCADE_EXPORTERS = {"stage_b3": (load_stage_b3, cascade_to_diffusers),
+                     "stage_c3": (load_stage_c3, cascade_to_diffusers)}
 
 EXPORTERS = {"stage_a": (load_stage_a, stage_a_to_diffusers), "stage_b": (load_stage_b, stage_b_to_diffusers),
              "stage_c": (load_stage_c, stage_c_to_diffusers)}

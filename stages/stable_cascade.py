@@ -122,7 +122,8 @@ def stage_b3_config(size: str | CascadeConfig | dict) -> CascadeConfig:
 
 def _mapper(c_in: int, width: int) -> nn.Sequential:
     """1x1 conv to 4x width, GELU, 1x1 conv to width, LayerNorm: the input maps of the compressor latents and pixels."""
-    return nn.Sequential(nn.Conv2d(c_in, width * 4, kernel_size=1), nn.GELU(), nn.Conv2d(width * 4, width, kernel_size=1),
+    return nn.Sequential(nn.Conv2d(c_in, width * 4, kernel_size=1), nn.GELU(),
+                         nn.Conv2d(width * 4, width, kernel_size=1),
                          LayerNorm2d(width, elementwise_affine=False, eps=1e-6))
 
 
@@ -217,7 +218,8 @@ class CascadeUNet(nn.Module):
         """The embedding of ``r`` followed by one of each ``t_conds`` condition (zeros where not given)."""
         unknown = set(extra) - set(self.config.t_conds)
         if unknown:
-            raise ValueError(f"unknown time conditions {sorted(unknown)}; this network takes {list(self.config.t_conds)}")
+            raise ValueError(f"unknown time conditions {sorted(unknown)}; this network takes "
+                             f"{list(self.config.t_conds)}")
         embeds = [timestep_embedding(r, self.config.c_r)]
         for name in self.config.t_conds:
             value = extra.get(name)
@@ -274,7 +276,8 @@ class CascadeUNet(nn.Module):
         c = self.config.c_pooled
         if pooled is None or pooled.dim() not in (2, 3) or pooled.shape[-1] != c or pooled.shape[0] != batch:
             got = None if pooled is None else tuple(pooled.shape)
-            raise ValueError(f"{type(self).__name__} needs a pooled text embedding ({batch}, {c}) or ({batch}, 1, {c}), "
+            raise ValueError(f"{type(self).__name__} needs a pooled text embedding ({batch}, {c}) or "
+                             f"({batch}, 1, {c}), "
                              f"got {got}; use the empty prompt's for unconditional sampling")
 
 
@@ -356,14 +359,14 @@ def check_version(path, expected: str) -> None:
 
 
 def load_stage_c3(path: str, config: CascadeConfig | str | dict | None = None) -> StageC3:
-    """A Stable Cascade Stage C from our safetensors export or Lightning checkpoint (config from the file if not given)."""
+    """A Stable Cascade Stage C from our export or Lightning checkpoint (config from the file unless given)."""
     path = resolve_checkpoint(path)
     check_version(path, "stage_c3")
     return load_model(path, "stage_c3", StageC3, config)
 
 
 def load_stage_b3(path: str, config: CascadeConfig | str | dict | None = None) -> StageB3:
-    """A Stable Cascade Stage B from our safetensors export or Lightning checkpoint (config from the file if not given)."""
+    """A Stable Cascade Stage B from our export or Lightning checkpoint (config from the file unless given)."""
     path = resolve_checkpoint(path)
     check_version(path, "stage_b3")
     return load_model(path, "stage_b3", StageB3, config)

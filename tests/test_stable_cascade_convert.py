@@ -16,7 +16,8 @@ from stages.stage_c import StageC, load_stage_c
 from tests.bad_input.conftest import assert_error, run_main
 from tests.test_stable_cascade import B_CONFIG, C_CONFIG, randomised
 
-C_RELEASE_HEADS = replace(C_CONFIG, widths=(64, 64), heads=(1, 1), dropout=(0.1, 0.1))  # as the release: no config needed
+# width // 64 heads and the release's dropout: converts without a config.json
+C_RELEASE_HEADS = replace(C_CONFIG, widths=(64, 64), heads=(1, 1), dropout=(0.1, 0.1))
 
 diffusers = pytest.importorskip("diffusers", minversion="0.27")
 from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet  # noqa: E402

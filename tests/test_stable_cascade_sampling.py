@@ -55,8 +55,9 @@ def test_decoder_loop_equals_the_stable_cascade_decoder_pipeline():
     from diffusers import DDPMWuerstchenScheduler
 
     model = small_random(StageB3, B_CONFIG)
-    pipe = pipelines.StableCascadeDecoderPipeline(decoder=diffusers_twin(model), tokenizer=None, text_encoder=EmbedsGiven(),
-                                                  scheduler=DDPMWuerstchenScheduler(), vqgan=None)
+    pipe = pipelines.StableCascadeDecoderPipeline(decoder=diffusers_twin(model), tokenizer=None,
+                                                  text_encoder=EmbedsGiven(), scheduler=DDPMWuerstchenScheduler(),
+                                                  vqgan=None)
     semantic, pooled, negative_pooled = torch.randn(2, 16, 3, 4), torch.randn(2, 1, 12), torch.randn(2, 1, 12)
     noise = torch.randn(2, 4, 32, 42)  # the pipeline's grid: int(3 * 10.67) x int(4 * 10.67)
     theirs = pipe(semantic, prompt_embeds=torch.zeros(2, 1, 12), prompt_embeds_pooled=pooled,

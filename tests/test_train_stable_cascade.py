@@ -77,8 +77,9 @@ def test_sample_runs_the_v3_chain_with_img2img(runs, tmp_path, capsys):
                  "--compressor", "checkpoints/tiny/compressor.safetensors", "--out", str(tmp_path / "dog.png"),
                  "--prior-steps", "2", "--decoder-steps", "2", "--quiet"])
     assert (tmp_path / "dog.png").stat().st_size > 0
-    code, err = run_main(sample_main, ["a cat", "--stage-c", str(c3), "--stage-b", "checkpoints/tiny/stage_b.safetensors",
-                                       "--out", str(tmp_path / "mixed.png"), "--quiet"], capsys)
+    code, err = run_main(sample_main, ["a cat", "--stage-c", str(c3), "--stage-b",
+                                       "checkpoints/tiny/stage_b.safetensors", "--out", str(tmp_path / "mixed.png"),
+                                       "--quiet"], capsys)
     assert_error(code, err, "Würstchen v2 Stage B", "Stable Cascade (v3) Stage B")
 
 
