@@ -37,7 +37,7 @@ from stages.checkpoint import read_metadata, recorded_path, resolve_checkpoint
 from stages.pipeline import (DEFAULT_STRENGTH, add_sampler_arguments, load_pixel_text_to_image, load_prior,
                              load_text_to_image, sampler_options, save_images)
 from stages.cascade_pipeline import RELEASE, load_cascade_prior, load_cascade_text_to_image
-from stages.previewer import load_previewer
+from stages.cascade_previewer import load_any_previewer
 from stages.text_encoder import check_prompts
 from stages.errors import run_command
 from stages.lora import check_loras, parse_lora
@@ -244,7 +244,7 @@ def _preview(args: argparse.Namespace, samplers: dict, loras: list):
         raise FileNotFoundError(f"no previewer at {args.preview}; train one with python -m train fit --config "
                                 "configs/previewer/tiny.yaml and pass --preview runs/previewer/tiny")
     prior = (load_cascade_prior if is_cascade(args.stage_c) else load_prior)(args.stage_c, loras=loras)
-    previewer = load_previewer(args.preview, prior.compressor_fingerprint)
+    previewer = load_any_previewer(args.preview, prior.compressor_fingerprint)
     h, w = args.height or 128, args.width or 128
     batch = [p for p in check_prompts(args.prompts) for _ in range(args.n)]
     generator = torch.Generator().manual_seed(args.seed)
