@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sample.__main__ import main as sample_main
+from sample.evaluate import main as evaluate_main
 from stages.cascade_pipeline import load_cascade_text_to_image
 from stages.checkpoint import read_metadata
 from stages.lora import add_lora, save_adapter
@@ -100,3 +101,12 @@ def test_a_v3_lora_changes_what_the_chain_samples(runs, tmp_path):
     with pytest.raises(ValueError, match="stage_c3"):
         load_text_to_image("checkpoints/tiny/stage_c.safetensors", "checkpoints/tiny/stage_b.safetensors",
                            loras=[(adapter, 1.0)])
+
+
+def test_the_sampling_evaluation_takes_v3_stages_with_the_released_defaults(runs, openmoji_dir):
+    b3, c3 = runs
+    report = evaluate_main(["--stage-c", str(c3), "--stage-b", str(b3), "--compressor",
+                            "checkpoints/tiny/compressor.safetensors", "--data-dir", str(openmoji_dir), "--limit", "4",
+                            "--gallery-limit", "8", "--batch-size", "4", "--prior-steps", "2", "--decoder-steps", "2"])
+    assert (report["prior_guidance"], report["decoder_guidance"]) == (4.0, 1.1)
+    assert report["fid_vs_val"] > 0 and 0 <= report["top5_retrieval_own_caption"] <= 1
