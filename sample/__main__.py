@@ -9,6 +9,10 @@ the greedy-grown pixel decoder (``--pixel-decoder``) instead of Stage B + Stage 
 decoded ``--n`` times); with a prompt it is img2img: the image's latents are noised to t =
 ``--strength`` and Stage C continues from there with the prompt. ``--dtype bfloat16`` halves memory.
 
+Stable Cascade (v3) exports (``python -m stages.convert`` of the released weights, or our v3 runs) are
+recognised: ``--stage-c`` and ``--stage-b`` then run the v3 chain with the released defaults (Stage C
+20 steps, guidance 4, shift 2; Stage B 10 steps, guidance 1.1; ``stages.cascade_pipeline``).
+
 ``--lora PATH[:SCALE]`` (repeatable) adds LoRA adapters (``stages.lora``) to the stage each was trained
 for. ``--preview`` renders Stage C's latents with the previewer (``stages.previewer``) instead of a
 decoder: a coarse image at 8x the latent grid, no Stage B.
@@ -37,7 +41,8 @@ from stages import inputs
 from stages.checkpoint import read_metadata, recorded_path, resolve_checkpoint
 from stages.pipeline import (DEFAULT_STRENGTH, add_sampler_arguments, load_pixel_text_to_image, load_prior,
                              load_text_to_image, sampler_options, save_images)
-from stages.previewer import load_previewer
+from stages.cascade_pipeline import RELEASE, load_cascade_prior, load_cascade_text_to_image
+from stages.cascade_previewer import load_any_previewer
 from stages.text_encoder import check_prompts
 from stages.errors import run_command
 from stages.lora import check_loras, parse_lora
@@ -108,13 +113,15 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     ap.add_argument("--seed", type=checked(inputs.seed), default=0, help="in [0, 2**63)")
     ap.add_argument("--height", type=checked(inputs.whole), default=None, help="default 128, or the --image's")
     ap.add_argument("--width", type=checked(inputs.whole), default=None, help="default 128, or the --image's")
-    ap.add_argument("--prior-steps", type=checked(inputs.steps, steps_arg, STEPS), default=60,
-                    help=f"Stage C steps, times '1,0.5,0' or a named list ({', '.join(TIME_LISTS)})")
+    ap.add_argument("--prior-steps", type=checked(inputs.steps, steps_arg, STEPS), default=None,
+                    help=f"Stage C steps, times '1,0.5,0' or a named list ({', '.join(TIME_LISTS)}); default 60 "
+                         "(Stable Cascade: 20)")
     ap.add_argument("--decoder-steps", type=checked(inputs.steps, steps_arg, STEPS), default=None,
-                    help="decoder steps or times (default: Stage B 12, pixel decoder 50)")
-    ap.add_argument("--prior-guidance", type=checked(inputs.guidance, float, "a number"), default=4.0)
-    ap.add_argument("--decoder-guidance", type=checked(inputs.guidance, float, "a number"), default=3.0,
-                    help="Stage B guidance (paper: 4; 1 = none)")
+                    help="decoder steps or times (default: Stage B 12, Stable Cascade's 10, pixel decoder 50)")
+    ap.add_argument("--prior-guidance", type=checked(inputs.guidance, float, "a number"), default=None,
+                    help="Stage C guidance (default 4)")
+    ap.add_argument("--decoder-guidance", type=checked(inputs.guidance, float, "a number"), default=None,
+                    help="Stage B guidance (default 3; paper: 4; Stable Cascade: 1.1; 1 = none)")
     ap.add_argument("--stage-c", default=str(SHIPPED / "stage_c.safetensors"))
     ap.add_argument("--stage-b", default=str(SHIPPED / "stage_b.safetensors"))
     ap.add_argument("--stage-a", default=None, help="default: stage_a.safetensors next to Stage B, else the one it recorded")
@@ -145,6 +152,8 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     ap = parser or build_parser()
     args = ap.parse_args(argv)
     check_out(args.out, args.overwrite)
+    if fill_sampling_defaults(args) and args.decoder == "pixel":
+        ap.error("--decoder pixel renders Würstchen v2 Stage C latents; a Stable Cascade Stage C goes with its Stage B")
     if not args.prompts and args.image is None:
         ap.error("give one or more prompts, or --image for variations of an image")
     if args.preview is not None and (args.image is not None or args.decoder == "pixel"):
@@ -220,6 +229,27 @@ def main(argv: list[str] | None = None) -> list[Path]:
     return paths
 
 
+def is_cascade(stage_c: str) -> bool:
+    """Whether --stage-c is a Stable Cascade (v3) export (its recorded stage); an unreadable one is left to the
+    loader's error."""
+    try:
+        return read_metadata(resolve_checkpoint(stage_c)).get("stage") == "stage_c3"
+    except (ValueError, OSError):
+        return False
+
+
+def fill_sampling_defaults(args: argparse.Namespace) -> bool:
+    """Unset --prior-steps, --prior-guidance and --decoder-guidance: Würstchen's (60, 4, 3), or the released
+    Stable Cascade settings (20, 4, 1.1) for a v3 --stage-c. Returns whether it is v3."""
+    cascade = is_cascade(args.stage_c)
+    defaults = (RELEASE["prior"]["steps"], RELEASE["prior"]["guidance"], RELEASE["decoder"]["guidance"]) if cascade \
+        else (60, 4.0, 3.0)
+    for name, value in zip(("prior_steps", "prior_guidance", "decoder_guidance"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return cascade
+
+
 def find_compressor(args: argparse.Namespace) -> Path:
     """--compressor, else compressor.safetensors beside Stage C or the decoder, else the pixel decoder's record."""
     if args.compressor is not None:
@@ -268,8 +298,8 @@ def load_pipeline(args: argparse.Namespace, loras: list[tuple[Path, float]], com
     if stage_a is None:  # a bundle keeps Stage A next to Stage B; else the path Stage B recorded
         beside = resolve_checkpoint(args.stage_b).with_name("stage_a.safetensors")
         stage_a = beside if beside.exists() else None
-    return load_text_to_image(args.stage_c, args.stage_b, stage_a, compressor=compressor, dtype=args.dtype,
-                              loras=loras)
+    load = load_cascade_text_to_image if is_cascade(args.stage_c) else load_text_to_image
+    return load(args.stage_c, args.stage_b, stage_a, compressor=compressor, dtype=args.dtype, loras=loras)
 
 
 def render(args: argparse.Namespace, pipe, samplers: dict, image: torch.Tensor | None,
@@ -301,8 +331,8 @@ def _preview(args: argparse.Namespace, samplers: dict, loras: list):
     if not Path(args.preview).exists():
         raise FileNotFoundError(f"no previewer at {args.preview}; train one with python -m train fit --config "
                                 "configs/previewer/tiny.yaml and pass --preview runs/previewer/tiny")
-    prior = load_prior(args.stage_c, loras=loras)
-    previewer = load_previewer(args.preview, prior.compressor_fingerprint)
+    prior = (load_cascade_prior if is_cascade(args.stage_c) else load_prior)(args.stage_c, loras=loras)
+    previewer = load_any_previewer(args.preview, prior.compressor_fingerprint)
     h, w = args.height or 128, args.width or 128
     batch = [p for p in check_prompts(args.prompts) for _ in range(args.n)]
     generator = torch.Generator().manual_seed(args.seed)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sample.__main__ import SHIPPED
+from sample.__main__ import SHIPPED, fill_sampling_defaults
 from sample.evaluate import ValScorer, add_common_arguments, compressor_beside, write_outputs
 from stages.pipeline import load_pixel_text_to_image, load_prior, load_text_to_image, sampler_options
 from semantic_compressor import load_compressor
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--grid-columns", type=positive_int, default=8)
     ap.add_argument("--out", default="runs/compare", help="output folder (new or empty)")
     args = ap.parse_args(argv)
+    fill_sampling_defaults(args)  # Würstchen's defaults (these commands take v2 stages)
     samplers = sampler_options(args)
     out = check_output(args.out)
     pixels = args.pixel or [("greedy", str(SHIPPED / "pixel_decoder.safetensors"))]

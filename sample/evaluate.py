@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sample.__main__ import SHIPPED
+from sample.__main__ import SHIPPED, fill_sampling_defaults
+from stages.cascade_pipeline import load_cascade_text_to_image
 from stages.decoders import load_pixel_decoder, load_semantic_decoder
 from stages.pipeline import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, non_default,
                              sampler_options)
@@ -190,10 +191,11 @@ def add_common_arguments(ap: argparse.ArgumentParser) -> None:
                     help="compressor for the from-true-latents scores (default: compressor.safetensors beside Stage C)")
     ap.add_argument("--data-dir", default="data/openmoji")
     ap.add_argument("--size", type=positive_int, default=128)
-    ap.add_argument("--prior-steps", type=positive_int, default=60)
-    ap.add_argument("--decoder-steps", type=positive_int, default=None, help="default: Stage B 12, pixel decoder 50")
-    ap.add_argument("--prior-guidance", type=float, default=4.0)
-    ap.add_argument("--decoder-guidance", type=float, default=3.0)
+    ap.add_argument("--prior-steps", type=positive_int, default=None, help="default 60 (Stable Cascade: 20)")
+    ap.add_argument("--decoder-steps", type=positive_int, default=None,
+                    help="default: Stage B 12, Stable Cascade's 10, pixel decoder 50")
+    ap.add_argument("--prior-guidance", type=float, default=None, help="default 4")
+    ap.add_argument("--decoder-guidance", type=float, default=None, help="default 3 (Stable Cascade: 1.1)")
     ap.add_argument("--limit", type=positive_int, default=None, help="at most this many val captions")
     ap.add_argument("--gallery-limit", type=at_least(5), default=None,
                     help="search only the first N emoji, N >= 5 (quick checks)")
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="which prompt sets to score (val: the 185 val captions; everyday: EVERYDAY)")
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
     args = ap.parse_args(argv)
+    cascade = fill_sampling_defaults(args)
     samplers = sampler_options(args)
     if args.out:
         check_output(args.out, (".json",))
@@ -224,8 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
         pipe = None
     else:
         compressor_path = args.compressor or compressor_beside(args.stage_c, decoder_path)
-        pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder) if args.decoder == "pixel" else \
-            load_text_to_image(args.stage_c, args.stage_b, args.stage_a)
+        if args.decoder == "pixel":
+            pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder)
+        else:
+            pipe = (load_cascade_text_to_image if cascade else load_text_to_image)(args.stage_c, args.stage_b,
+                                                                                    args.stage_a)
         decoder = pipe.decoder
     decoder_steps = args.decoder_steps if args.decoder_steps is not None else decoder.default_steps
     compressor = load_compressor(compressor_path)

@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     if given:
         raise ValueError(f"sample.sweep sets {', '.join(given)} itself; use --samplers, --prior-step-list, "
                          "--decoder-step-list and --fast")
+    args.prior_guidance = 4.0 if args.prior_guidance is None else args.prior_guidance  # Würstchen's defaults
+    args.decoder_guidance = 3.0 if args.decoder_guidance is None else args.decoder_guidance
     args.prior_steps, args.decoder_steps = sorted(set(args.prior_steps_list)), sorted(set(args.decoder_steps_list))
     if len(args.fast) != 2:
         raise ValueError(f"--fast takes two step counts, Stage C's and Stage B's (e.g. 20,12), got {args.fast}")

@@ -9,6 +9,8 @@ from stages.errors import run_command
 from stages.stage_a import PRESETS as STAGE_A_PRESETS, StageA
 from stages.stage_b import PRESETS as STAGE_B_PRESETS, StageB
 from stages.stage_c import PRESETS as STAGE_C_PRESETS, StageC
+from stages.stable_cascade import (STAGE_B_PRESETS as STAGE_B3_PRESETS, STAGE_C_PRESETS as STAGE_C3_PRESETS, StageB3,
+                                   StageC3)
 
 
 def _count(model: nn.Module) -> int:
@@ -26,6 +28,10 @@ def parameter_counts() -> dict:
             counts[f"stage_b/{name}"] = _count(StageB(name))
         for name in STAGE_C_PRESETS:
             counts[f"stage_c/{name}"] = _count(StageC(name))
+        for name in STAGE_B3_PRESETS:  # Stable Cascade (v3)
+            counts[f"stage_b3/{name}"] = _count(StageB3(name))
+        for name in STAGE_C3_PRESETS:
+            counts[f"stage_c3/{name}"] = _count(StageC3(name))
         for backbone in ("efficientnet_v2_s", "efficientnet_lite0"):
             counts[f"semantic_compressor/{backbone}"] = _count(SemanticCompressor(backbone, pretrained=False))
     return counts

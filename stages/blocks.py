@@ -115,16 +115,30 @@ def timestep_embedding(r: torch.Tensor, dim: int = 64, max_positions: int = 1000
 
 
 class TimestepBlock(nn.Module):
-    """Linear conditioning on the time embedding: x * (1 + a) + b, zero-initialised (identity at start)."""
+    """Linear conditioning on the time embedding: x * (1 + a) + b, zero-initialised (identity at start).
 
-    def __init__(self, channels: int, c_r: int = 64):
+    ``conds`` names extra scalar conditions (Stable Cascade's ``sca``, ``crp``): ``r_embed`` is then the
+    time embedding followed by one embedding per condition, and each has its own ``mapper_<name>`` whose
+    (a, b) add to the time's.
+    """
+
+    def __init__(self, channels: int, c_r: int = 64, conds: tuple[str, ...] = ()):
         super().__init__()
+        self.conds = tuple(conds)
         self.mapper = nn.Linear(c_r, channels * 2)
-        nn.init.zeros_(self.mapper.weight)
-        nn.init.zeros_(self.mapper.bias)
+        for name in self.conds:
+            setattr(self, f"mapper_{name}", nn.Linear(c_r, channels * 2))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
-        a, b = self.mapper(r_embed)[:, :, None, None].chunk(2, dim=1)
+        embeds = r_embed.chunk(len(self.conds) + 1, dim=1)
+        a, b = self.mapper(embeds[0])[:, :, None, None].chunk(2, dim=1)
+        for name, embed in zip(self.conds, embeds[1:]):
+            ac, bc = getattr(self, f"mapper_{name}")(embed)[:, :, None, None].chunk(2, dim=1)
+            a, b = a + ac, b + bc
         return x * (1 + a) + b
 
 

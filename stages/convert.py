@@ -12,6 +12,12 @@ checkpoint (same layout, codebook under ``vquantizer.codebook``), to our ``Stage
 
 ``--src`` may be a diffusers model folder (``diffusion_pytorch_model.safetensors``), a
 ``.safetensors`` file, or a ``.pt``/``.bin``/``.ckpt`` state dict (read with ``weights_only=True``).
+
+The version is recognised from the weights: Stable Cascade (Würstchen v3) checkpoints, of the
+StableCascade repository (``stage_c.safetensors``, ``stage_b_lite.safetensors``, ...) or diffusers'
+``StableCascadeUNet`` folders (``prior``, ``decoder``), become our ``StageC3`` / ``StageB3``
+(``stages.convert_cascade``). ``--to stablecascade`` or ``--to diffusers`` goes back: our v3 export to
+the repository's single-file layout or diffusers' state-dict layout.
 """
 from __future__ import annotations
 
@@ -21,12 +27,16 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from stages.checkpoint import load_into, load_safetensors, load_torch, resolve_checkpoint, save_safetensors
 from stages.cli import check_output
+from stages.convert_cascade import (LAYOUTS, cascade_stage, config_from_release, from_release, is_stable_cascade,
+                                    to_release)
 from stages.errors import run_command
 from stages.stage_a import StageA, StageAConfig
 from stages.stage_b import StageB, StageBConfig
+from stages.stable_cascade import STAGE_NAMES, StageB3, StageC3, load_stage_b3, load_stage_c3
 from stages.stage_c import StageC, StageCConfig
 
 
@@ -102,9 +112,12 @@ def stage_a_from_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def load_stage_a_release(src: str | Path) -> StageA:
-    """Our ``StageA`` with the released VQGAN weights (diffusers folder or original checkpoint)."""
+def load_stage_a_release(src: str | Path, scale_factor: float | None = None) -> StageA:
+    """Our ``StageA`` with the released VQGAN weights (diffusers folder or original checkpoint). ``scale_factor``
+    overrides the config's (0.3764 without one; the StableCascade repository's Stage A uses 0.43)."""
     state, config = read_state_dict(src)
+    if scale_factor is not None:
+        config = {**config, "scale_factor": scale_factor}
     renamed = stage_a_from_release(state)  # refuses a foreign state dict before reading its shapes
     return load_into(StageA(stage_a_config_from_release(state, config)), renamed, str(src)).eval()
 
@@ -186,19 +199,60 @@ def load_stage_c_release(src: str | Path) -> StageC:
     return load_into(model, stage_c_from_release(state), str(src)).eval()
 
 
+def load_cascade_release(src: str | Path, stage: str, read: tuple[dict, dict] | None = None) -> StageC3 | StageB3:
+    """Our ``StageC3`` / ``StageB3`` with Stable Cascade weights (either layout); ``stage`` is the one asked for;
+    ``read``: ``read_state_dict(src)`` when already read."""
+    state, config = read if read is not None else read_state_dict(src)
+    found = cascade_stage(state)
+    if found != stage:
+        raise ValueError(f"{src} holds a Stable Cascade {found.replace('_', ' ').title()}, not a "
+                         f"{stage.replace('_', ' ').title()}; pass the {stage} weights or convert it as {found}")
+    model = (StageB3 if stage == "stage_b" else StageC3)(config_from_release(state, config))
+    return load_into(model, from_release(state), str(src)).eval()
+
+
+def export_cascade(src: str | Path, stage: str, layout: str, out: str) -> dict:
+    """Our v3 export ``src`` written in the StableCascade repository's or diffusers' state-dict layout."""
+    model = (load_stage_b3 if stage == "stage_b" else load_stage_c3)(str(src))
+    state = {k: v.contiguous() for k, v in to_release(model, layout).items()}
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"format": "pt"})
+    return {"out": str(path), "layout": layout, "params": sum(v.numel() for v in state.values())}
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Convert released Würstchen weights to this project's format.")
+    ap = argparse.ArgumentParser(description="Convert released Würstchen weights (v2 or Stable Cascade) to this "
+                                             "project's format, or a Stable Cascade export back.")
     ap.add_argument("stage", choices=["stage_a", "stage_b", "stage_c"])
     ap.add_argument("--src", required=True, help="diffusers model folder or weights file")
     ap.add_argument("--out", required=True, help="output .safetensors (an existing file only with --overwrite)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ap.add_argument("--to", choices=LAYOUTS, default=None,
+                    help="write our Stable Cascade export --src back in this layout (stage_b, stage_c)")
+    ap.add_argument("--scale-factor", type=float, default=None,
+                    help="stage_a: the latent scale (default: config.json's, else 0.3764; StableCascade's "
+                         "stage_a: 0.43)")
     args = ap.parse_args(argv)
     check_output(args.out, (".safetensors",), args.overwrite)
+    if args.scale_factor is not None and args.stage != "stage_a":
+        ap.error("--scale-factor applies to stage_a")
+    if args.to:
+        if args.stage == "stage_a":
+            ap.error("--to applies to Stable Cascade Stage B and C exports")
+        print(json.dumps(export_cascade(args.src, args.stage, args.to, args.out)))
+        return
     loaders = {"stage_a": load_stage_a_release, "stage_b": load_stage_b_release, "stage_c": load_stage_c_release}
-    model = loaders[args.stage](args.src)
-    path = save_safetensors(model, args.out, args.stage, model.config.to_dict(), overwrite=args.overwrite)
+    stage = args.stage
+    read = read_state_dict(args.src) if stage != "stage_a" else None
+    if read is not None and is_stable_cascade(read[0]):
+        model, stage = load_cascade_release(args.src, stage, read), stage + "3"
+    else:
+        model = loaders[stage](args.src, args.scale_factor) if stage == "stage_a" else loaders[stage](args.src)
+    path = save_safetensors(model, args.out, stage, model.config.to_dict(), overwrite=args.overwrite)
     n = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"out": str(path), "params": n, "config": model.config.to_dict()}))
+    print(json.dumps({"out": str(path), "stage": STAGE_NAMES.get(stage, stage), "params": n,
+                      "config": model.config.to_dict()}))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ Any subset of the stages; each goes to the folder the released pipelines use for
 * Stage B -> ``DIR/decoder``: ``WuerstchenDiffNeXt`` (the released decoder),
 * Stage C -> ``DIR/prior``: ``WuerstchenPrior`` (the released prior),
 
-so ``PaellaVQModel.from_pretrained(DIR / "vqgan")`` and the others load them and compute what our
+A Stable Cascade (v3) Stage B or C export (recognised by its recorded stage) goes to the same folder
+as diffusers' ``StableCascadeUNet`` (``stages.convert_cascade``).
+
+So ``PaellaVQModel.from_pretrained(DIR / "vqgan")`` and the others load them and compute what our
 modules compute. Values are unchanged; only names (and the config) are translated. Configs the
 diffusers modules cannot express are refused with a one-line error naming what differs, before
 anything is written. The text encoder and the latent normalisation are not part of these modules:
@@ -30,6 +33,8 @@ from safetensors.torch import save_file
 from stages.checkpoint import read_metadata, resolve_checkpoint
 from stages.cli import shown
 from stages.errors import run_command
+from stages.convert_cascade import check_diffusers_expressible, diffusers_config, to_release
+from stages.stable_cascade import StageB3, StageC3, load_stage_b3, load_stage_c3
 from stages.stage_a import StageA, load_stage_a
 from stages.stage_b import StageB, load_stage_b
 from stages.stage_c import StageC, load_stage_c
@@ -115,6 +120,19 @@ def stage_c_to_diffusers(model: StageC) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, _renamed(model.state_dict(), {"text_mapper.": "cond_mapper.", "head.": "out."})
 
 
+# -- Stable Cascade Stage B / C -> StableCascadeUNet -------------------------------------------------
+def cascade_to_diffusers(model: StageC3 | StageB3) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(StableCascadeUNet config, state dict) of our Stable Cascade Stage C or B."""
+    try:
+        check_diffusers_expressible(model.config)
+    except ValueError as e:
+        raise NotExpressible(str(e)) from None
+    return diffusers_config(model.config), to_release(model, "diffusers")
+
+
+CASCADE_EXPORTERS = {"stage_b3": (load_stage_b3, cascade_to_diffusers),
+                     "stage_c3": (load_stage_c3, cascade_to_diffusers)}
+
 EXPORTERS = {"stage_a": (load_stage_a, stage_a_to_diffusers), "stage_b": (load_stage_b, stage_b_to_diffusers),
              "stage_c": (load_stage_c, stage_c_to_diffusers)}
 
@@ -156,8 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
     check_out(args.out, list(sources), args.overwrite)
     converted, report = {}, {"out": str(args.out), "stages": {}}
     for stage, source in sources.items():  # every stage loaded and checked before anything is written
-        load, export = EXPORTERS[stage]
         path = resolve_checkpoint(source)
+        recorded = read_metadata(path).get("stage")
+        load, export = CASCADE_EXPORTERS[recorded] if recorded in CASCADE_EXPORTERS and \
+            recorded.startswith(stage) else EXPORTERS[stage]
         try:
             converted[stage] = export(load(str(path)))
         except NotExpressible as e:
@@ -167,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "class": converted[stage][0]["_class_name"]}
         if stage in ("stage_b", "stage_c"):
             entry["text_encoder"] = meta.get("text_encoder")
-        if stage == "stage_c":  # the prior pipeline maps its output to compressor latents as x * mean - std
+        if stage == "stage_c" and recorded != "stage_c3":  # the prior pipeline maps its output to compressor latents as x * mean - std
             entry["prior_pipeline"] = {"latent_mean": meta.get("latent_scale", 42.0),
                                        "latent_std": meta.get("latent_shift", 1.0)}
         report["stages"][stage] = entry

@@ -29,11 +29,12 @@ from stages.checkpoint import (load_model, load_safetensors, read_metadata, reso
 from stages.errors import run_command
 from stages.stage_b import StageB
 from stages.stage_c import StageC
+from stages.stable_cascade import StageB3, StageC3
 
 ADAPTER_STAGE = "lora"  # the ``stage`` an adapter file records (its base's stage is ``base_stage``)
 # Stage C and Stage B attention: queries, keys, values, output, and the mapping of the condition (text) into keys/values
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out", "kv_mapper.1")
-BUILDERS = {"stage_c": StageC, "stage_b": StageB}
+BUILDERS = {"stage_c": StageC, "stage_b": StageB, "stage_c3": StageC3, "stage_b3": StageB3}
 META_KEYS = ("stage", "config", "checksum")
 
 

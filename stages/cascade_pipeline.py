@@ -1,0 +1,203 @@
+"""Stable Cascade text -> image: pooled text encoder -> v3 Stage C -> v3 Stage B -> Stage A, run by the
+same ``TextToImage`` as v2 (``stages.pipeline``): ``CascadePrior`` and ``CascadeDecoder`` have the
+prior's and decoder's calls.
+
+Process (StableCascade ``gdf``, its inference notebooks' settings, ``RELEASE``): noise predicted
+directly (``eps``), the cosine schedule clamped to [1e-4, 0.9999] with the shift factor applied to its
+logSNR and clamped again, the network's time input the cosine time recovered from that logSNR, DDPM
+steps, classifier-free guidance std-rescaled with rho = 0.7; Stage C 20 steps, guidance 4, shift 2;
+Stage B 10 steps, guidance 1.1, shift 1. The unconditional calls get the negative (else empty)
+prompt's text, zero image embeddings and, for Stage B, zero compressor latents. ``time_input="t"``,
+shift 1 and rho 0 are diffusers' ``StableCascadePriorPipeline`` / ``StableCascadeDecoderPipeline``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from diffusion import CosineSchedule, Denoiser, Guided, check_start, sample, shift_from_factor
+from stages.cascade_conditioning import build_pooled_text_encoder, split
+from semantic_compressor import latent_grid
+from stages.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
+from stages.decoders import staged
+from stages.inputs import check_half
+from stages.lora import load_loras
+from stages.pipeline import TextToImage, _cast, _with_compressor, split_loras
+from stages.stable_cascade import StageB3, StageC3, load_stage_b3, load_stage_c3
+from stages.stage_a import StageA, load_stage_a
+from stages.text_encoder import TextEncoder
+from stages import inputs
+
+# the released inference settings (StableCascade inference notebooks; gdf's cfg_rho default)
+RELEASE = {"prior": {"steps": 20, "guidance": 4.0, "shift": 2.0, "rescale": 0.7},
+           "decoder": {"steps": 10, "guidance": 1.1, "shift": 1.0, "rescale": 0.7}}
+
+
+def cascade_denoiser(network: StageC3 | StageB3, shift: float = 1.0, time_input: str = "cosine_t") -> Denoiser:
+    """The eps denoiser of a Stable Cascade stage on gdf's schedule at shift factor ``shift``."""
+    schedule = CosineSchedule(shift=shift_from_factor(shift), clamp_shifted=True)
+    return Denoiser(network, "eps", schedule, time_input=time_input)
+
+
+def _texts(encoder: TextEncoder, prompts: Sequence[str] | None, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return split(encoder(list(prompts) if prompts is not None else [""] * b))
+
+
+@dataclass
+class CascadePrior:
+    """v3 Stage C with its pooled text encoder; ``sample`` has ``stages.pipeline.Prior.sample``'s call.
+    ``image_embeds``: CLIP image embeddings (B or 1, n, c_image) added to the conditional call (zeros else)."""
+
+    model: StageC3
+    text_encoder: TextEncoder
+    compressor_fingerprint: str | None = None
+    shift: float = RELEASE["prior"]["shift"]
+    rescale: float = RELEASE["prior"]["rescale"]
+    time_input: str = "cosine_t"
+    image_embeds: torch.Tensor | None = None
+
+    @property
+    def denoiser(self) -> Denoiser:
+        return cascade_denoiser(self.model, self.shift, self.time_input)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """The latent grid Stage C samples for an image of ``height x width`` (the compressor's 3/4 resize)."""
+        return latent_grid(height, width)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], negative: list[str], grid: tuple[int, int], steps: int | str | list[float],
+               guidance: float, generator: torch.Generator, progress: bool = True, sampler: str = "ddpm",
+               eta: float | None = None, init: torch.Tensor | None = None,
+               strength: float | None = None, callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+        """Compressor latents (B, 16, *grid), float32. ``init`` (compressor latents) with ``strength``: img2img,
+        the latents noised to t = strength and denoised from there (no normalisation in v3). ``callback``
+        as ``stages.pipeline.Prior.sample``'s."""
+        b, device = len(prompts), next(self.model.parameters()).device
+        text, pooled = _texts(self.text_encoder, prompts, b)
+        uncond_text, uncond_pooled = _texts(self.text_encoder, negative, b)
+        image = None
+        if self.model.config.c_image:
+            zeros = torch.zeros(b, 1, self.model.config.c_image, device=device)
+            given = self.image_embeds
+            image = zeros if given is None else given.to(device).expand(b, *given.shape[1:])
+            uncond_image = torch.zeros_like(image)
+        conditions = (text, pooled) + ((image,) if image is not None else ())
+        unconditional = (uncond_text, uncond_pooled) + ((uncond_image,) if image is not None else ())
+        guided = Guided(self.denoiser, conditions, unconditional, guidance, self.rescale)
+        noise = torch.randn((b, self.model.config.c_latent, *grid), generator=generator,
+                            device=generator.device).to(device)
+        if init is not None:
+            x0 = init.float().to(device)
+            if x0.shape != noise.shape:
+                raise ValueError(f"img2img latents have shape {tuple(x0.shape)}; Stage C samples {tuple(noise.shape)}")
+            noise = guided.schedule.add_noise(x0, torch.full((b,), check_start(strength)), noise)
+        report = None if callback is None else lambda state: callback(
+            {**state, "stage": "Stage C", "semantic": state["x0"].float()})
+        return sample(sampler, guided, noise, steps, generator=generator, eta=eta, callback=report,
+                      progress="Stage C" if progress else False, start=strength if init is not None else None)
+
+
+class CascadeDecoder(torch.nn.Module):
+    """v3 Stage B samples Stage A latents from the compressor latents, Stage A decodes them
+    (``stages.decoders.SemanticDecoder``'s call)."""
+
+    default_steps = RELEASE["decoder"]["steps"]
+    progress_name = "Stage B"
+
+    def __init__(self, stage_b: StageB3, stage_a: StageA, text_encoder: TextEncoder,
+                 shift: float = RELEASE["decoder"]["shift"], rescale: float = RELEASE["decoder"]["rescale"],
+                 time_input: str = "cosine_t"):
+        super().__init__()
+        self.stage_b, self.stage_a, self.text_encoder = stage_b, stage_a, text_encoder
+        self.shift, self.rescale, self.time_input = shift, rescale, time_input
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (Stage A's f4 times Stage B's patch; other grids are resized)."""
+        return 4 * self.stage_b.config.patch_size
+
+    @torch.no_grad()
+    def forward(self, semantic: torch.Tensor, size: tuple[int, int], prompts: list[str] | None = None,
+                steps: int | str | list[float] = 10, guidance: float = 1.1, generator: torch.Generator | None = None,
+                progress: bool | str = False, sampler: str = "ddpm", eta: float | None = None,
+                negative_prompts: list[str] | None = None,
+                callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+        b = semantic.shape[0]
+        _, pooled = _texts(self.text_encoder, prompts, b)
+        _, uncond_pooled = _texts(self.text_encoder, negative_prompts, b)
+        denoiser = cascade_denoiser(self.stage_b, self.shift, self.time_input)
+        guided = Guided(denoiser, (semantic, pooled), (torch.zeros_like(semantic), uncond_pooled), guidance,
+                        self.rescale)
+        shape = (b, self.stage_b.config.c_latent, size[0] // 4, size[1] // 4)
+        noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
+        latents = sample(sampler, guided, noise.to(semantic.device), steps, generator=generator, progress=progress,
+                         eta=eta, callback=staged(callback, self.progress_name))
+        dtype = next(self.stage_a.parameters()).dtype
+        images = self.stage_a.decode(latents.to(dtype)).float()
+        if dtype != torch.float32:
+            check_half(images, "Stage A's decoded images", dtype)
+        return images.clamp(0, 1)
+
+
+def load_cascade_prior(path: str | os.PathLike, text_encoder: TextEncoder | None = None,
+                       loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> CascadePrior:
+    """v3 Stage C (file or run folder) with the text encoder its export recorded (MiniLM pooled by default)."""
+    path = resolve_checkpoint(path)
+    meta = read_metadata(path)
+    model = load_stage_c3(str(path))
+    if loras:
+        load_loras(model, loras, "stage_c3")
+    text_encoder = text_encoder or build_pooled_text_encoder(meta.get("text_encoder") or "minilm")
+    if text_encoder.dim != model.config.c_text or text_encoder.dim != model.config.c_pooled:
+        raise ValueError(f"Stage C {path} expects text states of width {model.config.c_text} and a pooled embedding "
+                         f"of {model.config.c_pooled}; the text encoder gives {text_encoder.dim}")
+    time_input = (meta.get("diffusion") or {}).get("time_input", "cosine_t")
+    return CascadePrior(model, text_encoder, meta.get("compressor_fingerprint"), time_input=time_input)
+
+
+def load_cascade_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike | None = None,
+                         text_encoder: TextEncoder | None = None) -> CascadeDecoder:
+    """v3 Stage B (file or run folder) with the Stage A it was trained on (``stage_a`` or the path it recorded)."""
+    b_path = resolve_checkpoint(stage_b)
+    meta = read_metadata(b_path)
+    model_b = load_stage_b3(str(b_path))
+    if stage_a is None:
+        if "stage_a_path" not in meta:
+            raise ValueError(f"{b_path} does not record its Stage A; pass the Stage A checkpoint it was trained with")
+        stage_a = recorded_path(meta["stage_a_path"], b_path)
+    model_a = load_stage_a(str(resolve_checkpoint(stage_a)))
+    expected = meta.get("stage_a_fingerprint")
+    if expected is not None and fingerprint(model_a) != expected:
+        raise ValueError(f"Stage B {b_path} was trained on a different Stage A than {stage_a} (weights fingerprint "
+                         f"{fingerprint(model_a)}, expected {expected}); pass the Stage A it was trained with")
+    text_encoder = text_encoder or build_pooled_text_encoder(meta.get("text_encoder") or "minilm")
+    if text_encoder.dim != model_b.config.c_pooled:
+        raise ValueError(f"Stage B {b_path} expects a pooled text embedding of width {model_b.config.c_pooled}; the "
+                         f"text encoder gives {text_encoder.dim}")
+    time_input = (meta.get("diffusion") or {}).get("time_input", "cosine_t")
+    return CascadeDecoder(model_b, model_a, text_encoder, time_input=time_input).eval()
+
+
+def load_cascade_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
+                               stage_a: str | os.PathLike | None = None, compressor=None,
+                               dtype: torch.dtype | str | None = None,
+                               loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> TextToImage:
+    """The v3 C -> B -> A sampler from checkpoints (as ``stages.pipeline.load_text_to_image`` for v2), refusing
+    stages trained on different compressors; one text encoder serves both stages when they record the same."""
+    dtype = None if dtype is None else inputs.dtype(dtype)
+    by_stage = split_loras(loras, ("stage_c3", "stage_b3"), None)
+    prior = load_cascade_prior(stage_c, loras=by_stage["stage_c3"])
+    same_text = read_metadata(resolve_checkpoint(stage_b)).get("text_encoder") == read_metadata(
+        resolve_checkpoint(stage_c)).get("text_encoder")
+    decoder = load_cascade_decoder(stage_b, stage_a, prior.text_encoder if same_text else None)
+    if by_stage["stage_b3"]:
+        load_loras(decoder.stage_b, by_stage["stage_b3"], "stage_b3")
+    b_fp = read_metadata(resolve_checkpoint(stage_b)).get("compressor_fingerprint")
+    if prior.compressor_fingerprint and b_fp and prior.compressor_fingerprint != b_fp:
+        raise ValueError(f"Stage C {stage_c} was trained on a different semantic compressor than Stage B {stage_b}; "
+                         "use the Stage B whose compressor trained C")
+    pipe = _with_compressor(TextToImage(prior, decoder), compressor, b_fp, "Stage B")
+    return _cast(pipe, dtype).eval()
