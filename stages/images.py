@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
+from torchvision.utils import save_image
 from webdataset.utils import pytorch_worker_info
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,14 @@ def decode_image(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         return to_rgb(im)
+
+
+def image_bytes(images: torch.Tensor, suffix: str, nrow: int = 8) -> bytes:
+    """One image, or a grid of several (``nrow`` per row, white gaps), encoded in the format ``suffix`` names."""
+    buffer = io.BytesIO()
+    save_image(images, buffer, format=Image.registered_extensions()[suffix.lower()], nrow=nrow, padding=2,
+               pad_value=1.0)
+    return buffer.getvalue()
 
 
 def resize_crop(

@@ -21,6 +21,8 @@ from diffusion import SAMPLERS, Guided, check_sampler, check_start, sample, take
 from semantic_compressor import SemanticCompressor, denormalize_latents, latent_grid, load_compressor, normalize_latents
 from stages.checkpoint import fingerprint, read_metadata, resolve_checkpoint
 from stages.denoisers import denoiser_for
+from stages.files import disk_full, free_space, write_atomic
+from stages.images import image_bytes
 from stages import inputs
 from stages.lora import check_loras, load_loras
 from stages.inputs import Limits, check_finite, check_half, check_image_request, check_request
@@ -329,19 +331,22 @@ def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os
 
 
 def save_images(images: torch.Tensor, out: str | os.PathLike, nrow: int, overwrite: bool = False) -> list[Path]:
-    """One image: ``out``. Several: ``out`` is the grid and ``<stem>_<i>.png`` the single images."""
-    from torchvision.utils import save_image
-
+    """One image: ``out``. Several: ``out`` is the grid and ``<stem>_<i>.png`` the single images. All are
+    encoded first and the free space checked for all of them, then each is written atomically
+    (``stages.files``): a full disk writes none of them and leaves existing files intact."""
     out = Path(out)
     paths = [out] if images.shape[0] == 1 else [out] + [out.with_name(f"{out.stem}_{i}{out.suffix}")
                                                       for i in range(images.shape[0])]
     clash = [p for p in paths if p.exists()]
     if clash and not overwrite:
         raise FileExistsError(f"{clash[0]} exists; choose another --out or pass --overwrite")
+    encoded = [image_bytes(images, out.suffix, nrow)] + [image_bytes(im, out.suffix) for im in images[:len(paths) - 1]]
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, out, nrow=nrow, padding=2, pad_value=1.0)
-    for p, im in zip(paths[1:], images):
-        save_image(im, p)
+    total, free = sum(map(len, encoded)), free_space(out.parent)
+    if free is not None and total > free:
+        raise disk_full(out, total)
+    for path, data in zip(paths, encoded):
+        write_atomic(path, data)
     return paths
 
 

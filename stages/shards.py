@@ -204,13 +204,6 @@ def manifest_count(manifest: dict, sets: list[ShardSet]) -> int | None:
     return sum(per_shard[n] for n in names) if all(n in per_shard for n in names) else None
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Written under a temporary name and renamed: a reader never sees half a manifest."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
