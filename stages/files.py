@@ -63,23 +63,23 @@ def _sync_folder(folder: Path) -> None:
             os.close(fd)
 
 
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + PARTIAL)
+
+
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, size: int | None = None) -> Iterator[BinaryIO]:
-    """``with atomic_file(path) as f: f.write(...)``: ``path`` appears complete when the block ends, or not at
-    all (an earlier ``path`` stays as it was). ``size``: the bytes to be written, when known, checked against
-    the free space first."""
-    path = Path(path)
+def _partial(path: Path, size: int | None) -> Iterator[BinaryIO]:
+    """The ``.partial`` file of ``path``, flushed, synced and closed when the block ends; removed on any error."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if size is not None and (free := free_space(path.parent)) is not None and size > free:
         raise disk_full(path, size)
-    partial = path.with_name(path.name + PARTIAL)
+    partial = partial_path(path)
     file = _create(partial)
     try:
         yield file
         file.flush()
         os.fsync(file.fileno())
         file.close()
-        os.replace(partial, path)
     except BaseException as error:
         written = 0
         with contextlib.suppress(Exception):
@@ -91,7 +91,43 @@ def atomic_file(path: str | os.PathLike, size: int | None = None) -> Iterator[Bi
         if isinstance(error, OSError) and error.errno in DISK_FULL:
             raise disk_full(path, size if size is not None else written, at_least=size is None) from None
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, size: int | None = None) -> Iterator[BinaryIO]:
+    """``with atomic_file(path) as f: f.write(...)``: ``path`` appears complete when the block ends, or not at
+    all (an earlier ``path`` stays as it was). ``size``: the bytes to be written, when known, checked against
+    the free space first."""
+    path = Path(path)
+    with _partial(path, size) as file:
+        yield file
+    os.replace(partial_path(path), path)
     _sync_folder(path.parent)
+
+
+def write_together(contents: dict[Path, bytes]) -> list[Path]:
+    """Several files (an image grid and its single images): every one is written to its ``.partial`` file
+    before any is renamed, so a full disk or a crash while writing replaces none of them."""
+    contents = {Path(p): data for p, data in contents.items()}
+    first = next(iter(contents))
+    total, free = sum(map(len, contents.values())), free_space(first.parent)
+    if free is not None and total > free:
+        raise disk_full(first, total)
+    staged: list[Path] = []
+    try:
+        for path, data in contents.items():
+            with _partial(path, len(data)) as file:
+                file.write(data)
+            staged.append(path)
+    except BaseException:
+        for path in staged:
+            partial_path(path).unlink(missing_ok=True)
+        raise
+    for path in contents:
+        os.replace(partial_path(path), path)
+    for folder in {p.parent for p in contents}:
+        _sync_folder(folder)
+    return list(contents)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from diffusion import SAMPLERS, Guided, check_sampler, check_start, sample, take
 from semantic_compressor import SemanticCompressor, denormalize_latents, latent_grid, load_compressor, normalize_latents
 from stages.checkpoint import fingerprint, read_metadata, resolve_checkpoint
 from stages.denoisers import denoiser_for
-from stages.files import disk_full, free_space, write_atomic
+from stages.files import write_together
 from stages.images import image_bytes
 from stages import inputs
 from stages.lora import check_loras, load_loras
@@ -220,6 +221,24 @@ class TextToImage(nn.Module):
         dtype = next(self.compressor.parameters()).dtype
         return self.compressor(images.to(dtype)).float()
 
+    @torch.no_grad()
+    def call_seconds(self) -> tuple[float, float]:
+        """(seconds of one Stage C call on the latent grid of a ``REFERENCE_SIDE`` (256) px image, seconds of one
+        decoder step with its decode at that size), timed on the pipeline's device and dtype, once per device
+        and dtype (``stages.inputs.check_limits`` scales them to a request)."""
+        stage_c, decoder = next(self.prior.model.parameters()), next(self.decoder.parameters())
+        key = (str(stage_c.device), stage_c.dtype, str(decoder.device), decoder.dtype)
+        measured = self.__dict__.setdefault("_call_seconds", {})
+        if key not in measured:
+            side = inputs.REFERENCE_SIDE
+            latents = torch.zeros(1, self.prior.model.config.c_latent, *latent_grid(side, side), device=stage_c.device)
+            text, t = self.prior.text_encoder([""]), torch.full((1,), 0.5, device=stage_c.device)
+            measured[key] = (
+                _timed(lambda: self.prior.denoiser(latents, t, text), stage_c.device),
+                _timed(lambda: self.decoder(latents.to(decoder.device), (side, side), [""], 1, 1.0,
+                                            torch.Generator().manual_seed(0), False), decoder.device))
+        return measured[key]
+
     @staticmethod
     def _check_image(images: torch.Tensor, who: str) -> None:
         inputs.check_images(images, who)
@@ -235,6 +254,18 @@ class TextToImage(nn.Module):
         if self.dtype != torch.float32:
             check_half(images, "the sampled images", self.dtype)
         check_finite(images, "the sampled images", "a model may hold NaN/inf weights (corrupt or diverged checkpoint)")
+
+
+def _timed(call, device: torch.device) -> float:
+    """Seconds of ``call()`` on ``device`` (on a GPU after one untimed call, which pays for kernel selection)."""
+    if device.type == "cuda":
+        call()
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def _with_compressor(pipe: TextToImage, compressor: str | os.PathLike | SemanticCompressor | None,
@@ -332,8 +363,7 @@ def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os
 
 def save_images(images: torch.Tensor, out: str | os.PathLike, nrow: int, overwrite: bool = False) -> list[Path]:
     """One image: ``out``. Several: ``out`` is the grid and ``<stem>_<i>.png`` the single images. All are
-    encoded first and the free space checked for all of them, then each is written atomically
-    (``stages.files``): a full disk writes none of them and leaves existing files intact."""
+    written together (``stages.files.write_together``): a full disk or a crash replaces none of them."""
     out = Path(out)
     paths = [out] if images.shape[0] == 1 else [out] + [out.with_name(f"{out.stem}_{i}{out.suffix}")
                                                       for i in range(images.shape[0])]
@@ -341,12 +371,7 @@ def save_images(images: torch.Tensor, out: str | os.PathLike, nrow: int, overwri
     if clash and not overwrite:
         raise FileExistsError(f"{clash[0]} exists; choose another --out or pass --overwrite")
     encoded = [image_bytes(images, out.suffix, nrow)] + [image_bytes(im, out.suffix) for im in images[:len(paths) - 1]]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    total, free = sum(map(len, encoded)), free_space(out.parent)
-    if free is not None and total > free:
-        raise disk_full(out, total)
-    for path, data in zip(paths, encoded):
-        write_atomic(path, data)
+    write_together(dict(zip(paths, encoded)))
     return paths
 
 

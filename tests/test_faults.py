@@ -19,50 +19,12 @@ from PIL import Image
 from stages import files
 from stages.checkpoint import read_weights, save_safetensors
 from stages.stage_a import StageA
-from tests.bad_input.conftest import ROOT, assert_error, run_cli, run_main, snapshot
+from tests.bad_input.conftest import ROOT, assert_error, full_disk, run_cli, run_main, snapshot
 from train.cli import main as train_main
 from train.faults import PREEMPTED_EXIT, AtomicCheckpointIO
 from train.precompute import main as precompute_main
 
 TINY_A = dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64)
-
-
-class FullDisk(io.RawIOBase):
-    """A file on a disk with ``room`` bytes left: writes beyond it fail with ENOSPC, as the kernel's do."""
-
-    def __init__(self, path: Path, room: int):
-        self.file, self.room = open(path, "wb"), room
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        data = bytes(data)
-        if len(data) > self.room:
-            self.file.write(data[:self.room])
-            self.room = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self.file.write(data)
-
-    def tell(self) -> int:
-        return self.file.tell()
-
-    def fileno(self) -> int:
-        return self.file.fileno()
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-        super().close()
-
-
-def full_disk(monkeypatch, room: int = 100, when=lambda partial: True) -> None:
-    """From now on, files written through ``stages.files`` (those ``when(partial path)`` picks) hit a full disk."""
-    create = files._create
-    monkeypatch.setattr(files, "_create", lambda partial: FullDisk(partial, room) if when(partial) else create(partial))
 
 
 def assert_disk_full(message: str, folder: Path) -> None:
