@@ -15,8 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.bad_input.conftest import ROOT, assert_cli_error, assert_error, run_cli, run_main, snapshot
+from tests.bad_input.conftest import ROOT, assert_cli_error, assert_error, bomb_png, run_cli, run_main, snapshot
+from stages.checkpoint import save_safetensors
+from stages.stage_a import StageA
 from train.cli import main as cli_main
+from train.precompute import main as precompute
 from train.data import ImageTextData
 
 SIZE = json.dumps(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64))
@@ -117,6 +120,25 @@ def test_nothing_passes_min_size_with_a_known_count(tmp_path):
     write_tar(tmp_path / "s.tar", {f"k{i}.png": png((16, 16)) for i in range(5)})
     with pytest.raises(ValueError, match=r"no readable sample for rank 0 worker 0 in .*s\.tar .*too_small 5"):
         first_pass(str(tmp_path / "s.tar"), min_size=64, train_count=5)
+
+
+@pytest.mark.parametrize("side", [100_000, 10_000], ids=["beyond_the_limit", "warned_by_pil"])
+def test_decompression_bombs_are_skipped_and_counted(tmp_path, side):
+    write_tar(tmp_path / "s.tar", {"bomb.png": bomb_png(side), **{f"k{i}.png": png() for i in range(4)}})
+    dm = ImageTextData(train=str(tmp_path / "s.tar"), val=None, image_size=16, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    assert len(list(dm.train_dataloader())) == 2
+    assert dm.train_set.skipped.as_dict() == {"yielded": 4, "corrupt_shard": 0, "no_image": 0, "corrupt_sample": 1,
+                                              "too_small": 0, "aspect_ratio": 0}
+
+
+def test_precompute_skips_and_counts_a_decompression_bomb(tmp_path, capsys):
+    write_tar(tmp_path / "s.tar", {"bomb.png": bomb_png(), **{f"k{i}.png": png() for i in range(3)}})
+    a = StageA(json.loads(SIZE))
+    save_safetensors(a, tmp_path / "a.safetensors", "stage_a", a.config.to_dict())
+    manifest = precompute(["--shards", str(tmp_path / "s.tar"), "--out", str(tmp_path / "out"), "--stage-a",
+                           str(tmp_path / "a.safetensors"), "--image-size", "16"])
+    assert manifest["count"] == 3 and manifest["skipped"] == {"corrupt_sample": 1}
 
 
 def test_fewer_samples_than_a_batch_stops(tmp_path):
