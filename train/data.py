@@ -39,7 +39,7 @@ class CheckedLoader(DataLoader):
         if batches == 0 and stream is not None:
             counts = {k: v - before.get(k, 0) for k, v in stream.skipped.as_dict().items()}
             raise ValueError(f"no batch of {stream.batch_size} in a whole pass over {stream.describe()} "
-                             f"({SampleCounts.text(counts)}); check that the shards hold readable images, "
+                             f"({SampleCounts.text(counts, stream.skipped.causes)}); check that the shards hold readable images, "
                              "lower min_size, loosen the filters, or lower batch_size")
 
 
