@@ -304,7 +304,7 @@ def check_request(pipe: torch.nn.Module, prompts: Sequence[str], negative_prompt
     """Every argument of ``TextToImage.forward`` valid, and the work within ``limits`` (None: no limits)."""
     prompts = check_prompts([prompts] if isinstance(prompts, str) else prompts)
     if not isinstance(negative_prompt, str):
-        raise TypeError(f"negative_prompt must be a str, got {type(negative_prompt).__name__}")
+        raise TypeError(f"negative_prompt must be a str (or None for none), got {type(negative_prompt).__name__}")
     images = len(prompts) * whole(images_per_prompt, "images_per_prompt")
     sides = [whole(height, "height"), whole(width, "width")]
     prior_calls = network_calls(steps(prior_steps, "prior_steps"), guidance(prior_guidance, "prior_guidance"))

@@ -15,7 +15,7 @@ from stages.checkpoint import fingerprint, save_safetensors
 from stages.stage_a import StageA
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig
-from tests.bad_input.conftest import assert_error, bomb_png, full_disk, run_main, snapshot
+from tests.bad_input.conftest import assert_error, bomb_png, full_disk, run_cli, run_main, snapshot
 
 TINY_A = dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64)
 TINY_B = StageBConfig(widths=(16, 32), blocks=(1, 1), heads=(0, 2), inject_semantic=(False, True), c_cond=16,
@@ -163,6 +163,27 @@ def test_a_tall_image_shows_its_shape_note_and_is_refused_with_the_estimate(bund
     assert code == 2 and not (tmp_path / "x.png").exists()
     assert_error(code, err, "1 image(s) of 100000x48", "would take about 2.44 h", "--max-minutes", "--no-limits")
     assert "note: 100000x48 (height/width 2.08e+03) lies outside the aspect ratios of the trained buckets" in err
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_stage_a_encodes_float_images_of_any_precision(dtype):
+    a = StageA(TINY_A).eval()
+    images = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(a.encode(images.to(dtype)), a.encode(images.to(dtype).float()))
+
+
+def test_no_negative_prompt_is_none(pipe):
+    """As in diffusers: negative_prompt=None means none, the same images as the empty one."""
+    assert torch.equal(pipe("sun", None, **FAST), pipe("sun", "", **FAST))
+    with pytest.raises(TypeError, match="negative_prompt must be a str \\(or None for none\\), got int"):
+        pipe("sun", 3, **FAST)
+
+
+def test_parse_errors_are_one_line_with_a_pointer_to_help(tmp_path):
+    proc = run_cli("sample", "sun", "--height", "tall", "--out", str(tmp_path / "x.png"), cwd=tmp_path)
+    assert proc.returncode == 2 and "usage:" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert_error(proc.returncode, proc.stderr, "--height", "not a whole number", "(see python -m sample --help)")
 
 
 def test_a_bomb_image_is_named(bundle, tmp_path, capsys):

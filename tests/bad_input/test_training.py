@@ -324,6 +324,18 @@ def test_weights_only_false_is_refused(openmoji_dir, stage_a_run, last_ckpt, cap
     assert_error(code, err, "--weights_only false is not allowed")
 
 
+@pytest.mark.parametrize("case", ["yaml_syntax", "wrong_type"])
+def test_config_parse_errors_are_one_line_with_a_pointer_to_help(tmp_path, case):
+    (tmp_path / "bad.yaml").write_text("trainer: [max_steps: 3\n")
+    args = {"yaml_syntax": ["--config", str(tmp_path / "bad.yaml")],
+            "wrong_type": ["--config", str(ROOT / "configs" / "stage_a" / "tiny.yaml"), "--trainer.max_steps", "many"]}
+    proc = run_cli("train", "fit", *args[case], cwd=tmp_path)
+    assert proc.returncode == 2 and "usage:" not in proc.stderr
+    fragment = {"yaml_syntax": "Problems parsing config", "wrong_type": 'trainer.max_steps": Expected a'}[case]
+    assert_cli_error(proc, fragment, "(see python -m train fit --help)")
+    assert os.listdir(tmp_path) == ["bad.yaml"]
+
+
 def test_command_line_prints_one_line(tmp_path):
     proc = run_cli("train", "fit", "--config", str(ROOT / "configs" / "stage_a" / "tiny.yaml"),
                    "--trainer.default_root_dir", str(tmp_path / "runs"), "--ckpt_path", str(tmp_path / "gone.ckpt"),
