@@ -9,7 +9,6 @@ paper schedule's cost. ``--full`` (meant for a GPU) measures everything at the p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -25,6 +24,7 @@ from benchmarks.targets import SIZES, TRAIN_PX, targets
 from benchmarks.throughput import forward_flops, parameters, run_target, train_flops
 from stages.cli import check_output, comma_list, positive_int, positive_ints
 from stages.errors import run_command
+from stages.files import write_json
 
 CPU_TRAIN_LIMIT = 100e6  # parameters; bigger models' AdamW steps are skipped on CPU unless --full
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save_partial(**extra) -> None:
         """What is finished so far, so that an interrupted run still leaves its figures."""
-        partial.write_text(json.dumps({**results, **extra}, indent=1, default=str))
+        write_json(partial, {**results, **extra}, indent=1)
 
     if "counts" in parts:
         results["counts"] = [{

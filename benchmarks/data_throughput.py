@@ -36,7 +36,8 @@ from benchmarks.targets import targets
 from benchmarks.throughput import train_flops
 from stages.cli import check_output, positive_int
 from stages.errors import run_command
-from stages.shards import npy_bytes, write_json
+from stages.files import write_json
+from stages.shards import npy_bytes
 from train.data import ImageTextData
 
 PX = 512  # the first training phase of Stage B and Stage C (App. E.2, E.3)
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     return report
 
 

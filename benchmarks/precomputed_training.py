@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from stages.cli import check_output, positive_int
 from stages.embedded import openmoji_shards
 from stages.errors import run_command
+from stages.files import write_json
 from train.cli import main as train_main
 from train.precompute import main as precompute_main
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     fig.savefig(out / "loss_curves.png", dpi=120)
     for run in (images, pre):
         run.pop("curve")
-    (out / "precomputed_training.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "precomputed_training.json", report)
     print(json.dumps(report, indent=2))
     return report
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from stages.cli import check_output
 from stages.errors import run_command
+from stages.files import write_json, write_text
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -145,8 +146,8 @@ def write(results: dict, out: Path) -> dict[str, Path]:
     clash = [p for p in paths.values() if p.exists()]
     if clash:
         raise FileExistsError(f"{clash[0]} exists; benchmarks never overwrite: choose another --out")
-    paths["json"].write_text(json.dumps(results, indent=1, default=str))
-    paths["markdown"].write_text(markdown(results))
+    write_json(paths["json"], results, indent=1)
+    write_text(paths["markdown"], markdown(results))
     if "latency_plot" in paths:
         plot_latency(results["latency"], paths["latency_plot"])
     if "cost_plot" in paths:

@@ -76,6 +76,12 @@ def steps_arg(text: str) -> int | str | list[float]:
     return [float(x) for x in text.split(",")] if "," in text else int(text)
 
 
+def positive_minutes(value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be a number of minutes > 0, got {value}")
+    return value
+
+
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse an --out that is a folder, has no image extension, lies under a file, or exists (without --overwrite)."""
     if out.is_dir():
@@ -129,9 +135,10 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
                     help="semantic: Stage B + Stage A; pixel: the greedy-grown pixel decoder")
     ap.add_argument("--pixel-decoder", default=str(SHIPPED / "pixel_decoder.safetensors"),
                     help="pixel decoder export, .ckpt or run folder (with --decoder pixel)")
-    ap.add_argument("--max-pixel-steps", type=checked(inputs.whole, lambda t: int(float(t))),
-                    default=inputs.MAX_PIXEL_STEPS,
-                    help="refuse more work than images x H x W x network calls (default %(default).0e)")
+    ap.add_argument("--max-minutes", type=checked(positive_minutes, float, "a number"),
+                    default=inputs.MAX_SECONDS / 60,
+                    help="refuse work estimated (from network calls timed on this device) to take longer "
+                         "(default %(default).0f)")
     ap.add_argument("--no-limits", action="store_true",
                     help="skip the memory and time estimates that refuse work too large for this device")
     ap.add_argument("--preview", nargs="?", const=str(SHIPPED / "previewer.safetensors"), default=None,
@@ -165,7 +172,7 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
 
 
 # what only says where the images go or how the command behaves; every other argument decides the images
-NOT_SETTINGS = ("help", "out", "overwrite", "quiet", "no_limits", "max_pixel_steps")
+NOT_SETTINGS = ("help", "out", "overwrite", "quiet", "no_limits", "max_minutes")
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -215,13 +222,18 @@ def embedded(args: argparse.Namespace, command_out: str | os.PathLike | None = N
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
-    with warnings.catch_warnings(record=True) as notes:
+    shown: set[str] = set()
+
+    def note(message, category, *_) -> None:
+        """Each note once, as it comes (a time estimate must show before the work it estimates)."""
+        if issubclass(category, UserWarning) and str(message) not in shown:
+            shown.add(str(message))
+            print(f"note: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
-        try:
-            paths, images = _sample(args)
-        finally:
-            for note in dict.fromkeys(str(n.message) for n in notes if issubclass(n.category, UserWarning)):
-                print(f"note: {note}", file=sys.stderr)
+        warnings.showwarning = note
+        paths, images = _sample(args)
     print(json.dumps({"image": str(paths[0]), "images": [str(p) for p in paths[1:]], "prompts": args.prompts,
                       "size": list(images.shape[-2:]), "seed": args.seed,
                       **({"source": str(args.image), "mode": "img2img" if args.prompts else "variations"}
@@ -310,7 +322,7 @@ def render(args: argparse.Namespace, pipe, samplers: dict, image: torch.Tensor |
     embedded command (default ``--out`` itself).
     """
     steps = args.decoder_steps if args.decoder_steps is not None else pipe.decoder.default_steps
-    limits = None if args.no_limits else inputs.Limits(pixel_steps=args.max_pixel_steps)
+    limits = None if args.no_limits else inputs.Limits(seconds=args.max_minutes * 60)
     text = embedded(args, command_out)
     if image is not None and not args.prompts:
         images = pipe.variations(image, args.n, args.height, args.width, steps, args.decoder_guidance, args.seed,

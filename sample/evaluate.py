@@ -21,7 +21,6 @@ For each of the 185 val captions one image is generated (fixed seed). Prints JSO
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ from semantic_compressor import load_compressor
 from stages.checkpoint import fingerprint, resolve_checkpoint
 from stages.cli import at_least, check_output, comma_list, positive_int, seed, shown
 from stages.errors import run_command
+from stages.files import write_json, write_text
 from stages.embedded import openmoji_split
 from stages.cli import emit
 from stages.metrics import InceptionFeatures, fid_metric
@@ -174,8 +174,8 @@ def compressor_beside(*checkpoints: str) -> Path:
 def write_outputs(out: Path, stem: str, report: dict, table: str, draw) -> None:
     """``<stem>.json``, ``<stem>.md`` (``table``) and ``<stem>.png`` (``draw(path)``) in ``out``; prints the table."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(table)
+    write_json(out / f"{stem}.json", report)
+    write_text(out / f"{stem}.md", table)
     draw(out / f"{stem}.png")
     print(table)
     print(f"wrote {out / f'{stem}.json'}, {out / f'{stem}.md'} and {out / f'{stem}.png'}")

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
+
+from stages.files import write_atomic
 
 REDOWNLOAD = "re-export or re-download it"
 TEXT_KEYS = ("stage", "checksum")  # safetensors metadata stored as plain text; every other value is JSON
@@ -46,18 +48,15 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, stage: str, conf
 
 def save_tensors(state: dict[str, torch.Tensor], path: str | os.PathLike, stage: str, config: dict,
                  overwrite: bool = False, extra: dict | None = None) -> Path:
-    """``save_safetensors`` for a bare state dict (adapters, merged weights)."""
+    """``save_safetensors`` for a bare state dict (adapters, merged weights); written atomically
+    (``stages.files``), so a kill or a full disk leaves the earlier file intact."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     meta = {"stage": stage, "config": json.dumps(config), "checksum": tensor_digest(state),
             **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, save(state, metadata=meta))
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

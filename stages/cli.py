@@ -9,6 +9,8 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from stages.files import write_text
+
 MAX_SEED = 2**63  # seeds must fit torch.Generator.manual_seed as a non-negative int64
 
 
@@ -102,5 +104,5 @@ def emit(report: dict, out: str | None) -> dict:
     text = json.dumps(report, indent=2)
     print(text)
     if out:
-        Path(out).write_text(text + "\n")
+        write_text(out, text + "\n")
     return report

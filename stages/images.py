@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
+from torchvision.utils import save_image
 from webdataset.utils import pytorch_worker_info
 
 log = logging.getLogger(__name__)
@@ -36,10 +38,21 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Bytes of a jpg/png/webp file -> RGB PIL image (raises on undecodable data)."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return to_rgb(im)
+    """Bytes of a jpg/png/webp file -> RGB PIL image. Raises on undecodable data and on images above PIL's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``; PIL itself only warns up to twice that)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return to_rgb(im)
+
+
+def image_bytes(images: torch.Tensor, suffix: str, nrow: int = 8) -> bytes:
+    """One image, or a grid of several (``nrow`` per row, white gaps), encoded in the format ``suffix`` names."""
+    buffer = io.BytesIO()
+    save_image(images, buffer, format=Image.registered_extensions()[suffix.lower()], nrow=nrow, padding=2,
+               pad_value=1.0)
+    return buffer.getvalue()
 
 
 def resize_crop(

@@ -13,14 +13,22 @@ Sampling limits (``Limits``) refuse requests whose rough cost is absurd on the d
   block's input, residual and the U-Net skips alive beside it: the shipped tiny Stage B + A peaked
   at 2.9-4.2 times the widest activation on CPU (256-1024 px). The limit is the device's free
   memory (GPU) or physical RAM (CPU).
-* time: pixel-steps, ``images x H x W x`` network calls (steps, twice with guidance w != 1, for
-  Stage C and the decoder); compute per call grows with the pixels. ``MAX_PIXEL_STEPS`` (10^11) is
-  about 660 images at 1024 px with the default 60 guided Stage C and 12 guided Stage B steps.
+* time: measured. One Stage C call on the latent grid of a ``REFERENCE_SIDE`` (256) px image and one
+  decoder step with its final decode at 256 px are timed on the pipeline's own device and dtype
+  (once per pipeline and device; a request smaller than ``MEASURED_ABOVE`` such calls is not
+  measured: it cannot come near the limit). The estimate scales both by the request's pixels over
+  256^2, its network calls (steps, twice with guidance w != 1) and its images, one at a time: rough,
+  and high rather than low (batches run faster per image; the decode is counted at every step).
+  Work estimated above ``Limits.seconds`` (an hour by default) is refused with the estimate; above
+  a minute the estimate is shown as a note before sampling starts.
+* aspect ratio: sides further apart than the widest trained buckets (``stages.buckets``' paper
+  preset, 3:5 to 5:3) get a note: the models never saw such shapes.
 """
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -31,11 +39,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from diffusion import sampling_times
+from stages.buckets import PRESETS
 from stages.images import to_rgb
 from stages.text_encoder import check_prompts
 
 MAX_SEED = 2 ** 63  # torch.Generator seeds are 64-bit; negative ones wrap around
-MAX_PIXEL_STEPS = 10 ** 11
+MAX_SECONDS = 3600.0  # refuse sampling estimated above an hour on the device
+NOTE_SECONDS = 60.0  # show the estimate of anything longer before it starts
+REFERENCE_SIDE = 256  # side of the image whose network calls are timed (TextToImage.call_seconds)
+MEASURED_ABOVE = 256  # requests of fewer network calls at the reference size are not timed
+TRAINED_ASPECT = (min(h / w for h, w in PRESETS["paper_c3"]), max(h / w for h, w in PRESETS["paper_c3"]))
 PEAK_FACTOR = 4
 EXPANSION = 4  # channel MLPs of ConvNeXt and mixing blocks widen to 4 x width
 
@@ -178,6 +191,9 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
         with Image.open(path) as im:
             im.load()
             rgb = to_rgb(im)
+    except Image.DecompressionBombError:
+        raise ValueError(f"--image {path} declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels, PIL's limit against "
+                         "decompression bombs; give a smaller image (resize it first)") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"--image {path} is not a readable image ({type(e).__name__}); give a png, jpg or "
                          "webp file") from None
@@ -193,10 +209,10 @@ def network_calls(step_value: int | str | Sequence[float], guidance_scale: float
 # -- limits ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Limits:
-    """What one sampling call may take: ``memory`` bytes (None: the device's) and ``pixel_steps``."""
+    """What one sampling call may take: ``memory`` bytes (None: the device's) and ``seconds`` (estimated)."""
 
     memory: int | None = None
-    pixel_steps: int = MAX_PIXEL_STEPS
+    seconds: float = MAX_SECONDS
 
 
 def device_memory(device: torch.device) -> int:
@@ -226,8 +242,38 @@ def _gib(n: float) -> str:
     return f"{n / 2 ** 30:.3g} GiB"
 
 
-def check_limits(pipe: torch.nn.Module, images: int, size: tuple[int, int], calls: int, limits: Limits) -> None:
-    """Refuse ``images`` of ``size`` taking ``calls`` network calls each when memory or time exceed ``limits``."""
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.3g} h" if seconds < 172800 else f"{seconds / 86400:.3g} days"
+
+
+def estimate_seconds(pipe: torch.nn.Module, images: int, size: tuple[int, int], prior_calls: int,
+                     decoder_calls: int) -> float | None:
+    """Rough seconds of sampling ``images`` of ``size`` one at a time (see the module docstring), or None for
+    work too small to be worth timing."""
+    scale = images * size[0] * size[1] / REFERENCE_SIDE ** 2
+    if scale * (prior_calls + decoder_calls) <= MEASURED_ABOVE:
+        return None
+    prior, decoder = pipe.call_seconds()
+    return scale * (prior_calls * prior + decoder_calls * decoder)
+
+
+def check_aspect(height: int, width: int) -> None:
+    """A note for shapes beyond the trained buckets' aspect ratios."""
+    low, high = TRAINED_ASPECT
+    if not low <= height / width <= high:
+        warnings.warn(f"{height}x{width} (height/width {height / width:.3g}) lies outside the aspect ratios of the "
+                      f"trained buckets ({low:.2f} to {high:.2f}); expect repeated or distorted content",
+                      stacklevel=3)
+
+
+def check_limits(pipe: torch.nn.Module, images: int, size: tuple[int, int], prior_calls: int, decoder_calls: int,
+                 limits: Limits) -> None:
+    """Refuse ``images`` of ``size`` taking ``prior_calls`` Stage C and ``decoder_calls`` decoder network calls
+    each when the memory or the estimated time exceed ``limits``; show a long estimate as a note."""
     decoder = pipe.decoder
     param = next(decoder.parameters())
     pixels = images * size[0] * size[1]
@@ -238,11 +284,17 @@ def check_limits(pipe: torch.nn.Module, images: int, size: tuple[int, int], call
         raise ValueError(f"{request} need about {_gib(memory)} of memory, more than the {_gib(available)} this "
                          f"{param.device.type} device has; use fewer or smaller images (--no-limits, in Python "
                          "limits=None, to try anyway)")
-    work = pixels * calls
-    if work > limits.pixel_steps:
-        raise ValueError(f"{request} with {calls} network calls each are {work:.3g} pixel-steps, more than the "
-                         f"limit of {limits.pixel_steps:.3g}; use fewer or smaller images or fewer steps "
-                         "(--max-pixel-steps or Limits(pixel_steps=...) to raise the limit, --no-limits to skip it)")
+    seconds = estimate_seconds(pipe, images, size, prior_calls, decoder_calls)
+    if seconds is None:
+        return
+    work = f"{request} with {prior_calls} Stage C and {decoder_calls} decoder network calls each"
+    if seconds > limits.seconds:
+        raise ValueError(f"{work} would take about {_duration(seconds)} on this {param.device.type} device (timed "
+                         f"at {REFERENCE_SIDE} px), more than the limit of {_duration(limits.seconds)}; use fewer or "
+                         "smaller images or fewer steps (--max-minutes or Limits(seconds=...) to raise the limit, "
+                         "--no-limits to skip it)")
+    if seconds > NOTE_SECONDS:
+        warnings.warn(f"{work}: about {_duration(seconds)} on this {param.device.type} device", stacklevel=3)
 
 
 def check_request(pipe: torch.nn.Module, prompts: Sequence[str], negative_prompt: str, height: int, width: int,
@@ -252,15 +304,16 @@ def check_request(pipe: torch.nn.Module, prompts: Sequence[str], negative_prompt
     """Every argument of ``TextToImage.forward`` valid, and the work within ``limits`` (None: no limits)."""
     prompts = check_prompts([prompts] if isinstance(prompts, str) else prompts)
     if not isinstance(negative_prompt, str):
-        raise TypeError(f"negative_prompt must be a str, got {type(negative_prompt).__name__}")
+        raise TypeError(f"negative_prompt must be a str (or None for none), got {type(negative_prompt).__name__}")
     images = len(prompts) * whole(images_per_prompt, "images_per_prompt")
     sides = [whole(height, "height"), whole(width, "width")]
-    calls = (network_calls(steps(prior_steps, "prior_steps"), guidance(prior_guidance, "prior_guidance"))
-             + network_calls(steps(decoder_steps, "decoder_steps"), guidance(decoder_guidance, "decoder_guidance")))
+    prior_calls = network_calls(steps(prior_steps, "prior_steps"), guidance(prior_guidance, "prior_guidance"))
+    decoder_calls = network_calls(steps(decoder_steps, "decoder_steps"), guidance(decoder_guidance, "decoder_guidance"))
     seed(seed_value, "seed")
+    check_aspect(*sides)
     if limits is not None:
         m = pipe.decoder.size_multiple
-        check_limits(pipe, images, tuple(math.ceil(s / m) * m for s in sides), calls, limits)
+        check_limits(pipe, images, tuple(math.ceil(s / m) * m for s in sides), prior_calls, decoder_calls, limits)
 
 
 def check_image_request(pipe: torch.nn.Module, n_images: int, images_per_image: int, height: int, width: int,
@@ -271,6 +324,7 @@ def check_image_request(pipe: torch.nn.Module, n_images: int, images_per_image: 
     sides = [whole(height, "height"), whole(width, "width")]
     calls = network_calls(steps(decoder_steps, "decoder_steps"), guidance(decoder_guidance, "decoder_guidance"))
     seed(seed_value, "seed")
+    check_aspect(*sides)
     if limits is not None:
         m = pipe.decoder.size_multiple
-        check_limits(pipe, images, tuple(math.ceil(s / m) * m for s in sides), calls, limits)
+        check_limits(pipe, images, tuple(math.ceil(s / m) * m for s in sides), 0, calls, limits)

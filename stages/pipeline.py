@@ -6,8 +6,10 @@ is the first, the greedy-grown pixel decoder can take its place without touching
 """
 from __future__ import annotations
 
+import io
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from semantic_compressor import (PAPER_INPUT_SCALE, SemanticCompressor, denormal
                                  normalize_latents)
 from stages.checkpoint import fingerprint, read_metadata, resolve_checkpoint
 from stages.denoisers import denoiser_for
+from stages.files import write_together
 from stages import inputs
 from stages.lora import check_loras, load_loras
 from stages.inputs import Limits, check_finite, check_half, check_image_request, check_request
@@ -138,7 +141,7 @@ class TextToImage(nn.Module):
         return next(self.prior.model.parameters()).dtype
 
     @torch.no_grad()
-    def forward(self, prompts: list[str] | str, negative_prompt: str = "", height: int | None = None,
+    def forward(self, prompts: list[str] | str, negative_prompt: str | None = None, height: int | None = None,
                 width: int | None = None, images_per_prompt: int = 1, prior_steps: int | str | list[float] = 60,
                 decoder_steps: int | str | list[float] = 12, prior_guidance: float = 4.0, decoder_guidance: float = 3.0,
                 seed: int = 0, progress: bool = True, return_latents: bool = False, prior_sampler: str = "ddpm",
@@ -150,7 +153,7 @@ class TextToImage(nn.Module):
         The same arguments and seed give the same images. H and W (default 128, or the image's size)
         are rounded up to the decoder's grid with a note; step counts (or explicit decreasing time
         lists ending in 0, or a named list of ``diffusion.TIME_LISTS``) are per stage, and so are the
-        samplers (``diffusion.SAMPLERS``) and their eta. ``negative_prompt`` replaces the empty prompt
+        samplers (``diffusion.SAMPLERS``) and their eta. ``negative_prompt`` (None: none) replaces the empty prompt
         in the guidance of Stage C and of a text-conditional decoder (the released pipelines use it in
         both); a decoder without text ignores it. ``return_latents``: also return Stage C's semantic
         latents, ``(images, latents)``. ``limits``: refuse work too large for the device
@@ -174,6 +177,7 @@ class TextToImage(nn.Module):
                 raise ValueError(f"img2img got {image.shape[0]} images for {n_prompts} prompt(s); pass one image "
                                  "for all prompts or one per prompt")
         height, width = self._size(image, height, width)
+        negative_prompt = "" if negative_prompt is None else negative_prompt  # None: no negative prompt (diffusers)
         check_request(self, prompts, negative_prompt, height, width, images_per_prompt, prior_steps, decoder_steps,
                       prior_guidance, decoder_guidance, seed, limits)  # everything else, before any work
         prompts = check_prompts([prompts] if isinstance(prompts, str) else prompts)
@@ -240,6 +244,24 @@ class TextToImage(nn.Module):
         dtype = next(self.compressor.parameters()).dtype
         return self.compressor(images.to(dtype)).float()
 
+    @torch.no_grad()
+    def call_seconds(self) -> tuple[float, float]:
+        """(seconds of one Stage C call on the latent grid of a ``REFERENCE_SIDE`` (256) px image, seconds of one
+        decoder step with its decode at that size), timed on the pipeline's device and dtype, once per device
+        and dtype (``stages.inputs.check_limits`` scales them to a request)."""
+        stage_c, decoder = next(self.prior.model.parameters()), next(self.decoder.parameters())
+        key = (str(stage_c.device), stage_c.dtype, str(decoder.device), decoder.dtype)
+        measured = self.__dict__.setdefault("_call_seconds", {})
+        if key not in measured:
+            side = inputs.REFERENCE_SIDE
+            latents = torch.zeros(1, self.prior.model.config.c_latent, *latent_grid(side, side), device=stage_c.device)
+            text, t = self.prior.text_encoder([""]), torch.full((1,), 0.5, device=stage_c.device)
+            measured[key] = (
+                _timed(lambda: self.prior.denoiser(latents, t, text), stage_c.device),
+                _timed(lambda: self.decoder(latents.to(decoder.device), (side, side), [""], 1, 1.0,
+                                            torch.Generator().manual_seed(0), False), decoder.device))
+        return measured[key]
+
     @staticmethod
     def _check_image(images: torch.Tensor, who: str) -> None:
         inputs.check_images(images, who)
@@ -255,6 +277,18 @@ class TextToImage(nn.Module):
         if self.dtype != torch.float32:
             check_half(images, "the sampled images", self.dtype)
         check_finite(images, "the sampled images", "a model may hold NaN/inf weights (corrupt or diverged checkpoint)")
+
+
+def _timed(call, device: torch.device) -> float:
+    """Seconds of ``call()`` on ``device`` (on a GPU after one untimed call, which pays for kernel selection)."""
+    if device.type == "cuda":
+        call()
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def _with_compressor(pipe: TextToImage, compressor: str | os.PathLike | SemanticCompressor | None,
@@ -352,10 +386,11 @@ def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os
 
 def save_images(images: torch.Tensor, out: str | os.PathLike, nrow: int, overwrite: bool = False,
                 text: dict[str, str] | None = None) -> list[Path]:
-    """One image: ``out``. Several: ``out`` is the grid and ``<stem>_<i>.png`` the single images.
+    """One image: ``out``. Several: ``out`` is the grid and ``<stem>_<i>.png`` the single images. All are
+    written together (``stages.files.write_together``): a full disk or a crash replaces none of them.
 
-    ``text``: key -> value pairs written into every PNG as text chunks (``tEXt``/``iTXt``; PIL reads them
-    back as ``Image.open(path).text``); other formats are written without them.
+    ``text``: key -> value pairs written into every PNG as text chunks (``iTXt``; PIL reads them back as
+    ``Image.open(path).text``); other formats are written without them.
     """
     out = Path(out)
     paths = [out] if images.shape[0] == 1 else [out] + [out.with_name(f"{out.stem}_{i}{out.suffix}")
@@ -363,22 +398,25 @@ def save_images(images: torch.Tensor, out: str | os.PathLike, nrow: int, overwri
     clash = [p for p in paths if p.exists()]
     if clash and not overwrite:
         raise FileExistsError(f"{clash[0]} exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _save_image(make_grid(images, nrow=nrow, padding=2, pad_value=1.0), out, text)
-    for p, im in zip(paths[1:], images):
-        _save_image(im, p, text)
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    encoded = [_image_bytes(grid, out.suffix, text)] + [_image_bytes(im, p.suffix, text)
+                                                        for p, im in zip(paths[1:], images)]
+    write_together(dict(zip(paths, encoded)))
     return paths
 
 
-def _save_image(image: torch.Tensor, path: Path, text: dict[str, str] | None) -> None:
-    """One (3, H, W) image in [0, 1] to 8 bits as ``torchvision.utils.save_image`` rounds it, with PNG text."""
+def _image_bytes(image: torch.Tensor, suffix: str, text: dict[str, str] | None) -> bytes:
+    """One (3, H, W) image in [0, 1], encoded in the format ``suffix`` names, at 8 bits as
+    ``torchvision.utils.save_image`` rounds it, with PNG text."""
     pixels = image.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
     info = None
-    if text and path.suffix.lower() == ".png":
+    if text and suffix.lower() == ".png":
         info = PngInfo()
         for key, value in text.items():
             info.add_itxt(key, value)  # iTXt: UTF-8, so prompts in any script survive
-    Image.fromarray(pixels).save(path, pnginfo=info)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=Image.registered_extensions()[suffix.lower()], pnginfo=info)
+    return buffer.getvalue()
 
 
 def add_sampler_arguments(parser) -> None:

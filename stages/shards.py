@@ -35,6 +35,8 @@ import json
 import logging
 import os
 import random
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +58,12 @@ MANIFEST = "manifest.json"
 FORMAT = "wuerstchen-precomputed/1"
 LATENT_KEYS = ("stage_a", "semantic", "text")  # precomputed tensors, stored as ``<key>.npy`` (fp16)
 FINGERPRINTS = ("stage_a_fingerprint", "compressor_fingerprint", "text_encoder_fingerprint")
-BASE_REASONS = ("yielded", "corrupt_shard", "no_image", "corrupt_sample")
+# a shard that cannot be read counts under its cause: a local file not there, a URL that cannot be fetched, a
+# pipe: command that fails, or data that is not a readable tar
+SHARD_REASONS = ("missing_shard", "unreachable_shard", "failed_command", "corrupt_shard")
+BASE_REASONS = ("yielded", *SHARD_REASONS, "no_image", "corrupt_sample")
+CURL_EXITS = {6: "host not found", 7: "connection refused", 28: "timed out", 35: "TLS handshake failed",
+              52: "empty reply", 56: "connection reset"}  # curl's exit statuses (webdataset fetches URLs with curl)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -204,13 +211,6 @@ def manifest_count(manifest: dict, sets: list[ShardSet]) -> int | None:
     return sum(per_shard[n] for n in names) if all(n in per_shard for n in names) else None
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Written under a temporary name and renamed: a reader never sees half a manifest."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -231,6 +231,7 @@ class SampleCounts:
         self.reasons = tuple(reasons)
         self.table = torch.zeros(rows, len(self.reasons), dtype=torch.int64).share_memory_()
         self.row = 0
+        self.causes: dict[str, str] = {}  # the first shard failure of each reason seen in this process
 
     def add(self, reason: str) -> int:
         self.table[self.row % len(self.table), self.reasons.index(reason)] += 1
@@ -243,9 +244,12 @@ class SampleCounts:
         return {r: self[r] for r in self.reasons}
 
     @staticmethod
-    def text(counts: dict[str, int]) -> str:
-        """``yielded 0, skipped: corrupt_shard 2, too_small 5`` (reasons with a count only)."""
-        skipped = ", ".join(f"{r} {n}" for r, n in counts.items() if n and r != "yielded") or "none"
+    def text(counts: dict[str, int], causes: dict[str, str] | None = None) -> str:
+        """``yielded 0, skipped: corrupt_shard 2, too_small 5`` (reasons with a count only), with the first
+        shard failure of a reason when known (``unreachable_shard 2 (first: HTTP 404: <url>)``)."""
+        def shown(reason: str, n: int) -> str:
+            return f"{reason} {n}" + (f" (first: {causes[reason]})" if causes and reason in causes else "")
+        skipped = ", ".join(shown(r, n) for r, n in counts.items() if n and r != "yielded") or "none"
         return f"yielded {counts.get('yielded', 0)}, skipped: {skipped}"
 
 
@@ -257,11 +261,48 @@ def skip(counts: SampleCounts, reason: str, sample: dict, detail: object = "") -
                     sample.get("__url__"), reason, f": {detail}" if detail else "", n)
 
 
+def http_status(url: str) -> str:
+    """The HTTP status a URL answers with (asked again with a HEAD request, curl having been told to be silent)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10) as response:
+            return f"HTTP {response.status}"
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}"
+    except Exception:
+        return "HTTP error (400 or above)"
+
+
+def shard_failure(url: str, error: Exception, exit_status: int | None) -> tuple[str, str]:
+    """(reason, cause) of a shard that could not be read: ``missing_shard`` (file not found),
+    ``unreachable_shard`` (connection refused, host not found, HTTP status, ...), ``failed_command`` (a
+    ``pipe:`` command's exit status) or ``corrupt_shard`` (read, but not a complete tar)."""
+    if isinstance(error, FileNotFoundError) and not is_url(url):
+        return "missing_shard", "file not found"
+    if exit_status not in (None, 0, 141):  # 141: SIGPIPE, the reader stopped early
+        if url.startswith(("http://", "https://")):
+            return "unreachable_shard", http_status(url) if exit_status == 22 else \
+                CURL_EXITS.get(exit_status, f"curl exit status {exit_status}")
+        return "failed_command", f"exit status {exit_status} of {url.removeprefix('pipe:')!r}"
+    detail = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    return "corrupt_shard", f"{type(error).__name__}: {detail.split(' @ ')[0][:200]}"
+
+
+def exit_status(stream: object) -> int | None:
+    """The exit status of the command behind a ``webdataset.gopen.Pipe`` stream (None for a plain file)."""
+    proc = getattr(stream, "proc", None)
+    if proc is None:
+        return None
+    try:
+        return proc.wait(timeout=30)
+    except Exception:
+        return None
+
+
 def shard_samples(shards: Iterable[dict], counts: SampleCounts) -> Iterator[dict]:
     """``{"url": ...}`` -> samples, with webdataset's ``url_opener``, ``tar_file_expander`` and
     ``group_by_keys`` (the parts of ``tarfile_to_samples``). Their handler records an error and stops
-    that shard: a missing, unreadable, truncated or non-tar shard is counted (``corrupt_shard``),
-    logged, and the stream goes on with the next; the sample being read when it broke is dropped."""
+    that shard: a shard that cannot be read is counted by its cause (``SHARD_REASONS``), logged with
+    the cause named, and the stream goes on with the next; the sample being read when it broke is dropped."""
     for shard in shards:
         source, errors = dict(shard), []
 
@@ -276,12 +317,14 @@ def shard_samples(shards: Iterable[dict], counts: SampleCounts) -> Iterator[dict
                     yield last
                 last = sample
         finally:
+            status = exit_status(source.get("stream")) if errors else None
             with contextlib.suppress(Exception):  # a pipe's exit status was already seen while reading
                 source["stream"].close()
         if errors:
-            counts.add("corrupt_shard")
-            log.warning("skipping the rest of shard %s: %s (%s)", source["url"], type(errors[0]).__name__,
-                        str(errors[0]).split(" @ ")[0][:200])
+            reason, cause = shard_failure(source["url"], errors[0], status)
+            counts.add(reason)
+            counts.causes.setdefault(reason, f"{cause}: {source['url']}")
+            log.warning("skipping the rest of shard %s: %s (%s)", source["url"], reason, cause)
         elif last is not None:
             yield last
 
@@ -554,5 +597,5 @@ class ShardStream(IterableDataset):
             yield batch
         if quota is not None and got < quota:
             raise ValueError(f"no readable sample for rank {rank} worker {worker} in {self.describe()} "
-                             f"({SampleCounts.text(self.skipped.as_dict())}); check the shards, or lower min_size "
+                             f"({SampleCounts.text(self.skipped.as_dict(), self.skipped.causes)}); check the shards, or lower min_size "
                              "or loosen the filters")

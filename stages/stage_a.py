@@ -106,10 +106,11 @@ class StageA(nn.Module):
     def encode(self, images: torch.Tensor, quantize: bool = False) -> torch.Tensor:
         """Float images in [0, 1] (uint8 is refused: divide by 255) -> latents ``(B, 4, H/4, W/4)``.
 
-        The latents are divided by ``scale_factor``.
+        The latents are divided by ``scale_factor``. Float images of another precision than the weights'
+        (float64, float16, ...) are cast to it.
         """
         self.check_images(images)
-        z = self.encoder(channels_last(images))
+        z = self.encoder(channels_last(images.to(self.encoder[1].weight.dtype)))
         if quantize:
             z = self.quantizer(z)[0]
         return (z / self.config.scale_factor).contiguous()
@@ -133,7 +134,7 @@ class StageA(nn.Module):
         parameter gets a gradient, as DDP requires) when ``quantize=False`` decodes the raw latents.
         """
         self.check_images(images)
-        z = self.encoder(channels_last(images))
+        z = self.encoder(channels_last(images.to(self.encoder[1].weight.dtype)))
         zq, vq_loss, _ = self.quantizer(z)
         return self.decoder(zq if quantize else z).contiguous(), vq_loss
 

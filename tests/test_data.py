@@ -382,7 +382,8 @@ def test_broken_and_empty_shards_are_skipped(tmp_path, caplog):
     partial = [k for k in got if k.startswith("shard01")]
     assert partial == keys[3: 3 + 5]  # the complete samples before the cut
     assert got == keys[:3] + partial + keys[13:]
-    assert ds.skipped["corrupt_shard"] == 4  # garbage, zero bytes, truncated, missing; a valid empty tar is fine
+    assert ds.skipped["corrupt_shard"] == 3  # garbage, zero bytes, truncated; a valid empty tar is fine
+    assert ds.skipped["missing_shard"] == 1 and ds.skipped.causes["missing_shard"].startswith("file not found: ")
     assert sum("skipping the rest of shard" in r.getMessage() for r in caplog.records) == 4
 
 

@@ -62,10 +62,13 @@ def test_pipe_and_http_urls_give_the_same_samples_as_local_paths(http_root):
         for a, b in zip(local, other):
             assert torch.equal(a["image"], b["image"])
     assert fetched.skipped["corrupt_shard"] == 0
-    # a shard the server does not have and a command that fails are counted, not fatal
+    # a shard the server does not have and a command that fails are counted by cause, not fatal
     broken = stream_of([f"{base}/gone.tar", f"pipe:cat {root}/nothing.tar", paths[0]], size=8)
     assert keys_of(broken) == keys[:3]
-    assert broken.skipped["corrupt_shard"] == 2
+    assert broken.skipped["unreachable_shard"] == 1 and broken.skipped["failed_command"] == 1
+    assert broken.skipped.causes == {"unreachable_shard": f"HTTP 404: {base}/gone.tar",
+                                     "failed_command": f"exit status 1 of 'cat {root}/nothing.tar': "
+                                                       f"pipe:cat {root}/nothing.tar"}
 
 
 def test_data_module_streams_from_a_url(http_root):
@@ -117,7 +120,8 @@ def test_filters_count_every_reason(tmp_path):
                       metadata={"aesthetic": {"min": 5.0}, "pwatermark": {"max": 0.5}})
     ds = stream_of(str(tmp_path / "s.tar"), size=16, filters=filters)
     assert keys_of(ds) == ["ok", "edge"]
-    assert ds.skipped.as_dict() == {"yielded": 2, "corrupt_shard": 0, "no_image": 0, "corrupt_sample": 1,
+    assert ds.skipped.as_dict() == {"yielded": 2, "missing_shard": 0, "unreachable_shard": 0, "failed_command": 0,
+                                    "corrupt_shard": 0, "no_image": 0, "corrupt_sample": 1,
                                     "too_small": 1, "aspect_ratio": 1, "metadata:aesthetic": 2,
                                     "metadata:pwatermark": 1}
     with pytest.raises(ValueError, match=r"no batch of 4 .*metadata:aesthetic 2"):

@@ -16,8 +16,11 @@ from pathlib import Path
 import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from stages.checkpoint import load_torch
+from train.faults import PREEMPTED_EXIT, AtomicCheckpointIO, SaveOnPreemption
 
 # "omegaconf+" resolves ${...} interpolations after command-line overrides; absolute paths such as
 # ${trainer.default_root_dir} then work in every subcommand (fit, validate, ...).
@@ -95,6 +98,15 @@ class TrainCLI(LightningCLI):
         ckpt = read_checkpoint(path)
         check_resumable(ckpt, config["model"]["class_path"], config["model"]["init_args"].as_dict(), path)
 
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """The configured trainer, writing checkpoints atomically (unless the config names another writer) and
+        saving one on preemption (``train.faults``)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        trainer.callbacks.append(SaveOnPreemption())
+        return trainer
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", default="default", help="the run's folder under trainer.default_root_dir "
                             "(the loggers' name in configs/trainer.yaml)")
@@ -120,10 +132,14 @@ SHARED_TRAINER = Path(__file__).resolve().parents[1] / "configs" / "trainer.yaml
 
 
 def main(args: list[str] | None = None) -> TrainCLI:
+    """The CLI; a run stopped by SIGTERM exits with status 143 after saving its checkpoint (``train.faults``)."""
     shared = {"default_config_files": [str(SHARED_TRAINER)]}
-    return TrainCLI(
-        L.LightningModule, L.LightningDataModule,
-        subclass_mode_model=True, subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf+", **{sub: shared for sub in TrainCLI.subcommands()}},
-        args=args,
-    )
+    try:
+        return TrainCLI(
+            L.LightningModule, L.LightningDataModule,
+            subclass_mode_model=True, subclass_mode_data=True,
+            parser_kwargs={"parser_mode": "omegaconf+", **{sub: shared for sub in TrainCLI.subcommands()}},
+            args=args,
+        )
+    except SIGTERMException:
+        raise SystemExit(PREEMPTED_EXIT) from None

@@ -13,6 +13,7 @@ from stages.embedded import openmoji_shards, training_photos
 from stages.images import FolderDataset, PhotoCrops
 from stages.shards import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, manifest_count, shard_sets,
                            source_manifest)
+from train.faults import ignore_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class CheckedLoader(DataLoader):
         if batches == 0 and stream is not None:
             counts = {k: v - before.get(k, 0) for k, v in stream.skipped.as_dict().items()}
             raise ValueError(f"no batch of {stream.batch_size} in a whole pass over {stream.describe()} "
-                             f"({SampleCounts.text(counts)}); check that the shards hold readable images, "
+                             f"({SampleCounts.text(counts, stream.skipped.causes)}); check that the shards hold readable images, "
                              "lower min_size, loosen the filters, or lower batch_size")
 
 
@@ -152,11 +153,13 @@ class ImageTextData(L.LightningDataModule):
                     raise ValueError(f"{self.trainer.world_size} DDP ranks need train_count (the samples in "
                                      f"{dataset.describe()}) so that every rank yields the same number of batches; "
                                      "set --data.init_args.train_count")
-            return CheckedLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+            return CheckedLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                                 worker_init_fn=ignore_sigterm if workers else None)
         if train and len(dataset) < batch_size:
             raise ValueError(f"{len(dataset)} images in {dataset.root} make no batch of {batch_size}; lower batch_size")
         return CheckedLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, shuffle=train,
-                             drop_last=train, persistent_workers=workers > 0)
+                             drop_last=train, persistent_workers=workers > 0,
+                             worker_init_fn=ignore_sigterm if workers else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.hparams.batch_size, True)

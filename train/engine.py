@@ -23,12 +23,13 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
-from torchvision.utils import save_image
 
 from diffusion import CosineSchedule
 from semantic_compressor import SemanticCompressor, load_compressor, normalize_latents
 from stages.checkpoint import fingerprint, load_into, read_metadata, read_weights, resolve_checkpoint, save_safetensors
 from stages.denoisers import denoiser_for
+from stages.files import write_atomic, write_text
+from stages.images import image_bytes
 from stages.lora import add_lora_from_config, save_adapter
 from stages.metrics import Perceptual, fid_metric
 from stages.shards import FINGERPRINTS, check_made_with
@@ -206,9 +207,9 @@ class StageTraining(L.LightningModule):
         n = min(self.hparams.grid_images, real.shape[0])
         out.parent.mkdir(parents=True, exist_ok=True)
         rows = [real[:n], generated[:n], *(row[:n] for row in extra)]
-        save_image(torch.cat(rows).float(), out, nrow=n, padding=2, pad_value=1.0)
+        write_atomic(out, image_bytes(torch.cat(rows).float(), out.suffix, nrow=n))
         if captions:
-            out.with_suffix(".txt").write_text("\n".join(captions[:n]) + "\n")
+            write_text(out.with_suffix(".txt"), "\n".join(captions[:n]) + "\n")
 
     def run_metadata(self) -> dict:
         """Step and wall time of this fit (since it started or resumed)."""

@@ -9,7 +9,8 @@ left out (Stage C needs only the compressor and the text encoder).
 
 Images are scaled to cover ``--image-size`` (or the nearest ``--buckets`` bucket) and centre-cropped,
 as validation crops them. Each input shard gives one output shard of the same name, written under a
-temporary name and renamed when complete; ``manifest.json`` records the encoders' fingerprints
+temporary name, synced and renamed when complete (``stages.files``; a full disk ends with a one-line
+error and leaves the finished shards); ``manifest.json`` records the encoders' fingerprints
 (``stages.checkpoint.fingerprint``), the settings and the samples per finished shard. Running the same
 command again after an interruption continues with the shards not yet written; a finished output
 folder is only replaced with ``--overwrite``.
@@ -34,9 +35,9 @@ from stages.stage_a import load_stage_a
 from stages.text_encoder import ENCODERS, build_text_encoder
 from stages.buckets import batch_by_shape, parse_buckets
 from stages.shards import (BASE_REASONS, FINGERPRINTS, FORMAT, LATENT_KEYS, MANIFEST, Filters, ImagePrep,
-                           SampleCounts, existing_shards, npy_bytes, shard_samples, write_json)
+                           SampleCounts, existing_shards, npy_bytes, shard_samples)
+from stages.files import PARTIAL, atomic_file, write_json
 
-PARTIAL = ".partial"
 
 
 def buckets_arg(text: str) -> list[tuple[int, int]]:
@@ -115,11 +116,12 @@ def encode(batch: dict, encoders: dict, device: str) -> dict[str, torch.Tensor]:
     return {k: (m.encode if k == "stage_a" else m)(inputs[k]) for k, m in encoders.items()}
 
 
-def precompute_shard(url: str, tmp: Path, prep: ImagePrep, encoders: dict, args) -> tuple[int, SampleCounts]:
-    """Encode one input shard into the tar ``tmp``; returns the samples written and those skipped."""
+def precompute_shard(url: str, path: Path, prep: ImagePrep, encoders: dict, args) -> tuple[int, SampleCounts]:
+    """Encode one input shard into the tar ``path``, written atomically (``stages.files``: complete or not
+    there); returns the samples written and those skipped."""
     n, counts = 0, SampleCounts(BASE_REASONS + prep.filters.reasons())
     samples = prep(shard_samples([{"url": url}], counts), counts, rng=None)
-    with wds.TarWriter(str(tmp)) as sink:
+    with atomic_file(path) as file, wds.TarWriter(file) as sink:
         for batch in batch_by_shape(samples, args.batch_size, drop_last=False):
             tensors = encode(batch, encoders, args.device)
             for i, key in enumerate(batch["key"]):
@@ -155,9 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(todo, desc="precompute", unit="shard", initial=len(shards) - len(todo), total=len(shards),
                file=sys.stderr)
     for url, name in bar:
-        tmp = out / (name + PARTIAL)
-        manifest["shards"][name], counts = precompute_shard(url, tmp, prep, encoders, args)
-        os.replace(tmp, out / name)
+        manifest["shards"][name], counts = precompute_shard(url, out / name, prep, encoders, args)
         manifest["count"] = sum(manifest["shards"].values())
         for reason, k in counts.as_dict().items():
             if reason != "yielded" and k:

@@ -2,13 +2,19 @@
 that nothing was written or changed."""
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
+
+from stages import files
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,6 +60,52 @@ def run_main(main, argv: list[str], capsys) -> tuple[int, str]:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     return code, capsys.readouterr().err
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a disk with ``room`` bytes left: writes beyond it fail with ENOSPC, as the kernel's do."""
+
+    def __init__(self, path: Path, room: int):
+        self.file, self.room = open(path, "wb"), room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if len(data) > self.room:
+            self.file.write(data[:self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def full_disk(monkeypatch, room: int = 100, when=lambda partial: True) -> None:
+    """From now on, files written through ``stages.files`` (those ``when(partial path)`` picks) hit a full disk."""
+    create = files._create
+    monkeypatch.setattr(files, "_create", lambda partial: FullDisk(partial, room) if when(partial) else create(partial))
+
+
+def bomb_png(side: int = 100_000) -> bytes:
+    """A 60-byte PNG declaring side x side pixels (10^10 by default): a decompression bomb, beyond PIL's limit."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
 
 def snapshot(folder: Path) -> dict[str, str]:

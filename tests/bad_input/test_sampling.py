@@ -7,14 +7,15 @@ import torch
 
 from sample.__main__ import main
 from stages.decoders import SemanticDecoder
-from stages.pipeline import Prior, load_text_to_image
+from stages import files
+from stages.pipeline import Prior, TextToImage, load_text_to_image
 from semantic_compressor import SemanticCompressor
 from stages import inputs
 from stages.checkpoint import fingerprint, save_safetensors
 from stages.stage_a import StageA
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig
-from tests.bad_input.conftest import assert_error, run_main
+from tests.bad_input.conftest import assert_error, bomb_png, full_disk, run_cli, run_main, snapshot
 
 TINY_A = dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64)
 TINY_B = StageBConfig(widths=(16, 32), blocks=(1, 1), heads=(0, 2), inject_semantic=(False, True), c_cond=16,
@@ -73,7 +74,8 @@ def _argv(bundle, out, *extra):
     (["--width", "-64"], ["--width", "at least 1"]),
     (["--seed", "-1"], ["--seed", "at least 0"]),
     (["--seed", str(2 ** 63)], ["--seed", "below 2**63"]),
-    (["--max-pixel-steps", "nan"], ["--max-pixel-steps", "not a whole number"]),
+    (["--max-minutes", "nan"], ["--max-minutes", "minutes > 0"]),
+    (["--max-minutes", "0"], ["--max-minutes", "minutes > 0"]),
 ])
 def test_bad_numbers_are_refused_when_parsed(bundle, tmp_path, capsys, unchanged, extra, fragments):
     with unchanged(tmp_path):
@@ -109,7 +111,9 @@ def test_existing_single_images_are_not_overwritten(bundle, tmp_path, capsys, un
 @pytest.mark.parametrize("extra,fragments", [
     (["--height", "100000", "--width", "100000"], ["100000x100000", "GiB of memory", "--no-limits"]),
     (["--n", "100000000"], ["100000000 image(s)", "GiB of memory", "--no-limits"]),
-    (["--max-pixel-steps", "1000"], ["pixel-steps", "limit of 1e+03", "--max-pixel-steps"]),
+    (["--n", "2", "--height", "2048", "--width", "2048", "--max-minutes", "0.0001"],
+     ["2 image(s) of 2048x2048 with 2 Stage C and 2 decoder network calls each would take about", "timed at 256 px",
+      "limit of 0 s", "--max-minutes"]),
 ])
 def test_work_beyond_the_device_is_refused_at_once(bundle, tmp_path, capsys, unchanged, monkeypatch, extra,
                                                     fragments):
@@ -134,9 +138,76 @@ def test_api_refuses_huge_requests_within_a_second(pipe, monkeypatch):
     start = time.perf_counter()
     with pytest.raises(ValueError, match="GiB of memory"):
         pipe("sun", **{**FAST, "height": 100000, "width": 100000})
-    with pytest.raises(ValueError, match="pixel-steps"):
-        pipe("sun", images_per_prompt=10, **FAST, limits=inputs.Limits(pixel_steps=10 ** 4))
     assert time.perf_counter() - start < 1.0
+    with pytest.raises(ValueError, match="would take about"):  # after timing two network calls at 256 px only
+        pipe("sun", images_per_prompt=2, **{**FAST, "height": 2048, "width": 2048}, limits=inputs.Limits(seconds=0.01))
+
+
+def test_the_time_estimate_scales_the_timed_calls(pipe, monkeypatch):
+    monkeypatch.setattr(type(pipe), "call_seconds", lambda self: (1.0, 2.0))  # s per call at 256 px: Stage C, decoder
+    assert inputs.estimate_seconds(pipe, 4, (512, 512), 20, 10) == 4 * 4 * (20 * 1.0 + 10 * 2.0)
+    assert inputs.estimate_seconds(pipe, 1, (64, 64), 120, 24) is None  # far too little to be worth timing
+    with pytest.warns(UserWarning, match="about 11 min on this cpu device"):
+        inputs.check_limits(pipe, 4, (512, 512), 20, 10, inputs.Limits())
+    with pytest.raises(ValueError, match="about 11 min on this cpu device .* more than the limit of 10 min"):
+        inputs.check_limits(pipe, 4, (512, 512), 20, 10, inputs.Limits(seconds=600))
+
+
+def test_a_tall_image_shows_its_shape_note_and_is_refused_with_the_estimate(bundle, tmp_path, capsys, monkeypatch):
+    """``--height 100000``: fits in memory at 48 px wide, but on a device whose calls take 30 s at 256 px it
+    would take hours; refused at once, after a note on the aspect ratio."""
+    monkeypatch.setattr(TextToImage, "call_seconds", lambda self: (30.0, 30.0))
+    monkeypatch.setattr(Prior, "sample", lambda *a, **k: pytest.fail("sampling started"))
+    code, err = run_main(main, _argv(bundle, tmp_path / "x.png", "--height", "100000"), capsys)
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    assert_error(code, err, "1 image(s) of 100000x48", "would take about 2.44 h", "--max-minutes", "--no-limits")
+    assert "note: 100000x48 (height/width 2.08e+03) lies outside the aspect ratios of the trained buckets" in err
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_stage_a_encodes_float_images_of_any_precision(dtype):
+    a = StageA(TINY_A).eval()
+    images = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(a.encode(images.to(dtype)), a.encode(images.to(dtype).float()))
+
+
+def test_no_negative_prompt_is_none(pipe):
+    """As in diffusers: negative_prompt=None means none, the same images as the empty one."""
+    assert torch.equal(pipe("sun", None, **FAST), pipe("sun", "", **FAST))
+    with pytest.raises(TypeError, match="negative_prompt must be a str \\(or None for none\\), got int"):
+        pipe("sun", 3, **FAST)
+
+
+def test_parse_errors_are_one_line_with_a_pointer_to_help(tmp_path):
+    proc = run_cli("sample", "sun", "--height", "tall", "--out", str(tmp_path / "x.png"), cwd=tmp_path)
+    assert proc.returncode == 2 and "usage:" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert_error(proc.returncode, proc.stderr, "--height", "not a whole number", "(see python -m sample --help)")
+
+
+def test_a_bomb_image_is_named(bundle, tmp_path, capsys):
+    (tmp_path / "bomb.png").write_bytes(bomb_png())
+    code, err = run_main(main, ["--image", str(tmp_path / "bomb.png"), *_argv(bundle, tmp_path / "x.png")[1:]], capsys)
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    assert_error(code, err, "--image", "bomb.png declares more than 178956970 pixels", "decompression bombs",
+                 "give a smaller image")
+
+
+def test_a_full_disk_while_saving_leaves_the_earlier_images(bundle, tmp_path, capsys, monkeypatch):
+    """A grid of two and its single images: none is written when the disk is full, the old ones stay."""
+    out = tmp_path / "g.png"
+    code, err = run_main(main, _argv(bundle, out, "--n", "2"), capsys)
+    assert code == 0, err
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(files, "free_space", lambda folder: 1000)  # less than the three PNGs need
+    code, err = run_main(main, _argv(bundle, out, "--n", "2", "--seed", "1", "--overwrite"), capsys)
+    assert_error(code, err, f"no space left in {tmp_path} to write g.png", "needed, 1 KB free")
+    assert code == 2 and snapshot(tmp_path) == before
+    monkeypatch.undo()
+    full_disk(monkeypatch, when=lambda partial: partial.name == "g_1.png.partial")  # fills up at the last image
+    code, err = run_main(main, _argv(bundle, out, "--n", "2", "--seed", "1", "--overwrite"), capsys)
+    assert_error(code, err, f"no space left in {tmp_path} to write g_1.png", "needed")
+    assert snapshot(tmp_path) == before
 
 
 def test_memory_estimate_follows_the_models_configs(pipe):
@@ -145,7 +216,7 @@ def test_memory_estimate_follows_the_models_configs(pipe):
     def needs(decoder, images):
         fake = type("Pipe", (), {"decoder": decoder})()
         try:
-            inputs.check_limits(fake, images, (64, 64), 2, inputs.Limits(memory=budget))
+            inputs.check_limits(fake, images, (64, 64), 1, 1, inputs.Limits(memory=budget))
             return False
         except ValueError:
             return True

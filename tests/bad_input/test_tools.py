@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stages.checkpoint import read_metadata, read_weights, save_safetensors
+from stages.checkpoint import load_safetensors, read_metadata, read_weights, save_safetensors, tensor_digest
 from stages.stage_a import StageA, load_stage_a
 
 from .conftest import ROOT, assert_error, assert_cli_error, run_cli, run_main
@@ -92,12 +92,20 @@ def test_exports_without_a_checksum_still_load(tmp_path):
                                                         a.config.to_dict()))
 
 
-def test_shipped_checkpoints_load_unchanged_without_a_checksum(unchanged):
+@pytest.mark.parametrize("path", sorted(SHIPPED.glob("*.safetensors")), ids=lambda p: p.name)
+def test_a_flipped_byte_in_a_shipped_checkpoint_is_caught(path, tmp_path, unchanged):
+    """Every shipped export carries a checksum of its tensors: one flipped bit in the middle of its data
+    stops loading with the file named."""
     with unchanged(SHIPPED):
-        for name in ("stage_a", "stage_c"):
-            assert "checksum" not in read_metadata(SHIPPED / f"{name}.safetensors")
-            state, config = read_weights(SHIPPED / f"{name}.safetensors", name)
-            assert state and config
+        state, meta = load_safetensors(path)
+        assert meta.get("checksum") == tensor_digest(state), f"{path.name} carries no (or a wrong) checksum"
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # the tensors follow the 8-byte length and the JSON header
+    data[start + (len(data) - start) // 2] ^= 0x01
+    flipped = tmp_path / path.name
+    flipped.write_bytes(bytes(data))
+    _raises(ValueError, lambda: load_safetensors(flipped), str(flipped), "corrupt: checksum mismatch",
+            "re-export or re-download")
 
 
 def test_pickle_refused_by_weights_only_loading(tmp_path, unchanged):

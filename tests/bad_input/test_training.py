@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import socket
 import tarfile
 from pathlib import Path
 
@@ -15,8 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.bad_input.conftest import ROOT, assert_cli_error, assert_error, run_cli, run_main, snapshot
+from tests.bad_input.conftest import ROOT, assert_cli_error, assert_error, bomb_png, run_cli, run_main, snapshot
+from stages.checkpoint import save_safetensors
+from stages.stage_a import StageA
 from train.cli import main as cli_main
+from train.precompute import main as precompute
 from train.data import ImageTextData
 
 SIZE = json.dumps(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64))
@@ -97,8 +101,22 @@ def test_every_shard_corrupt_without_count_stops_naming_source_and_counts(tmp_pa
         (tmp_path / name).write_bytes(b"not a tar at all\n" * 40)
     (tmp_path / "c.tar").write_bytes(b"")
     with pytest.raises(ValueError, match=r"no batch of 2 in a whole pass over 3 shards .*yielded 0, skipped: "
-                                         r"corrupt_shard 3\)"):
+                                         r"corrupt_shard 3 \(first: ReadError: .*a\.tar\)\)"):
         first_pass(str(tmp_path))
+
+
+def test_shards_that_cannot_be_opened_are_counted_by_cause(tmp_path):
+    """A missing file, a refused connection and a failing pipe: command: each counted and named in the message."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ValueError) as e:
+        first_pass([str(tmp_path / "gone.tar"), f"http://127.0.0.1:{port}/shard.tar", "pipe:exit 3"])
+    message = str(e.value)
+    assert "\n" not in message and "yielded 0, skipped: " in message
+    assert f"missing_shard 1 (first: file not found: {tmp_path / 'gone.tar'})" in message
+    assert f"unreachable_shard 1 (first: connection refused: http://127.0.0.1:{port}/shard.tar)" in message
+    assert "failed_command 1 (first: exit status 3 of 'exit 3': pipe:exit 3)" in message
 
 
 def test_every_sample_undecodable(tmp_path):
@@ -117,6 +135,25 @@ def test_nothing_passes_min_size_with_a_known_count(tmp_path):
     write_tar(tmp_path / "s.tar", {f"k{i}.png": png((16, 16)) for i in range(5)})
     with pytest.raises(ValueError, match=r"no readable sample for rank 0 worker 0 in .*s\.tar .*too_small 5"):
         first_pass(str(tmp_path / "s.tar"), min_size=64, train_count=5)
+
+
+@pytest.mark.parametrize("side", [100_000, 10_000], ids=["beyond_the_limit", "warned_by_pil"])
+def test_decompression_bombs_are_skipped_and_counted(tmp_path, side):
+    write_tar(tmp_path / "s.tar", {"bomb.png": bomb_png(side), **{f"k{i}.png": png() for i in range(4)}})
+    dm = ImageTextData(train=str(tmp_path / "s.tar"), val=None, image_size=16, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    assert len(list(dm.train_dataloader())) == 2
+    counts = dm.train_set.skipped.as_dict()
+    assert counts["yielded"] == 4 and counts["corrupt_sample"] == 1 and sum(counts.values()) == 5
+
+
+def test_precompute_skips_and_counts_a_decompression_bomb(tmp_path, capsys):
+    write_tar(tmp_path / "s.tar", {"bomb.png": bomb_png(), **{f"k{i}.png": png() for i in range(3)}})
+    a = StageA(json.loads(SIZE))
+    save_safetensors(a, tmp_path / "a.safetensors", "stage_a", a.config.to_dict())
+    manifest = precompute(["--shards", str(tmp_path / "s.tar"), "--out", str(tmp_path / "out"), "--stage-a",
+                           str(tmp_path / "a.safetensors"), "--image-size", "16"])
+    assert manifest["count"] == 3 and manifest["skipped"] == {"corrupt_sample": 1}
 
 
 def test_fewer_samples_than_a_batch_stops(tmp_path):
@@ -285,6 +322,18 @@ def test_weights_only_false_is_refused(openmoji_dir, stage_a_run, last_ckpt, cap
         code, err = resume(stage_a_run, openmoji_dir, last_ckpt, capsys, "--weights_only", "false")
     assert code == 2
     assert_error(code, err, "--weights_only false is not allowed")
+
+
+@pytest.mark.parametrize("case", ["yaml_syntax", "wrong_type"])
+def test_config_parse_errors_are_one_line_with_a_pointer_to_help(tmp_path, case):
+    (tmp_path / "bad.yaml").write_text("trainer: [max_steps: 3\n")
+    args = {"yaml_syntax": ["--config", str(tmp_path / "bad.yaml")],
+            "wrong_type": ["--config", str(ROOT / "configs" / "stage_a" / "tiny.yaml"), "--trainer.max_steps", "many"]}
+    proc = run_cli("train", "fit", *args[case], cwd=tmp_path)
+    assert proc.returncode == 2 and "usage:" not in proc.stderr
+    fragment = {"yaml_syntax": "Problems parsing config", "wrong_type": 'trainer.max_steps": Expected a'}[case]
+    assert_cli_error(proc, fragment, "(see python -m train fit --help)")
+    assert os.listdir(tmp_path) == ["bad.yaml"]
 
 
 def test_command_line_prints_one_line(tmp_path):
