@@ -262,8 +262,7 @@ class TextToImage(nn.Module):
                                             torch.Generator().manual_seed(0), False), decoder.device))
         return measured[key]
 
-    @staticmethod
-    def _check_image(images: torch.Tensor, who: str) -> None:
+    def _check_image(self, images: torch.Tensor, who: str) -> None:
         inputs.check_images(images, who)
         self.prior.grid(*images.shape[-2:])  # at least one compressor cell, with the fix named
 
