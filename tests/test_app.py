@@ -173,7 +173,10 @@ def test_a_bad_size_shows_the_commands_error_in_the_page(page_run, capsys):
     with pytest.raises(SystemExit):
         run_command(sample_main, ["red apple", "--height", "0"])
     cli = capsys.readouterr().err.strip().splitlines()[-1]  # python -m sample: error: argument --height: ...
-    assert shown == "error: " + cli.split("error: ", 1)[1] == "error: argument --height: must be at least 1, got 0"
+    # the command's line, without its pointer to --help (the page has no --help)
+    assert cli.endswith(" (see python -m sample --help)")
+    assert shown == "error: " + cli.split("error: ", 1)[1].removesuffix(" (see python -m sample --help)")
+    assert shown == "error: argument --height: must be at least 1, got 0"
     _type(page, "height", "64")
 
 
