@@ -13,7 +13,7 @@ from stages.embedded import openmoji_shards, training_photos
 from stages.images import FolderDataset, PhotoCrops
 from stages.shards import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, manifest_count, shard_sets,
                            source_manifest)
-from train.faults import ignore_sigterm
+from train.faults import delay_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +154,12 @@ class ImageTextData(L.LightningDataModule):
                                      f"{dataset.describe()}) so that every rank yields the same number of batches; "
                                      "set --data.init_args.train_count")
             return CheckedLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                                 worker_init_fn=ignore_sigterm if workers else None)
+                                 worker_init_fn=delay_sigterm if workers else None)
         if train and len(dataset) < batch_size:
             raise ValueError(f"{len(dataset)} images in {dataset.root} make no batch of {batch_size}; lower batch_size")
         return CheckedLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, shuffle=train,
                              drop_last=train, persistent_workers=workers > 0,
-                             worker_init_fn=ignore_sigterm if workers else None)
+                             worker_init_fn=delay_sigterm if workers else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.hparams.batch_size, True)

@@ -11,7 +11,7 @@ Kubernetes, spot instances). Lightning's signal handling (its ``_SignalConnector
 ``SLURMEnvironment``'s auto-requeue where that is on) records the signal, and its loops end the run
 with ``SIGTERMException`` after the step in progress. This callback then saves ``last.ckpt`` at that
 step and says how to resume; ``train.cli.main`` exits with status 143 (128 + SIGTERM). DataLoader
-workers ignore SIGTERM (``ignore_sigterm``), so the step in progress can finish.
+workers outlive SIGTERM for a grace period (``delay_sigterm``), so the step in progress can finish.
 """
 from __future__ import annotations
 
@@ -31,10 +31,15 @@ from stages.files import write_atomic
 PREEMPTED_EXIT = 128 + signal.SIGTERM  # how shells and schedulers report a process ended by SIGTERM
 
 
-def ignore_sigterm(worker_id: int) -> None:
+SIGTERM_GRACE_SECONDS = 20  # a worker outlives SIGTERM this long (SLURM's default KillWait is 30 s)
+
+
+def delay_sigterm(worker_id: int) -> None:
     """A DataLoader worker's ``worker_init_fn``: SLURM signals every process of a job, and a worker ended by
-    SIGTERM would fail the step in progress before the main process saves; the worker goes when its parent ends."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    SIGTERM at once would fail the step in progress before the main process saves. So SIGTERM only arms
+    an alarm: the worker ends ``SIGTERM_GRACE_SECONDS`` later (SIGALRM's default action), also when it is
+    the parent's own exit that terminates it, so no exit waits on it for ever."""
+    signal.signal(signal.SIGTERM, lambda *_: signal.alarm(SIGTERM_GRACE_SECONDS))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
