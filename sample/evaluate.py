@@ -28,19 +28,20 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sample.__main__ import SHIPPED, fill_sampling_defaults
-from stages.cascade_pipeline import load_cascade_text_to_image
-from stages.decoders import load_pixel_decoder, load_semantic_decoder
-from stages.pipeline import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, non_default,
+from pipeline.cascade import load_cascade_text_to_image
+from pipeline.decoders import load_pixel_decoder, load_semantic_decoder
+from pipeline.text_to_image import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, non_default,
                              sampler_options)
-from semantic_compressor import load_compressor
-from stages.checkpoint import fingerprint, resolve_checkpoint
-from stages.cli import at_least, check_output, comma_list, positive_int, seed, shown
-from stages.errors import run_command
-from stages.files import write_json, write_text
-from stages.embedded import openmoji_split
-from stages.cli import emit
-from stages.metrics import InceptionFeatures, fid_metric
-from stages.stage_a import StageA, load_stage_a
+from weights.loaders import load_compressor
+from weights.checkpoint import fingerprint, resolve_checkpoint
+from common.cli import at_least, check_output, comma_list, positive_int, seed, shown
+from common.errors import run_command
+from common.files import write_json, write_text
+from imagedata.embedded import openmoji_split
+from common.cli import emit
+from common.metrics import InceptionFeatures, fid_metric
+from stages.stage_a import StageA
+from weights.loaders import load_stage_a
 
 
 # Everyday prompts: training captions (so each has its emoji in the set) of things, no people.

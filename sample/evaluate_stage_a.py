@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-from stages.checkpoint import resolve_checkpoint
-from stages.cli import check_output, positive_int
-from stages.errors import run_command
-from stages.stage_a import StageA, load_stage_a
-from stages.embedded import heldout_photos, openmoji_split
-from stages.metrics import Perceptual
-from stages.cli import emit
+from weights.checkpoint import resolve_checkpoint
+from common.cli import check_output, positive_int
+from common.errors import run_command
+from stages.stage_a import StageA
+from weights.loaders import load_stage_a
+from imagedata.embedded import heldout_photos, openmoji_split
+from common.metrics import Perceptual
+from common.cli import emit
 
 
 def bicubic_f4(images: torch.Tensor) -> torch.Tensor:

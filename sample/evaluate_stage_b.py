@@ -16,15 +16,15 @@ import argparse
 
 import torch
 
-from stages.decoders import load_semantic_decoder
-from semantic_compressor import load_compressor
-from stages.checkpoint import read_metadata, resolve_checkpoint
-from stages.cli import check_output, positive_int, seed
-from stages.errors import run_command
-from stages.embedded import openmoji_split
-from stages.cli import emit
-from stages.metrics import InceptionFeatures, fid_metric
-from stages.metrics import Perceptual
+from pipeline.decoders import load_semantic_decoder
+from weights.loaders import load_compressor
+from weights.checkpoint import read_metadata, resolve_checkpoint
+from common.cli import check_output, positive_int, seed
+from common.errors import run_command
+from imagedata.embedded import openmoji_split
+from common.cli import emit
+from common.metrics import InceptionFeatures, fid_metric
+from common.metrics import Perceptual
 
 
 @torch.no_grad()

@@ -14,6 +14,6 @@ def _seed():
 @pytest.fixture(scope="session")
 def openmoji_dir(tmp_path_factory):
     """The embedded OpenMoji set, built once per test session."""
-    from stages.embedded import build_openmoji
+    from imagedata.embedded import build_openmoji
 
     return build_openmoji(tmp_path_factory.mktemp("data") / "openmoji")

@@ -8,7 +8,7 @@ import torch
 import transformers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from stages.cascade_conditioning import (CLIPImageEmbedder, PooledCLIP, PooledMiniLM, build_pooled_text_encoder,
+from pipeline.cascade_conditioning import (CLIPImageEmbedder, PooledCLIP, PooledMiniLM, build_pooled_text_encoder,
                                          split)
 
 

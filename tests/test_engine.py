@@ -62,8 +62,8 @@ def test_train_and_sample_never_import_each_other():
 
 
 def test_precomputed_shards_of_other_encoders_are_refused(tmp_path):
-    from semantic_compressor import load_compressor
-    from stages.checkpoint import fingerprint
+    from weights.loaders import load_compressor
+    from weights.checkpoint import fingerprint
     from train.stage_c import StageCTraining
 
     module = StageCTraining(size=dict(width=32, depth=1, heads=2, c_text=384, dropout=0.0),
@@ -121,7 +121,7 @@ def _size(preset: dict) -> str:
 
 @pytest.mark.slow
 def test_every_stage_trains_validates_and_exports_under_ddp_in_bf16(openmoji_dir, tmp_path):
-    from stages.decoders import pixel_decoder_metadata
+    from pipeline.decoders import pixel_decoder_metadata
 
     a = _ddp_fit("configs/stage_a/tiny.yaml", tmp_path / "a", openmoji_dir, "--model.init_args.size", _size(TINY_A),
                  "--model.init_args.disc_widths", "[8, 16]", "--model.init_args.adv_start_step", "1",
@@ -199,7 +199,7 @@ def test_every_config_parses_with_the_shared_trainer(path, capsys):
 def test_stage_c_trains_from_precomputed_shards_and_refuses_other_encoders(openmoji_dir, tmp_path):
     """python -m train.precompute over the val split, then the Stage C CLI trains from its shards (the batches
     carry the latents and text states: no image is encoded); another compressor is refused before any step."""
-    from stages.checkpoint import fingerprint
+    from weights.checkpoint import fingerprint
     from train.cli import main as cli_main
     from train.precompute import main as precompute
 
@@ -218,7 +218,7 @@ def test_stage_c_trains_from_precomputed_shards_and_refuses_other_encoders(openm
     assert "image" not in batch and batch["semantic"].shape[1:] == (16, 2, 2) and batch["text"].shape[-1] == 384
 
     from semantic_compressor import SemanticCompressor
-    from stages.checkpoint import save_safetensors
+    from weights.checkpoint import save_safetensors
     other = SemanticCompressor(pretrained=False, trainable="none")
     save_safetensors(other, tmp_path / "other.safetensors", "semantic_compressor", other.config.to_dict())
     with pytest.raises(ValueError, match="precompute them again"):

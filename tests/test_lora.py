@@ -1,4 +1,4 @@
-"""LoRA adapters (stages.lora): training only the adapters, small files that name their base, loading with
+"""LoRA adapters (weights.lora): training only the adapters, small files that name their base, loading with
 scales, merging, refusing adapters of another base, and the training and sampling command lines."""
 import json
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from semantic_compressor import SemanticCompressor
-from stages.checkpoint import fingerprint, read_metadata, save_safetensors
-from stages.errors import run_command
-from stages.lora import add_lora, base_state, load_loras, main as lora_main, merged_state, parse_lora, save_adapter
+from weights.checkpoint import fingerprint, read_metadata, save_safetensors
+from common.errors import run_command
+from weights.lora import add_lora, base_state, load_loras, main as lora_main, merged_state, parse_lora, save_adapter
 from stages.stage_a import StageA
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig
@@ -60,7 +60,7 @@ def bundle(tmp_path_factory):
 
 
 def _base(bundle):
-    from stages.stage_c import load_stage_c
+    from weights.loaders import load_stage_c
     return load_stage_c(str(bundle / "stage_c.safetensors")).eval()
 
 
@@ -117,7 +117,7 @@ def test_merge_round_trip_and_merged_export_loads(bundle, tmp_path, capsys):
     out = tmp_path / "merged.safetensors"
     lora_main(["merge", "--base", str(bundle / "stage_c.safetensors"), "--lora",
                f"{bundle / 'adapter.safetensors'}:0.7", "--out", str(out)])
-    from stages.pipeline import load_prior
+    from pipeline.text_to_image import load_prior
     prior = load_prior(out)
     assert torch.allclose(_out(prior.model), with_adapter, atol=1e-5)
     meta = read_metadata(out)
@@ -163,7 +163,7 @@ def test_sample_with_lora_and_scale_zero_matches_the_base(bundle, tmp_path, caps
     sample_main([*args, "--out", str(tmp_path / "lora.png"), "--lora", f"{bundle / 'adapter.safetensors'}:3"])
     base, zero, lora = (read_image(str(tmp_path / f"{n}.png")) for n in ("base", "zero", "lora"))
     assert torch.equal(base, zero) and not torch.equal(base, lora)
-    from stages.pipeline import load_text_to_image
+    from pipeline.text_to_image import load_text_to_image
     pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
                               bundle / "stage_a.safetensors", loras=[(bundle / "adapter.safetensors", 1.0)])
     assert any(".lora_A." in n for n, _ in pipe.prior.model.named_parameters())
@@ -212,7 +212,7 @@ def test_stage_b_lora_trains_only_adapters_and_loads_into_the_decoder(bundle, tm
             if "lora_B" in name:
                 p.normal_(0, 0.2)
     path = save_adapter(module.model, tmp_path / "b_adapter.safetensors", "stage_b", module.lora_settings)
-    from stages.pipeline import load_text_to_image
+    from pipeline.text_to_image import load_text_to_image
     pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
                               bundle / "stage_a.safetensors",
                               loras=[(path, 1.0), (bundle / "adapter.safetensors", 0.5)])

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from diffusion import CosineSchedule, Denoiser
-from stages.denoisers import denoiser_for
-from stages.checkpoint import fingerprint, read_weights, save_safetensors
+from pipeline.denoisers import denoiser_for
+from weights.checkpoint import fingerprint, read_weights, save_safetensors
 from stages.pixel_decoder import (
     GrownUViT,
     KVCompressedAttention,
@@ -143,7 +143,7 @@ def test_kv_compression_switched_on_at_growth_is_a_new_trained_layer():
 @pytest.fixture(scope="module")
 def phase1_export(tmp_path_factory):
     """A phase-1 export as the training module writes it, on the shipped compressor."""
-    from semantic_compressor import load_compressor
+    from weights.loaders import load_compressor
 
     out = tmp_path_factory.mktemp("phase1") / "model.safetensors"
     model = _randomised(ShallowUViT(SMALL))
@@ -186,7 +186,7 @@ def test_phase2_command_with_a_mismatched_core_ends_with_the_message_alone(phase
            "--model.init_args.size", json.dumps(dict(SMALL, width=48)), "--model.init_args.init_from",
            str(phase1_export), "--model.init_args.resolution", "64", "--trainer.default_root_dir", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 2  # stages.errors.run_command: bad input exits with 2
+    assert done.returncode == 2  # common.errors.run_command: bad input exits with 2
     assert "error: the phase 2 config's core does not match the phase 1 checkpoint" in done.stderr
     assert "width: 48 vs 32" in done.stderr and "Traceback" not in done.stderr
     assert not any(tmp_path.iterdir())  # nothing written
@@ -219,13 +219,13 @@ def test_cli_phase1_then_phase2_then_sampling(openmoji_dir, tmp_path, capsys):
     _fit("configs/pixel_decoder/tiny_phase2.yaml", runs, openmoji_dir, "--model.init_args.init_from", str(p1),
          "--model.init_args.resolution", "64", "--data.init_args.min_size", "64")
     p2 = runs / "tiny_phase2_greedy" / "version_0"
-    from stages.decoders import pixel_decoder_metadata
+    from pipeline.decoders import pixel_decoder_metadata
     meta = pixel_decoder_metadata(p2 / "model.safetensors")
     assert (meta["phase"], meta["mode"], meta["resolution"]) == (2, "greedy", 64)
     assert meta["logsnr_shift"] == pytest.approx(2 * math.log(32 / 64))
     p1_meta = pixel_decoder_metadata(p1 / "model.safetensors")  # phase 1's cost travels with phase 2
     assert (meta["init_global_step"], meta["init_wall_time_s"]) == (p1_meta["global_step"], p1_meta["wall_time_s"])
-    from semantic_compressor import load_compressor
+    from weights.loaders import load_compressor
     assert meta["compressor_fingerprint"] == fingerprint(load_compressor(SHIPPED_COMPRESSOR))
     one, _ = read_weights(p1 / "model.safetensors", "pixel_decoder")
     two, config = read_weights(p2 / "model.safetensors", "pixel_decoder")
@@ -250,7 +250,7 @@ def test_cli_phase1_then_phase2_then_sampling(openmoji_dir, tmp_path, capsys):
 
 def test_sampler_errors_for_pixel_decoders(tmp_path, capsys):
     from sample.__main__ import main
-    from stages.errors import run_command
+    from common.errors import run_command
 
     def sample_main(argv):  # as `python -m sample` runs it: one-line errors, exit status 2
         return run_command(main, argv)
@@ -275,8 +275,8 @@ def test_shipped_pixel_decoder_is_the_greedy_grown_one_and_samples_by_default(tm
     from PIL import Image
 
     from sample.__main__ import main as sample_main
-    from stages.decoders import pixel_decoder_metadata
-    from semantic_compressor import load_compressor
+    from pipeline.decoders import pixel_decoder_metadata
+    from weights.loaders import load_compressor
 
     meta = pixel_decoder_metadata(ROOT / "checkpoints" / "tiny" / "pixel_decoder.safetensors")
     assert (meta["phase"], meta["mode"], meta["resolution"]) == (2, "greedy", 128)

@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 from semantic_compressor import SemanticCompressor
-from stages.checkpoint import fingerprint, read_metadata, save_safetensors
-from stages.errors import run_command
-from stages.previewer import Previewer, load_previewer
+from weights.checkpoint import fingerprint, read_metadata, save_safetensors
+from common.errors import run_command
+from stages.previewer import Previewer
+from weights.loaders import load_previewer
 from stages.stage_c import StageC, StageCConfig
 from train.cli import main as cli_main
 

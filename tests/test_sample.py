@@ -6,8 +6,8 @@ import torch
 
 from sample.__main__ import main
 from semantic_compressor import SemanticCompressor
-from stages.checkpoint import fingerprint, save_safetensors
-from stages.errors import run_command
+from weights.checkpoint import fingerprint, save_safetensors
+from common.errors import run_command
 from stages.stage_a import StageA
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig
@@ -62,7 +62,7 @@ def test_cli_writes_an_image_and_prints_where(bundle, tmp_path, capsys):
 
 
 def test_batches_grid_and_reproducible_seeds(bundle, tmp_path):
-    from stages.pipeline import load_text_to_image
+    from pipeline.text_to_image import load_text_to_image
 
     pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
                               bundle / "stage_a.safetensors")
@@ -105,7 +105,7 @@ def test_png_carries_its_settings_and_a_command_that_makes_it_again(bundle, tmp_
 
 
 def test_callback_sees_every_step_of_each_stage_and_can_stop_the_work(bundle):
-    from stages.pipeline import load_text_to_image
+    from pipeline.text_to_image import load_text_to_image
 
     pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
                               bundle / "stage_a.safetensors")
@@ -210,7 +210,7 @@ def test_evaluate_prints_scores_for_text_to_image_and_true_latents(bundle, openm
 
 def test_latent_gallery_follows_the_inception_gallery_order(bundle, openmoji_dir):
     from sample.evaluate import latent_gallery, whole_set
-    from semantic_compressor import load_compressor
+    from weights.loaders import load_compressor
 
     compressor = load_compressor(bundle / "compressor.safetensors")
     images, captions = whole_set(str(openmoji_dir), 64, limit=6)
@@ -234,7 +234,7 @@ def test_top5_hits_counts_the_target_among_the_five_nearest():
 
 def test_compare_writes_table_json_and_grid_for_every_decoder(bundle, openmoji_dir, tmp_path, capsys):
     from sample.compare import main as compare
-    from semantic_compressor import load_compressor
+    from weights.loaders import load_compressor
     from stages.pixel_decoder import ShallowUViT, grow, growth_plan
 
     small = dict(resolution=32, core_grid=8, entry_channels=16, width=32, depth=1, heads=2, c_t=32,
@@ -278,7 +278,7 @@ def test_compare_writes_table_json_and_grid_for_every_decoder(bundle, openmoji_d
 
 
 def test_sampler_flags_choose_each_stage_and_bad_ones_fail_before_loading(bundle, tmp_path, capsys):
-    from stages.pipeline import load_text_to_image
+    from pipeline.text_to_image import load_text_to_image
 
     pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
                               bundle / "stage_a.safetensors")

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from diffusion.parameterisations import AbsAB
-from stages.denoisers import denoiser_for
-from stages.convert import load_stage_c_release, stage_c_config_from_release, stage_c_from_release
+from pipeline.denoisers import denoiser_for
+from weights.convert import load_stage_c_release, stage_c_config_from_release, stage_c_from_release
 from stages.stage_c import PRESETS, StageC
 
 

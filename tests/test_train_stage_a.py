@@ -36,7 +36,7 @@ def test_cli_fit_writes_checkpoints_grids_metrics_and_safetensors(openmoji_dir, 
     metrics = (run / "metrics.csv").read_text()
     assert "val/psnr" in metrics and "train/g_adv" in metrics  # adversarial term on after step 2
     assert list(run.glob("events.out.tfevents*"))  # TensorBoard in the same run folder
-    from stages.stage_a import load_stage_a
+    from weights.loaders import load_stage_a
     model = load_stage_a(str(run / "model.safetensors"))
     assert model.config.widths == (8, 16)
     # the Lightning checkpoint loads safely (weights_only) as well
@@ -107,7 +107,7 @@ def test_wrong_stage_checkpoint_is_refused_on_resume(openmoji_dir, tmp_path):
 
 
 def test_evaluate_command_prints_json_and_never_overwrites(openmoji_dir, tmp_path, capsys):
-    from stages.checkpoint import save_safetensors
+    from weights.checkpoint import save_safetensors
     from stages.stage_a import StageA
     from sample.evaluate_stage_a import main as evaluate
 

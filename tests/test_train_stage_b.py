@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from stages.checkpoint import save_safetensors
+from weights.checkpoint import save_safetensors
 from stages.stage_a import StageA
 from train.cli import main as cli_main
 
@@ -41,7 +41,7 @@ def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_a_file, tm
     assert "val/fid" in metrics and "val/lpips" in metrics and "train/loss" in metrics
     from safetensors import safe_open
 
-    from stages.stage_b import load_stage_b
+    from weights.loaders import load_stage_b
     model = load_stage_b(str(run / "model.safetensors"))
     assert model.config.widths == (16, 32, 32)
     with safe_open(str(run / "model.safetensors"), "pt") as f:
@@ -56,7 +56,7 @@ def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_a_file, tm
     assert load_stage_b(str(run / "checkpoints" / "last.ckpt")).config == model.config
 
     # the decoder finds the Stage A that Stage B recorded, and refuses any other
-    from stages.decoders import load_semantic_decoder
+    from pipeline.decoders import load_semantic_decoder
     assert load_semantic_decoder(run).stage_a.config.widths == (8, 16)
     other = StageA(TINY_A)
     with torch.no_grad():
@@ -123,9 +123,9 @@ def test_semantic_decoder_gives_images_of_the_asked_size(stage_a_file):
 def test_refine_continues_with_the_frozen_compressor_on_cached_latents(openmoji_dir, stage_a_file, tmp_path):
     from safetensors import safe_open
 
-    from semantic_compressor import load_compressor
-    from stages.checkpoint import fingerprint
-    from stages.stage_b import load_stage_b
+    from weights.loaders import load_compressor
+    from weights.checkpoint import fingerprint
+    from weights.loaders import load_stage_b
     from train.stage_b import StageBTraining
 
     _fit(tmp_path / "first", openmoji_dir, stage_a_file, steps=2)

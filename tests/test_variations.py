@@ -9,14 +9,14 @@ from PIL import Image
 
 from sample.__main__ import main
 from semantic_compressor import SemanticCompressor, normalize_latents
-from stages.checkpoint import fingerprint, save_safetensors
-from stages.decoders import PixelDecoder, SemanticDecoder
-from stages.errors import run_command
-from stages.pipeline import Prior, TextToImage, load_pixel_text_to_image, load_text_to_image
+from weights.checkpoint import fingerprint, save_safetensors
+from pipeline.decoders import PixelDecoder, SemanticDecoder
+from common.errors import run_command
+from pipeline.text_to_image import Prior, TextToImage, load_pixel_text_to_image, load_text_to_image
 from stages.stage_a import StageA
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig
-from stages.text_encoder import TextEncoder
+from pipeline.text_encoder import TextEncoder
 from tests.test_sample import TINY_B, TINY_C, _randomised
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
@@ -109,7 +109,7 @@ def test_img2img_runs_the_stage_c_steps_below_the_strength(pipes, monkeypatch):
 def test_shipped_variations_resemble_their_image(openmoji_dir):
     """With the shipped checkpoints, each variation's compressor latents are nearer its own emoji's than
     any other image's of the batch (cosine)."""
-    from stages.embedded import openmoji_split
+    from imagedata.embedded import openmoji_split
 
     pipe = load_text_to_image(SHIPPED / "stage_c.safetensors", SHIPPED / "stage_b.safetensors",
                               SHIPPED / "stage_a.safetensors", compressor=SHIPPED / "compressor.safetensors")

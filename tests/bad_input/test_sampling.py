@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from sample.__main__ import main
-from stages.decoders import SemanticDecoder
-from stages import files
-from stages.pipeline import Prior, TextToImage, load_text_to_image
+from pipeline.decoders import SemanticDecoder
+from common import files
+from pipeline.text_to_image import Prior, TextToImage, load_text_to_image
 from semantic_compressor import SemanticCompressor
-from stages import inputs
-from stages.checkpoint import fingerprint, save_safetensors
+from pipeline import inputs
+from weights.checkpoint import fingerprint, save_safetensors
 from stages.stage_a import StageA
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig

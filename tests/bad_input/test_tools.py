@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stages.checkpoint import load_safetensors, read_metadata, read_weights, save_safetensors, tensor_digest
-from stages.stage_a import StageA, load_stage_a
+from weights.checkpoint import load_safetensors, read_metadata, read_weights, save_safetensors, tensor_digest
+from stages.stage_a import StageA
+from weights.loaders import load_stage_a
 
 from .conftest import ROOT, assert_error, assert_cli_error, run_cli, run_main
 
@@ -150,7 +151,7 @@ def test_sampler_names_a_truncated_stage_c(export, tmp_path, capsys, unchanged):
 
 def _stage_b_recording(root: Path, record: str) -> Path:
     """A tiny Stage B under ``root/runs/b`` whose Stage A record is ``record`` (relative to ``root``)."""
-    from stages.checkpoint import fingerprint
+    from weights.checkpoint import fingerprint
     from stages.stage_b import StageB, StageBConfig
 
     a = _stage_a()
@@ -163,7 +164,7 @@ def _stage_b_recording(root: Path, record: str) -> Path:
 
 def test_relative_stage_a_record_resolves_from_any_cwd(tmp_path, monkeypatch):
     """Older exports recorded Stage A relative to where training ran (the shipped Stage B too)."""
-    from stages.decoders import load_semantic_decoder
+    from pipeline.decoders import load_semantic_decoder
 
     b = _stage_b_recording(tmp_path / "repo", "runs/a/model.safetensors")
     elsewhere = tmp_path / "elsewhere"
@@ -174,7 +175,7 @@ def test_relative_stage_a_record_resolves_from_any_cwd(tmp_path, monkeypatch):
 
 
 def test_missing_recorded_stage_a_is_named(tmp_path, monkeypatch):
-    from stages.decoders import load_semantic_decoder
+    from pipeline.decoders import load_semantic_decoder
 
     b = _stage_b_recording(tmp_path / "repo", "runs/a/model.safetensors")
     (tmp_path / "repo" / "runs" / "a" / "model.safetensors").unlink()
@@ -225,7 +226,7 @@ def test_bundle_out_below_a_file(tmp_path, capsys, unchanged):
 
 
 def test_convert_refuses_an_existing_out_without_overwrite(tmp_path, capsys, unchanged):
-    from stages.convert import main
+    from weights.convert import main
 
     out = tmp_path / "stage_a.safetensors"
     out.write_bytes(b"keep")
@@ -236,7 +237,7 @@ def test_convert_refuses_an_existing_out_without_overwrite(tmp_path, capsys, unc
 
 @pytest.mark.parametrize("name,fragment", [("model.pt", "must end in .safetensors"), ("folder", "is a folder")])
 def test_convert_out_must_be_a_safetensors_file(tmp_path, capsys, unchanged, name, fragment):
-    from stages.convert import main
+    from weights.convert import main
 
     (tmp_path / "folder").mkdir()
     with unchanged(tmp_path):
@@ -247,7 +248,7 @@ def test_convert_out_must_be_a_safetensors_file(tmp_path, capsys, unchanged, nam
 def test_convert_overwrite_replaces_the_file(tmp_path, capsys):
     """``--overwrite`` (which the refusal points at) replaces the output; without it, it stays."""
     diffusers_vq = pytest.importorskip("diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model")
-    from stages.convert import main
+    from weights.convert import main
 
     diffusers_vq.PaellaVQModel(embed_dim=64, bottleneck_blocks=1, num_vq_embeddings=8).save_pretrained(tmp_path / "vq")
     out = tmp_path / "stage_a.safetensors"
@@ -361,7 +362,7 @@ def test_convert_cli_names_a_corrupt_source_from_another_cwd(tmp_path, unchanged
     src = tmp_path / "vqgan.safetensors"
     src.write_bytes(b"\x00" * 64)
     with unchanged(tmp_path):
-        proc = run_cli("stages.convert", "stage_a", "--src", str(src), "--out", str(tmp_path / "out.safetensors"),
+        proc = run_cli("weights.convert", "stage_a", "--src", str(src), "--out", str(tmp_path / "out.safetensors"),
                        cwd=tmp_path)
     assert proc.returncode == 2
     assert_cli_error(proc, str(src), "not a readable safetensors file", "WUERSTCHEN_TRACEBACK=1")

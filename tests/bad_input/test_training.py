@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from tests.bad_input.conftest import ROOT, assert_cli_error, assert_error, bomb_png, run_cli, run_main, snapshot
-from stages.checkpoint import save_safetensors
+from weights.checkpoint import save_safetensors
 from stages.stage_a import StageA
 from train.cli import main as cli_main
 from train.precompute import main as precompute

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from stages.text_encoder import MiniLMTextEncoder, TextEncoder, warn_truncated
+from pipeline.text_encoder import MiniLMTextEncoder, TextEncoder, warn_truncated
 
 
 def split(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
