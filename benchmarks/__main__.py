@@ -19,13 +19,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks import cost, latency, reference, report
+from benchmarks import cost, latency, reference, report, presets
 from benchmarks.targets import SIZES, TRAIN_PX, targets
 from benchmarks.throughput import forward_flops, parameters, run_target, train_flops
 from common.cli import check_output, comma_list, positive_int, positive_ints
 from common.errors import run_command
 from common.files import write_json
-from benchmarks import presets
 
 CPU_TRAIN_LIMIT = 100e6  # parameters; bigger models' AdamW steps are skipped on CPU unless --full
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -25,14 +25,11 @@ from torch import nn
 
 from benchmarks.measure import autocast, synchronize
 from benchmarks.targets import CONFIGS, Target, build_text_encoder, grown_pixel_decoder, targets
-from pipeline.decoders import PixelDecoder
+from pipeline.decoders import PixelDecoder, SemanticDecoder
 from benchmarks.throughput import forward_flops
-from pipeline.decoders import SemanticDecoder
 from stages.stage_a import StageA
-from stages.stage_b import StageB
-from stages.stage_b import stage_b_config
-from pipeline.text_to_image import Prior
-from pipeline.text_to_image import TextToImage
+from stages.stage_b import StageB, stage_b_config
+from pipeline.text_to_image import Prior, TextToImage
 from stages.stage_c import StageC
 
 PRIOR_STEPS, DECODER_STEPS = 60, 12  # the paper's Fig. 4

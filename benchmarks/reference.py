@@ -21,7 +21,7 @@ from benchmarks.measure import autocast, compiled, time_alternating
 from benchmarks.targets import TEXT_TOKENS
 from semantic_compressor import latent_grid
 from weights.convert import (stage_a_config_from_release, stage_a_from_release, stage_b_config_from_release,
-                            stage_b_from_release, stage_c_config_from_release, stage_c_from_release)
+                             stage_b_from_release, stage_c_config_from_release, stage_c_from_release)
 from pipeline.denoisers import denoiser_for
 from stages.stage_a import PRESETS as A_PRESETS, StageA, StageAConfig
 from stages.stage_b import PRESETS as B_PRESETS, StageB, StageBConfig

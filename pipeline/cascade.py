@@ -27,9 +27,8 @@ from pipeline.inputs import check_half
 from weights.lora import load_loras
 from pipeline.text_to_image import TextToImage, _cast, _with_compressor, split_loras
 from stages.stable_cascade import StageB3, StageC3
-from weights.loaders import load_stage_b3, load_stage_c3
+from weights.loaders import load_stage_b3, load_stage_c3, load_stage_a
 from stages.stage_a import StageA
-from weights.loaders import load_stage_a
 from pipeline.text_encoder import TextEncoder
 from pipeline import inputs
 

@@ -20,11 +20,9 @@ from weights.checkpoint import fingerprint, read_metadata, recorded_path, resolv
 from pipeline.denoisers import denoiser_for
 from pipeline.inputs import check_half
 from stages.stage_a import StageA
-from weights.loaders import load_stage_a
+from weights.loaders import load_stage_a, load_stage_b, load_pixel_model
 from stages.stage_b import StageB
-from weights.loaders import load_stage_b
 from pipeline.text_encoder import TextEncoder, build_text_encoder
-from weights.loaders import load_pixel_model
 
 
 def text_states(encoder: TextEncoder | None, c_text: int | None, prompts: list[str] | None,

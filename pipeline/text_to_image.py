@@ -24,7 +24,7 @@ from torchvision.utils import make_grid
 
 from diffusion import SAMPLERS, Guided, check_sampler, check_start, sample, takes_eta
 from semantic_compressor import PAPER_INPUT_SCALE, SemanticCompressor, denormalize_latents, latent_grid, normalize_latents
-from weights.loaders import load_compressor
+from weights.loaders import load_compressor, load_stage_c
 from weights.checkpoint import fingerprint, read_metadata, resolve_checkpoint
 from pipeline.denoisers import denoiser_for
 from common.files import write_together
@@ -32,10 +32,8 @@ from pipeline import inputs
 from weights.lora import check_loras, load_loras
 from pipeline.inputs import Limits, check_finite, check_half, check_image_request, check_request
 from stages.stage_c import StageC
-from weights.loaders import load_stage_c
 from pipeline.text_encoder import TextEncoder, build_text_encoder, check_prompts
-from pipeline.decoders import load_semantic_decoder
-from pipeline.decoders import load_pixel_decoder
+from pipeline.decoders import load_semantic_decoder, load_pixel_decoder
 
 
 @dataclass

@@ -40,7 +40,7 @@ from semantic_compressor import latent_grid
 from pipeline import inputs
 from weights.checkpoint import read_metadata, recorded_path, resolve_checkpoint
 from pipeline.text_to_image import (DEFAULT_STRENGTH, add_sampler_arguments, load_pixel_text_to_image, load_prior,
-                             load_text_to_image, sampler_options, save_images)
+                                    load_text_to_image, sampler_options, save_images)
 from pipeline.cascade import RELEASE, load_cascade_prior, load_cascade_text_to_image
 from weights.loaders import load_any_previewer
 from pipeline.text_encoder import check_prompts

@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 from pipeline.text_to_image import load_text_to_image
-from weights.loaders import load_compressor
+from weights.loaders import load_compressor, load_stage_a
 from weights.checkpoint import fingerprint, read_metadata, resolve_checkpoint
 from common.cli import check_output
 from common.errors import run_command
-from weights.loaders import load_stage_a
 
 STAGE_FILES = ("stage_a.safetensors", "stage_b.safetensors", "compressor.safetensors", "stage_c.safetensors")
 CARDS = ("model_card.json", "MODEL_CARD.md")

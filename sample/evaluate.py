@@ -32,17 +32,15 @@ from sample.options import add_evaluation_arguments, parse_evaluation_arguments
 from pipeline.cascade import load_cascade_text_to_image
 from pipeline.decoders import load_pixel_decoder, load_semantic_decoder
 from pipeline.text_to_image import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, non_default,
-                             sampler_options)
-from weights.loaders import load_compressor
+                                    sampler_options)
+from weights.loaders import load_compressor, load_stage_a
 from weights.checkpoint import fingerprint, resolve_checkpoint
-from common.cli import at_least, comma_list, positive_int, shown
+from common.cli import at_least, comma_list, positive_int, shown, emit
 from common.errors import run_command
 from common.files import write_json, write_text
 from imagedata.embedded import openmoji_split
-from common.cli import emit
 from common.metrics import InceptionFeatures, fid_metric
 from stages.stage_a import StageA
-from weights.loaders import load_stage_a
 
 
 # Everyday prompts: training captions (so each has its emoji in the set) of things, no people.

@@ -9,7 +9,7 @@ import transformers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from pipeline.cascade_conditioning import (CLIPImageEmbedder, PooledCLIP, PooledMiniLM, build_pooled_text_encoder,
-                                         split)
+                                           split)
 
 
 def test_minilm_pooled_is_the_masked_mean_of_its_states():

@@ -21,10 +21,11 @@ from PIL import Image
 
 import imagedata.embedded as embedded
 import imagedata.shards as stream
-from imagedata.embedded import build_openmoji, emoji_captions, openmoji_shards, split_of
-from imagedata.images import FolderDataset, decode_image, resize_crop, to_rgb
+from imagedata.embedded import (build_openmoji, emoji_captions, openmoji_shards, split_of, HELDOUT_SKIMAGE,
+                                HELDOUT_SKLEARN, heldout_photos, training_photos)
+from imagedata.images import FolderDataset, decode_image, resize_crop, to_rgb, PhotoCrops
 from imagedata.shards import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, existing_shards, list_shards,
-                           shard_samples)
+                              shard_samples, interleave)
 from train.data import ImageTextData
 
 REPO = Path(__file__).resolve().parents[1]
@@ -674,10 +675,6 @@ def test_image_text_data_picks_folder_or_shard_loader(tmp_path):
 
 
 def test_training_photos_are_disjoint_from_heldout_and_interleave():
-    from imagedata.embedded import HELDOUT_SKIMAGE, HELDOUT_SKLEARN, heldout_photos, training_photos
-    from imagedata.images import PhotoCrops
-    from imagedata.shards import interleave
-
     held = heldout_photos(64)
     train = training_photos()
     assert len(held) == 9 and len(train) >= 8

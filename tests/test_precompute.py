@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 
 import train.precompute as precompute
-from weights.loaders import load_compressor
+from weights.loaders import load_compressor, load_stage_a
 from weights.checkpoint import fingerprint
 from common.errors import run_command
-from weights.loaders import load_stage_a
 from pipeline.text_encoder import build_text_encoder
 from tests.test_data import write_tar
 from train.data import ImageTextData

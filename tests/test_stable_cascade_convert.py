@@ -12,9 +12,8 @@ from weights.convert import main as convert
 from weights.convert_cascade import diffusers_config, to_release
 from weights.export_diffusers import main as export, save_diffusers
 from stages.stable_cascade import StageB3, StageC3
-from weights.loaders import load_stage_b3, load_stage_c3
+from weights.loaders import load_stage_b3, load_stage_c3, load_stage_c
 from stages.stage_c import StageC
-from weights.loaders import load_stage_c
 from tests.bad_input.conftest import assert_error, run_main
 from tests.test_stable_cascade import B_CONFIG, C_CONFIG, randomised
 

@@ -12,7 +12,7 @@ from imagedata.buckets import collate, parse_buckets
 from imagedata.embedded import openmoji_shards, training_photos
 from imagedata.images import FolderDataset, PhotoCrops
 from imagedata.shards import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, manifest_count, shard_sets,
-                           source_manifest)
+                              source_manifest)
 from train.faults import delay_sigterm
 
 log = logging.getLogger(__name__)

@@ -27,15 +27,14 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from weights.loaders import load_compressor
+from weights.loaders import load_compressor, load_stage_a
 from weights.checkpoint import fingerprint
 from common.cli import check_output, positive_int
 from common.errors import run_command
-from weights.loaders import load_stage_a
 from pipeline.text_encoder import ENCODERS, build_text_encoder
 from imagedata.buckets import batch_by_shape, parse_buckets
 from imagedata.shards import (BASE_REASONS, FINGERPRINTS, FORMAT, LATENT_KEYS, MANIFEST, Filters, ImagePrep,
-                           SampleCounts, existing_shards, npy_bytes, shard_samples)
+                              SampleCounts, existing_shards, npy_bytes, shard_samples)
 from common.files import PARTIAL, atomic_file, write_json
 
 

@@ -24,9 +24,8 @@ from semantic_compressor import latent_grid
 from pipeline.cascade_conditioning import build_pooled_text_encoder, split
 from pipeline.cascade import RELEASE, CascadeDecoder, CascadePrior, load_cascade_decoder
 from weights.checkpoint import fingerprint, resolve_checkpoint
-from weights.loaders import load_previewer
+from weights.loaders import load_previewer, load_stage_a
 from stages.stable_cascade import StageB3, StageC3, stage_b3_config, stage_c3_config
-from weights.loaders import load_stage_a
 from train.engine import DiffusionTraining, Latents, SemanticCondition, TextCondition, compressor_for
 
 LOSS_WEIGHTS = ("adaptive", "p2")  # the release's two (gdf AdaptiveLossWeight, P2LossWeight)

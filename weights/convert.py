@@ -33,7 +33,7 @@ from weights.checkpoint import load_safetensors, load_torch, resolve_checkpoint,
 from common.state_dict import load_into
 from common.cli import check_output
 from weights.convert_cascade import (LAYOUTS, cascade_stage, config_from_release, from_release, is_stable_cascade,
-                                    to_release)
+                                     to_release)
 from common.errors import run_command
 from stages.stage_a import StageA, StageAConfig
 from stages.stage_b import StageB, StageBConfig

@@ -35,13 +35,10 @@ from common.cli import shown
 from common.errors import run_command
 from weights.convert_cascade import check_diffusers_expressible, diffusers_config, to_release
 from stages.stable_cascade import StageB3, StageC3
-from weights.loaders import load_stage_b3, load_stage_c3
+from weights.loaders import load_stage_b3, load_stage_c3, load_stage_a, load_stage_b, load_stage_c
 from stages.stage_a import StageA
-from weights.loaders import load_stage_a
 from stages.stage_b import StageB
-from weights.loaders import load_stage_b
 from stages.stage_c import StageC
-from weights.loaders import load_stage_c
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # the first diffusers release with the Würstchen modules (recorded in config.json as save_pretrained does)

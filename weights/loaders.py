@@ -13,10 +13,9 @@ from torch import nn
 from common.state_dict import load_into
 from semantic_compressor import SemanticCompressor
 from stages.cascade_previewer import CascadePreviewer
-from stages.pixel_decoder import STAGE as PIXEL_DECODER_STAGE
-from stages.pixel_decoder import GrownUViT, PixelDecoderConfig, ShallowUViT, build_pixel_model
-from stages.previewer import STAGE as PREVIEWER_STAGE
-from stages.previewer import Previewer
+from stages.pixel_decoder import (STAGE as PIXEL_DECODER_STAGE, GrownUViT, PixelDecoderConfig, ShallowUViT,
+                                  build_pixel_model)
+from stages.previewer import STAGE as PREVIEWER_STAGE, Previewer
 from stages.stable_cascade import STAGE_NAMES, CascadeConfig, StageB3, StageC3
 from stages.stage_a import StageA, StageAConfig, stage_a_config
 from stages.stage_b import StageB, StageBConfig

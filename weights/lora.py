@@ -25,7 +25,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from weights.checkpoint import (load_model, load_safetensors, read_metadata, resolve_checkpoint, save_tensors,
-                               tensor_digest)
+                                tensor_digest)
 from common.errors import run_command
 from stages.stage_b import StageB
 from stages.stage_c import StageC

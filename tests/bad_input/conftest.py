@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from common import files
+from common.errors import run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,8 +53,6 @@ def assert_cli_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
 
 def run_main(main, argv: list[str], capsys) -> tuple[int, str]:
     """Run a command's ``main`` in-process through ``common.errors.run_command``: (exit status, stderr)."""
-    from common.errors import run_command
-
     try:
         run_command(main, argv)
         code = 0
