@@ -62,14 +62,6 @@ def test_warmup_cosine_factors():
         WarmupCosine(opt, total_steps=0)
 
 
-def test_train_and_sample_never_import_each_other():
-    """Imports point one way: training and sampling both build on the library (stages, diffusion)."""
-    for app, other in (("train", "sample"), ("sample", "train")):
-        for path in (ROOT / app).rglob("*.py"):
-            text = path.read_text()
-            assert f"from {other}" not in text and f"import {other}" not in text, path
-
-
 def test_precomputed_shards_of_other_encoders_are_refused(tmp_path):
     module = StageCTraining(size=dict(width=32, depth=1, heads=2, c_text=384, dropout=0.0),
                             compressor=str(SHIPPED_COMPRESSOR))
