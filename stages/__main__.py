@@ -19,7 +19,6 @@ def _count(model: nn.Module) -> int:
 
 
 def parameter_counts() -> dict:
-
     counts = {}
     with torch.device("meta"):
         for name in STAGE_A_PRESETS:
