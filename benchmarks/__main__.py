@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks import cost, latency, reference, report
+from benchmarks import cost, latency, reference, report, presets
 from benchmarks.targets import SIZES, TRAIN_PX, targets
 from benchmarks.throughput import forward_flops, parameters, run_target, train_flops
-from stages.cli import check_output, comma_list, positive_int, positive_ints
-from stages.errors import run_command
-from stages.files import write_json
+from common.cli import check_output, comma_list, positive_int, positive_ints
+from common.errors import run_command
+from common.files import write_json
 
 CPU_TRAIN_LIMIT = 100e6  # parameters; bigger models' AdamW steps are skipped on CPU unless --full
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
                     lat += latency.project_sampling(size, rows, measured_px, batches, decoder)
         results["latency"] = lat
         notes.append("Latency: random weights (timing does not depend on them). 'measured' = the real sampler "
-                     "(stages.pipeline.TextToImage) with each decoder of benchmarks.latency.DECODERS at its default steps "
+                     "(pipeline.text_to_image.TextToImage) with each decoder of benchmarks.latency.DECODERS at its default steps "
                      "(Stage B 12, pixel decoder 50), per-stage times from hooks; "
                      "'projected' = exact FLOPs at that size / the FLOP/s the module reached in the throughput rows "
                      "x the number of calls (60 x 2 for C, 12 x 2 for B and 50 x 2 for the pixel decoder with "
@@ -205,7 +205,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     if "presets" in parts:
         if gpu:
-            from benchmarks import presets
 
             results["presets"] = []
             for kind in tqdm(presets.PRESETS, desc="training presets"):

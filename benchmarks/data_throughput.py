@@ -34,10 +34,10 @@ from PIL import Image
 from benchmarks.cost import PEAK_TFLOPS, SCHEDULE
 from benchmarks.targets import targets
 from benchmarks.throughput import train_flops
-from stages.cli import check_output, positive_int
-from stages.errors import run_command
-from stages.files import write_json
-from stages.shards import npy_bytes
+from common.cli import check_output, positive_int
+from common.errors import run_command
+from common.files import write_json
+from imagedata.shards import npy_bytes
 from train.data import ImageTextData
 
 PX = 512  # the first training phase of Stage B and Stage C (App. E.2, E.3)

@@ -1,17 +1,17 @@
 """End-to-end sampling latency versus batch size, and where the time goes (paper Fig. 4: 1024x1024
 images, 60 DDPM steps of Stage C, 12 of Stage B, then Stage A; classifier-free guidance doubles the
-C and B calls, as in ``stages.pipeline``).
+C and B calls, as in ``pipeline.text_to_image``).
 
 Two ways, always labelled in the output:
 
-* ``measured``: the real sampler (``stages.pipeline.TextToImage`` with ``Prior`` and a decoder) on
+* ``measured``: the real sampler (``pipeline.text_to_image.TextToImage`` with ``Prior`` and a decoder) on
   random-weight models, timed per stage with hooks on each module's calls;
 * ``projected``: per-call FLOPs at the target size (counted exactly on the meta device) divided by
   the FLOP/s each module achieved in the throughput runs on this device, times the number of calls.
   Used where measuring is too slow (paper sizes at 1024 px on a CPU).
 
 Decoders are pluggable like the sampler's: ``DECODERS`` maps a name to a builder of a module with
-the ``stages.decoders`` call: Stage B + Stage A, and the greedy-grown pixel decoder (its grown
+the ``pipeline.decoders`` call: Stage B + Stage A, and the greedy-grown pixel decoder (its grown
 architecture, at its own default step count); both are projected too.
 """
 from __future__ import annotations
@@ -25,8 +25,12 @@ from torch import nn
 
 from benchmarks.measure import autocast, synchronize
 from benchmarks.targets import CONFIGS, Target, build_text_encoder, grown_pixel_decoder, targets
-from stages.decoders import PixelDecoder
+from pipeline.decoders import PixelDecoder, SemanticDecoder
 from benchmarks.throughput import forward_flops
+from stages.stage_a import StageA
+from stages.stage_b import StageB, stage_b_config
+from pipeline.text_to_image import Prior, TextToImage
+from stages.stage_c import StageC
 
 PRIOR_STEPS, DECODER_STEPS = 60, 12  # the paper's Fig. 4
 PIXEL_STEPS = PixelDecoder.default_steps  # 50
@@ -36,9 +40,6 @@ STAGES = ("text", "stage_c", "stage_b", "stage_a", "pixel_decoder")
 
 def build_semantic_decoder(size: str, device: str, text_encoder: nn.Module | None) -> nn.Module:
     """Stage B + Stage A (paper Fig. 3) with random weights."""
-    from stages.decoders import SemanticDecoder
-    from stages.stage_a import StageA
-    from stages.stage_b import StageB, stage_b_config
 
     with torch.device(device):
         stage_b, stage_a = StageB(CONFIGS["stage_b"].get(size, "paper")), StageA(CONFIGS["stage_a"].get(size, "paper"))
@@ -102,8 +103,6 @@ def measure_sampling(size: str, device: torch.device, dtype: torch.dtype, px: in
     """The real sampler, random weights, ``repeats`` runs per batch size after one warm-up (median).
 
     A batch that runs out of device memory ends the sweep with a line in ``notes``."""
-    from stages.pipeline import Prior, TextToImage
-    from stages.stage_c import StageC
 
     text_encoder = build_text_encoder(CONFIGS["text_encoder"][size], str(device))
     with torch.device(str(device)):

@@ -18,10 +18,10 @@ from pathlib import Path
 import lightning as L
 from matplotlib.figure import Figure
 
-from stages.cli import check_output, positive_int
-from stages.embedded import openmoji_shards
-from stages.errors import run_command
-from stages.files import write_json
+from common.cli import check_output, positive_int
+from imagedata.embedded import openmoji_shards
+from common.errors import run_command
+from common.files import write_json
 from train.cli import main as train_main
 from train.precompute import main as precompute_main
 

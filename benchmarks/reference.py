@@ -1,6 +1,6 @@
 """Side by side with the ``diffusers`` implementation of the same modules (``PaellaVQModel``,
 ``WuerstchenDiffNeXt``, ``WuerstchenPrior``): identical configs and weights (one random set, mapped
-into ours by the converters in ``stages.convert``), identical inputs, dtype and settings, in one
+into ours by the converters in ``weights.convert``), identical inputs, dtype and settings, in one
 process. Outputs are checked to match before timing; runs alternate (ours, theirs, theirs, ours,
 ...) after a warm-up, and the result is our median time over theirs (< 1: ours is faster).
 
@@ -20,9 +20,9 @@ from torch import nn
 from benchmarks.measure import autocast, compiled, time_alternating
 from benchmarks.targets import TEXT_TOKENS
 from semantic_compressor import latent_grid
-from stages.convert import (stage_a_config_from_release, stage_a_from_release, stage_b_config_from_release,
-                            stage_b_from_release, stage_c_config_from_release, stage_c_from_release)
-from stages.denoisers import denoiser_for
+from weights.convert import (stage_a_config_from_release, stage_a_from_release, stage_b_config_from_release,
+                             stage_b_from_release, stage_c_config_from_release, stage_c_from_release)
+from pipeline.denoisers import denoiser_for
 from stages.stage_a import PRESETS as A_PRESETS, StageA, StageAConfig
 from stages.stage_b import PRESETS as B_PRESETS, StageB, StageBConfig
 from stages.stage_c import PRESETS as C_PRESETS, StageC, StageCConfig

@@ -11,9 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from stages.cli import check_output
-from stages.errors import run_command
-from stages.files import write_json, write_text
+from common.cli import check_output
+from common.errors import run_command
+from common.files import write_json, write_text
 
 
 def _fmt_bytes(n: int | None) -> str:

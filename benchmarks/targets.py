@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from semantic_compressor import SemanticCompressor, latent_grid
-from stages.denoisers import denoiser_for
+from pipeline.denoisers import denoiser_for
 from stages.pixel_decoder import GrownUViT, pixel_decoder_config
 from stages.stage_a import StageA
 from stages.stage_b import StageB, stage_b_config
 from stages.stage_c import StageC, stage_c_config
+from pipeline import text_encoder
 
 SIZES = ("tiny", "paper", "release")
 KINDS = ("stage_a", "stage_b", "stage_c", "compressor", "text_encoder", "pixel_decoder")
@@ -144,12 +145,10 @@ def _pixel_decoder(preset: str) -> Target:
 def build_text_encoder(config: str, device: str = "cpu") -> nn.Module:
     """MiniLM with its packaged weights (always built on the CPU: 22 M parameters, cheap to count there);
     OpenCLIP text towers with random weights N(0, 0.02) (no model hub here), built without the image tower."""
-    from stages.text_encoder import OpenCLIPTextEncoder, build_text_encoder as build
-
     if config == "minilm":
-        return build("minilm").to("cpu" if device == "meta" else device)
+        return text_encoder.build_text_encoder("minilm").to("cpu" if device == "meta" else device)
     with torch.device("meta"):  # only the text tower is kept: never allocate the image tower
-        model = OpenCLIPTextEncoder(config, pretrained=None, device="meta")
+        model = text_encoder.OpenCLIPTextEncoder(config, pretrained=None, device="meta")
     if device == "meta":
         return model
     model = model.to_empty(device=device)

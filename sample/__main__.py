@@ -2,18 +2,18 @@
 
 Defaults to the tiny checkpoints shipped in ``checkpoints/tiny/``; ``--stage-c``, ``--stage-b`` and
 ``--stage-a`` take our safetensors exports, Lightning checkpoints or run folders (released weights
-go through ``python -m stages.convert`` first). ``--decoder pixel`` renders Stage C's latents with
+go through ``python -m weights.convert`` first). ``--decoder pixel`` renders Stage C's latents with
 the greedy-grown pixel decoder (``--pixel-decoder``) instead of Stage B + Stage A.
 
 ``--image in.png`` without a prompt renders variations of the image (its semantic compressor latents,
 decoded ``--n`` times); with a prompt it is img2img: the image's latents are noised to t =
 ``--strength`` and Stage C continues from there with the prompt. ``--dtype bfloat16`` halves memory.
 
-Stable Cascade (v3) exports (``python -m stages.convert`` of the released weights, or our v3 runs) are
+Stable Cascade (v3) exports (``python -m weights.convert`` of the released weights, or our v3 runs) are
 recognised: ``--stage-c`` and ``--stage-b`` then run the v3 chain with the released defaults (Stage C
-20 steps, guidance 4, shift 2; Stage B 10 steps, guidance 1.1; ``stages.cascade_pipeline``).
+20 steps, guidance 4, shift 2; Stage B 10 steps, guidance 1.1; ``pipeline.cascade``).
 
-``--lora PATH[:SCALE]`` (repeatable) adds LoRA adapters (``stages.lora``) to the stage each was trained
+``--lora PATH[:SCALE]`` (repeatable) adds LoRA adapters (``weights.lora``) to the stage each was trained
 for. ``--preview`` renders Stage C's latents with the previewer (``stages.previewer``) instead of a
 decoder: a coarse image at 8x the latent grid, no Stage B.
 
@@ -37,15 +37,15 @@ import torch.nn.functional as F
 
 from diffusion import TIME_LISTS
 from semantic_compressor import latent_grid
-from stages import inputs
-from stages.checkpoint import read_metadata, recorded_path, resolve_checkpoint
-from stages.pipeline import (DEFAULT_STRENGTH, add_sampler_arguments, load_pixel_text_to_image, load_prior,
-                             load_text_to_image, sampler_options, save_images)
-from stages.cascade_pipeline import RELEASE, load_cascade_prior, load_cascade_text_to_image
-from stages.cascade_previewer import load_any_previewer
-from stages.text_encoder import check_prompts
-from stages.errors import run_command
-from stages.lora import check_loras, parse_lora
+from pipeline import inputs
+from weights.checkpoint import read_metadata, recorded_path, resolve_checkpoint
+from pipeline.text_to_image import (DEFAULT_STRENGTH, add_sampler_arguments, load_pixel_text_to_image, load_prior,
+                                    load_text_to_image, sampler_options, save_images)
+from pipeline.cascade import RELEASE, load_cascade_prior, load_cascade_text_to_image
+from weights.loaders import load_any_previewer
+from pipeline.text_encoder import check_prompts
+from common.errors import run_command
+from weights.lora import check_loras, parse_lora
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
 PIXEL_TRAINING = ("python -m train fit --config configs/pixel_decoder/tiny_phase1.yaml, then "

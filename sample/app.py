@@ -32,9 +32,10 @@ from torchvision.utils import make_grid
 from diffusion import SAMPLERS
 from sample.__main__ import (SHIPPED, build_parser, check_request, find_compressor, load_pipeline, parse_args,
                              render)
-from stages.errors import USER_ERRORS, one_line, run_command
-from stages.pipeline import TextToImage, snap_size
-from stages.previewer import Previewer, load_previewer
+from common.errors import USER_ERRORS, one_line, run_command
+from pipeline.text_to_image import TextToImage, snap_size
+from stages.previewer import Previewer
+from weights.loaders import load_previewer
 
 try:  # the optional `app` extra; the rest of the project runs without it
     import gradio as gr

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from stages.pipeline import load_text_to_image
-from semantic_compressor import load_compressor
-from stages.checkpoint import fingerprint, read_metadata, resolve_checkpoint
-from stages.cli import check_output
-from stages.errors import run_command
-from stages.stage_a import load_stage_a
+from pipeline.text_to_image import load_text_to_image
+from weights.loaders import load_compressor, load_stage_a
+from weights.checkpoint import fingerprint, read_metadata, resolve_checkpoint
+from common.cli import check_output
+from common.errors import run_command
 
 STAGE_FILES = ("stage_a.safetensors", "stage_b.safetensors", "compressor.safetensors", "stage_c.safetensors")
 CARDS = ("model_card.json", "MODEL_CARD.md")

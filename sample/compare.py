@@ -27,13 +27,13 @@ from tqdm.auto import tqdm
 
 from sample.__main__ import SHIPPED, fill_sampling_defaults
 from sample.evaluate import ValScorer, add_common_arguments, compressor_beside, write_outputs
-from stages.pipeline import load_pixel_text_to_image, load_prior, load_text_to_image, sampler_options
-from semantic_compressor import load_compressor
-from stages.checkpoint import fingerprint, read_metadata
-from stages.cli import check_output, positive_int, shown
-from stages.errors import run_command
+from pipeline.text_to_image import load_pixel_text_to_image, load_prior, load_text_to_image, sampler_options
+from weights.loaders import load_compressor
+from weights.checkpoint import fingerprint, read_metadata
+from common.cli import check_output, positive_int, shown
+from common.errors import run_command
 from sample.evaluate_stage_a import Scores
-from stages.metrics import Perceptual
+from common.metrics import Perceptual
 
 SEMANTIC = "stage_b+stage_a"
 

@@ -28,19 +28,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sample.__main__ import SHIPPED, fill_sampling_defaults
-from stages.cascade_pipeline import load_cascade_text_to_image
-from stages.decoders import load_pixel_decoder, load_semantic_decoder
-from stages.pipeline import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, non_default,
-                             sampler_options)
-from semantic_compressor import load_compressor
-from stages.checkpoint import fingerprint, resolve_checkpoint
-from stages.cli import at_least, check_output, comma_list, positive_int, seed, shown
-from stages.errors import run_command
-from stages.files import write_json, write_text
-from stages.embedded import openmoji_split
-from stages.cli import emit
-from stages.metrics import InceptionFeatures, fid_metric
-from stages.stage_a import StageA, load_stage_a
+from sample.options import add_evaluation_arguments, parse_evaluation_arguments
+from pipeline.cascade import load_cascade_text_to_image
+from pipeline.decoders import load_pixel_decoder, load_semantic_decoder
+from pipeline.text_to_image import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, non_default,
+                                    sampler_options)
+from weights.loaders import load_compressor, load_stage_a
+from weights.checkpoint import fingerprint, resolve_checkpoint
+from common.cli import at_least, comma_list, positive_int, shown, emit
+from common.errors import run_command
+from common.files import write_json, write_text
+from imagedata.embedded import openmoji_split
+from common.metrics import InceptionFeatures, fid_metric
+from stages.stage_a import StageA
 
 
 # Everyday prompts: training captions (so each has its emoji in the set) of things, no people.
@@ -182,25 +182,22 @@ def write_outputs(out: Path, stem: str, report: dict, table: str, draw) -> None:
 
 
 def add_common_arguments(ap: argparse.ArgumentParser) -> None:
-    """The checkpoints, data and sampling options this command and ``sample.compare`` share."""
+    """The checkpoints, data and sampling options this command and ``sample.compare`` share (``--out`` is each one's own)."""
     ap.add_argument("--stage-c", default=str(SHIPPED / "stage_c.safetensors"),
                     help="Stage C; none: score only the decoder's and Stage A's ceilings (sample.evaluate only)")
     ap.add_argument("--stage-b", default=str(SHIPPED / "stage_b.safetensors"))
     ap.add_argument("--stage-a", default=str(SHIPPED / "stage_a.safetensors"))
     ap.add_argument("--compressor", default=None,
                     help="compressor for the from-true-latents scores (default: compressor.safetensors beside Stage C)")
-    ap.add_argument("--data-dir", default="data/openmoji")
     ap.add_argument("--size", type=positive_int, default=128)
     ap.add_argument("--prior-steps", type=positive_int, default=None, help="default 60 (Stable Cascade: 20)")
     ap.add_argument("--decoder-steps", type=positive_int, default=None,
                     help="default: Stage B 12, Stable Cascade's 10, pixel decoder 50")
     ap.add_argument("--prior-guidance", type=float, default=None, help="default 4")
     ap.add_argument("--decoder-guidance", type=float, default=None, help="default 3 (Stable Cascade: 1.1)")
-    ap.add_argument("--limit", type=positive_int, default=None, help="at most this many val captions")
     ap.add_argument("--gallery-limit", type=at_least(5), default=None,
                     help="search only the first N emoji, N >= 5 (quick checks)")
-    ap.add_argument("--batch-size", type=positive_int, default=32)
-    ap.add_argument("--seed", type=seed, default=0)
+    add_evaluation_arguments(ap, batch_size=32, json_out=False)
     add_sampler_arguments(ap)
 
 
@@ -214,11 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-sets", type=comma_list(PROMPT_SETS), default=",".join(PROMPT_SETS),
                     help="which prompt sets to score (val: the 185 val captions; everyday: EVERYDAY)")
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
-    args = ap.parse_args(argv)
+    args = parse_evaluation_arguments(ap, argv)
     cascade = fill_sampling_defaults(args)
     samplers = sampler_options(args)
-    if args.out:
-        check_output(args.out, (".json",))
     decoder_path = args.pixel_decoder if args.decoder == "pixel" else args.stage_b
     if args.stage_c == "none":  # the decoder's ceilings only: no Stage C (e.g. before one is trained)
         compressor_path = args.compressor or compressor_beside(decoder_path)

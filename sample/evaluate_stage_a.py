@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-from stages.checkpoint import resolve_checkpoint
-from stages.cli import check_output, positive_int
-from stages.errors import run_command
-from stages.stage_a import StageA, load_stage_a
-from stages.embedded import heldout_photos, openmoji_split
-from stages.metrics import Perceptual
-from stages.cli import emit
+from common.cli import emit, positive_int
+from common.errors import run_command
+from common.metrics import Perceptual
+from imagedata.embedded import heldout_photos, openmoji_split
+from sample.options import add_evaluation_arguments, parse_evaluation_arguments
+from stages.stage_a import StageA
+from weights.checkpoint import resolve_checkpoint
+from weights.loaders import load_stage_a
 
 
 def bicubic_f4(images: torch.Tensor) -> torch.Tensor:
@@ -72,14 +73,9 @@ def evaluate(model: StageA, images: list[torch.Tensor], lpips: Perceptual, batch
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="model.safetensors, a Lightning .ckpt, or a run folder")
-    ap.add_argument("--data-dir", default="data/openmoji", help="embedded OpenMoji shards (built if missing)")
     ap.add_argument("--photo-size", type=positive_int, default=256, help="side of the held-out photos")
-    ap.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many val images")
-    ap.add_argument("--batch-size", type=positive_int, default=16)
-    ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
-    args = ap.parse_args(argv)
-    if args.out:
-        check_output(args.out, (".json",))
+    add_evaluation_arguments(ap, batch_size=16, seeded=False)
+    args = parse_evaluation_arguments(ap, argv)
     ckpt = resolve_checkpoint(args.checkpoint)
     model = load_stage_a(str(ckpt))
     lpips = Perceptual("alex")

@@ -16,15 +16,14 @@ import argparse
 
 import torch
 
-from stages.decoders import load_semantic_decoder
-from semantic_compressor import load_compressor
-from stages.checkpoint import read_metadata, resolve_checkpoint
-from stages.cli import check_output, positive_int, seed
-from stages.errors import run_command
-from stages.embedded import openmoji_split
-from stages.cli import emit
-from stages.metrics import InceptionFeatures, fid_metric
-from stages.metrics import Perceptual
+from common.cli import emit, positive_int
+from common.errors import run_command
+from common.metrics import InceptionFeatures, Perceptual, fid_metric
+from imagedata.embedded import openmoji_split
+from pipeline.decoders import load_semantic_decoder
+from sample.options import add_evaluation_arguments, parse_evaluation_arguments
+from weights.checkpoint import read_metadata, resolve_checkpoint
+from weights.loaders import load_compressor
 
 
 @torch.no_grad()
@@ -33,17 +32,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--checkpoint", required=True, help="Stage B model.safetensors or its run folder")
     ap.add_argument("--stage-a", default=None, help="Stage A checkpoint (default: the one Stage B recorded)")
     ap.add_argument("--compressor", default=None, help="compressor.safetensors (default: next to Stage B)")
-    ap.add_argument("--data-dir", default="data/openmoji", help="embedded OpenMoji shards (built if missing)")
     ap.add_argument("--size", type=positive_int, default=128, help="image side")
     ap.add_argument("--steps", type=positive_int, default=12, help="Stage B DDPM steps")
     ap.add_argument("--guidance", type=float, default=1.0)
-    ap.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many val images")
-    ap.add_argument("--batch-size", type=positive_int, default=32)
-    ap.add_argument("--seed", type=seed, default=0)
-    ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
-    args = ap.parse_args(argv)
-    if args.out:
-        check_output(args.out, (".json",))
+    add_evaluation_arguments(ap, batch_size=32)
+    args = parse_evaluation_arguments(ap, argv)
     b_path = resolve_checkpoint(args.checkpoint)
     decoder = load_semantic_decoder(b_path, args.stage_a)
     compressor = load_compressor(args.compressor or b_path.with_name("compressor.safetensors"))

@@ -3,7 +3,7 @@
     python -m sample.image_conditioned [--decoder pixel] [--limit 32] [--out image_conditioned.json]
 
 Variations: each val image -> compressor latents -> decoder, twice (two seeds). Scored by LPIPS
-(``stages.metrics.Perceptual``) and cosine distance of Inception pool features between each image
+(``common.metrics.Perceptual``) and cosine distance of Inception pool features between each image
 and its variations, against the same distances between unrelated val images (image i against image
 i + N/2, a different emoji). Variations keep what the latents carry, so their distance to their
 own image should be far below that of an unrelated image.
@@ -26,11 +26,11 @@ import torch.nn.functional as F
 
 from sample.__main__ import SHIPPED
 from sample.evaluate import features, gallery, latent_gallery, top5_hits
-from stages.cli import check_output, emit, positive_int, seed, shown
-from stages.embedded import openmoji_split
-from stages.errors import run_command
-from stages.metrics import InceptionFeatures, Perceptual
-from stages.pipeline import load_pixel_text_to_image, load_text_to_image
+from common.cli import check_output, emit, positive_int, seed, shown
+from imagedata.embedded import openmoji_split
+from common.errors import run_command
+from common.metrics import InceptionFeatures, Perceptual
+from pipeline.text_to_image import load_pixel_text_to_image, load_text_to_image
 
 
 def strengths_arg(text: str) -> list[float]:

@@ -27,12 +27,12 @@ from torchvision.utils import save_image
 
 from sample.__main__ import SHIPPED
 from sample.evaluate import latent_gallery, top5_hits, whole_set
-from semantic_compressor import load_compressor
-from stages.cli import positive_int
-from stages.embedded import emoji_captions, openmoji_split
-from stages.errors import run_command
-from stages.lora import parse_lora
-from stages.pipeline import load_prior
+from weights.loaders import load_compressor
+from common.cli import positive_int
+from imagedata.embedded import emoji_captions, openmoji_split
+from common.errors import run_command
+from weights.lora import parse_lora
+from pipeline.text_to_image import load_prior
 
 
 def is_flag(emoji: str) -> bool:

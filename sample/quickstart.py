@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from stages.cli import check_output, positive_int, shown
-from stages.errors import run_command
+from common.cli import check_output, positive_int, shown
+from common.errors import run_command
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PROMPTS = ["red apple", "grinning face", "sun", "fire", "blue heart", "snowman", "rocket", "green apple"]

@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 from diffusion import SAMPLERS
 from sample.compare import decode_all
 from sample.evaluate import ValScorer, add_common_arguments, write_outputs
-from stages.pipeline import load_text_to_image
-from stages.cli import check_output, comma_list, positive_ints, shown
-from stages.errors import run_command
+from pipeline.text_to_image import load_text_to_image
+from common.cli import check_output, comma_list, positive_ints, shown
+from common.errors import run_command
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402

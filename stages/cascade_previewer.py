@@ -7,13 +7,10 @@ unbounded. The released file's keys (``blocks.<i>.*``) load as they are.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import nn
 
-from stages.checkpoint import load_into, load_safetensors, read_metadata, resolve_checkpoint
-from stages.previewer import load_previewer
 
 
 class CascadePreviewer(nn.Module):
@@ -36,17 +33,3 @@ class CascadePreviewer(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.blocks(latents)
-
-
-def load_any_previewer(path: str | os.PathLike, compressor_fingerprint: str | None = None) -> nn.Module:
-    """Our previewer export (checked against the compressor, ``stages.previewer.load_previewer``), or the
-    release's ``previewer.safetensors`` (``CascadePreviewer``, in eval mode; outputs clamped to [0, 1])."""
-    path = resolve_checkpoint(path)
-    if path.suffix == ".safetensors" and read_metadata(path).get("stage") is None:
-        state, _ = load_safetensors(path)
-        first = state.get("blocks.0.weight")
-        if first is None:
-            raise ValueError(f"{path} is neither our previewer export nor Stable Cascade's previewer.safetensors")
-        model = load_into(CascadePreviewer(first.shape[1], first.shape[0]), state, str(path)).eval()
-        return nn.Sequential(model, nn.Hardtanh(0.0, 1.0))
-    return load_previewer(path, compressor_fingerprint)

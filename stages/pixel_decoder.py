@@ -36,7 +36,7 @@ from torch import nn
 
 from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, channels_last,
                            scale_residual_branches, timestep_embedding)
-from stages.config import DictConfig
+from common.config import DictConfig
 
 STAGE = "pixel_decoder"
 # Fields that define the core, the condition encoders and the time embedding's width: a phase-2
@@ -514,10 +514,3 @@ def freeze_plan(model: nn.Module, mode: str, unfrozen: bool = False) -> dict[str
         p.requires_grad_(not frozen)
         plan["frozen" if frozen else "trained"].append(name)
     return plan
-
-
-def load_pixel_model(path: str, config: PixelDecoderConfig | str | dict | None = None) -> ShallowUViT | GrownUViT:
-    """A pixel decoder network from a safetensors export or Lightning checkpoint (config from the file)."""
-    from stages.checkpoint import load_model
-
-    return load_model(path, STAGE, build_pixel_model, config)

@@ -10,14 +10,12 @@ that compressor's fingerprint.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from stages.checkpoint import load_model, read_metadata, resolve_checkpoint
-from stages.config import DictConfig
+from common.config import DictConfig
 
 STAGE = "previewer"
 
@@ -81,14 +79,3 @@ class Previewer(nn.Module):
             raise ValueError(f"the previewer takes semantic latents (B, {self.config.c_latent}, h, w), got "
                              f"{tuple(latents.shape)}")
         return torch.sigmoid(self.net(latents))
-
-
-def load_previewer(path: str | os.PathLike, compressor_fingerprint: str | None = None) -> Previewer:
-    """A trained previewer (export, ``.ckpt`` or run folder), refused when it was trained on another
-    compressor's latents than ``compressor_fingerprint`` (Stage C's, when given)."""
-    path = resolve_checkpoint(path)
-    trained_on = read_metadata(path).get("compressor_fingerprint")
-    if compressor_fingerprint and trained_on and trained_on != compressor_fingerprint:
-        raise ValueError(f"the previewer {path} was trained on another semantic compressor's latents ({trained_on}) "
-                         f"than Stage C's ({compressor_fingerprint}); train a previewer with Stage C's compressor")
-    return load_model(path, STAGE, Previewer).requires_grad_(False)

@@ -30,8 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stages.blocks import AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, timestep_embedding
-from stages.checkpoint import load_model, read_metadata, resolve_checkpoint
-from stages.config import DictConfig
+from common.config import DictConfig
 
 # checkpoint stage names of each version, and how errors name them
 STAGE_NAMES = {"stage_c": "Würstchen v2 Stage C", "stage_b": "Würstchen v2 Stage B",
@@ -347,26 +346,3 @@ class StageB3(CascadeUNet):
                 pixels = x.new_zeros(x.shape[0], cfg.c_pixels, 8, 8)
             h = h + _resize(self.pixels_mapper(pixels.to(x.dtype)), h.shape[-2:])
         return self.run(h, r_embed, cond)
-
-
-def check_version(path, expected: str) -> None:
-    """Refuse a checkpoint of the other Würstchen version (or stage) in one line naming both."""
-    found = read_metadata(path).get("stage")
-    if found in STAGE_NAMES and found != expected:
-        raise ValueError(f"{path} holds a {STAGE_NAMES[found]} ({found}), but a {STAGE_NAMES[expected]} ({expected}) "
-                         f"is expected here; pass a {expected} checkpoint (python -m stages.convert converts released "
-                         "weights)")
-
-
-def load_stage_c3(path: str, config: CascadeConfig | str | dict | None = None) -> StageC3:
-    """A Stable Cascade Stage C from our export or Lightning checkpoint (config from the file unless given)."""
-    path = resolve_checkpoint(path)
-    check_version(path, "stage_c3")
-    return load_model(path, "stage_c3", StageC3, config)
-
-
-def load_stage_b3(path: str, config: CascadeConfig | str | dict | None = None) -> StageB3:
-    """A Stable Cascade Stage B from our export or Lightning checkpoint (config from the file unless given)."""
-    path = resolve_checkpoint(path)
-    check_version(path, "stage_b3")
-    return load_model(path, "stage_b3", StageB3, config)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.blocks import MixingBlock, channels_last
-from stages.config import DictConfig
-from stages.inputs import check_images
+from common.config import DictConfig
+from common.checks import check_images
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class StageA(nn.Module):
 
     @staticmethod
     def check_images(images: torch.Tensor) -> None:
-        """Float RGB images in [0, 1] (``stages.inputs.check_images``; uint8 is refused) with sides divisible by 4."""
+        """Float RGB images in [0, 1] (``common.checks.check_images``; uint8 is refused) with sides divisible by 4."""
         check_images(images, "Stage A")
         h, w = images.shape[-2:]
         if h % 4 or w % 4:
@@ -155,17 +155,3 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x * 2 - 1)
-
-
-def load_stage_a(path: str, config: str | StageAConfig | dict | None = None) -> StageA:
-    """A Stage A from our safetensors export or Lightning checkpoint (config read from the file).
-
-    Passing ``config`` checks that the file was trained with it, with a clear error if not.
-    """
-    from stages.checkpoint import load_into, read_weights
-
-    state, saved = read_weights(path, "stage_a")
-    if config is not None and saved is not None and stage_a_config(config) != stage_a_config(saved):
-        raise ValueError(f"{path} holds a Stage A with config {saved}, not the requested {stage_a_config(config)}")
-    model = StageA(config if config is not None else (saved or "paper"))
-    return load_into(model, state, str(path)).eval()

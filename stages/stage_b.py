@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, channels_last,
                            timestep_embedding)
-from stages.config import DictConfig
+from common.config import DictConfig
 
 
 @dataclass(frozen=True)
@@ -199,10 +199,3 @@ class StageB(nn.Module):
                 h = run(block, h, skip)
         a, b = self.head(h).chunk(2, dim=1)
         return a, b
-
-
-def load_stage_b(path: str, config: StageBConfig | str | dict | None = None) -> StageB:
-    """A Stage B from a safetensors export or Lightning checkpoint (config from the file if not given)."""
-    from stages.checkpoint import load_model
-
-    return load_model(path, "stage_b", StageB, config)

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, scale_residual_branches,
                            timestep_embedding)
-from stages.config import DictConfig
+from common.config import DictConfig
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,3 @@ class StageC(nn.Module):
             h = checkpoint(block, h, *extra, use_reentrant=False) if recompute else block(h, *extra)
         a, b = self.head(h).chunk(2, dim=1)
         return a, b
-
-
-def load_stage_c(path: str, config: StageCConfig | str | dict | None = None) -> StageC:
-    """A Stage C from a safetensors export or Lightning checkpoint (config from the file if not given)."""
-    from stages.checkpoint import load_model
-
-    return load_model(path, "stage_c", StageC, config)

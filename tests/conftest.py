@@ -4,6 +4,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hub look-ups fail in millisecond
 
 import pytest
 import torch
+from imagedata.embedded import build_openmoji
 
 
 @pytest.fixture(autouse=True)
@@ -14,6 +15,4 @@ def _seed():
 @pytest.fixture(scope="session")
 def openmoji_dir(tmp_path_factory):
     """The embedded OpenMoji set, built once per test session."""
-    from stages.embedded import build_openmoji
-
     return build_openmoji(tmp_path_factory.mktemp("data") / "openmoji")

@@ -32,7 +32,7 @@ except ImportError:
 
 from sample.__main__ import main as sample_main  # noqa: E402
 from sample.app import Studio, request_argv, serve, warm  # noqa: E402
-from stages.errors import run_command  # noqa: E402
+from common.errors import run_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(height="64", width="64", prior_steps="4", decoder_steps="2")  # seconds per request on a CPU

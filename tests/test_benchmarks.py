@@ -8,6 +8,11 @@ import torch
 from benchmarks.measure import count_flops, peak_memory
 from stages.stage_b import PRESETS as B_PRESETS, StageB
 from stages.stage_c import PRESETS as C_PRESETS, StageC
+from benchmarks.__main__ import main
+from stages.__main__ import parameter_counts
+from benchmarks import throughput, latency, report
+from benchmarks.targets import targets
+from benchmarks.presets import PRESETS, read_preset, run_preset
 
 
 def test_flops_match_hand_counts():
@@ -56,9 +61,6 @@ def test_activation_checkpointing_gives_identical_outputs_and_gradients(cls, con
 
 def test_cli_quick_run_writes_sane_results(tmp_path):
     pytest.importorskip("diffusers")
-    from benchmarks.__main__ import main
-    from stages.__main__ import parameter_counts
-
     out = tmp_path / "bench"
     main(["--quick", "--out", str(out), "--parts", "counts,throughput,reference,latency,cost", "--threads", "2"])
     for name in ("results.json", "results.md", "latency_vs_batch.png", "cost_per_stage.png"):
@@ -94,9 +96,6 @@ def test_cli_quick_run_writes_sane_results(tmp_path):
 
 def test_out_of_memory_ends_a_sweep_with_a_note(monkeypatch):
     """A batch too big for the device skips the larger ones of that mode; the other mode still runs."""
-    from benchmarks import throughput
-    from benchmarks.targets import targets
-
     real = throughput.measure
 
     def measure(target, model, device, dtype, px, batch, train, *args, **kwargs):
@@ -113,9 +112,6 @@ def test_out_of_memory_ends_a_sweep_with_a_note(monkeypatch):
 
 
 def test_interrupted_run_leaves_partial_results(tmp_path, monkeypatch):
-    from benchmarks import latency
-    from benchmarks.__main__ import main
-
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -126,8 +122,6 @@ def test_interrupted_run_leaves_partial_results(tmp_path, monkeypatch):
     partial = json.loads((out / "partial.json").read_text())
     assert {r["module"] for r in partial["counts"]} >= {"stage_a", "stage_b", "stage_c"}
     assert not (out / "results.json").exists()
-
-    from benchmarks import report  # the partial results render like a finished run's, joined with others
 
     other = {**partial, "counts": partial["counts"][:1], "notes": ["another part"]}
     (tmp_path / "other.json").write_text(json.dumps(other))
@@ -144,8 +138,6 @@ def test_interrupted_run_leaves_partial_results(tmp_path, monkeypatch):
 
 
 def test_gpu_presets_enable_checkpointing_and_run_on_cpu():
-    from benchmarks.presets import PRESETS, read_preset, run_preset
-
     for kind, path in PRESETS.items():
         settings = read_preset(path)
         assert settings["precision"] == "bf16-mixed" and settings["strategy"] == "ddp"
@@ -162,8 +154,6 @@ def test_gpu_presets_enable_checkpointing_and_run_on_cpu():
 
 def test_grouped_convolution_backward_costs_twice_its_forward():
     """torch's formula counts a depthwise conv's backward as dense; ours: input + weight gradients."""
-    from benchmarks.measure import count_flops
-
     conv, x = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64), torch.randn(2, 64, 16, 16, requires_grad=True)
     forward = count_flops(lambda: conv(x))
     assert forward == 2 * 2 * 64 * 16 * 16 * 9

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from stages.blocks import (AttentionBlock, ConvNeXtBlock, GlobalResponseNorm, LayerNorm2d, MixingBlock,
                            TimestepBlock, channels_last, replicate_pad1,
                            timestep_embedding)
+from stages.pixel_decoder import GrownUViT, pixel_decoder_config
+from stages.stage_a import StageA
 
 
 def test_layernorm2d_normalises_channels():
@@ -48,9 +50,6 @@ def test_mixing_block_compiles_with_the_same_values_and_gradients():
 def test_channels_last_layout_is_internal():
     """Stage A and the pixel decoder compute in NHWC memory but hand back ordinary tensors."""
     from dataclasses import replace
-
-    from stages.pixel_decoder import GrownUViT, pixel_decoder_config
-    from stages.stage_a import StageA
 
     x = torch.randn(1, 3, 4, 5)
     y = channels_last(x)

@@ -8,8 +8,8 @@ import torch
 import transformers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from stages.cascade_conditioning import (CLIPImageEmbedder, PooledCLIP, PooledMiniLM, build_pooled_text_encoder,
-                                         split)
+from pipeline.cascade_conditioning import (CLIPImageEmbedder, PooledCLIP, PooledMiniLM, build_pooled_text_encoder,
+                                           split)
 
 
 def test_minilm_pooled_is_the_masked_mean_of_its_states():

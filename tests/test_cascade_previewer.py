@@ -3,7 +3,8 @@ and previews latents at 8x their side; our previewer exports still load through 
 import torch
 from safetensors.torch import save_file
 
-from stages.cascade_previewer import CascadePreviewer, load_any_previewer
+from stages.cascade_previewer import CascadePreviewer
+from weights.loaders import load_any_previewer
 from stages.previewer import Previewer
 
 

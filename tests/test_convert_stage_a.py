@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from stages.convert import load_stage_a_release, stage_a_config_from_release, stage_a_from_release
+from weights.convert import load_stage_a_release, stage_a_config_from_release, stage_a_from_release
 from stages.stage_a import PRESETS, StageA
 
 diffusers_vq = pytest.importorskip("diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model")

@@ -19,12 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
-import stages.embedded as embedded
-import stages.shards as stream
-from stages.embedded import build_openmoji, emoji_captions, openmoji_shards, split_of
-from stages.images import FolderDataset, decode_image, resize_crop, to_rgb
-from stages.shards import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, existing_shards, list_shards,
-                           shard_samples)
+import imagedata.embedded as embedded
+import imagedata.shards as stream
+from imagedata.embedded import (build_openmoji, emoji_captions, openmoji_shards, split_of, HELDOUT_SKIMAGE,
+                                HELDOUT_SKLEARN, heldout_photos, training_photos)
+from imagedata.images import FolderDataset, decode_image, resize_crop, to_rgb, PhotoCrops
+from imagedata.shards import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, existing_shards, list_shards,
+                              shard_samples, interleave)
 from train.data import ImageTextData
 
 REPO = Path(__file__).resolve().parents[1]
@@ -354,7 +355,7 @@ def test_a_corrupt_image_is_skipped_counted_and_logged(tmp_path, caplog):
     write_tar(tmp_path / "s.tar", [("a", {"png": good, "txt": "1"}), ("b", {"png": b"\x89PNG garbage", "txt": "2"}),
                                    ("c", {"jpg": good[:40], "txt": "3"}), ("d", {"png": good, "txt": "4"})])
     ds = stream_of(str(tmp_path / "s.tar"), size=8)
-    with caplog.at_level(logging.WARNING, logger="stages.shards"):
+    with caplog.at_level(logging.WARNING, logger="imagedata.shards"):
         keys = keys_of(ds)
     assert keys == ["a", "d"]
     assert ds.skipped["corrupt_sample"] == 2
@@ -377,7 +378,7 @@ def test_broken_and_empty_shards_are_skipped(tmp_path, caplog):
     tarfile.open(empty, "w").close()
     ds = stream_of([good0, str(garbage), str(zero), str(truncated), str(empty), good2, str(tmp_path / "gone.tar")],
                    size=8)
-    with caplog.at_level(logging.WARNING, logger="stages.shards"):
+    with caplog.at_level(logging.WARNING, logger="imagedata.shards"):
         got = keys_of(ds)
     partial = [k for k in got if k.startswith("shard01")]
     assert partial == keys[3: 3 + 5]  # the complete samples before the cut
@@ -623,7 +624,7 @@ def test_folder_dataset_skips_an_unreadable_file(tmp_path, caplog):
     (root / "a" / "broken.png").write_bytes(b"\x89PNG but not really")
     ds = FolderDataset(root, size=16)
     i = [p.name for p in ds.files].index("broken.png")
-    with caplog.at_level(logging.WARNING, logger="stages.images"):
+    with caplog.at_level(logging.WARNING, logger="imagedata.images"):
         item = ds[i]
     assert item["key"] == str(ds.files[i + 1].relative_to(root))
     assert any("broken.png" in r.getMessage() for r in caplog.records)
@@ -674,10 +675,6 @@ def test_image_text_data_picks_folder_or_shard_loader(tmp_path):
 
 
 def test_training_photos_are_disjoint_from_heldout_and_interleave():
-    from stages.embedded import HELDOUT_SKIMAGE, HELDOUT_SKLEARN, heldout_photos, training_photos
-    from stages.images import PhotoCrops
-    from stages.shards import interleave
-
     held = heldout_photos(64)
     train = training_photos()
     assert len(held) == 9 and len(train) >= 8

@@ -14,8 +14,8 @@ from PIL import Image
 
 from tests.test_data import img_bytes, keys_of, make_shards, samples_of, stream_of, write_tar
 from train.data import ImageTextData
-from stages.buckets import PRESETS, nearest_bucket, parse_buckets
-from stages.shards import Filters
+from imagedata.buckets import PRESETS, nearest_bucket, parse_buckets
+from imagedata.shards import Filters
 
 
 def png(size, color=(200, 30, 30)) -> bytes:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from sample.__main__ import main
-from stages.checkpoint import read_metadata, save_safetensors
-from stages.pipeline import load_pixel_text_to_image, load_text_to_image
-from stages.stage_c import load_stage_c
+from weights.checkpoint import read_metadata, save_safetensors
+from pipeline.text_to_image import load_pixel_text_to_image, load_text_to_image
+from weights.loaders import load_stage_c
 from tests.bad_input.conftest import assert_error, run_main
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"

@@ -13,6 +13,15 @@ from torch import nn
 
 from train.engine import ema_of
 from train.optim import WarmupCosine
+from weights.loaders import load_compressor
+from weights.checkpoint import fingerprint, save_safetensors
+from train.stage_c import StageCTraining
+from pipeline.decoders import pixel_decoder_metadata
+from stages.stage_c import StageC
+from stages import pixel_decoder, stage_a, stage_b, stage_c
+from train.cli import main as cli_main
+from train.precompute import main as precompute
+from semantic_compressor import SemanticCompressor
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_COMPRESSOR = ROOT / "checkpoints" / "tiny" / "compressor.safetensors"
@@ -53,19 +62,7 @@ def test_warmup_cosine_factors():
         WarmupCosine(opt, total_steps=0)
 
 
-def test_train_and_sample_never_import_each_other():
-    """Imports point one way: training and sampling both build on the library (stages, diffusion)."""
-    for app, other in (("train", "sample"), ("sample", "train")):
-        for path in (ROOT / app).rglob("*.py"):
-            text = path.read_text()
-            assert f"from {other}" not in text and f"import {other}" not in text, path
-
-
 def test_precomputed_shards_of_other_encoders_are_refused(tmp_path):
-    from semantic_compressor import load_compressor
-    from stages.checkpoint import fingerprint
-    from train.stage_c import StageCTraining
-
     module = StageCTraining(size=dict(width=32, depth=1, heads=2, c_text=384, dropout=0.0),
                             compressor=str(SHIPPED_COMPRESSOR))
 
@@ -121,8 +118,6 @@ def _size(preset: dict) -> str:
 
 @pytest.mark.slow
 def test_every_stage_trains_validates_and_exports_under_ddp_in_bf16(openmoji_dir, tmp_path):
-    from stages.decoders import pixel_decoder_metadata
-
     a = _ddp_fit("configs/stage_a/tiny.yaml", tmp_path / "a", openmoji_dir, "--model.init_args.size", _size(TINY_A),
                  "--model.init_args.disc_widths", "[8, 16]", "--model.init_args.adv_start_step", "1",
                  "--data.init_args.resize", "null", image_size=32)
@@ -151,8 +146,6 @@ def test_the_fsdp_overlay_builds_its_strategy():
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from stages.stage_c import StageC
-
     parser = ArgumentParser()
     parser.add_class_arguments(FSDPStrategy, "strategy")
     config = yaml.safe_load((ROOT / "configs/stage_c/fsdp_gpu.yaml").read_text())["trainer"]["strategy"]["init_args"]
@@ -168,8 +161,6 @@ def _configs() -> list[Path]:
 def test_every_preset_has_a_config():
     import yaml
 
-    from stages import pixel_decoder, stage_a, stage_b, stage_c
-
     named = {}
     for path in _configs():
         size = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args", {}).get("size")
@@ -182,8 +173,6 @@ def test_every_preset_has_a_config():
 @pytest.mark.parametrize("path", _configs(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_config_parses_with_the_shared_trainer(path, capsys):
     """Each stage config (overlays after their base) resolves with configs/trainer.yaml under the CLI."""
-    from train.cli import main as cli_main
-
     configs = [str(path)]
     if "_finetune" in path.name or "_scratch" in path.name or "freeze_unfreeze" in path.name:
         configs = [str(path.with_name("tiny_phase2.yaml")), str(path)]
@@ -199,10 +188,6 @@ def test_every_config_parses_with_the_shared_trainer(path, capsys):
 def test_stage_c_trains_from_precomputed_shards_and_refuses_other_encoders(openmoji_dir, tmp_path):
     """python -m train.precompute over the val split, then the Stage C CLI trains from its shards (the batches
     carry the latents and text states: no image is encoded); another compressor is refused before any step."""
-    from stages.checkpoint import fingerprint
-    from train.cli import main as cli_main
-    from train.precompute import main as precompute
-
     latents = tmp_path / "latents"
     precompute(["--shards", str(openmoji_dir / "val-*.tar"), "--out", str(latents), "--compressor",
                 str(SHIPPED_COMPRESSOR), "--text-encoder", "minilm", "--image-size", "64"])
@@ -217,8 +202,6 @@ def test_stage_c_trains_from_precomputed_shards_and_refuses_other_encoders(openm
     batch = next(iter(cli.datamodule.train_dataloader()))
     assert "image" not in batch and batch["semantic"].shape[1:] == (16, 2, 2) and batch["text"].shape[-1] == 384
 
-    from semantic_compressor import SemanticCompressor
-    from stages.checkpoint import save_safetensors
     other = SemanticCompressor(pretrained=False, trainable="none")
     save_safetensors(other, tmp_path / "other.safetensors", "semantic_compressor", other.config.to_dict())
     with pytest.raises(ValueError, match="precompute them again"):

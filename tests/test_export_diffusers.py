@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from stages.checkpoint import save_safetensors
-from stages.convert import load_stage_a_release, load_stage_b_release, load_stage_c_release
-from stages.export_diffusers import main as export
+from weights.checkpoint import save_safetensors
+from weights.convert import load_stage_a_release, load_stage_b_release, load_stage_c_release
+from weights.export_diffusers import main as export
 from stages.stage_a import StageA
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig

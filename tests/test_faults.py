@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import files
-from stages.checkpoint import read_weights, save_safetensors
+from common import files
+from weights.checkpoint import read_weights, save_safetensors
 from stages.stage_a import StageA
 from tests.bad_input.conftest import ROOT, assert_error, full_disk, run_cli, run_main, snapshot
 from train.cli import main as train_main

@@ -1,4 +1,4 @@
-"""LoRA adapters (stages.lora): training only the adapters, small files that name their base, loading with
+"""LoRA adapters (weights.lora): training only the adapters, small files that name their base, loading with
 scales, merging, refusing adapters of another base, and the training and sampling command lines."""
 import json
 
@@ -6,13 +6,18 @@ import pytest
 import torch
 
 from semantic_compressor import SemanticCompressor
-from stages.checkpoint import fingerprint, read_metadata, save_safetensors
-from stages.errors import run_command
-from stages.lora import add_lora, base_state, load_loras, main as lora_main, merged_state, parse_lora, save_adapter
+from weights.checkpoint import fingerprint, read_metadata, save_safetensors
+from common.errors import run_command
+from weights.lora import add_lora, base_state, load_loras, main as lora_main, merged_state, parse_lora, save_adapter
 from stages.stage_a import StageA
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig
 from train.cli import main as cli_main
+from weights.loaders import load_stage_c
+from pipeline.text_to_image import load_prior, load_text_to_image
+from sample.__main__ import main as sample_main
+from train.stage_b import StageBTraining
+from train.stage_c import StageCTraining
 
 TINY_C = StageCConfig(width=32, depth=1, heads=2, c_text=384, dropout=0.0)
 TINY_B = StageBConfig(widths=(16, 32), blocks=(1, 1), heads=(0, 2), inject_semantic=(False, True), c_cond=16,
@@ -60,7 +65,6 @@ def bundle(tmp_path_factory):
 
 
 def _base(bundle):
-    from stages.stage_c import load_stage_c
     return load_stage_c(str(bundle / "stage_c.safetensors")).eval()
 
 
@@ -117,7 +121,6 @@ def test_merge_round_trip_and_merged_export_loads(bundle, tmp_path, capsys):
     out = tmp_path / "merged.safetensors"
     lora_main(["merge", "--base", str(bundle / "stage_c.safetensors"), "--lora",
                f"{bundle / 'adapter.safetensors'}:0.7", "--out", str(out)])
-    from stages.pipeline import load_prior
     prior = load_prior(out)
     assert torch.allclose(_out(prior.model), with_adapter, atol=1e-5)
     meta = read_metadata(out)
@@ -142,7 +145,6 @@ def test_bad_lora_arguments_are_one_line_errors(bundle, tmp_path, capsys):
     assert parse_lora("a.safetensors:0.5") == (parse_lora("a.safetensors")[0], 0.5)
     base = ["--stage-c", str(bundle / "stage_c.safetensors"), "--stage-b", str(bundle / "stage_b.safetensors"),
             "--prior-steps", "2", "--decoder-steps", "2", "--quiet", "--out", str(tmp_path / "x.png"), "a cat"]
-    from sample.__main__ import main as sample_main
     for lora, message in ((str(tmp_path / "missing.safetensors"), "not found"),
                           (f"{bundle / 'adapter.safetensors'}:big", "must be a number"),
                           (str(bundle / "stage_c.safetensors"), "is not a LoRA adapter")):
@@ -154,7 +156,6 @@ def test_bad_lora_arguments_are_one_line_errors(bundle, tmp_path, capsys):
 
 
 def test_sample_with_lora_and_scale_zero_matches_the_base(bundle, tmp_path, capsys):
-    from sample.__main__ import main as sample_main
     from torchvision.io import read_image
     args = ["--stage-c", str(bundle / "stage_c.safetensors"), "--stage-b", str(bundle / "stage_b.safetensors"),
             "--prior-steps", "2", "--decoder-steps", "2", "--quiet", "a red apple"]
@@ -163,7 +164,6 @@ def test_sample_with_lora_and_scale_zero_matches_the_base(bundle, tmp_path, caps
     sample_main([*args, "--out", str(tmp_path / "lora.png"), "--lora", f"{bundle / 'adapter.safetensors'}:3"])
     base, zero, lora = (read_image(str(tmp_path / f"{n}.png")) for n in ("base", "zero", "lora"))
     assert torch.equal(base, zero) and not torch.equal(base, lora)
-    from stages.pipeline import load_text_to_image
     pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
                               bundle / "stage_a.safetensors", loras=[(bundle / "adapter.safetensors", 1.0)])
     assert any(".lora_A." in n for n, _ in pipe.prior.model.named_parameters())
@@ -200,7 +200,6 @@ def test_cli_fit_with_lora_writes_the_adapter_and_resumes(bundle, openmoji_dir, 
 
 
 def test_stage_b_lora_trains_only_adapters_and_loads_into_the_decoder(bundle, tmp_path):
-    from train.stage_b import StageBTraining
     module = StageBTraining(size=TINY_B.to_dict(), stage_a=str(bundle / "stage_a.safetensors"),
                             compressor=str(bundle / "compressor.safetensors"),
                             init_from=str(bundle / "stage_b.safetensors"), val_fid=False, metric_net=None,
@@ -212,7 +211,6 @@ def test_stage_b_lora_trains_only_adapters_and_loads_into_the_decoder(bundle, tm
             if "lora_B" in name:
                 p.normal_(0, 0.2)
     path = save_adapter(module.model, tmp_path / "b_adapter.safetensors", "stage_b", module.lora_settings)
-    from stages.pipeline import load_text_to_image
     pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
                               bundle / "stage_a.safetensors",
                               loras=[(path, 1.0), (bundle / "adapter.safetensors", 0.5)])
@@ -225,7 +223,6 @@ def test_stage_b_lora_trains_only_adapters_and_loads_into_the_decoder(bundle, tm
 
 
 def test_stage_c_init_from_is_checked_against_the_run(bundle):
-    from train.stage_c import StageCTraining
     common = dict(size=TINY_C.to_dict(), compressor=str(bundle / "compressor.safetensors"),
                   init_from=str(bundle / "stage_c.safetensors"))
     module = StageCTraining(**common, latent_shift=0.0, latent_scale=1.0)

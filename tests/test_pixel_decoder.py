@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from diffusion import CosineSchedule, Denoiser
-from stages.denoisers import denoiser_for
-from stages.checkpoint import fingerprint, read_weights, save_safetensors
+from pipeline.denoisers import denoiser_for
+from weights.checkpoint import fingerprint, read_weights, save_safetensors
 from stages.pixel_decoder import (
     GrownUViT,
     KVCompressedAttention,
@@ -19,6 +19,12 @@ from stages.pixel_decoder import (
     grow,
     growth_plan,
 )
+from weights.loaders import load_compressor
+from train.pixel_decoder import PixelDecoderTraining
+from train.cli import main as cli_main
+from sample.__main__ import main as sample_main, main
+from pipeline.decoders import pixel_decoder_metadata
+from common.errors import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_COMPRESSOR = ROOT / "checkpoints" / "tiny" / "compressor.safetensors"
@@ -143,8 +149,6 @@ def test_kv_compression_switched_on_at_growth_is_a_new_trained_layer():
 @pytest.fixture(scope="module")
 def phase1_export(tmp_path_factory):
     """A phase-1 export as the training module writes it, on the shipped compressor."""
-    from semantic_compressor import load_compressor
-
     out = tmp_path_factory.mktemp("phase1") / "model.safetensors"
     model = _randomised(ShallowUViT(SMALL))
     fp = fingerprint(load_compressor(SHIPPED_COMPRESSOR))
@@ -154,8 +158,6 @@ def phase1_export(tmp_path_factory):
 
 
 def test_phase2_core_mismatch_and_bad_phase_settings_are_clear_errors(phase1_export):
-    from train.pixel_decoder import PixelDecoderTraining
-
     kw = dict(phase=2, init_from=str(phase1_export), resolution=64, compressor=str(SHIPPED_COMPRESSOR))
     with pytest.raises(ValueError, match=r"does not match the phase 1 checkpoint .*width: 48 vs 32"):
         PixelDecoderTraining(size=dict(SMALL, width=48), **kw)
@@ -186,15 +188,13 @@ def test_phase2_command_with_a_mismatched_core_ends_with_the_message_alone(phase
            "--model.init_args.size", json.dumps(dict(SMALL, width=48)), "--model.init_args.init_from",
            str(phase1_export), "--model.init_args.resolution", "64", "--trainer.default_root_dir", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 2  # stages.errors.run_command: bad input exits with 2
+    assert done.returncode == 2  # common.errors.run_command: bad input exits with 2
     assert "error: the phase 2 config's core does not match the phase 1 checkpoint" in done.stderr
     assert "width: 48 vs 32" in done.stderr and "Traceback" not in done.stderr
     assert not any(tmp_path.iterdir())  # nothing written
 
 
 def _fit(config, root, openmoji_dir, *extra):
-    from train.cli import main as cli_main
-
     cli_main(["fit", "--config", config, "--trainer.default_root_dir", str(root),
               "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
               "--trainer.log_every_n_steps", "1", "--model.init_args.size", json.dumps(SMALL),
@@ -205,8 +205,6 @@ def _fit(config, root, openmoji_dir, *extra):
 
 
 def test_cli_phase1_then_phase2_then_sampling(openmoji_dir, tmp_path, capsys):
-    from sample.__main__ import main as sample_main
-
     runs = tmp_path / "runs"
     _fit("configs/pixel_decoder/tiny_phase1.yaml", runs, openmoji_dir)
     p1 = runs / "tiny_phase1" / "version_0"
@@ -219,13 +217,11 @@ def test_cli_phase1_then_phase2_then_sampling(openmoji_dir, tmp_path, capsys):
     _fit("configs/pixel_decoder/tiny_phase2.yaml", runs, openmoji_dir, "--model.init_args.init_from", str(p1),
          "--model.init_args.resolution", "64", "--data.init_args.min_size", "64")
     p2 = runs / "tiny_phase2_greedy" / "version_0"
-    from stages.decoders import pixel_decoder_metadata
     meta = pixel_decoder_metadata(p2 / "model.safetensors")
     assert (meta["phase"], meta["mode"], meta["resolution"]) == (2, "greedy", 64)
     assert meta["logsnr_shift"] == pytest.approx(2 * math.log(32 / 64))
     p1_meta = pixel_decoder_metadata(p1 / "model.safetensors")  # phase 1's cost travels with phase 2
     assert (meta["init_global_step"], meta["init_wall_time_s"]) == (p1_meta["global_step"], p1_meta["wall_time_s"])
-    from semantic_compressor import load_compressor
     assert meta["compressor_fingerprint"] == fingerprint(load_compressor(SHIPPED_COMPRESSOR))
     one, _ = read_weights(p1 / "model.safetensors", "pixel_decoder")
     two, config = read_weights(p2 / "model.safetensors", "pixel_decoder")
@@ -249,9 +245,6 @@ def test_cli_phase1_then_phase2_then_sampling(openmoji_dir, tmp_path, capsys):
 
 
 def test_sampler_errors_for_pixel_decoders(tmp_path, capsys):
-    from sample.__main__ import main
-    from stages.errors import run_command
-
     def sample_main(argv):  # as `python -m sample` runs it: one-line errors, exit status 2
         return run_command(main, argv)
 
@@ -273,10 +266,6 @@ def test_sampler_errors_for_pixel_decoders(tmp_path, capsys):
 
 def test_shipped_pixel_decoder_is_the_greedy_grown_one_and_samples_by_default(tmp_path, capsys):
     from PIL import Image
-
-    from sample.__main__ import main as sample_main
-    from stages.decoders import pixel_decoder_metadata
-    from semantic_compressor import load_compressor
 
     meta = pixel_decoder_metadata(ROOT / "checkpoints" / "tiny" / "pixel_decoder.safetensors")
     assert (meta["phase"], meta["mode"], meta["resolution"]) == (2, "greedy", 128)

@@ -11,11 +11,10 @@ import torch
 from PIL import Image
 
 import train.precompute as precompute
-from semantic_compressor import load_compressor
-from stages.checkpoint import fingerprint
-from stages.errors import run_command
-from stages.stage_a import load_stage_a
-from stages.text_encoder import build_text_encoder
+from weights.loaders import load_compressor, load_stage_a
+from weights.checkpoint import fingerprint
+from common.errors import run_command
+from pipeline.text_encoder import build_text_encoder
 from tests.test_data import write_tar
 from train.data import ImageTextData
 

@@ -7,11 +7,13 @@ import torch
 from PIL import Image
 
 from semantic_compressor import SemanticCompressor
-from stages.checkpoint import fingerprint, read_metadata, save_safetensors
-from stages.errors import run_command
-from stages.previewer import Previewer, load_previewer
+from weights.checkpoint import fingerprint, read_metadata, save_safetensors
+from common.errors import run_command
+from stages.previewer import Previewer
+from weights.loaders import load_previewer
 from stages.stage_c import StageC, StageCConfig
 from train.cli import main as cli_main
+from sample.__main__ import main as sample_main
 
 TINY_P = dict(width=8, blocks=1, ups=3, up_widths=[8, 8, 8])
 TINY_C = StageCConfig(width=32, depth=1, heads=2, c_text=384, dropout=0.0)
@@ -102,7 +104,6 @@ def test_stage_c_grid_gets_a_preview_row(trained, bundle, openmoji_dir, tmp_path
 
 
 def test_sample_preview_writes_the_png(trained, bundle, tmp_path, capsys):
-    from sample.__main__ import main as sample_main
     out = tmp_path / "preview.png"
     sample_main(["a red apple", "--stage-c", str(bundle / "stage_c.safetensors"), "--preview",
                  str(trained / "model.safetensors"), "--prior-steps", "2", "--quiet", "--out", str(out)])

@@ -2,12 +2,12 @@
 import json
 
 import pytest
+from sample.quickstart import main
+from sample.bundle import main as bundle_main
 
 
 @pytest.mark.slow
 def test_quickstart_smoke(tmp_path, monkeypatch):
-    from sample.quickstart import main
-
     out = main(["--out", str(tmp_path / "qs"), "--max-steps", "2", "--prompts", "sun", "red apple"])
     card = json.loads((out / "checkpoints" / "model_card.json").read_text())
     assert set(card["stages"]) == {"stage_a", "stage_b", "compressor", "stage_c"}
@@ -15,8 +15,6 @@ def test_quickstart_smoke(tmp_path, monkeypatch):
     assert (out / "grid.png").exists()
     with pytest.raises(FileExistsError, match="not empty"):  # never reuses a non-empty folder
         main(["--out", str(out)])
-    from sample.bundle import main as bundle_main
-
     before = (out / "checkpoints" / "stage_b.safetensors").read_bytes()
     with pytest.raises(FileExistsError, match="exists"):  # never writes into a folder that holds a bundle
         bundle_main(["--stage-a", str(out / "stage_a" / "tiny"), "--stage-b", str(out / "stage_b" / "tiny"),

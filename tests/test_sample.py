@@ -6,11 +6,17 @@ import torch
 
 from sample.__main__ import main
 from semantic_compressor import SemanticCompressor
-from stages.checkpoint import fingerprint, save_safetensors
-from stages.errors import run_command
+from weights.checkpoint import fingerprint, save_safetensors
+from common.errors import run_command
 from stages.stage_a import StageA
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig
+from pipeline.text_to_image import load_text_to_image
+from sample.evaluate import main as evaluate, latent_gallery, whole_set, top5_hits
+from weights.loaders import load_compressor
+from sample.compare import main as compare
+from stages.pixel_decoder import ShallowUViT, grow, growth_plan
+from sample.sweep import main as sweep
 
 TINY_B = StageBConfig(widths=(16, 32), blocks=(1, 1), heads=(0, 2), inject_semantic=(False, True), c_cond=16,
                       c_text=None, dropout=0.0)
@@ -62,8 +68,6 @@ def test_cli_writes_an_image_and_prints_where(bundle, tmp_path, capsys):
 
 
 def test_batches_grid_and_reproducible_seeds(bundle, tmp_path):
-    from stages.pipeline import load_text_to_image
-
     pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
                               bundle / "stage_a.safetensors")
     kw = dict(height=64, width=64, images_per_prompt=2, prior_steps=2, decoder_steps=[1.0, 0.5, 0.0], progress=False)
@@ -105,8 +109,6 @@ def test_png_carries_its_settings_and_a_command_that_makes_it_again(bundle, tmp_
 
 
 def test_callback_sees_every_step_of_each_stage_and_can_stop_the_work(bundle):
-    from stages.pipeline import load_text_to_image
-
     pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
                               bundle / "stage_a.safetensors")
     seen = []
@@ -177,8 +179,6 @@ def test_existing_output_is_never_overwritten(bundle, tmp_path, capsys):
 
 
 def test_evaluate_prints_scores_for_text_to_image_and_true_latents(bundle, openmoji_dir, tmp_path):
-    from sample.evaluate import main as evaluate
-
     out = tmp_path / "eval.json"
     args = ["--stage-c", str(bundle / "stage_c.safetensors"), "--stage-b", str(bundle / "stage_b.safetensors"),
             "--stage-a", str(bundle / "stage_a.safetensors"), "--data-dir", str(openmoji_dir), "--size", "64",
@@ -209,9 +209,6 @@ def test_evaluate_prints_scores_for_text_to_image_and_true_latents(bundle, openm
 
 
 def test_latent_gallery_follows_the_inception_gallery_order(bundle, openmoji_dir):
-    from sample.evaluate import latent_gallery, whole_set
-    from semantic_compressor import load_compressor
-
     compressor = load_compressor(bundle / "compressor.safetensors")
     images, captions = whole_set(str(openmoji_dir), 64, limit=6)
     latents = latent_gallery(str(openmoji_dir), compressor, 64, batch_size=4, limit=6)
@@ -221,8 +218,6 @@ def test_latent_gallery_follows_the_inception_gallery_order(bundle, openmoji_dir
 
 
 def test_top5_hits_counts_the_target_among_the_five_nearest():
-    from sample.evaluate import top5_hits
-
     gallery = torch.eye(8)
     captions = [f"emoji {i}" for i in range(8)]
     generated = torch.eye(8)[:2] + 0.01
@@ -233,10 +228,6 @@ def test_top5_hits_counts_the_target_among_the_five_nearest():
 
 
 def test_compare_writes_table_json_and_grid_for_every_decoder(bundle, openmoji_dir, tmp_path, capsys):
-    from sample.compare import main as compare
-    from semantic_compressor import load_compressor
-    from stages.pixel_decoder import ShallowUViT, grow, growth_plan
-
     small = dict(resolution=32, core_grid=8, entry_channels=16, width=32, depth=1, heads=2, c_t=32,
                  **{k: list(v) for k, v in growth_plan((8, 16, 16), blocks=(0, 1, 1)).items()})
     grown = _randomised(grow(ShallowUViT(small), 64))
@@ -278,8 +269,6 @@ def test_compare_writes_table_json_and_grid_for_every_decoder(bundle, openmoji_d
 
 
 def test_sampler_flags_choose_each_stage_and_bad_ones_fail_before_loading(bundle, tmp_path, capsys):
-    from stages.pipeline import load_text_to_image
-
     pipe = load_text_to_image(bundle / "stage_c.safetensors", bundle / "stage_b.safetensors",
                               bundle / "stage_a.safetensors")
     common = dict(prompts=["a red apple"], prior_steps=3, decoder_steps=3, seed=4, progress=False)
@@ -306,8 +295,6 @@ def test_sampler_flags_choose_each_stage_and_bad_ones_fail_before_loading(bundle
 
 @pytest.mark.slow  # three scored settings per part, Inception included
 def test_sweep_writes_tables_plot_and_resumes(bundle, openmoji_dir, tmp_path, capsys):
-    from sample.sweep import main as sweep
-
     out = tmp_path / "sweep"
     args = ["--stage-c", str(bundle / "stage_c.safetensors"), "--stage-b", str(bundle / "stage_b.safetensors"),
             "--stage-a", str(bundle / "stage_a.safetensors"), "--data-dir", str(openmoji_dir), "--size", "64",

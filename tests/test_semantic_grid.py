@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from sample.evaluate import EVERYDAY, prompt_set
-from semantic_compressor import PAPER_INPUT_SCALE, SemanticCompressor, latent_grid, load_compressor
-from stages.checkpoint import save_safetensors
-from stages.embedded import split_of
-from stages.pipeline import Prior
+from semantic_compressor import PAPER_INPUT_SCALE, SemanticCompressor, latent_grid
+from weights.loaders import load_compressor
+from weights.checkpoint import save_safetensors
+from imagedata.embedded import split_of
+from pipeline.text_to_image import Prior
 from stages.stage_c import StageC, StageCConfig
-from stages.text_encoder import build_text_encoder
+from pipeline.text_encoder import build_text_encoder
 from train.compressor_pca import fit_pca_head, main as pca_main
 
 

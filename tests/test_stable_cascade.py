@@ -3,7 +3,7 @@ on random weights (non-square grids, batch 2), both layouts' conversions bit-exa
 import pytest
 import torch
 
-from stages.convert_cascade import config_from_release, diffusers_config, from_release, to_release
+from weights.convert_cascade import config_from_release, diffusers_config, from_release, to_release
 from stages.stable_cascade import CascadeConfig, StageB3, StageC3
 
 diffusers = pytest.importorskip("diffusers", minversion="0.27")  # StableCascadeUNet arrived in 0.27

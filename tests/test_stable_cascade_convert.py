@@ -1,5 +1,5 @@
-"""Stable Cascade (v3) weights through the commands: ``stages.convert`` recognises the version in both
-layouts and writes them back bit-exact, ``stages.export_diffusers`` writes ``StableCascadeUNet`` folders,
+"""Stable Cascade (v3) weights through the commands: ``weights.convert`` recognises the version in both
+layouts and writes them back bit-exact, ``weights.export_diffusers`` writes ``StableCascadeUNet`` folders,
 and a v2 checkpoint where v3 is expected (and back) is a one-line error naming both."""
 from dataclasses import replace
 
@@ -7,12 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages.checkpoint import save_safetensors
-from stages.convert import main as convert
-from stages.convert_cascade import diffusers_config, to_release
-from stages.export_diffusers import main as export, save_diffusers
-from stages.stable_cascade import StageB3, StageC3, load_stage_b3, load_stage_c3
-from stages.stage_c import StageC, load_stage_c
+from weights.checkpoint import save_safetensors
+from weights.convert import main as convert
+from weights.convert_cascade import diffusers_config, to_release
+from weights.export_diffusers import main as export, save_diffusers
+from stages.stable_cascade import StageB3, StageC3
+from weights.loaders import load_stage_b3, load_stage_c3, load_stage_c
+from stages.stage_c import StageC
 from tests.bad_input.conftest import assert_error, run_main
 from tests.test_stable_cascade import B_CONFIG, C_CONFIG, randomised
 

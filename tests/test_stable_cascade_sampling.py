@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import diffusion
-from stages.cascade_pipeline import RELEASE, cascade_denoiser
+from pipeline.cascade import RELEASE, cascade_denoiser
 from stages.stable_cascade import StageB3, StageC3
 from tests.test_stable_cascade import B_CONFIG, C_CONFIG, diffusers_twin, randomised
 

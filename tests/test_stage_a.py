@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from stages.checkpoint import save_safetensors
-from stages.stage_a import StageA, load_stage_a, stage_a_config
+from weights.checkpoint import save_safetensors
+from stages.stage_a import StageA, stage_a_config
+from weights.loaders import load_stage_a
 
 
 def n_params(model):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from stages.denoisers import denoiser_for
-from stages.convert import load_stage_b_release, stage_b_config_from_release, stage_b_from_release
+from pipeline.denoisers import denoiser_for
+from weights.convert import load_stage_b_release, stage_b_config_from_release, stage_b_from_release
 from stages.stage_b import PRESETS, StageB, StageBConfig
 
 

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from diffusion.parameterisations import AbsAB
-from stages.denoisers import denoiser_for
-from stages.convert import load_stage_c_release, stage_c_config_from_release, stage_c_from_release
+from pipeline.denoisers import denoiser_for
+from weights.convert import load_stage_c_release, stage_c_config_from_release, stage_c_from_release
 from stages.stage_c import PRESETS, StageC
+import diffusion
 
 
 @pytest.mark.parametrize("size,expected", [("paper", 347.0e6), ("release", 993.6e6)])
@@ -85,8 +86,6 @@ def test_guided_ddpm_equals_the_released_prior_pipeline_loop(tmp_path):
     released prior pipeline (diffusers WuerstchenPriorPipeline): same weights, text states, noise,
     explicit time list and guidance give the same latents."""
     from diffusers import DDPMWuerstchenScheduler
-
-    import diffusion
 
     ref, ours = released_pair(tmp_path, 0.02)
     text, uncond, noise = torch.randn(2, 7, 24), torch.randn(2, 7, 24), torch.randn(2, 16, 3, 4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.text_encoder import MiniLMTextEncoder, OpenCLIPTextEncoder, TextEncoder, build_text_encoder
+from pipeline.text_encoder import MiniLMTextEncoder, OpenCLIPTextEncoder, TextEncoder, build_text_encoder
 
 LONG_PROMPT = " ".join(["apple"] * 1000)
 

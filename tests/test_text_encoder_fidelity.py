@@ -6,7 +6,7 @@ import torch
 
 import json
 
-from stages.text_encoder import CLIPTextEncoder, OpenCLIPTextEncoder, build_text_encoder
+from pipeline.text_encoder import CLIPTextEncoder, OpenCLIPTextEncoder, build_text_encoder
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")

@@ -7,11 +7,11 @@ import torch
 
 from sample.__main__ import main as sample_main
 from sample.evaluate import main as evaluate_main
-from stages.cascade_pipeline import load_cascade_text_to_image
-from stages.checkpoint import read_metadata
-from stages.lora import add_lora, save_adapter
-from stages.pipeline import load_text_to_image
-from stages.stable_cascade import load_stage_c3
+from pipeline.cascade import load_cascade_text_to_image
+from weights.checkpoint import read_metadata
+from weights.lora import add_lora, save_adapter
+from pipeline.text_to_image import load_text_to_image
+from weights.loaders import load_stage_c3
 from tests.bad_input.conftest import assert_error, run_main
 from train.cli import main as cli_main
 from train.stable_cascade import StageC3Training

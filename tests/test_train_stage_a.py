@@ -9,6 +9,10 @@ import torch
 from train.cli import main as cli_main
 from train.data import ImageTextData
 from train.stage_a import StageATraining
+from weights.loaders import load_stage_a
+from weights.checkpoint import save_safetensors
+from stages.stage_a import StageA
+from sample.evaluate_stage_a import main as evaluate
 
 TINY = dict(size=dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64), disc_widths=[8, 16],
             adv_start_step=2, ema_decay=0.9)
@@ -36,7 +40,6 @@ def test_cli_fit_writes_checkpoints_grids_metrics_and_safetensors(openmoji_dir, 
     metrics = (run / "metrics.csv").read_text()
     assert "val/psnr" in metrics and "train/g_adv" in metrics  # adversarial term on after step 2
     assert list(run.glob("events.out.tfevents*"))  # TensorBoard in the same run folder
-    from stages.stage_a import load_stage_a
     model = load_stage_a(str(run / "model.safetensors"))
     assert model.config.widths == (8, 16)
     # the Lightning checkpoint loads safely (weights_only) as well
@@ -107,10 +110,6 @@ def test_wrong_stage_checkpoint_is_refused_on_resume(openmoji_dir, tmp_path):
 
 
 def test_evaluate_command_prints_json_and_never_overwrites(openmoji_dir, tmp_path, capsys):
-    from stages.checkpoint import save_safetensors
-    from stages.stage_a import StageA
-    from sample.evaluate_stage_a import main as evaluate
-
     model = StageA(TINY["size"])
     path = save_safetensors(model, tmp_path / "run" / "model.safetensors", "stage_a", model.config.to_dict())
     out = tmp_path / "eval.json"

@@ -4,9 +4,13 @@ import json
 import pytest
 import torch
 
-from stages.checkpoint import save_safetensors
+from weights.checkpoint import save_safetensors, fingerprint
 from stages.stage_a import StageA
 from train.cli import main as cli_main
+from weights.loaders import load_stage_b, load_compressor
+from pipeline.decoders import load_semantic_decoder
+from sample.evaluate_stage_b import main as evaluate
+from train.stage_b import StageBTraining
 
 TINY_A = dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64)
 TINY_B = dict(widths=[16, 32, 32], blocks=[1, 1, 1], heads=[0, 2, 2], inject_semantic=[False, True, True],
@@ -41,7 +45,6 @@ def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_a_file, tm
     assert "val/fid" in metrics and "val/lpips" in metrics and "train/loss" in metrics
     from safetensors import safe_open
 
-    from stages.stage_b import load_stage_b
     model = load_stage_b(str(run / "model.safetensors"))
     assert model.config.widths == (16, 32, 32)
     with safe_open(str(run / "model.safetensors"), "pt") as f:
@@ -56,7 +59,6 @@ def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_a_file, tm
     assert load_stage_b(str(run / "checkpoints" / "last.ckpt")).config == model.config
 
     # the decoder finds the Stage A that Stage B recorded, and refuses any other
-    from stages.decoders import load_semantic_decoder
     assert load_semantic_decoder(run).stage_a.config.widths == (8, 16)
     other = StageA(TINY_A)
     with torch.no_grad():
@@ -66,7 +68,6 @@ def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_a_file, tm
         load_semantic_decoder(run, other_file)
 
     # the evaluation prints JSON for own and shuffled latents, and never overwrites its --out
-    from sample.evaluate_stage_b import main as evaluate
     out = tmp_path / "eval.json"
     report = evaluate(["--checkpoint", str(run), "--data-dir", str(openmoji_dir), "--size", "64", "--limit", "6",
                        "--steps", "2", "--batch-size", "3", "--out", str(out)])
@@ -95,8 +96,6 @@ def test_resume_with_another_stage_a_is_refused(openmoji_dir, stage_a_file, tmp_
 
 
 def test_mismatched_text_setting_is_named(stage_a_file, tmp_path):
-    from train.stage_b import StageBTraining
-
     wide = StageA(dict(TINY_A, latent_channels=8))  # a Stage A whose latents Stage B cannot take
     wide_file = save_safetensors(wide, tmp_path / "wide.safetensors", "stage_a", wide.config.to_dict())
     with pytest.raises(ValueError, match="8 latent channels"):
@@ -109,8 +108,6 @@ def test_mismatched_text_setting_is_named(stage_a_file, tmp_path):
 
 
 def test_semantic_decoder_gives_images_of_the_asked_size(stage_a_file):
-    from train.stage_b import StageBTraining
-
     module = StageBTraining(size=dict(TINY_B, c_text=384), stage_a=str(stage_a_file), text_encoder="minilm",
                             val_fid=False, sample_steps=2, guidance=2.0).eval()
     images = torch.rand(2, 3, 64, 96)
@@ -122,11 +119,6 @@ def test_semantic_decoder_gives_images_of_the_asked_size(stage_a_file):
 
 def test_refine_continues_with_the_frozen_compressor_on_cached_latents(openmoji_dir, stage_a_file, tmp_path):
     from safetensors import safe_open
-
-    from semantic_compressor import load_compressor
-    from stages.checkpoint import fingerprint
-    from stages.stage_b import load_stage_b
-    from train.stage_b import StageBTraining
 
     _fit(tmp_path / "first", openmoji_dir, stage_a_file, steps=2)
     first = tmp_path / "first" / "tiny" / "version_0"

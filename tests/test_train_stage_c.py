@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from semantic_compressor import SemanticCompressor
-from stages.checkpoint import fingerprint, save_safetensors
+from weights.checkpoint import fingerprint, save_safetensors
 from stages.stage_a import StageA
 from stages.stage_b import StageB, StageBConfig
 from train.cli import main as cli_main
+from pipeline.text_to_image import load_prior, load_text_to_image
+from train.stage_c import StageCTraining
 
 TINY_C = dict(width=32, depth=1, heads=2, c_text=384, dropout=0.0)
 
@@ -47,7 +49,6 @@ def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_b_run, tmp
     assert "val/loss" in (run / "metrics.csv").read_text()
     grids = sorted((run / "samples").glob("text_to_image_step*.png"))
     assert grids and grids[-1].with_suffix(".txt").read_text().strip()
-    from stages.pipeline import load_prior
     prior = load_prior(run)
     assert prior.model.config.width == 32 and (prior.latent_shift, prior.latent_scale) == (0.0, 1.0)
     # the export records its denoiser; the loader builds exactly that one
@@ -57,13 +58,10 @@ def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_b_run, tmp
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["stage"] == "stage_c"
     assert not any(k.startswith(("compressor.", "text_encoder.", "decoder.")) for k in ckpt["state_dict"])
-    from stages.pipeline import load_text_to_image
     assert load_text_to_image(run, stage_b_run / "model.safetensors").prior.compressor_fingerprint
 
 
 def test_latent_cache_gives_the_same_targets(stage_b_run):
-    from train.stage_c import StageCTraining
-
     module = StageCTraining(size=TINY_C, compressor=str(stage_b_run), cache_latents=True)
     batch = {"image": torch.rand(3, 3, 64, 64), "key": ["a", "b", "c"]}
     first = module.target(module, batch, train=True)

@@ -9,15 +9,17 @@ from PIL import Image
 
 from sample.__main__ import main
 from semantic_compressor import SemanticCompressor, normalize_latents
-from stages.checkpoint import fingerprint, save_safetensors
-from stages.decoders import PixelDecoder, SemanticDecoder
-from stages.errors import run_command
-from stages.pipeline import Prior, TextToImage, load_pixel_text_to_image, load_text_to_image
+from weights.checkpoint import fingerprint, save_safetensors
+from pipeline.decoders import PixelDecoder, SemanticDecoder
+from common.errors import run_command
+from pipeline.text_to_image import Prior, TextToImage, load_pixel_text_to_image, load_text_to_image
 from stages.stage_a import StageA
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig
-from stages.text_encoder import TextEncoder
+from pipeline.text_encoder import TextEncoder
 from tests.test_sample import TINY_B, TINY_C, _randomised
+from stages.pixel_decoder import ShallowUViT, grow, growth_plan
+from imagedata.embedded import openmoji_split
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
 FAST = dict(prior_steps=4, decoder_steps=2, progress=False)
@@ -26,8 +28,6 @@ FAST = dict(prior_steps=4, decoder_steps=2, progress=False)
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """Tiny random stages (Stage B and a grown pixel decoder) with the compressor they record."""
-    from stages.pixel_decoder import ShallowUViT, grow, growth_plan
-
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("bundle")
     a = StageA(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64))
@@ -109,8 +109,6 @@ def test_img2img_runs_the_stage_c_steps_below_the_strength(pipes, monkeypatch):
 def test_shipped_variations_resemble_their_image(openmoji_dir):
     """With the shipped checkpoints, each variation's compressor latents are nearer its own emoji's than
     any other image's of the batch (cosine)."""
-    from stages.embedded import openmoji_split
-
     pipe = load_text_to_image(SHIPPED / "stage_c.safetensors", SHIPPED / "stage_b.safetensors",
                               SHIPPED / "stage_a.safetensors", compressor=SHIPPED / "compressor.safetensors")
     samples = openmoji_split(openmoji_dir, "val", 128, 40)[::10]  # 4 different emoji
@@ -165,8 +163,6 @@ def _text_pipe(decoder_kind: str):
         decoder = SemanticDecoder(_randomised(b), StageA(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=8)),
                                   encoder)
     else:
-        from stages.pixel_decoder import ShallowUViT
-
         model = ShallowUViT(dict(resolution=32, core_grid=8, entry_channels=16, width=32, depth=1, heads=2, c_t=32,
                                  c_text=8))
         decoder = PixelDecoder(_randomised(model), text_encoder=encoder, semantic_size=64)

@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from stages.checkpoint import load_torch
+from weights.checkpoint import load_torch
 from train.faults import PREEMPTED_EXIT, AtomicCheckpointIO, SaveOnPreemption
 
 # "omegaconf+" resolves ${...} interpolations after command-line overrides; absolute paths such as

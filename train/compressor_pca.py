@@ -20,10 +20,10 @@ import torch
 from tqdm import tqdm
 
 from semantic_compressor import BACKBONES, PAPER_INPUT_SCALE, SemanticCompressor
-from stages.checkpoint import save_safetensors
-from stages.cli import check_output
-from stages.embedded import openmoji_split
-from stages.errors import run_command
+from weights.checkpoint import save_safetensors
+from common.cli import check_output
+from imagedata.embedded import openmoji_split
+from common.errors import run_command
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """The Lightning data module every stage trains from; the datasets it serves are the library's
-(``stages.shards``: webdataset streams; ``stages.images``: image folders)."""
+(``imagedata.shards``: webdataset streams; ``imagedata.images``: image folders)."""
 from __future__ import annotations
 
 import logging
@@ -8,11 +8,11 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from stages.buckets import collate, parse_buckets
-from stages.embedded import openmoji_shards, training_photos
-from stages.images import FolderDataset, PhotoCrops
-from stages.shards import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, manifest_count, shard_sets,
-                           source_manifest)
+from imagedata.buckets import collate, parse_buckets
+from imagedata.embedded import openmoji_shards, training_photos
+from imagedata.images import FolderDataset, PhotoCrops
+from imagedata.shards import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, manifest_count, shard_sets,
+                              source_manifest)
 from train.faults import delay_sigterm
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class ImageTextData(L.LightningDataModule):
 
     A source (``train``/``val``) is ``openmoji`` (the embedded set, built on first use in
     ``embedded_dir``), webdataset shards (``shards/{000000..000099}.tar``, ``shards/*.tar``, a folder
-    of ``.tar`` files, ``pipe:...``, ``https://...``, ``s3://...``; see ``stages.shards``), a
+    of ``.tar`` files, ``pipe:...``, ``https://...``, ``s3://...``; see ``imagedata.shards``), a
     weighted mixture (``[{shards: a/{000..009}.tar, weight: 3}, {shards: b/*.tar, weight: 1}]``),
     or a folder of images with optional ``.txt`` captions (small local data).
 
@@ -60,7 +60,7 @@ class ImageTextData(L.LightningDataModule):
     ``image_size`` (``crop``: random or center); validation images are resized and centre-cropped to
     ``val_size`` (default: ``resize`` or ``image_size``). With ``buckets`` (a list of [height, width]
     or the preset ``paper_c3``) every image is scaled to cover the bucket of nearest aspect ratio
-    and cropped to it, and each batch holds one bucket (``stages.buckets``).
+    and cropped to it, and each batch holds one bucket (``imagedata.buckets``).
 
     Filters (counted by reason): ``min_size`` (shorter side), ``aspect_ratio`` ([min, max] of
     width/height), ``metadata_filters`` (thresholds on the sample's json, e.g.
@@ -108,7 +108,7 @@ class ImageTextData(L.LightningDataModule):
         if photo_crops_every and (photo_crops_every < 2 or self.precomputed or is_folder_of_images(train)):
             raise ValueError(f"photo_crops_every {photo_crops_every}: every n-th sample (n >= 2, 0 = off) of image "
                              "shards (openmoji or .tar shards of images, not precomputed ones or a folder)")
-        self.train_set = self.val_set = None  # datasets (stages.images) or streams (stages.shards), made in setup
+        self.train_set = self.val_set = None  # datasets (imagedata.images) or streams (imagedata.shards), made in setup
 
     def _source(self, name: str, train: bool):
         h = self.hparams

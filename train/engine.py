@@ -25,15 +25,17 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from diffusion import CosineSchedule
-from semantic_compressor import SemanticCompressor, load_compressor, normalize_latents
-from stages.checkpoint import fingerprint, load_into, read_metadata, read_weights, resolve_checkpoint, save_safetensors
-from stages.denoisers import denoiser_for
-from stages.files import write_atomic, write_text
-from stages.images import image_bytes
-from stages.lora import add_lora_from_config, save_adapter
-from stages.metrics import Perceptual, fid_metric
-from stages.shards import FINGERPRINTS, check_made_with
-from stages.text_encoder import TextEncoder, build_text_encoder
+from semantic_compressor import SemanticCompressor, normalize_latents
+from weights.loaders import load_compressor
+from weights.checkpoint import fingerprint, read_metadata, read_weights, resolve_checkpoint, save_safetensors
+from common.state_dict import load_into
+from pipeline.denoisers import denoiser_for
+from common.files import write_atomic, write_text
+from imagedata.images import image_bytes
+from weights.lora import add_lora_from_config, save_adapter
+from common.metrics import Perceptual, fid_metric
+from imagedata.shards import FINGERPRINTS, check_made_with
+from pipeline.text_encoder import TextEncoder, build_text_encoder
 
 
 def ema_of(module: nn.Module, decay: float) -> AveragedModel:
@@ -312,7 +314,7 @@ class DiffusionTraining(StageTraining):
     def setup_parts(self, ema_decay: float | None, metric_net: str | None = None, val_fid: bool = False,
                     lora: dict | None = None) -> None:
         """EMA, frozen-compressor bookkeeping and metrics. ``lora``: train LoRA adapters on the frozen ``model``
-        (``stages.lora``); the EMA then averages the adapters and exports write ``adapter.safetensors``."""
+        (``weights.lora``); the EMA then averages the adapters and exports write ``adapter.safetensors``."""
         self.lora_settings = add_lora_from_config(self.model, lora)
         self.ema = ema_of(self.model, ema_decay) if ema_decay else None
         self.trains_compressor = self.compressor is not None and any(p.requires_grad for p in self.compressor.parameters())

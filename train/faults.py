@@ -1,6 +1,6 @@
 """What a training run survives: a kill or a full disk while a checkpoint is written, and preemption.
 
-``AtomicCheckpointIO``: Lightning's checkpoint writer with the write made atomic (``stages.files``):
+``AtomicCheckpointIO``: Lightning's checkpoint writer with the write made atomic (``common.files``):
 the checkpoint is serialised, written to ``<name>.partial`` beside the target, flushed, fsync-ed and
 renamed. Lightning's own writer opens ``last.ckpt`` and writes into it, so a kill or a full disk
 in the middle leaves no resumable checkpoint; here the previous ``last.ckpt`` stays until the new
@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from stages.files import write_atomic
+from common.files import write_atomic
 
 PREEMPTED_EXIT = 128 + signal.SIGTERM  # how shells and schedulers report a process ended by SIGTERM
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from diffusion import check_loss_weight, logsnr_shift as shift_for_resolution
-from stages.checkpoint import fingerprint, load_into
-from stages.decoders import PixelDecoder
+from weights.checkpoint import fingerprint
+from common.state_dict import load_into
+from pipeline.decoders import PixelDecoder
 from stages.pixel_decoder import (MODES, STAGE, GrownUViT, ShallowUViT, build_pixel_model, check_core_match,
                                   freeze_plan, grow, pixel_decoder_config)
 from train.engine import (DiffusionTraining, Pixels, SemanticCondition, TextCondition, compressor_for,

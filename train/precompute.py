@@ -9,9 +9,9 @@ left out (Stage C needs only the compressor and the text encoder).
 
 Images are scaled to cover ``--image-size`` (or the nearest ``--buckets`` bucket) and centre-cropped,
 as validation crops them. Each input shard gives one output shard of the same name, written under a
-temporary name, synced and renamed when complete (``stages.files``; a full disk ends with a one-line
+temporary name, synced and renamed when complete (``common.files``; a full disk ends with a one-line
 error and leaves the finished shards); ``manifest.json`` records the encoders' fingerprints
-(``stages.checkpoint.fingerprint``), the settings and the samples per finished shard. Running the same
+(``weights.checkpoint.fingerprint``), the settings and the samples per finished shard. Running the same
 command again after an interruption continues with the shards not yet written; a finished output
 folder is only replaced with ``--overwrite``.
 """
@@ -27,16 +27,15 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from semantic_compressor import load_compressor
-from stages.checkpoint import fingerprint
-from stages.cli import check_output, positive_int
-from stages.errors import run_command
-from stages.stage_a import load_stage_a
-from stages.text_encoder import ENCODERS, build_text_encoder
-from stages.buckets import batch_by_shape, parse_buckets
-from stages.shards import (BASE_REASONS, FINGERPRINTS, FORMAT, LATENT_KEYS, MANIFEST, Filters, ImagePrep,
-                           SampleCounts, existing_shards, npy_bytes, shard_samples)
-from stages.files import PARTIAL, atomic_file, write_json
+from weights.loaders import load_compressor, load_stage_a
+from weights.checkpoint import fingerprint
+from common.cli import check_output, positive_int
+from common.errors import run_command
+from pipeline.text_encoder import ENCODERS, build_text_encoder
+from imagedata.buckets import batch_by_shape, parse_buckets
+from imagedata.shards import (BASE_REASONS, FINGERPRINTS, FORMAT, LATENT_KEYS, MANIFEST, Filters, ImagePrep,
+                              SampleCounts, existing_shards, npy_bytes, shard_samples)
+from common.files import PARTIAL, atomic_file, write_json
 
 
 
@@ -117,7 +116,7 @@ def encode(batch: dict, encoders: dict, device: str) -> dict[str, torch.Tensor]:
 
 
 def precompute_shard(url: str, path: Path, prep: ImagePrep, encoders: dict, args) -> tuple[int, SampleCounts]:
-    """Encode one input shard into the tar ``path``, written atomically (``stages.files``: complete or not
+    """Encode one input shard into the tar ``path``, written atomically (``common.files``: complete or not
     there); returns the samples written and those skipped."""
     n, counts = 0, SampleCounts(BASE_REASONS + prep.filters.reasons())
     samples = prep(shard_samples([{"url": url}], counts), counts, rng=None)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
-from stages.checkpoint import fingerprint
+from weights.checkpoint import fingerprint
 from stages.previewer import STAGE, Previewer, previewer_config
 from train.engine import StageTraining, ema_of, compressor_for
 

@@ -8,7 +8,7 @@ recovered from the logSNR; the loss weight is P2 ((1 + SNR)^-1, ``p2``) or the a
 Stage B trains on pyramid noise. The compressor's latents are used as they come (no normalisation).
 
 Stage C: target the frozen compressor's latents; conditions the text states and pooled embedding of a
-pooled text encoder (``stages.cascade_conditioning``), replaced by the empty prompt's with probability
+pooled text encoder (``pipeline.cascade_conditioning``), replaced by the empty prompt's with probability
 ``text_drop_prob``; no image embeddings (the release's optional CLIP image slot gets its zeros).
 Stage B: target the frozen Stage A's latents; conditions the frozen compressor's latents (noised and
 dropped as for v2's Stage B) and the pooled text embedding (dropped with ``text_drop_prob``).
@@ -21,12 +21,11 @@ import torch.nn.functional as F
 
 from diffusion import AdaptiveLossWeight, CosineSchedule, Denoiser, pyramid_noise
 from semantic_compressor import latent_grid
-from stages.cascade_conditioning import build_pooled_text_encoder, split
-from stages.cascade_pipeline import RELEASE, CascadeDecoder, CascadePrior, load_cascade_decoder
-from stages.checkpoint import fingerprint, resolve_checkpoint
-from stages.previewer import load_previewer
+from pipeline.cascade_conditioning import build_pooled_text_encoder, split
+from pipeline.cascade import RELEASE, CascadeDecoder, CascadePrior, load_cascade_decoder
+from weights.checkpoint import fingerprint, resolve_checkpoint
+from weights.loaders import load_previewer, load_stage_a
 from stages.stable_cascade import StageB3, StageC3, stage_b3_config, stage_c3_config
-from stages.stage_a import load_stage_a
 from train.engine import DiffusionTraining, Latents, SemanticCondition, TextCondition, compressor_for
 
 LOSS_WEIGHTS = ("adaptive", "p2")  # the release's two (gdf AdaptiveLossWeight, P2LossWeight)

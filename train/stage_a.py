@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
-from stages.metrics import Perceptual
+from common.metrics import Perceptual
 from stages.stage_a import PatchDiscriminator, StageA, stage_a_config
 from train.engine import StageTraining, ema_of
 

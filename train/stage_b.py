@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from stages.checkpoint import fingerprint, resolve_checkpoint, save_safetensors
-from stages.decoders import SemanticDecoder
-from stages.stage_a import load_stage_a
+from weights.checkpoint import fingerprint, resolve_checkpoint, save_safetensors
+from pipeline.decoders import SemanticDecoder
+from weights.loaders import load_stage_a
 from stages.stage_b import StageB, stage_b_config
 from train.engine import (DiffusionTraining, Latents, SemanticCondition, TextCondition, compressor_for,
                           text_encoder_for)

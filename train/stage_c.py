@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stages.checkpoint import fingerprint
-from stages.decoders import load_semantic_decoder
-from stages.pipeline import Prior
-from stages.previewer import load_previewer
+from weights.checkpoint import fingerprint
+from pipeline.decoders import load_semantic_decoder
+from pipeline.text_to_image import Prior
+from weights.loaders import load_previewer
 from stages.stage_c import StageC, stage_c_config
 from train.engine import DiffusionTraining, Latents, TextCondition, compressor_for, text_encoder_for
 

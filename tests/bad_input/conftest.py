@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import files
+from common import files
+from common.errors import run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,9 +52,7 @@ def assert_cli_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
 
 
 def run_main(main, argv: list[str], capsys) -> tuple[int, str]:
-    """Run a command's ``main`` in-process through ``stages.errors.run_command``: (exit status, stderr)."""
-    from stages.errors import run_command
-
+    """Run a command's ``main`` in-process through ``common.errors.run_command``: (exit status, stderr)."""
     try:
         run_command(main, argv)
         code = 0
@@ -95,7 +94,7 @@ class FullDisk(io.RawIOBase):
 
 
 def full_disk(monkeypatch, room: int = 100, when=lambda partial: True) -> None:
-    """From now on, files written through ``stages.files`` (those ``when(partial path)`` picks) hit a full disk."""
+    """From now on, files written through ``common.files`` (those ``when(partial path)`` picks) hit a full disk."""
     create = files._create
     monkeypatch.setattr(files, "_create", lambda partial: FullDisk(partial, room) if when(partial) else create(partial))
 

@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from sample.__main__ import main
-from stages.decoders import SemanticDecoder
-from stages import files
-from stages.pipeline import Prior, TextToImage, load_text_to_image
+from pipeline.decoders import SemanticDecoder
+from common import files
+from pipeline.text_to_image import Prior, TextToImage, load_text_to_image
 from semantic_compressor import SemanticCompressor
-from stages import inputs
-from stages.checkpoint import fingerprint, save_safetensors
+from pipeline import inputs
+from weights.checkpoint import fingerprint, save_safetensors
 from stages.stage_a import StageA
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig
 from tests.bad_input.conftest import assert_error, bomb_png, full_disk, run_cli, run_main, snapshot
+import sample.__main__ as cli
 
 TINY_A = dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64)
 TINY_B = StageBConfig(widths=(16, 32), blocks=(1, 1), heads=(0, 2), inject_semantic=(False, True), c_cond=16,
@@ -341,8 +342,6 @@ def image_file(tmp_path):
 def test_bad_image_requests_are_refused_before_any_model_is_loaded(bundle, image_file, tmp_path, capsys,
                                                                    monkeypatch, extra, fragments):
     from PIL import Image
-
-    import sample.__main__ as cli
 
     (tmp_path / "folder").mkdir()
     (tmp_path / "notes.png").write_text("not an image")

@@ -16,10 +16,26 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stages.checkpoint import load_safetensors, read_metadata, read_weights, save_safetensors, tensor_digest
-from stages.stage_a import StageA, load_stage_a
+from weights.checkpoint import (load_safetensors, read_metadata, read_weights, save_safetensors, tensor_digest,
+                                fingerprint)
+from stages.stage_a import StageA
+from weights.loaders import load_stage_a
 
 from .conftest import ROOT, assert_error, assert_cli_error, run_cli, run_main
+from sample.__main__ import main as sample_main
+from stages.stage_b import StageB, StageBConfig
+from pipeline.decoders import load_semantic_decoder
+from sample import quickstart
+from sample.bundle import main as bundle_main
+from weights.convert import main as convert_main
+from sample.evaluate import main as evaluate_main
+from sample.compare import main as compare_main
+from sample.evaluate_stage_a import main as evaluate_stage_a_main
+from sample.evaluate_stage_b import main as evaluate_stage_b_main
+from benchmarks.__main__ import main as benchmarks_main
+from benchmarks.report import main as report_main
+from sample.quickstart import main as quickstart_main
+from sample.sweep import main as sweep
 
 SHIPPED = ROOT / "checkpoints" / "tiny"
 
@@ -135,8 +151,6 @@ def test_unreadable_metadata_is_named(tmp_path):
 
 def test_sampler_names_a_truncated_stage_c(export, tmp_path, capsys, unchanged):
     """The sampler's metadata reader (``load_prior``) goes through the one checked reader."""
-    from sample.__main__ import main as sample_main
-
     stage_c = tmp_path / "stage_c.safetensors"
     stage_c.write_bytes(export.read_bytes()[:40])
     with unchanged(tmp_path):
@@ -150,9 +164,6 @@ def test_sampler_names_a_truncated_stage_c(export, tmp_path, capsys, unchanged):
 
 def _stage_b_recording(root: Path, record: str) -> Path:
     """A tiny Stage B under ``root/runs/b`` whose Stage A record is ``record`` (relative to ``root``)."""
-    from stages.checkpoint import fingerprint
-    from stages.stage_b import StageB, StageBConfig
-
     a = _stage_a()
     save_safetensors(a, root / record, "stage_a", a.config.to_dict())
     b = StageB(StageBConfig(widths=(16, 32), blocks=(1, 1), heads=(0, 2), inject_semantic=(False, True),
@@ -163,8 +174,6 @@ def _stage_b_recording(root: Path, record: str) -> Path:
 
 def test_relative_stage_a_record_resolves_from_any_cwd(tmp_path, monkeypatch):
     """Older exports recorded Stage A relative to where training ran (the shipped Stage B too)."""
-    from stages.decoders import load_semantic_decoder
-
     b = _stage_b_recording(tmp_path / "repo", "runs/a/model.safetensors")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -174,8 +183,6 @@ def test_relative_stage_a_record_resolves_from_any_cwd(tmp_path, monkeypatch):
 
 
 def test_missing_recorded_stage_a_is_named(tmp_path, monkeypatch):
-    from stages.decoders import load_semantic_decoder
-
     b = _stage_b_recording(tmp_path / "repo", "runs/a/model.safetensors")
     (tmp_path / "repo" / "runs" / "a" / "model.safetensors").unlink()
     monkeypatch.chdir(tmp_path)
@@ -184,8 +191,6 @@ def test_missing_recorded_stage_a_is_named(tmp_path, monkeypatch):
 
 
 def test_quickstart_finds_its_configs_from_any_cwd(tmp_path, monkeypatch):
-    from sample import quickstart
-
     monkeypatch.chdir(tmp_path)
     for stage in ("stage_a", "stage_b", "stage_c"):
         path = quickstart.stage_config(stage)
@@ -205,54 +210,44 @@ def _bundle_args(out: Path) -> list[str]:
 
 
 def test_bundle_never_replaces_a_file_already_in_out(tmp_path, capsys, unchanged):
-    from sample.bundle import main
-
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "stage_b.safetensors").write_bytes(b"someone else's")  # no model card: not a finished bundle
     with unchanged(tmp_path):
-        code, err = run_main(main, _bundle_args(out), capsys)
+        code, err = run_main(bundle_main, _bundle_args(out), capsys)
     assert_error(code, err, str(out / "stage_b.safetensors"), "exists", "choose another --out")
 
 
 def test_bundle_out_below_a_file(tmp_path, capsys, unchanged):
-    from sample.bundle import main
-
     (tmp_path / "afile").write_text("x")
     with unchanged(tmp_path):
-        code, err = run_main(main, _bundle_args(tmp_path / "afile"), capsys)
+        code, err = run_main(bundle_main, _bundle_args(tmp_path / "afile"), capsys)
     assert_error(code, err, "is a file, not a folder")
 
 
 def test_convert_refuses_an_existing_out_without_overwrite(tmp_path, capsys, unchanged):
-    from stages.convert import main
-
     out = tmp_path / "stage_a.safetensors"
     out.write_bytes(b"keep")
     with unchanged(tmp_path):
-        code, err = run_main(main, ["stage_a", "--src", NOWHERE, "--out", str(out)], capsys)
+        code, err = run_main(convert_main, ["stage_a", "--src", NOWHERE, "--out", str(out)], capsys)
     assert_error(code, err, str(out), "exists", "--overwrite")
 
 
 @pytest.mark.parametrize("name,fragment", [("model.pt", "must end in .safetensors"), ("folder", "is a folder")])
 def test_convert_out_must_be_a_safetensors_file(tmp_path, capsys, unchanged, name, fragment):
-    from stages.convert import main
-
     (tmp_path / "folder").mkdir()
     with unchanged(tmp_path):
-        code, err = run_main(main, ["stage_a", "--src", NOWHERE, "--out", str(tmp_path / name)], capsys)
+        code, err = run_main(convert_main, ["stage_a", "--src", NOWHERE, "--out", str(tmp_path / name)], capsys)
     assert_error(code, err, "--out", fragment)
 
 
 def test_convert_overwrite_replaces_the_file(tmp_path, capsys):
     """``--overwrite`` (which the refusal points at) replaces the output; without it, it stays."""
     diffusers_vq = pytest.importorskip("diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model")
-    from stages.convert import main
-
     diffusers_vq.PaellaVQModel(embed_dim=64, bottleneck_blocks=1, num_vq_embeddings=8).save_pretrained(tmp_path / "vq")
     out = tmp_path / "stage_a.safetensors"
     out.write_bytes(b"old")
-    main(["stage_a", "--src", str(tmp_path / "vq"), "--out", str(out), "--overwrite"])
+    convert_main(["stage_a", "--src", str(tmp_path / "vq"), "--out", str(out), "--overwrite"])
     assert read_metadata(out)["stage"] == "stage_a" and "checksum" in read_metadata(out)
 
 
@@ -261,67 +256,53 @@ def test_convert_overwrite_replaces_the_file(tmp_path, capsys):
     ("eval.txt", ValueError, "must end in .json"),
 ])
 def test_sample_evaluate_checks_out_first(tmp_path, capsys, unchanged, name, exc, fragment):
-    from sample.evaluate import main
-
     (tmp_path / "eval.json").write_text("{}")
     with unchanged(tmp_path):
-        code, err = run_main(main, ["--stage-c", NOWHERE, "--out", str(tmp_path / name)], capsys)
+        code, err = run_main(evaluate_main, ["--stage-c", NOWHERE, "--out", str(tmp_path / name)], capsys)
     assert_error(code, err, "--out", fragment)
 
 
 def test_compare_out_is_a_file(tmp_path, capsys, unchanged):
-    from sample.compare import main
-
     (tmp_path / "cmp").write_text("x")
     with unchanged(tmp_path):
-        code, err = run_main(main, ["--stage-c", NOWHERE, "--out", str(tmp_path / "cmp")], capsys)
+        code, err = run_main(compare_main, ["--stage-c", NOWHERE, "--out", str(tmp_path / "cmp")], capsys)
     assert_error(code, err, "is a file", "new or empty folder")
 
 
 def test_evaluate_stage_a_out_below_a_file(tmp_path, capsys, unchanged):
     """Pointing below an existing file: a path no user, root included, can write."""
-    from sample.evaluate_stage_a import main
-
     (tmp_path / "afile").write_text("x")
     with unchanged(tmp_path):
-        code, err = run_main(main, ["--checkpoint", NOWHERE, "--out", str(tmp_path / "afile" / "e.json")], capsys)
+        code, err = run_main(evaluate_stage_a_main, ["--checkpoint", NOWHERE, "--out", str(tmp_path / "afile" / "e.json")], capsys)
     assert_error(code, err, "is a file, not a folder")
 
 
 def test_evaluate_stage_b_out_in_a_read_only_folder(tmp_path, capsys, unchanged, monkeypatch):
     """Tests run as root, for whom ``os.access`` calls every folder writable: a read-only one is simulated."""
-    from sample.evaluate_stage_b import main
-
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
     with unchanged(tmp_path):
-        code, err = run_main(main, ["--checkpoint", NOWHERE, "--out", str(tmp_path / "e.json")], capsys)
+        code, err = run_main(evaluate_stage_b_main, ["--checkpoint", NOWHERE, "--out", str(tmp_path / "e.json")], capsys)
     assert_error(code, err, "read-only", "choose another --out")
 
 
 def test_benchmarks_refuse_a_non_empty_out(tmp_path, capsys, unchanged):
-    from benchmarks.__main__ import main
-
     (tmp_path / "results.json").write_text("{}")
     with unchanged(tmp_path):
-        code, err = run_main(main, ["--quick", "--parts", "counts", "--out", str(tmp_path)], capsys)
+        code, err = run_main(benchmarks_main, ["--quick", "--parts", "counts", "--out", str(tmp_path)], capsys)
     assert_error(code, err, "not empty", "choose another --out")
 
 
 def test_benchmarks_report_names_a_file_that_is_not_results(tmp_path, capsys, unchanged):
-    from benchmarks.report import main
-
     (tmp_path / "notes.json").write_text("not json")
     with unchanged(tmp_path):
-        code, err = run_main(main, [str(tmp_path / "notes.json"), "--out", str(tmp_path / "report")], capsys)
+        code, err = run_main(report_main, [str(tmp_path / "notes.json"), "--out", str(tmp_path / "report")], capsys)
     assert_error(code, err, "notes.json", "not a benchmarks results file")
 
 
 def test_quickstart_out_is_a_file(tmp_path, capsys, unchanged):
-    from sample.quickstart import main
-
     (tmp_path / "qs").write_text("x")
     with unchanged(tmp_path):
-        code, err = run_main(main, ["--out", str(tmp_path / "qs")], capsys)
+        code, err = run_main(quickstart_main, ["--out", str(tmp_path / "qs")], capsys)
     assert_error(code, err, "is a file", "--out")
 
 
@@ -361,7 +342,7 @@ def test_convert_cli_names_a_corrupt_source_from_another_cwd(tmp_path, unchanged
     src = tmp_path / "vqgan.safetensors"
     src.write_bytes(b"\x00" * 64)
     with unchanged(tmp_path):
-        proc = run_cli("stages.convert", "stage_a", "--src", str(src), "--out", str(tmp_path / "out.safetensors"),
+        proc = run_cli("weights.convert", "stage_a", "--src", str(src), "--out", str(tmp_path / "out.safetensors"),
                        cwd=tmp_path)
     assert proc.returncode == 2
     assert_cli_error(proc, str(src), "not a readable safetensors file", "WUERSTCHEN_TRACEBACK=1")
@@ -377,8 +358,6 @@ def test_bundle_cli_refuses_a_stray_file_from_another_cwd(tmp_path, unchanged):
 
 
 def test_sweep_refuses_a_folder_that_is_not_its_own_before_any_work(tmp_path, capsys, unchanged):
-    from sample.sweep import main as sweep
-
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")

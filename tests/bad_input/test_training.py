@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 
 from tests.bad_input.conftest import ROOT, assert_cli_error, assert_error, bomb_png, run_cli, run_main, snapshot
-from stages.checkpoint import save_safetensors
+from weights.checkpoint import save_safetensors
 from stages.stage_a import StageA
 from train.cli import main as cli_main
 from train.precompute import main as precompute
 from train.data import ImageTextData
+from train.stage_a import StageATraining
 
 SIZE = json.dumps(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64))
 
@@ -348,8 +349,6 @@ def test_command_line_prints_one_line(tmp_path):
 # ------------------------------------------------------------------ 4. NaN advice
 
 def _nan_fit(openmoji_dir, tmp_path, monkeypatch, nan_from_step: int) -> str:
-    from train.stage_a import StageATraining
-
     module = StageATraining(size=json.loads(SIZE), disc_widths=[8, 16], ema_decay=0.9)
     forward = module.model.forward
 

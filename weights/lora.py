@@ -8,7 +8,7 @@ adapts, the fingerprint of the base weights it was trained on, its rank, alpha, 
 Several adapters can be loaded onto one base, each with its own scale (the update becomes
 scale * alpha / r * B A), and merged into the base weights for a plain export.
 
-``python -m stages.lora merge --base stage_c.safetensors --lora adapter.safetensors[:scale] --out merged.safetensors``
+``python -m weights.lora merge --base stage_c.safetensors --lora adapter.safetensors[:scale] --out merged.safetensors``
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from stages.checkpoint import (load_model, load_safetensors, read_metadata, resolve_checkpoint, save_tensors,
-                               tensor_digest)
-from stages.errors import run_command
+from weights.checkpoint import (load_model, load_safetensors, read_metadata, resolve_checkpoint, save_tensors,
+                                tensor_digest)
+from common.errors import run_command
 from stages.stage_b import StageB
 from stages.stage_c import StageC
 from stages.stable_cascade import StageB3, StageC3
@@ -44,7 +44,7 @@ def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """``stages.checkpoint.fingerprint`` of the base weights, with or without adapters injected."""
+    """``weights.checkpoint.fingerprint`` of the base weights, with or without adapters injected."""
     return tensor_digest(base_state(model))[:16]
 
 
@@ -104,7 +104,7 @@ def adapter_state(model: nn.Module, name: str = "default") -> dict[str, torch.Te
     marks = (f".lora_A.{name}.", f".lora_B.{name}.")
     state = {k.replace(f".{name}.", "."): v for k, v in model.state_dict().items() if any(m in k for m in marks)}
     if not state:
-        raise ValueError(f"the model holds no LoRA adapter {name!r}; add one with stages.lora.add_lora")
+        raise ValueError(f"the model holds no LoRA adapter {name!r}; add one with weights.lora.add_lora")
     return state
 
 
@@ -221,7 +221,7 @@ def merge(base: str | os.PathLike, loras: Sequence[tuple[str | os.PathLike, floa
 
 
 def main(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(prog="python -m stages.lora", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m weights.lora", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     m = sub.add_parser("merge", help="merge adapters into a Stage C or Stage B export")
     m.add_argument("--base", required=True, help="the Stage C or Stage B export the adapters were trained on")

@@ -1,4 +1,4 @@
-"""One-line errors for every command (``python -m sample``, ``python -m train``, ``stages.convert``, ...).
+"""One-line errors for every command (``python -m sample``, ``python -m train``, ``weights.convert``, ...).
 
 A problem with what the user gave (a path, a file, a setting, a number) ends the command with
 ``error: <message>`` on one line of standard error and exit status 2, before a traceback can bury

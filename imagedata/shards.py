@@ -6,7 +6,7 @@ A shard set is a local tar, a folder of ``.tar`` files, a glob (``data/*.tar``),
 ``webdataset.DataPipeline``: a ``SimpleShardList`` (``ResampledShards`` with ``resampled``), a split
 across DDP ranks and dataloader workers, ``tarfile_to_samples``' parts with a handler that counts a
 broken shard and goes on, a seeded ``shuffle`` buffer (training), decoding with filters, and
-batching by shape (aspect-ratio buckets, ``stages.buckets``).
+batching by shape (aspect-ratio buckets, ``imagedata.buckets``).
 
 Split: the consumers (ranks x workers) take disjoint parts that together cover the data: whole
 shards when there are at least as many shards as consumers, otherwise every consumer reads every
@@ -49,8 +49,8 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 from webdataset.utils import pytorch_worker_info
 
-from stages.buckets import batch_by_shape, nearest_bucket
-from stages.images import IMAGE_EXTENSIONS, decode_image, resize_crop
+from imagedata.buckets import batch_by_shape, nearest_bucket
+from imagedata.images import IMAGE_EXTENSIONS, decode_image, resize_crop
 
 log = logging.getLogger(__name__)
 CAPTION_KEYS = ("txt", "caption", "text")

@@ -36,15 +36,23 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
     return list(prompts)
 
 
-def warn_truncated(lengths: list[int], max_tokens: int) -> None:
+def warn_truncated(lengths: list[int], max_tokens: int, stacklevel: int = 4) -> None:
     """One warning per call naming how many tokens truncation to ``max_tokens`` drops."""
     dropped = [n - max_tokens for n in lengths if n > max_tokens]
     if dropped:
         warnings.warn(
             f"{len(dropped)} prompt(s) longer than {max_tokens} tokens were truncated: "
             f"{sum(dropped)} token(s) dropped (at most {max(dropped)} from one prompt)",
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
+
+
+def padded_tokens(tokenizer, prompts: list[str], max_tokens: int, device: torch.device):
+    """A Hugging Face tokenizer's ids and attention mask, padded and truncated to ``max_tokens`` (truncation is warned)."""
+    lengths = [len(ids) for ids in tokenizer(prompts, verbose=False)["input_ids"]]
+    warn_truncated(lengths, max_tokens, stacklevel=5)
+    return tokenizer(prompts, padding="max_length", truncation=True, max_length=max_tokens,
+                     return_tensors="pt").to(device)
 
 
 class TextEncoder(nn.Module):
@@ -137,12 +145,7 @@ class MiniLMTextEncoder(TextEncoder):
         self.freeze()
 
     def encode_uncached(self, prompts: list[str]) -> torch.Tensor:
-        lengths = [len(ids) for ids in self.tokenizer(prompts, verbose=False)["input_ids"]]
-        warn_truncated(lengths, self.max_tokens)
-        tokens = self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt"
-        ).to(self.device)
-        return self.model(**tokens).last_hidden_state
+        return self.model(**padded_tokens(self.tokenizer, prompts, self.max_tokens, self.device)).last_hidden_state
 
 
 def create_open_clip(model: str, pretrained: str | None, **create_kwargs) -> nn.Module:
@@ -259,10 +262,7 @@ class CLIPTextEncoder(TextEncoder):
         self.freeze()
 
     def encode_uncached(self, prompts: list[str]) -> torch.Tensor:
-        lengths = [len(ids) for ids in self.tokenizer(prompts, verbose=False)["input_ids"]]
-        warn_truncated(lengths, self.max_tokens)
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_tokens,
-                                return_tensors="pt").to(self.device)
+        tokens = padded_tokens(self.tokenizer, prompts, self.max_tokens, self.device)
         return self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
 
 

@@ -21,7 +21,7 @@ Sampling limits (``Limits``) refuse requests whose rough cost is absurd on the d
   and high rather than low (batches run faster per image; the decode is counted at every step).
   Work estimated above ``Limits.seconds`` (an hour by default) is refused with the estimate; above
   a minute the estimate is shown as a note before sampling starts.
-* aspect ratio: sides further apart than the widest trained buckets (``stages.buckets``' paper
+* aspect ratio: sides further apart than the widest trained buckets (``imagedata.buckets``' paper
   preset, 3:5 to 5:3) get a note: the models never saw such shapes.
 """
 from __future__ import annotations
@@ -39,9 +39,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from diffusion import sampling_times
-from stages.buckets import PRESETS
-from stages.images import to_rgb
-from stages.text_encoder import check_prompts
+from imagedata.buckets import PRESETS
+from imagedata.images import to_rgb
+from pipeline.text_encoder import check_prompts
 
 MAX_SEED = 2 ** 63  # torch.Generator seeds are 64-bit; negative ones wrap around
 MAX_SECONDS = 3600.0  # refuse sampling estimated above an hour on the device
@@ -55,34 +55,6 @@ EXPANSION = 4  # channel MLPs of ConvNeXt and mixing blocks widen to 4 x width
 
 def _fail(name: str, problem: str) -> ValueError:
     return ValueError(f"{name} {problem}".strip())
-
-
-# -- images ----------------------------------------------------------------------------------------
-def check_images(images: torch.Tensor, who: str) -> None:
-    """Float RGB images ``(B, 3, H, W)``, B, H, W >= 1, finite and in [0, 1]; ``who`` names the model.
-
-    Integer images (uint8) are refused, not rescaled: divide by 255 first. One ``aminmax`` per call
-    checks range and finiteness (skipped for meta tensors and while ``torch.compile`` traces).
-    """
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"{who} expects a tensor of images (B, 3, H, W) in [0, 1], got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{who} expects RGB images of shape (B, 3, H, W) in [0, 1], got shape "
-                         f"{tuple(images.shape)}; convert grayscale/RGBA images to RGB first")
-    if images.numel() == 0:
-        raise ValueError(f"{who} got an empty batch of images, shape {tuple(images.shape)}; pass at least one image")
-    if not images.is_floating_point():
-        raise ValueError(f"{who} expects float images in [0, 1], got dtype {images.dtype}; "
-                         "convert with images.float() / 255")
-    if images.is_meta or torch.compiler.is_compiling():  # no values: shape-only runs (FLOP counts) and tracing
-        return
-    low, high = torch.stack(torch.aminmax(images.detach())).tolist()
-    if math.isnan(low) or math.isnan(high):
-        raise ValueError(f"{who} got images containing NaN; check how they were made")
-    if not (0.0 <= low and high <= 1.0):
-        problem = "inf" if math.isinf(low) or math.isinf(high) else f"values in [{low:.4g}, {high:.4g}]"
-        raise ValueError(f"{who} expects images in [0, 1], got {problem}; rescale (e.g. (x + 1) / 2 for [-1, 1], "
-                         "x / 255 for 0..255) or clamp to [0, 1]")
 
 
 def check_finite(tensor: torch.Tensor, what: str, fix: str) -> torch.Tensor:

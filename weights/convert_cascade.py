@@ -3,7 +3,7 @@
 diffusers' ``StableCascadeUNet`` layout (``to_q/k/v``, ``to_out.0``; Stage B's ``clip_mapper`` named
 ``clip_txt_pooled_mapper``) to ``StageC3`` / ``StageB3``, and back. Values are unchanged except that
 the joint attention projection is split into (or rebuilt from) its q, k, v thirds, so a round trip is
-bit-exact. ``python -m stages.convert`` and ``stages.export_diffusers`` use these.
+bit-exact. ``python -m weights.convert`` and ``weights.export_diffusers`` use these.
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
-from stages.files import write_atomic
+from common.files import write_atomic
+from common.state_dict import load_into
 
 REDOWNLOAD = "re-export or re-download it"
 TEXT_KEYS = ("stage", "checksum")  # safetensors metadata stored as plain text; every other value is JSON
@@ -49,7 +50,7 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, stage: str, conf
 def save_tensors(state: dict[str, torch.Tensor], path: str | os.PathLike, stage: str, config: dict,
                  overwrite: bool = False, extra: dict | None = None) -> Path:
     """``save_safetensors`` for a bare state dict (adapters, merged weights); written atomically
-    (``stages.files``), so a kill or a full disk leaves the earlier file intact."""
+    (``common.files``), so a kill or a full disk leaves the earlier file intact."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
@@ -174,26 +175,6 @@ def read_weights(path: str | os.PathLike, stage: str) -> tuple[dict[str, torch.T
         if sub:
             return sub, ckpt.get("model_config")
     return state, ckpt.get("model_config")
-
-
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
-    """``load_state_dict(strict=True)`` with an error that names the missing/unexpected/mis-shaped keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def few(xs: list[str]) -> str:
-            return ", ".join(xs[:4]) + (f" (+{len(xs) - 4} more)" if len(xs) > 4 else "")
-        parts = [f"missing keys: {few(missing)}" if missing else "",
-                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
-                 f"shape mismatches (checkpoint vs model): {few(shapes)}" if shapes else ""]
-        raise ValueError(f"{source} does not match this model's configuration; "
-                         + "; ".join(p for p in parts if p)
-                         + ". Build the model with the config the checkpoint was trained with.")
-    model.load_state_dict(state)
-    return model
 
 
 def load_model(path: str | os.PathLike, stage: str, build, config=None) -> nn.Module:

@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from diffusion import Guided, sample
-from stages.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
-from stages.denoisers import denoiser_for
-from stages.inputs import check_half
-from stages.stage_a import StageA, load_stage_a
-from stages.stage_b import StageB, load_stage_b
-from stages.text_encoder import TextEncoder, build_text_encoder
+from weights.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
+from pipeline.denoisers import denoiser_for
+from pipeline.inputs import check_half
+from stages.stage_a import StageA
+from weights.loaders import load_stage_a, load_stage_b, load_pixel_model
+from stages.stage_b import StageB
+from pipeline.text_encoder import TextEncoder, build_text_encoder
 
 
 def text_states(encoder: TextEncoder | None, c_text: int | None, prompts: list[str] | None,
@@ -196,7 +197,6 @@ class PixelDecoder(torch.nn.Module):
 
 def load_pixel_decoder(path: str | os.PathLike, text_encoder: TextEncoder | None = None) -> PixelDecoder:
     """The pixel decoder of an export, Lightning checkpoint or run folder, with the settings it was trained with."""
-    from stages.pixel_decoder import load_pixel_model
 
     path = resolve_checkpoint(path)
     meta = pixel_decoder_metadata(path)
