@@ -141,6 +141,7 @@ def page_run(page, server):
                 shown=shown, bars=bars, previews=previews, page=page)
 
 
+@pytest.mark.slow
 def test_page_runs_a_prompt_and_its_png_carries_the_settings(page_run):
     assert page_run["status"].startswith("done: 1 image(s) of 64 x 64 px, seed 7"), page_run["status"]
     assert len(page_run["links"]) == 1 and page_run["shown"]
@@ -156,6 +157,7 @@ def test_page_runs_a_prompt_and_its_png_carries_the_settings(page_run):
     assert page_run["command"].startswith("python -m sample 'red apple' --seed 7 ")
 
 
+@pytest.mark.slow
 def test_copy_as_command_reproduces_the_page_image_bit_for_bit(page_run, tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
@@ -165,6 +167,7 @@ def test_copy_as_command_reproduces_the_page_image_bit_for_bit(page_run, tmp_pat
     assert out.read_bytes() == page_run["png"]  # same pixels, same embedded settings and command
 
 
+@pytest.mark.slow
 def test_a_bad_size_shows_the_commands_error_in_the_page(page_run, capsys):
     page = page_run["page"]
     _type(page, "height", "0")
@@ -180,6 +183,7 @@ def test_a_bad_size_shows_the_commands_error_in_the_page(page_run, capsys):
     _type(page, "height", "64")
 
 
+@pytest.mark.slow
 def test_cancel_stops_the_work_promptly(page_run, server):
     page, studio = page_run["page"], server[1]
     _type(page, "prior-steps", "400")
@@ -197,6 +201,7 @@ def test_cancel_stops_the_work_promptly(page_run, server):
     _type(page, "prior-steps", "4")
 
 
+@pytest.mark.slow
 def test_two_requests_at_once_finish_in_order_with_their_own_settings(server):
     client = Client(server[0], verbose=False)
 

@@ -32,6 +32,7 @@ def _fit(root, openmoji_dir, stage_a, steps=4, extra=(), config="configs/stage_b
               "--data.init_args.val_batch_size", "4", *extra])
 
 
+@pytest.mark.slow
 def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_a_file, tmp_path):
     _fit(tmp_path / "runs", openmoji_dir, stage_a_file)
     run = tmp_path / "runs" / "tiny" / "version_0"
@@ -120,6 +121,7 @@ def test_semantic_decoder_gives_images_of_the_asked_size(stage_a_file):
     assert real is images and out.shape == (2, 3, 64, 96) and 0 <= out.min() and out.max() <= 1
 
 
+@pytest.mark.slow
 def test_refine_continues_with_the_frozen_compressor_on_cached_latents(openmoji_dir, stage_a_file, tmp_path):
     from safetensors import safe_open
 
