@@ -3,7 +3,7 @@
 cancels; the page's "copy as command" is run as ``python -m sample`` and must give the same file; two
 requests sent at once through Gradio's client finish in order, each with its own settings.
 
-``APP_SCREENSHOT=docs/app.png python -m pytest tests/test_app.py`` also saves the README's screenshot.
+``APP_SCREENSHOT=docs/app.png python -m pytest tests/test_app.py`` also saves the screenshot in docs/sampling.md.
 """
 import io
 import json
@@ -132,7 +132,7 @@ def page_run(page, server):
     bars = {b.get_attribute("data-stage"): (b.get_attribute("data-done"), b.get_attribute("data-steps"))
             for b in page.find_elements(By.CSS_SELECTOR, "#stage-progress .stage-bar")}
     previews = page.find_elements(By.CSS_SELECTOR, "#preview img")
-    if os.environ.get("APP_SCREENSHOT"):  # the README's picture of the page
+    if os.environ.get("APP_SCREENSHOT"):  # the picture of the page in docs/sampling.md
         page.set_window_size(1400, 1250)
         page.execute_script("window.scrollTo(0, 0)")
         time.sleep(0.5)
