@@ -1,6 +1,8 @@
 """Shared building blocks behave as SPEC describes."""
 import math
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
