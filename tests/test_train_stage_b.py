@@ -79,6 +79,7 @@ def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_a_file, tm
         evaluate(["--checkpoint", str(run), "--out", str(out)])
 
 
+@pytest.mark.slow
 def test_resume_with_another_stage_a_is_refused(openmoji_dir, stage_a_file, tmp_path):
     # Stage B follows the newest export in a Stage A run folder; a Stage A retrained in the meantime
     # must not be silently paired with a Stage B checkpoint trained on the earlier one

@@ -169,6 +169,7 @@ def test_no_negative_prompt_is_none(pipe):
         pipe("sun", 3, **FAST)
 
 
+@pytest.mark.slow
 def test_parse_errors_are_one_line_with_a_pointer_to_help(tmp_path):
     proc = run_cli("sample", "sun", "--height", "tall", "--out", str(tmp_path / "x.png"), cwd=tmp_path)
     assert proc.returncode == 2 and "usage:" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
