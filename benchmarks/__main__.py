@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: cost and efficiency of every stage (see ``--help`` and the README).
+"""``python -m benchmarks``: cost and efficiency of every stage (see ``--help`` and docs/benchmarks.md).
 
 Default on a CPU (about 4 minutes on 2 cores): counts for every size at 1024 px (meta device),
 throughput of the tiny models at 128 px and of the paper sizes at small images (batch 1; training

@@ -1,4 +1,4 @@
-"""Writing the results: ``results.json`` (everything), ``results.md`` (the tables the README shows)
+"""Writing the results: ``results.json`` (everything), ``results.md`` (the tables docs/benchmarks.md shows)
 and PNG plots (latency vs batch size per stage; training cost per stage). Never overwrites.
 
 ``python -m benchmarks.report RESULTS.json [MORE.json ...] --out DIR`` renders the same files from

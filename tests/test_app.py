@@ -3,7 +3,7 @@
 cancels; the page's "copy as command" is run as ``python -m sample`` and must give the same file; two
 requests sent at once through Gradio's client finish in order, each with its own settings.
 
-``APP_SCREENSHOT=docs/app.png python -m pytest tests/test_app.py`` also saves the README's screenshot.
+``APP_SCREENSHOT=docs/app.png python -m pytest tests/test_app.py`` also saves the screenshot in docs/sampling.md.
 """
 import io
 import json
@@ -132,7 +132,7 @@ def page_run(page, server):
     bars = {b.get_attribute("data-stage"): (b.get_attribute("data-done"), b.get_attribute("data-steps"))
             for b in page.find_elements(By.CSS_SELECTOR, "#stage-progress .stage-bar")}
     previews = page.find_elements(By.CSS_SELECTOR, "#preview img")
-    if os.environ.get("APP_SCREENSHOT"):  # the README's picture of the page
+    if os.environ.get("APP_SCREENSHOT"):  # the picture of the page in docs/sampling.md
         page.set_window_size(1400, 1250)
         page.execute_script("window.scrollTo(0, 0)")
         time.sleep(0.5)
@@ -141,6 +141,7 @@ def page_run(page, server):
                 shown=shown, bars=bars, previews=previews, page=page)
 
 
+@pytest.mark.slow
 def test_page_runs_a_prompt_and_its_png_carries_the_settings(page_run):
     assert page_run["status"].startswith("done: 1 image(s) of 64 x 64 px, seed 7"), page_run["status"]
     assert len(page_run["links"]) == 1 and page_run["shown"]
@@ -156,6 +157,7 @@ def test_page_runs_a_prompt_and_its_png_carries_the_settings(page_run):
     assert page_run["command"].startswith("python -m sample 'red apple' --seed 7 ")
 
 
+@pytest.mark.slow
 def test_copy_as_command_reproduces_the_page_image_bit_for_bit(page_run, tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
@@ -165,6 +167,7 @@ def test_copy_as_command_reproduces_the_page_image_bit_for_bit(page_run, tmp_pat
     assert out.read_bytes() == page_run["png"]  # same pixels, same embedded settings and command
 
 
+@pytest.mark.slow
 def test_a_bad_size_shows_the_commands_error_in_the_page(page_run, capsys):
     page = page_run["page"]
     _type(page, "height", "0")
@@ -180,6 +183,7 @@ def test_a_bad_size_shows_the_commands_error_in_the_page(page_run, capsys):
     _type(page, "height", "64")
 
 
+@pytest.mark.slow
 def test_cancel_stops_the_work_promptly(page_run, server):
     page, studio = page_run["page"], server[1]
     _type(page, "prior-steps", "400")
@@ -197,6 +201,7 @@ def test_cancel_stops_the_work_promptly(page_run, server):
     _type(page, "prior-steps", "4")
 
 
+@pytest.mark.slow
 def test_two_requests_at_once_finish_in_order_with_their_own_settings(server):
     client = Client(server[0], verbose=False)
 

@@ -59,6 +59,7 @@ def test_activation_checkpointing_gives_identical_outputs_and_gradients(cls, con
     assert any(g.abs().max() > 0 for g in grads[1][1])
 
 
+@pytest.mark.slow
 def test_cli_quick_run_writes_sane_results(tmp_path):
     pytest.importorskip("diffusers")
     out = tmp_path / "bench"
@@ -94,6 +95,7 @@ def test_cli_quick_run_writes_sane_results(tmp_path):
         main(["--quick", "--out", str(out), "--parts", "counts"])
 
 
+@pytest.mark.slow
 def test_out_of_memory_ends_a_sweep_with_a_note(monkeypatch):
     """A batch too big for the device skips the larger ones of that mode; the other mode still runs."""
     real = throughput.measure
@@ -111,6 +113,7 @@ def test_out_of_memory_ends_a_sweep_with_a_note(monkeypatch):
     assert len(notes) == 1 and "batch 2 ran out of device memory" in notes[0]
 
 
+@pytest.mark.slow
 def test_interrupted_run_leaves_partial_results(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -137,6 +140,7 @@ def test_interrupted_run_leaves_partial_results(tmp_path, monkeypatch):
         report.main([str(out / "partial.json"), str(tmp_path / "elsewhere.json"), "--out", str(tmp_path / "r2")])
 
 
+@pytest.mark.slow
 def test_gpu_presets_enable_checkpointing_and_run_on_cpu():
     for kind, path in PRESETS.items():
         settings = read_preset(path)

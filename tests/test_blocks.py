@@ -1,6 +1,7 @@
 """Shared building blocks behave as SPEC describes."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +29,7 @@ def test_mixing_block_is_identity_at_init_and_learns():
     assert block(x).shape == x.shape
 
 
+@pytest.mark.slow
 def test_mixing_block_compiles_with_the_same_values_and_gradients():
     """Stage A under torch.compile (benchmarks --compile): replicate padding through inductor, forward and backward."""
     x = torch.randn(2, 4, 5, 6)

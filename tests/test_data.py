@@ -561,6 +561,7 @@ DDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_ranks_see_disjoint_equal_shares(tmp_path):
     rng = np.random.default_rng(0)
     shards = tmp_path / "shards"

@@ -63,6 +63,7 @@ def overflowing_stage_c(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_float16_overflow_is_a_clear_error_naming_bfloat16(overflowing_stage_c):
     for dtype in (None, "bfloat16"):
         assert torch.isfinite(_pipe(dtype, overflowing_stage_c)("red apple", **STEPS)).all()

@@ -120,6 +120,7 @@ def stage_a_args(root: Path, openmoji_dir: Path, *extra: str, steps: int, every:
             "--data.init_args.shuffle_buffer", "8", *extra]
 
 
+@pytest.mark.slow
 def test_a_kill_while_last_ckpt_is_written_leaves_the_previous_one(openmoji_dir, tmp_path):
     root = tmp_path / "runs"
     proc = run_cli("train", *stage_a_args(root, openmoji_dir, "--trainer.callbacks+=tests.test_faults.KillWhileWritingLast",

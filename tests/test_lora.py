@@ -5,30 +5,26 @@ import json
 import pytest
 import torch
 
-from semantic_compressor import SemanticCompressor
-from weights.checkpoint import fingerprint, read_metadata, save_safetensors
 from common.errors import run_command
-from weights.lora import add_lora, base_state, load_loras, main as lora_main, merged_state, parse_lora, save_adapter
-from stages.stage_a import StageA
-from stages.stage_b import StageB, StageBConfig
-from stages.stage_c import StageC, StageCConfig
-from train.cli import main as cli_main
-from weights.loaders import load_stage_c
 from pipeline.text_to_image import load_prior, load_text_to_image
 from sample.__main__ import main as sample_main
+from stages.stage_b import StageB
+from stages.stage_c import StageC
+from tests.tiny_stages import TINY_B, TINY_C, randomised
+from train.cli import main as cli_main
 from train.stage_b import StageBTraining
 from train.stage_c import StageCTraining
-
-TINY_C = StageCConfig(width=32, depth=1, heads=2, c_text=384, dropout=0.0)
-TINY_B = StageBConfig(widths=(16, 32), blocks=(1, 1), heads=(0, 2), inject_semantic=(False, True), c_cond=16,
-                      c_text=None, dropout=0.0)
-
-
-def _randomised(model, std=0.05):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model.eval()
+from weights.checkpoint import fingerprint, read_metadata
+from weights.loaders import load_stage_c
+from weights.lora import (
+    add_lora,
+    base_state,
+    load_loras,
+    merged_state,
+    parse_lora,
+    save_adapter,
+)
+from weights.lora import main as lora_main
 
 
 def _inputs():
@@ -41,20 +37,11 @@ def _out(model):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    """Tiny random stages exported as training exports them, and a trained-looking Stage C adapter."""
+def bundle(tiny_bundle_copy):
+    """The tiny random stages (``tiny_bundle``) and a trained-looking adapter on their Stage C."""
+    out = tiny_bundle_copy("lora_bundle")
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("lora_bundle")
-    a = StageA(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64))
-    compressor = SemanticCompressor(pretrained=False, trainable="none")
-    b, c = _randomised(StageB(TINY_B), 0.02), _randomised(StageC(TINY_C))
-    save_safetensors(a, out / "stage_a.safetensors", "stage_a", a.config.to_dict())
-    save_safetensors(compressor, out / "compressor.safetensors", "semantic_compressor", compressor.config.to_dict())
-    save_safetensors(b, out / "stage_b.safetensors", "stage_b", b.config.to_dict(),
-                     extra={"stage_a_fingerprint": fingerprint(a), "compressor_fingerprint": fingerprint(compressor)})
-    save_safetensors(c, out / "stage_c.safetensors", "stage_c", c.config.to_dict(),
-                     extra={"compressor_fingerprint": fingerprint(compressor), "text_encoder": "minilm",
-                            "latent_shift": 0.0, "latent_scale": 1.0})
+    c = _base(out)
     settings = add_lora(c, rank=2, alpha=4.0)
     with torch.no_grad():  # B starts at zero: give the adapter an effect
         for name, p in c.named_parameters():
@@ -69,7 +56,7 @@ def _base(bundle):
 
 
 def test_adapters_train_and_the_base_does_not():
-    model = _randomised(StageC(TINY_C)).train()
+    model = randomised(StageC(TINY_C), 0.05).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     settings = add_lora(model, rank=2, alpha=2.0)
     assert settings["base_fingerprint"] == fingerprint(_load_plain(before))
@@ -132,7 +119,7 @@ def test_merge_round_trip_and_merged_export_loads(bundle, tmp_path, capsys):
 
 
 def test_adapter_for_another_base_is_refused(bundle):
-    other = _randomised(StageC(TINY_C))
+    other = randomised(StageC(TINY_C), 0.05).eval()
     with pytest.raises(ValueError, match="another stage_c") as e:
         load_loras(other, [(bundle / "adapter.safetensors", 1.0)], "stage_c")
     assert fingerprint(other) in str(e.value) and read_metadata(bundle / "adapter.safetensors")["base_fingerprint"] \

@@ -6,30 +6,21 @@ import pytest
 import torch
 from PIL import Image
 
-from semantic_compressor import SemanticCompressor
-from weights.checkpoint import fingerprint, read_metadata, save_safetensors
 from common.errors import run_command
-from stages.previewer import Previewer
-from weights.loaders import load_previewer
-from stages.stage_c import StageC, StageCConfig
-from train.cli import main as cli_main
 from sample.__main__ import main as sample_main
+from stages.previewer import Previewer
+from tests.tiny_stages import TINY_C
+from train.cli import main as cli_main
+from weights.checkpoint import read_metadata
+from weights.loaders import load_previewer
 
 TINY_P = dict(width=8, blocks=1, ups=3, up_widths=[8, 8, 8])
-TINY_C = StageCConfig(width=32, depth=1, heads=2, c_text=384, dropout=0.0)
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("previewer_bundle")
-    compressor = SemanticCompressor(pretrained=False, trainable="none")
-    save_safetensors(compressor, out / "compressor.safetensors", "semantic_compressor", compressor.config.to_dict())
-    c = StageC(TINY_C)
-    save_safetensors(c, out / "stage_c.safetensors", "stage_c", c.config.to_dict(),
-                     extra={"compressor_fingerprint": fingerprint(compressor), "text_encoder": "minilm",
-                            "latent_shift": 0.0, "latent_scale": 1.0})
-    return out
+def bundle(tiny_bundle):
+    """A compressor and a Stage C that records it (``tiny_bundle``; read only)."""
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")

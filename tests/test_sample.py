@@ -4,23 +4,19 @@ import json
 import pytest
 import torch
 
-from sample.__main__ import main
-from semantic_compressor import SemanticCompressor
-from weights.checkpoint import fingerprint, save_safetensors
 from common.errors import run_command
-from stages.stage_a import StageA
-from stages.stage_b import StageB, StageBConfig
-from stages.stage_c import StageC, StageCConfig
 from pipeline.text_to_image import load_text_to_image
-from sample.evaluate import main as evaluate, latent_gallery, whole_set, top5_hits
-from weights.loaders import load_compressor
+from sample.__main__ import main
 from sample.compare import main as compare
-from stages.pixel_decoder import ShallowUViT, grow, growth_plan
+from sample.evaluate import latent_gallery, top5_hits, whole_set
+from sample.evaluate import main as evaluate
 from sample.sweep import main as sweep
-
-TINY_B = StageBConfig(widths=(16, 32), blocks=(1, 1), heads=(0, 2), inject_semantic=(False, True), c_cond=16,
-                      c_text=None, dropout=0.0)
-TINY_C = StageCConfig(width=32, depth=1, heads=2, c_text=384, dropout=0.0)
+from stages.pixel_decoder import ShallowUViT, grow, growth_plan
+from stages.stage_a import StageA
+from stages.stage_c import StageC
+from tests.tiny_stages import TINY_C, randomised
+from weights.checkpoint import fingerprint, save_safetensors
+from weights.loaders import load_compressor
 
 
 def sample_main(argv):
@@ -28,29 +24,10 @@ def sample_main(argv):
     return run_command(main, argv)
 
 
-def _randomised(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
-
-
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    """A consistent set of tiny random stages, exported as the training modules export them."""
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("bundle")
-    a = StageA(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64))
-    compressor = SemanticCompressor(pretrained=False, trainable="none")
-    b, c = _randomised(StageB(TINY_B)), _randomised(StageC(TINY_C))
-    save_safetensors(a, out / "stage_a.safetensors", "stage_a", a.config.to_dict())
-    save_safetensors(compressor, out / "compressor.safetensors", "semantic_compressor", compressor.config.to_dict())
-    save_safetensors(b, out / "stage_b.safetensors", "stage_b", b.config.to_dict(),
-                     extra={"stage_a_fingerprint": fingerprint(a), "compressor_fingerprint": fingerprint(compressor)})
-    save_safetensors(c, out / "stage_c.safetensors", "stage_c", c.config.to_dict(),
-                     extra={"compressor_fingerprint": fingerprint(compressor), "text_encoder": "minilm",
-                            "latent_shift": 0.0, "latent_scale": 1.0})
-    return out
+def bundle(tiny_bundle):
+    """A consistent set of tiny random stages, exported as the training modules export them (read only)."""
+    return tiny_bundle
 
 
 def _args(bundle, *extra):
@@ -154,7 +131,7 @@ def test_missing_and_mismatched_checkpoints_are_named(bundle, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample_main(["sun", "--out", str(tmp_path / "x.png"), *_args(bundle), "--stage-c", str(tmp_path / "none.safetensors")])
     assert "not found" in capsys.readouterr().err
-    other_a = _randomised(StageA(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64)))
+    other_a = randomised(StageA(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64)))
     save_safetensors(other_a, tmp_path / "other_a.safetensors", "stage_a", other_a.config.to_dict())
     with pytest.raises(SystemExit):
         sample_main(["sun", "--out", str(tmp_path / "x.png"), *_args(bundle), "--stage-a", str(tmp_path / "other_a.safetensors")])
@@ -178,6 +155,7 @@ def test_existing_output_is_never_overwritten(bundle, tmp_path, capsys):
     assert out.read_bytes() == b"precious" and "exists" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_prints_scores_for_text_to_image_and_true_latents(bundle, openmoji_dir, tmp_path):
     out = tmp_path / "eval.json"
     args = ["--stage-c", str(bundle / "stage_c.safetensors"), "--stage-b", str(bundle / "stage_b.safetensors"),
@@ -227,10 +205,11 @@ def test_top5_hits_counts_the_target_among_the_five_nearest():
     assert top5_hits(far, gallery, captions, ["emoji 0", "emoji 0"]) == 0.0
 
 
+@pytest.mark.slow
 def test_compare_writes_table_json_and_grid_for_every_decoder(bundle, openmoji_dir, tmp_path, capsys):
     small = dict(resolution=32, core_grid=8, entry_channels=16, width=32, depth=1, heads=2, c_t=32,
                  **{k: list(v) for k, v in growth_plan((8, 16, 16), blocks=(0, 1, 1)).items()})
-    grown = _randomised(grow(ShallowUViT(small), 64))
+    grown = randomised(grow(ShallowUViT(small), 64))
     pixel = tmp_path / "pixel.safetensors"
     save_safetensors(grown, pixel, "pixel_decoder", grown.config.to_dict(), extra={
         "compressor_fingerprint": fingerprint(load_compressor(bundle / "compressor.safetensors")),

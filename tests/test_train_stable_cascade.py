@@ -103,6 +103,7 @@ def test_a_v3_lora_changes_what_the_chain_samples(runs, tmp_path):
                            loras=[(adapter, 1.0)])
 
 
+@pytest.mark.slow
 def test_the_sampling_evaluation_takes_v3_stages_with_the_released_defaults(runs, openmoji_dir):
     b3, c3 = runs
     report = evaluate_main(["--stage-c", str(c3), "--stage-b", str(b3), "--compressor",

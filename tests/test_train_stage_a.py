@@ -126,6 +126,7 @@ def test_evaluate_command_prints_json_and_never_overwrites(openmoji_dir, tmp_pat
         evaluate(["--checkpoint", str(path), "--data-dir", str(openmoji_dir), "--out", str(out)])
 
 
+@pytest.mark.slow
 def test_cli_runs_under_two_process_ddp_on_cpu(openmoji_dir, tmp_path):
     """The documented command with --trainer.strategy=ddp --trainer.devices=2 (gloo on CPU)."""
     import os

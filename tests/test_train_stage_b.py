@@ -36,6 +36,7 @@ def _fit(root, openmoji_dir, stage_a, steps=4, extra=(), config="configs/stage_b
               "--data.init_args.val_batch_size", "4", *extra])
 
 
+@pytest.mark.slow
 def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_a_file, tmp_path):
     _fit(tmp_path / "runs", openmoji_dir, stage_a_file)
     run = tmp_path / "runs" / "tiny" / "version_0"
@@ -79,6 +80,7 @@ def test_cli_fit_writes_weights_grids_and_metrics(openmoji_dir, stage_a_file, tm
         evaluate(["--checkpoint", str(run), "--out", str(out)])
 
 
+@pytest.mark.slow
 def test_resume_with_another_stage_a_is_refused(openmoji_dir, stage_a_file, tmp_path):
     # Stage B follows the newest export in a Stage A run folder; a Stage A retrained in the meantime
     # must not be silently paired with a Stage B checkpoint trained on the earlier one
@@ -117,6 +119,7 @@ def test_semantic_decoder_gives_images_of_the_asked_size(stage_a_file):
     assert real is images and out.shape == (2, 3, 64, 96) and 0 <= out.min() and out.max() <= 1
 
 
+@pytest.mark.slow
 def test_refine_continues_with_the_frozen_compressor_on_cached_latents(openmoji_dir, stage_a_file, tmp_path):
     from safetensors import safe_open
 

@@ -7,43 +7,39 @@ import pytest
 import torch
 from PIL import Image
 
-from sample.__main__ import main
-from semantic_compressor import SemanticCompressor, normalize_latents
-from weights.checkpoint import fingerprint, save_safetensors
-from pipeline.decoders import PixelDecoder, SemanticDecoder
 from common.errors import run_command
-from pipeline.text_to_image import Prior, TextToImage, load_pixel_text_to_image, load_text_to_image
+from imagedata.embedded import openmoji_split
+from pipeline.decoders import PixelDecoder, SemanticDecoder
+from pipeline.text_encoder import TextEncoder
+from pipeline.text_to_image import (
+    Prior,
+    TextToImage,
+    load_pixel_text_to_image,
+    load_text_to_image,
+)
+from sample.__main__ import main
+from semantic_compressor import normalize_latents
+from stages.pixel_decoder import ShallowUViT, grow, growth_plan
 from stages.stage_a import StageA
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig
-from pipeline.text_encoder import TextEncoder
-from tests.test_sample import TINY_B, TINY_C, _randomised
-from stages.pixel_decoder import ShallowUViT, grow, growth_plan
-from imagedata.embedded import openmoji_split
+from tests.tiny_stages import randomised
+from weights.checkpoint import read_metadata, save_safetensors
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
 FAST = dict(prior_steps=4, decoder_steps=2, progress=False)
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    """Tiny random stages (Stage B and a grown pixel decoder) with the compressor they record."""
+def bundle(tiny_bundle_copy):
+    """The tiny random stages (``tiny_bundle``) and a grown pixel decoder that records their compressor."""
+
+    out = tiny_bundle_copy("variations_bundle")
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("bundle")
-    a = StageA(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64))
-    compressor = SemanticCompressor(pretrained=False, trainable="none")
-    b, c = _randomised(StageB(TINY_B)), _randomised(StageC(TINY_C))
-    fp = fingerprint(compressor)
-    save_safetensors(a, out / "stage_a.safetensors", "stage_a", a.config.to_dict())
-    save_safetensors(compressor, out / "compressor.safetensors", "semantic_compressor", compressor.config.to_dict())
-    save_safetensors(b, out / "stage_b.safetensors", "stage_b", b.config.to_dict(),
-                     extra={"stage_a_fingerprint": fingerprint(a), "compressor_fingerprint": fp})
-    save_safetensors(c, out / "stage_c.safetensors", "stage_c", c.config.to_dict(),
-                     extra={"compressor_fingerprint": fp, "text_encoder": "minilm", "latent_shift": 0.0,
-                            "latent_scale": 1.0})
     small = dict(resolution=32, core_grid=8, entry_channels=16, width=32, depth=1, heads=2, c_t=32,
                  **{k: list(v) for k, v in growth_plan((8, 16, 16), blocks=(0, 1, 1)).items()})
-    grown = _randomised(grow(ShallowUViT(small), 64))
+    grown = randomised(grow(ShallowUViT(small), 64))
+    fp = read_metadata(out / "stage_c.safetensors")["compressor_fingerprint"]
     save_safetensors(grown, out / "pixel.safetensors", "pixel_decoder", grown.config.to_dict(),
                      extra={"compressor_fingerprint": fp, "semantic_size": 64, "logsnr_shift": -1.39})
     return out
@@ -155,17 +151,17 @@ class HashEncoder(TextEncoder):
 def _text_pipe(decoder_kind: str):
     torch.manual_seed(0)
     encoder = HashEncoder()
-    prior = Prior(_randomised(StageC(StageCConfig(width=32, depth=1, heads=2, c_text=8, dropout=0.0))), encoder,
+    prior = Prior(randomised(StageC(StageCConfig(width=32, depth=1, heads=2, c_text=8, dropout=0.0))), encoder,
                   0.0, 1.0)
     if decoder_kind == "stage_b":
         b = StageB(StageBConfig(widths=(16, 32), blocks=(1, 1), heads=(0, 2), inject_semantic=(False, True),
                                 c_cond=16, c_text=8, dropout=0.0))
-        decoder = SemanticDecoder(_randomised(b), StageA(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=8)),
+        decoder = SemanticDecoder(randomised(b), StageA(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=8)),
                                   encoder)
     else:
         model = ShallowUViT(dict(resolution=32, core_grid=8, entry_channels=16, width=32, depth=1, heads=2, c_t=32,
                                  c_text=8))
-        decoder = PixelDecoder(_randomised(model), text_encoder=encoder, semantic_size=64)
+        decoder = PixelDecoder(randomised(model), text_encoder=encoder, semantic_size=64)
     return TextToImage(prior, decoder).eval(), encoder
 
 

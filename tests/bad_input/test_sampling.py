@@ -5,44 +5,41 @@ import time
 import pytest
 import torch
 
-from sample.__main__ import main
-from pipeline.decoders import SemanticDecoder
-from common import files
-from pipeline.text_to_image import Prior, TextToImage, load_text_to_image
-from semantic_compressor import SemanticCompressor
-from pipeline import inputs
-from weights.checkpoint import fingerprint, save_safetensors
-from stages.stage_a import StageA
-from stages.stage_b import StageB, StageBConfig
-from stages.stage_c import StageC, StageCConfig
-from tests.bad_input.conftest import assert_error, bomb_png, full_disk, run_cli, run_main, snapshot
 import sample.__main__ as cli
+from common import files
+from pipeline import inputs
+from pipeline.decoders import SemanticDecoder
+from pipeline.text_to_image import Prior, TextToImage, load_text_to_image
+from sample.__main__ import main
+from semantic_compressor import SemanticCompressor
+from stages.stage_a import StageA
+from stages.stage_c import StageC
+from tests.bad_input.conftest import (
+    assert_error,
+    bomb_png,
+    full_disk,
+    run_cli,
+    run_main,
+    snapshot,
+)
+from tests.tiny_stages import TINY_A, TINY_C
+from weights.checkpoint import read_metadata, save_safetensors
 
-TINY_A = dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64)
-TINY_B = StageBConfig(widths=(16, 32), blocks=(1, 1), heads=(0, 2), inject_semantic=(False, True), c_cond=16,
-                      c_text=None, dropout=0.0)
-TINY_C = StageCConfig(width=32, depth=1, heads=2, c_text=384, dropout=0.0)
 FAST = dict(height=48, width=48, prior_steps=1, decoder_steps=1, progress=False)
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    """Tiny random stages exported as training exports them, and a Stage C whose weights are NaN."""
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("bundle")
-    a, b, c = StageA(TINY_A), StageB(TINY_B), StageC(TINY_C)
-    compressor = SemanticCompressor(pretrained=False, trainable="none")
-    c_extra = {"compressor_fingerprint": fingerprint(compressor), "text_encoder": "minilm",
-               "latent_shift": 0.0, "latent_scale": 1.0}
-    save_safetensors(a, out / "stage_a.safetensors", "stage_a", a.config.to_dict())
-    save_safetensors(compressor, out / "compressor.safetensors", "semantic_compressor", compressor.config.to_dict())
-    save_safetensors(b, out / "stage_b.safetensors", "stage_b", b.config.to_dict(),
-                     extra={"stage_a_fingerprint": fingerprint(a), "compressor_fingerprint": fingerprint(compressor)})
-    save_safetensors(c, out / "stage_c.safetensors", "stage_c", c.config.to_dict(), extra=c_extra)
+def bundle(tiny_bundle_copy):
+    """The tiny random stages (``tiny_bundle``), and a Stage C whose weights are NaN."""
+    out = tiny_bundle_copy("sampling_bundle")
+    c = StageC(TINY_C)
     with torch.no_grad():
         for p in c.parameters():
             p.fill_(float("nan"))
-    save_safetensors(c, out / "nan_c.safetensors", "stage_c", c.config.to_dict(), extra=c_extra)
+    recorded = read_metadata(out / "stage_c.safetensors")
+    save_safetensors(c, out / "nan_c.safetensors", "stage_c", c.config.to_dict(),
+                     extra={k: recorded[k] for k in ("compressor_fingerprint", "text_encoder", "latent_shift",
+                                                     "latent_scale")})
     return out
 
 
@@ -180,6 +177,7 @@ def test_no_negative_prompt_is_none(pipe):
         pipe("sun", 3, **FAST)
 
 
+@pytest.mark.slow
 def test_parse_errors_are_one_line_with_a_pointer_to_help(tmp_path):
     proc = run_cli("sample", "sun", "--height", "tall", "--out", str(tmp_path / "x.png"), cwd=tmp_path)
     assert proc.returncode == 2 and "usage:" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

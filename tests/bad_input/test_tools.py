@@ -338,6 +338,7 @@ def test_nonsense_arguments_are_refused_when_parsed(tmp_path, capsys, unchanged,
 
 # -- the commands themselves: one line on stderr, exit status 2, from any directory -------------------
 
+@pytest.mark.slow
 def test_convert_cli_names_a_corrupt_source_from_another_cwd(tmp_path, unchanged):
     src = tmp_path / "vqgan.safetensors"
     src.write_bytes(b"\x00" * 64)
@@ -348,6 +349,7 @@ def test_convert_cli_names_a_corrupt_source_from_another_cwd(tmp_path, unchanged
     assert_cli_error(proc, str(src), "not a readable safetensors file", "WUERSTCHEN_TRACEBACK=1")
 
 
+@pytest.mark.slow
 def test_bundle_cli_refuses_a_stray_file_from_another_cwd(tmp_path, unchanged):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "MODEL_CARD.md").write_text("mine")
