@@ -69,6 +69,10 @@ class CascadePrior:
         return latent_grid(height, width)
 
     @torch.no_grad()
+    def conditions(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        """What the denoiser takes after ``(x, t)`` for ``prompts``: the text states and the pooled embedding."""
+        return _texts(self.text_encoder, prompts, len(prompts))
+
     def sample(self, prompts: list[str], negative: list[str], grid: tuple[int, int], steps: int | str | list[float],
                guidance: float, generator: torch.Generator, progress: bool = True, sampler: str = "ddpm",
                eta: float | None = None, init: torch.Tensor | None = None,

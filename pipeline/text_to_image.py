@@ -30,6 +30,7 @@ from pipeline.denoisers import denoiser_for
 from common.files import write_together
 from pipeline import inputs
 from weights.lora import check_loras, load_loras
+from common.checks import check_images
 from pipeline.inputs import Limits, check_finite, check_half, check_image_request, check_request
 from stages.stage_c import StageC
 from pipeline.text_encoder import TextEncoder, build_text_encoder, check_prompts
@@ -57,6 +58,10 @@ class Prior:
         return latent_grid(height, width, self.compressor_input_scale)
 
     @torch.no_grad()
+    def conditions(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        """What the denoiser takes after ``(x, t)`` for ``prompts``: the text states."""
+        return (self.text_encoder(prompts),)
+
     def sample(self, prompts: list[str], negative: list[str], grid: tuple[int, int], steps: int | str | list[float],
                guidance: float, generator: torch.Generator, progress: bool = True, sampler: str = "ddpm",
                eta: float | None = None, init: torch.Tensor | None = None,
@@ -73,7 +78,7 @@ class Prior:
         ``"stage": "Stage C"`` and ``"semantic"``, the raw latents of the step's prediction ``x0`` (what a
         decoder or the previewer takes).
         """
-        guided = Guided(self.denoiser, (self.text_encoder(prompts),), (self.text_encoder(negative),), guidance)
+        guided = Guided(self.denoiser, self.conditions(prompts), self.conditions(negative), guidance)
         device = next(self.model.parameters()).device
         noise = torch.randn((len(prompts), self.model.config.c_latent, *grid), generator=generator,
                             device=generator.device).to(device)
@@ -255,16 +260,16 @@ class TextToImage(nn.Module):
         measured = self.__dict__.setdefault("_call_seconds", {})
         if key not in measured:
             side = inputs.REFERENCE_SIDE
-            latents = torch.zeros(1, self.prior.model.config.c_latent, *latent_grid(side, side), device=stage_c.device)
-            text, t = self.prior.text_encoder([""]), torch.full((1,), 0.5, device=stage_c.device)
+            latents = torch.zeros(1, self.prior.model.config.c_latent, *self.prior.grid(side, side), device=stage_c.device)
+            conditions, t = self.prior.conditions([""]), torch.full((1,), 0.5, device=stage_c.device)
             measured[key] = (
-                _timed(lambda: self.prior.denoiser(latents, t, text), stage_c.device),
+                _timed(lambda: self.prior.denoiser(latents, t, *conditions), stage_c.device),
                 _timed(lambda: self.decoder(latents.to(decoder.device), (side, side), [""], 1, 1.0,
                                             torch.Generator().manual_seed(0), False), decoder.device))
         return measured[key]
 
     def _check_image(self, images: torch.Tensor, who: str) -> None:
-        inputs.check_images(images, who)
+        check_images(images, who)
         self.prior.grid(*images.shape[-2:])  # at least one compressor cell, with the fix named
 
     @staticmethod

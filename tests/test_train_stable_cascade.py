@@ -84,6 +84,14 @@ def test_sample_runs_the_v3_chain_with_img2img(runs, tmp_path, capsys):
     assert_error(code, err, "Würstchen v2 Stage B", "Stable Cascade (v3) Stage B")
 
 
+def test_the_time_estimate_of_a_v3_chain_times_both_stages(runs):
+    """The time limit of a large request times one v3 Stage C call (text states and pooled text) and one
+    Stage B step at 256 px, as for v2."""
+    b3, c3 = runs
+    prior_s, decoder_s = load_cascade_text_to_image(c3, b3).call_seconds()
+    assert prior_s > 0 and decoder_s > 0
+
+
 def test_a_v3_lora_changes_what_the_chain_samples(runs, tmp_path):
     """A LoRA adapter on the v3 Stage C (random up-projections) is found by its stage and moves the samples."""
     b3, c3 = runs
