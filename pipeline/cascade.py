@@ -22,8 +22,7 @@ from diffusion import CosineSchedule, Denoiser, Guided, check_start, sample, shi
 from pipeline.cascade_conditioning import build_pooled_text_encoder, split
 from semantic_compressor import latent_grid
 from weights.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
-from pipeline.decoders import staged
-from pipeline.inputs import check_half
+from pipeline.decoders import sample_stage_a_images, staged
 from weights.lora import load_loras
 from pipeline.text_to_image import TextToImage, _cast, _with_compressor, split_loras
 from stages.stable_cascade import StageB3, StageC3
@@ -137,14 +136,8 @@ class CascadeDecoder(torch.nn.Module):
         guided = Guided(denoiser, (semantic, pooled), (torch.zeros_like(semantic), uncond_pooled), guidance,
                         self.rescale)
         shape = (b, self.stage_b.config.c_latent, size[0] // 4, size[1] // 4)
-        noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
-        latents = sample(sampler, guided, noise.to(semantic.device), steps, generator=generator, progress=progress,
-                         eta=eta, callback=staged(callback, self.progress_name))
-        dtype = next(self.stage_a.parameters()).dtype
-        images = self.stage_a.decode(latents.to(dtype)).float()
-        if dtype != torch.float32:
-            check_half(images, "Stage A's decoded images", dtype)
-        return images.clamp(0, 1)
+        return sample_stage_a_images(self.stage_a, guided, shape, semantic.device, steps, generator, progress,
+                                     sampler, eta, staged(callback, self.progress_name))
 
 
 def load_cascade_prior(path: str | os.PathLike, text_encoder: TextEncoder | None = None,

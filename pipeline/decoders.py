@@ -75,16 +75,24 @@ class SemanticDecoder(torch.nn.Module):
         text, uncond_text = text_states(self.text_encoder, self.stage_b.config.c_text, prompts, negative_prompts, b,
                                         "Stage B")
         guided = Guided(self.denoiser, (semantic, text), (torch.zeros_like(semantic), uncond_text), guidance)
-        h, w = size
-        shape = (b, self.stage_b.config.c_latent, h // 4, w // 4)
-        noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
-        latents = sample(sampler, guided, noise.to(semantic.device), steps, generator=generator, progress=progress,
-                         eta=eta, callback=staged(callback, self.progress_name))
-        dtype = next(self.stage_a.parameters()).dtype
-        images = self.stage_a.decode(latents.to(dtype)).float()
-        if dtype != torch.float32:  # an overflow must not be clamped into a black or white image
-            check_half(images, "Stage A's decoded images", dtype)
-        return images.clamp(0, 1)
+        shape = (b, self.stage_b.config.c_latent, size[0] // 4, size[1] // 4)
+        return sample_stage_a_images(self.stage_a, guided, shape, semantic.device, steps, generator, progress,
+                                     sampler, eta, staged(callback, self.progress_name))
+
+
+def sample_stage_a_images(stage_a: StageA, guided: Guided, shape: tuple[int, ...], device: torch.device,
+                          steps: int | str | list[float], generator: torch.Generator | None, progress: bool | str,
+                          sampler: str, eta: float | None, callback: Callable[[dict], None] | None) -> torch.Tensor:
+    """Stage A latents of ``shape`` sampled with the guided Stage B from seeded noise, decoded unquantised in
+    Stage A's dtype to images in [0, 1] (every Stage B, v2 or v3, ends here)."""
+    noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
+    latents = sample(sampler, guided, noise.to(device), steps, generator=generator, progress=progress, eta=eta,
+                     callback=callback)
+    dtype = next(stage_a.parameters()).dtype
+    images = stage_a.decode(latents.to(dtype)).float()
+    if dtype != torch.float32:  # an overflow must not be clamped into a black or white image
+        check_half(images, "Stage A's decoded images", dtype)
+    return images.clamp(0, 1)
 
 
 # what a Stage B or pixel decoder checkpoint records besides the weights (Stage A fingerprint and path,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,7 +56,7 @@ def padded_tokens(tokenizer, prompts: list[str], max_tokens: int, device: torch.
                      return_tensors="pt").to(device)
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(nn.Module, ABC):
     """Frozen ``prompts -> (B, max_tokens, dim)`` states with an LRU cache of per-prompt states.
 
     Subclasses set ``dim`` and ``max_tokens``, build their modules, call ``freeze()`` and implement
@@ -87,9 +88,9 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @abstractmethod
     def encode_uncached(self, prompts: list[str]) -> torch.Tensor:
         """``(len(prompts), max_tokens, dim)`` states on the module's device."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> torch.Tensor:

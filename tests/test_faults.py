@@ -135,29 +135,13 @@ def test_a_kill_while_last_ckpt_is_written_leaves_the_previous_one(openmoji_dir,
 
 # -- preemption ----------------------------------------------------------------------------------------
 
-class SigtermAt(L.Callback):
-    """Sends SIGTERM to its own process during step ``SIGTERM_AT_STEP`` (as a scheduler would, from outside)."""
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.global_step == int(os.environ["SIGTERM_AT_STEP"]):
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-class Restored(L.Callback):
-    """The step and weights a resumed run starts from."""
-
-    def on_train_start(self, trainer, module):
-        self.step = trainer.global_step
-        self.weights = {k: v.clone() for k, v in module.state_dict().items()}
-
-
 @pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_the_run_resumes_from_it(openmoji_dir, tmp_path):
     """SIGTERM during step 4 (of 8; no checkpoint due before step 50): the step finishes, last.ckpt holds
     step 5, equal to an uninterrupted run's state after 5 steps, and the run resumes from it."""
     root = tmp_path / "runs"
-    proc = run_cli("train", *stage_a_args(root, openmoji_dir, "--trainer.callbacks+=tests.test_faults.SigtermAt",
-                                          steps=8, every=50), cwd=ROOT, env={"SIGTERM_AT_STEP": "4"})
+    proc = run_cli("train", *stage_a_args(root, openmoji_dir, "--trainer.callbacks+=tests.bad_input.conftest.SignalAtStep",
+                                          steps=8, every=50), cwd=ROOT, env={"SIGNAL_AT_STEP": "TERM:4"})
     last = root / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     assert proc.returncode == PREEMPTED_EXIT, proc.stderr[-2000:]
     line = assert_error(proc.returncode, proc.stderr, "stopped by SIGTERM", "after step 5", f"--ckpt_path {last}")
@@ -173,7 +157,7 @@ def test_sigterm_saves_the_current_step_and_the_run_resumes_from_it(openmoji_dir
         assert torch.equal(saved["state_dict"][k], v), k
 
     cli = train_main(stage_a_args(root, openmoji_dir, "--ckpt_path", str(last),
-                                  "--trainer.callbacks+=tests.test_faults.Restored", steps=8, every=50))
+                                  "--trainer.callbacks+=tests.bad_input.conftest.Restored", steps=8, every=50))
     restored = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Restored")
     assert restored.step == 5 and cli.trainer.global_step == 8
     for k, v in saved["state_dict"].items():

@@ -6,12 +6,14 @@ import errno
 import hashlib
 import io
 import os
+import signal
 import struct
 import subprocess
 import sys
 import zlib
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from common import files
@@ -133,3 +135,23 @@ def unchanged():
                                  f"removed {sorted(set(before) - set(after))}, modified "
                                  f"{sorted(k for k in before if k in after and before[k] != after[k])}")
     return watch
+
+
+class SignalAtStep(L.Callback):
+    """Sends its own process the signal ``SIGNAL_AT_STEP`` names (``KILL:3``, ``TERM:4``) at the start of that
+    step, as a scheduler or the kernel would from outside (``--trainer.callbacks+=`` this class)."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        name, step = os.environ["SIGNAL_AT_STEP"].split(":")
+        if trainer.global_step == int(step):
+            os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+
+
+class Restored(L.Callback):
+    """The step, weights and optimizer state a resumed run starts from."""
+
+    def on_train_start(self, trainer, module):
+        self.step = trainer.global_step
+        self.optimizer = {i: {name: t.clone() for name, t in state.items()}
+                          for i, state in trainer.optimizers[0].state_dict()["state"].items()}
+        self.weights = {k: v.clone() for k, v in module.state_dict().items()}

@@ -381,29 +381,11 @@ def test_nan_after_a_checkpoint_names_it(openmoji_dir, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ 7./8. kill and resume
 
-class KillAt(L.Callback):
-    """SIGKILLs its own process at the start of step ``KILL_AT_STEP``, after that step's checkpoint was written."""
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.global_step == int(os.environ["KILL_AT_STEP"]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class Restored(L.Callback):
-    """What the resumed run starts from."""
-
-    def on_train_start(self, trainer, module):
-        self.step = trainer.global_step
-        self.optimizer = {i: {name: t.clone() for name, t in state.items()}
-                          for i, state in trainer.optimizers[0].state_dict()["state"].items()}
-        self.weights = {k: v.clone() for k, v in module.state_dict().items()}
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_exactly_and_leaves_the_killed_run(openmoji_dir, tmp_path):
     root = tmp_path / "runs"
-    proc = run_cli("train", *stage_a_args(root, openmoji_dir, "--trainer.callbacks+=tests.bad_input.test_training.KillAt",
-                                          steps=10), cwd=ROOT, env={"KILL_AT_STEP": "3"})
+    proc = run_cli("train", *stage_a_args(root, openmoji_dir, "--trainer.callbacks+=tests.bad_input.conftest.SignalAtStep",
+                                          steps=10), cwd=ROOT, env={"SIGNAL_AT_STEP": "KILL:3"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     killed = root / "tiny" / "version_0"
     last = killed / "checkpoints" / "last.ckpt"
@@ -412,7 +394,7 @@ def test_killed_run_resumes_exactly_and_leaves_the_killed_run(openmoji_dir, tmp_
     before = snapshot(killed)
 
     cli = cli_main(stage_a_args(root, openmoji_dir, "--ckpt_path", str(last),
-                                "--trainer.callbacks+=tests.bad_input.test_training.Restored", steps=5))
+                                "--trainer.callbacks+=tests.bad_input.conftest.Restored", steps=5))
     restored = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Restored")
     assert restored.step == 3 and cli.trainer.global_step == 5
     for k, v in saved["state_dict"].items():  # model, EMA, discriminator and codebook state as saved
