@@ -24,10 +24,14 @@ class DictConfig:
 
     @classmethod
     def pick(cls: type[C], size: "str | dict | C", presets: dict[str, C]) -> C:
-        """A preset name, a dict of fields, or a config itself."""
+        """A preset name, a dict of fields (``preset``: start from that preset and change the others), or a
+        config itself."""
         if isinstance(size, cls):
             return size
         if isinstance(size, dict):
+            if "preset" in size:
+                changes = {k: v for k, v in size.items() if k != "preset"}
+                return cls.from_dict({**cls.pick(size["preset"], presets).to_dict(), **changes})
             return cls.from_dict(size)
         if size not in presets:
             raise ValueError(f"unknown {cls.name.removesuffix(' config')} size {size!r}; choose one of {sorted(presets)}")

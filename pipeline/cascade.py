@@ -37,9 +37,10 @@ RELEASE = {"prior": {"steps": 20, "guidance": 4.0, "shift": 2.0, "rescale": 0.7}
 
 
 def cascade_denoiser(network: StageC3 | StageB3, shift: float = 1.0, time_input: str = "cosine_t") -> Denoiser:
-    """The eps denoiser of a Stable Cascade stage on gdf's schedule at shift factor ``shift``."""
+    """The denoiser of a Stable Cascade stage (its head: ``config.prediction``) on gdf's schedule at shift
+    factor ``shift``."""
     schedule = CosineSchedule(shift=shift_from_factor(shift), clamp_shifted=True)
-    return Denoiser(network, "eps", schedule, time_input=time_input)
+    return Denoiser(network, network.config.prediction, schedule, time_input=time_input)
 
 
 def _texts(encoder: TextEncoder, prompts: Sequence[str] | None, b: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,14 +11,15 @@ from torch import nn
 
 from diffusion import CosineSchedule, Denoiser
 from stages.pixel_decoder import GrownUViT, ShallowUViT
+from stages.stable_cascade import StageB3, StageC3
 from stages.stage_b import StageB
 from stages.stage_c import StageC
 
 
 def parameterisation_of(network: nn.Module) -> str:
     """The parameterisation a network of this project was trained with."""
-    if isinstance(network, StageB):
-        return "sigmoid_ab"
+    if isinstance(network, (StageB, StageB3, StageC3)):
+        return network.config.prediction
     if isinstance(network, StageC):
         return "abs_ab"
     if isinstance(network, (ShallowUViT, GrownUViT)):

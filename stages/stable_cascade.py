@@ -63,8 +63,11 @@ class CascadeConfig(DictConfig):
     dropout: tuple[float, ...] = (0.1, 0.1)
     self_attn: bool = True
     activation_checkpointing: bool = False  # recompute each block in backward (saves memory; same results)
+    prediction: str = "eps"  # the head: the noise (as released) or "v" (the tiny decoder)
 
     def __post_init__(self):
+        if self.prediction not in ("eps", "v"):
+            raise ValueError(f"Stable Cascade prediction must be 'eps' or 'v', got {self.prediction!r}")
         n = len(self.widths)
         per_level = (self.heads, self.blocks_down, self.blocks_up, self.repeats_down, self.repeats_up, self.dropout)
         if any(len(v) != n for v in per_level):

@@ -38,11 +38,14 @@ class StageBConfig(DictConfig):
     kernel_size: int = 3
     dropout: float = 0.1
     activation_checkpointing: bool = False  # recompute each block in backward (saves memory; same results)
+    prediction: str = "sigmoid_ab"  # the head: the released decoder's A/B pair, or "v" (one map; the tiny decoders)
 
     def __post_init__(self):
         n = len(self.widths)
         if not (len(self.blocks) == len(self.heads) == len(self.inject_semantic) == n):
             raise ValueError("widths, blocks, heads and inject_semantic need one entry per level")
+        if self.prediction not in ("sigmoid_ab", "v"):
+            raise ValueError(f"Stage B prediction must be 'sigmoid_ab' or 'v', got {self.prediction!r}")
 
     @property
     def downsampling(self) -> int:
@@ -112,7 +115,8 @@ class StageB(nn.Module):
 
         self.head = nn.Sequential(
             LayerNorm2d(cfg.widths[0], elementwise_affine=False, eps=1e-6),
-            nn.Conv2d(cfg.widths[0], 2 * cfg.c_latent * cfg.patch_size ** 2, kernel_size=1),
+            nn.Conv2d(cfg.widths[0], (2 if cfg.prediction == "sigmoid_ab" else 1) * cfg.c_latent * cfg.patch_size ** 2,
+                      kernel_size=1),
             nn.PixelShuffle(cfg.patch_size),
         )
         self._init_weights()
@@ -197,5 +201,5 @@ class StageB(nn.Module):
                 if j == 0 and i > 0:
                     skip = levels[i] if sem is None else torch.cat([levels[i], sem], dim=1)
                 h = run(block, h, skip)
-        a, b = self.head(h).chunk(2, dim=1)
-        return a, b
+        out = self.head(h)
+        return out if self.config.prediction == "v" else tuple(out.chunk(2, dim=1))

@@ -47,7 +47,7 @@ class CascadeTraining(DiffusionTraining):
         return encoder
 
     def denoiser(self, network) -> Denoiser:
-        return Denoiser(network, "eps", CosineSchedule(clamp_shifted=True), self.hparams.loss_weight,
+        return Denoiser(network, network.config.prediction, CosineSchedule(clamp_shifted=True), self.hparams.loss_weight,
                         time_input="cosine_t", adaptive=self.adaptive_weight)
 
     def setup(self, stage: str) -> None:
