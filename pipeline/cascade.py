@@ -22,7 +22,7 @@ from diffusion import CosineSchedule, Denoiser, Guided, check_start, sample, shi
 from pipeline.cascade_conditioning import build_pooled_text_encoder, split
 from semantic_compressor import latent_grid
 from weights.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
-from pipeline.decoders import sample_stage_a_images, staged
+from pipeline.decoders import SemanticDecoder, load_semantic_decoder, sample_stage_a_images, staged
 from weights.lora import load_loras
 from pipeline.text_to_image import TextToImage, _cast, _with_compressor, split_loras
 from stages.stable_cascade import StageB3, StageC3
@@ -180,20 +180,36 @@ def load_cascade_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike 
     return CascadeDecoder(model_b, model_a, text_encoder, time_input=time_input).eval()
 
 
+def is_stage_b3(stage_b: str | os.PathLike) -> bool:
+    """Whether a Stage B checkpoint (file or run folder) is a Stable Cascade (v3) one, by its recorded stage."""
+    return read_metadata(resolve_checkpoint(stage_b)).get("stage") == "stage_b3"
+
+
+def load_any_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike | None = None,
+                     text_encoder: TextEncoder | None = None) -> SemanticDecoder | CascadeDecoder:
+    """A v3 or v2 Stage B with its Stage A (by the checkpoint's recorded stage): both decode the raw latents of
+    the compressor they were trained on, whichever prior sampled them. ``text_encoder``: a pooled one for v3."""
+    if is_stage_b3(stage_b):
+        return load_cascade_decoder(stage_b, stage_a, text_encoder)
+    return load_semantic_decoder(stage_b, stage_a)
+
+
 def load_cascade_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
                                stage_a: str | os.PathLike | None = None, compressor=None,
                                dtype: torch.dtype | str | None = None,
                                loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> TextToImage:
     """The v3 C -> B -> A sampler from checkpoints (as ``pipeline.text_to_image.load_text_to_image`` for v2), refusing
-    stages trained on different compressors; one text encoder serves both stages when they record the same."""
+    stages trained on different compressors; one text encoder serves both stages when they record the same.
+    ``stage_b`` may also be a v2 Stage B trained on the same compressor (it decodes the same latents)."""
     dtype = None if dtype is None else inputs.dtype(dtype)
-    by_stage = split_loras(loras, ("stage_c3", "stage_b3"), None)
+    b_stage = "stage_b3" if is_stage_b3(stage_b) else "stage_b"
+    by_stage = split_loras(loras, ("stage_c3", b_stage), None)
     prior = load_cascade_prior(stage_c, loras=by_stage["stage_c3"])
     same_text = read_metadata(resolve_checkpoint(stage_b)).get("text_encoder") == read_metadata(
         resolve_checkpoint(stage_c)).get("text_encoder")
-    decoder = load_cascade_decoder(stage_b, stage_a, prior.text_encoder if same_text else None)
-    if by_stage["stage_b3"]:
-        load_loras(decoder.stage_b, by_stage["stage_b3"], "stage_b3")
+    decoder = load_any_decoder(stage_b, stage_a, prior.text_encoder if same_text else None)
+    if by_stage[b_stage]:
+        load_loras(decoder.stage_b, by_stage[b_stage], b_stage)
     b_fp = read_metadata(resolve_checkpoint(stage_b)).get("compressor_fingerprint")
     if prior.compressor_fingerprint and b_fp and prior.compressor_fingerprint != b_fp:
         raise ValueError(f"Stage C {stage_c} was trained on a different semantic compressor than Stage B {stage_b}; "

@@ -241,21 +241,27 @@ def main(argv: list[str] | None = None) -> list[Path]:
     return paths
 
 
-def is_cascade(stage_c: str) -> bool:
-    """Whether --stage-c is a Stable Cascade (v3) export (its recorded stage); an unreadable one is left to the
-    loader's error."""
+def _recorded_stage(path: str) -> str | None:
+    """The stage a checkpoint records; None for an unreadable one (left to the loader's error)."""
     try:
-        return read_metadata(resolve_checkpoint(stage_c)).get("stage") == "stage_c3"
+        return read_metadata(resolve_checkpoint(path)).get("stage")
     except (ValueError, OSError):
-        return False
+        return None
+
+
+def is_cascade(stage_c: str) -> bool:
+    """Whether --stage-c is a Stable Cascade (v3) export (its recorded stage)."""
+    return _recorded_stage(stage_c) == "stage_c3"
 
 
 def fill_sampling_defaults(args: argparse.Namespace) -> bool:
-    """Unset --prior-steps, --prior-guidance and --decoder-guidance: Würstchen's (60, 4, 3), or the released
-    Stable Cascade settings (20, 4, 1.1) for a v3 --stage-c. Returns whether it is v3."""
+    """Unset --prior-steps and --prior-guidance: Würstchen's (60, 4), or the released Stable Cascade settings
+    (20, 4) for a v3 --stage-c; unset --decoder-guidance: 3, or 1.1 for a v3 --stage-b. Returns whether
+    --stage-c is v3."""
     cascade = is_cascade(args.stage_c)
-    defaults = (RELEASE["prior"]["steps"], RELEASE["prior"]["guidance"], RELEASE["decoder"]["guidance"]) if cascade \
-        else (60, 4.0, 3.0)
+    decoder_v3 = getattr(args, "decoder", "semantic") != "pixel" and _recorded_stage(args.stage_b) == "stage_b3"
+    defaults = (*((RELEASE["prior"]["steps"], RELEASE["prior"]["guidance"]) if cascade else (60, 4.0)),
+                RELEASE["decoder"]["guidance"] if decoder_v3 else 3.0)
     for name, value in zip(("prior_steps", "prior_guidance", "decoder_guidance"), defaults):
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from sample.__main__ import SHIPPED, fill_sampling_defaults
 from sample.options import add_evaluation_arguments, parse_evaluation_arguments
-from pipeline.cascade import load_cascade_text_to_image
-from pipeline.decoders import load_pixel_decoder, load_semantic_decoder
+from pipeline.cascade import load_any_decoder, load_cascade_text_to_image
+from pipeline.decoders import load_pixel_decoder
 from pipeline.text_to_image import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, non_default,
                                     sampler_options)
 from weights.loaders import load_compressor, load_stage_a
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.stage_c == "none":  # the decoder's ceilings only: no Stage C (e.g. before one is trained)
         compressor_path = args.compressor or compressor_beside(decoder_path)
         decoder = load_pixel_decoder(decoder_path) if args.decoder == "pixel" else \
-            load_semantic_decoder(args.stage_b, args.stage_a)
+            load_any_decoder(args.stage_b, args.stage_a)
         pipe = None
     else:
         compressor_path = args.compressor or compressor_beside(args.stage_c, decoder_path)

@@ -4,7 +4,7 @@ import torch
 
 from pipeline.denoisers import denoiser_for
 from weights.convert import load_stage_b_release, stage_b_config_from_release, stage_b_from_release
-from stages.stage_b import PRESETS, StageB, StageBConfig
+from stages.stage_b import PRESETS, StageB, StageBConfig, stage_b_config
 
 
 def test_paper_parameter_count():
@@ -22,6 +22,24 @@ def test_tiny_shapes_and_zero_init_output():
     assert a.abs().max() == 0  # zero-initialised output conv
     eps = denoiser_for(model)(x, torch.rand(2), sem)
     assert torch.allclose(eps, x / 0.5)  # sigmoid(0) = 0.5
+
+
+def test_a_v_head_is_one_map_read_as_v():
+    """``prediction: v`` (the tiny decoders): one map of Stage A's channels, read through the v parameterisation;
+    a size dict may start from a preset."""
+    model = StageB({"preset": "tiny", "prediction": "v"}).eval()
+    assert model.config == stage_b_config("tiny").__class__(**{**vars(stage_b_config("tiny")), "prediction": "v"})
+    x, sem, t = torch.randn(2, 4, 32, 32), torch.randn(2, 16, 3, 3), torch.rand(2)
+    v = model(x, t, sem)
+    assert torch.is_tensor(v) and v.shape == x.shape
+    denoiser = denoiser_for(model)
+    assert denoiser.describe()["parameterisation"] == "v"
+    ab = denoiser.schedule.alpha_bar(t).view(-1, 1, 1, 1)
+    assert torch.allclose(denoiser(x, t, sem), (1 - ab).sqrt() * x + ab.sqrt() * v)  # zero head: eps = sqrt(1-ab) x
+    with pytest.raises(ValueError, match="prediction must be 'sigmoid_ab' or 'v'"):
+        stage_b_config({"preset": "tiny", "prediction": "x0"})
+    with pytest.raises(ValueError, match="unknown Stage B size 'small'"):
+        stage_b_config({"preset": "small"})
 
 
 def test_semantic_latents_change_the_output():

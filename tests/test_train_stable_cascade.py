@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from sample.__main__ import main as sample_main
 from sample.evaluate import main as evaluate_main
@@ -78,10 +79,17 @@ def test_sample_runs_the_v3_chain_with_img2img(runs, tmp_path, capsys):
                  "--compressor", "checkpoints/tiny/compressor.safetensors", "--out", str(tmp_path / "dog.png"),
                  "--prior-steps", "2", "--decoder-steps", "2", "--quiet"])
     assert (tmp_path / "dog.png").stat().st_size > 0
-    code, err = run_main(sample_main, ["a cat", "--stage-c", str(c3), "--stage-b",
-                                       "checkpoints/tiny/stage_b.safetensors", "--out", str(tmp_path / "mixed.png"),
-                                       "--quiet"], capsys)
-    assert_error(code, err, "Würstchen v2 Stage B", "Stable Cascade (v3) Stage B")
+    # a v2 Stage B trained on the same compressor decodes the v3 prior's latents, at v2's decoder guidance
+    mixed = load_cascade_text_to_image(c3, "checkpoints/tiny/stage_b.safetensors")
+    assert mixed.decoder.default_steps == 12
+    sample_main(["a cat", "--stage-c", str(c3), "--stage-b", "checkpoints/tiny/stage_b.safetensors", "--out",
+                 str(tmp_path / "mixed.png"), "--height", "64", "--width", "64", "--prior-steps", "2",
+                 "--decoder-steps", "2", "--quiet"])
+    settings = json.loads(Image.open(tmp_path / "mixed.png").text["settings"])
+    assert settings["decoder_guidance"] == 3.0 and settings["prior_guidance"] == 4.0
+    code, err = run_main(sample_main, ["a cat", "--stage-c", "checkpoints/tiny/stage_c.safetensors", "--stage-b",
+                                       str(b3), "--out", str(tmp_path / "mixed_v2.png"), "--quiet"], capsys)
+    assert_error(code, err, "holds a stage_b3 model, not a stage_b model")  # a v2 prior takes v2 decoders
 
 
 def test_the_time_estimate_of_a_v3_chain_times_both_stages(runs):
