@@ -72,7 +72,7 @@ class SaveOnPreemption(L.Callback):
             print("stopped by SIGTERM (preemption) before the first step; nothing to save", file=sys.stderr)
             return
         self.saved = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(self.saved)  # every rank calls; rank 0 writes
+        trainer.save_checkpoint(self.saved, weights_only=False)  # full state to resume; rank 0 writes
         if trainer.is_global_zero:
             print(f"stopped by SIGTERM (preemption) after step {trainer.global_step}: saved {self.saved}; resume with "
                   f"the same command and --ckpt_path {self.saved}", file=sys.stderr, flush=True)
