@@ -275,6 +275,13 @@ class SemanticCompressor(nn.Module):
         x = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's features of float images in [0, 1]: the head's input, fixed per image while only the head
+        trains (``mapper(features(images))`` equals ``forward(images)``)."""
+        self.check_images(images)
+        return self.backbone(self.preprocess(images))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Float images in [0, 1] (uint8 is refused: divide by 255) -> raw latents ``(B, 16, *latent_grid(H, W))``."""
         self.check_images(images)

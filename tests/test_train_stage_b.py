@@ -97,6 +97,22 @@ def test_resume_with_another_stage_a_is_refused(openmoji_dir, stage_a_file, tmp_
         _fit(tmp_path / "runs", openmoji_dir, a_run, steps=3, extra=["--ckpt_path", str(ckpt)])
 
 
+def test_cached_backbone_features_train_the_compressor_head(stage_a_file):
+    """With only the compressor's head trainable, cache_latents keeps the backbone's features per image; the head
+    runs each step with gradients and gives what the whole compressor gives."""
+    module = StageBTraining(size=TINY_B, stage_a=str(stage_a_file), cache_latents=True, val_fid=False,
+                            compressor={"trainable": "head", "pretrained": False, "input_scale": 2})
+    module.compressor.eval()  # the head's BatchNorm on running statistics: both paths see the same normalisation
+    batch = {"image": torch.rand(2, 3, 64, 64), "key": ["a", "b"]}
+    semantic = module.encode("semantic", batch, train=True)
+    assert {k for k in module.latent_cache if k[0] == "backbone"} == {("backbone", "a"), ("backbone", "b")}
+    assert semantic.shape == (2, 16, 4, 4)  # input_scale 2: a 4x4 grid at 64 px
+    assert torch.allclose(semantic, module.compressor(batch["image"]), atol=1e-5)
+    semantic.square().sum().backward()
+    assert module.compressor.mapper[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in module.compressor.backbone.parameters())
+
+
 def test_mismatched_text_setting_is_named(stage_a_file, tmp_path):
     wide = StageA(dict(TINY_A, latent_channels=8))  # a Stage A whose latents Stage B cannot take
     wide_file = save_safetensors(wide, tmp_path / "wide.safetensors", "stage_a", wide.config.to_dict())
@@ -150,8 +166,9 @@ def test_refine_continues_with_the_frozen_compressor_on_cached_latents(openmoji_
     assert torch.allclose(semantic, module.compressor(batch["image"]))
 
     # mismatches are named before any training
-    with pytest.raises(ValueError, match="frozen compressor"):
-        StageBTraining(size=TINY_B, stage_a=str(stage_a_file), cache_latents=True, val_fid=False)
+    with pytest.raises(ValueError, match="frozen compressor backbone"):
+        StageBTraining(size=TINY_B, stage_a=str(stage_a_file), cache_latents=True, val_fid=False,
+                       compressor={"trainable": "all", "pretrained": False})
     with pytest.raises(ValueError, match="another size"):
         StageBTraining(size=dict(TINY_B, c_cond=8), stage_a=str(stage_a_file), compressor=str(first),
                        init_from=str(first), val_fid=False)

@@ -372,13 +372,18 @@ class DiffusionTraining(StageTraining):
     def encode(self, key: str, batch: dict, train: bool) -> torch.Tensor:
         """``stage_a``, ``semantic`` or ``text`` of a batch: from precomputed shards when the batch holds it,
         else from the frozen encoder (the trained compressor with gradients, or its EMA in validation),
-        cached per sample key when ``cache_latents`` is set."""
+        cached per sample key when ``cache_latents`` is set (for a compressor whose head alone trains, the
+        backbone's features are cached and the head runs each step)."""
         if key in batch:
             return batch[key].float()
         if key == "text":
             return self.text_encoder(batch["caption"])
         if key == "semantic" and self.trains_compressor:
-            return self.compressor(batch["image"]) if train else self.eval_compressor(batch["image"])
+            if not train:
+                return self.eval_compressor(batch["image"])
+            if self.hparams.cache_latents:  # only the head trains (checked at init): the backbone's features are fixed
+                return self.compressor.mapper(self.frozen_encoding("backbone", batch, self.compressor.features, train))
+            return self.compressor(batch["image"])
         encode = self.stage_a.encode if key == "stage_a" else self.compressor
         return self.frozen_encoding(key, batch, encode, train)
 

@@ -24,7 +24,8 @@ class StageBTraining(DiffusionTraining):
     ``configs/stage_b/tiny_refine.yaml``). ``text_encoder``: a name or null (matching ``c_text``).
     ``init_from``: a Stage B to continue from (same size, Stage A and compressor). ``lora``: ``{rank, alpha,
     target_modules, dropout}``: train LoRA adapters on the frozen network (export ``adapter.safetensors``).
-    ``cache_latents``: encode each training image once (frozen compressor, whole images)."""
+    ``cache_latents``: encode each training image once (frozen compressor, whole images; with only the
+    compressor's head trainable, its backbone features)."""
 
     stage = "stage_b"
     frozen = ("stage_a.", "text_encoder.", "perceptual.", "val_fid.")  # rebuilt on load, never saved
@@ -50,9 +51,9 @@ class StageBTraining(DiffusionTraining):
                              f"this Stage B expects {config.c_latent}")
         self.text_encoder = text_encoder_for(text_encoder, config.c_text, f"Stage B size {size!r}")
         self.compressor = compressor_for(compressor, config.c_semantic, "Stage B")
-        if cache_latents and self.compressor.trainable != "none":
-            raise ValueError("cache_latents needs a frozen compressor: set compressor to a trained "
-                             "compressor.safetensors or Stage B run folder")
+        if cache_latents and self.compressor.trainable == "all":
+            raise ValueError("cache_latents needs a frozen compressor backbone: set compressor to a trained "
+                             "compressor.safetensors or Stage B run folder, or its trainable to 'head'")
         self.model = StageB(config)
         self.start_from(init_from, stage_b_config, {**self.trained_on(), "compressor_fingerprint": (
             fingerprint(self.compressor), "semantic compressor")})
