@@ -297,7 +297,7 @@ def stage_b_cost(args: argparse.Namespace) -> dict:
 def point(side: str, snapshot: Path, scores: dict) -> dict:
     meta = read_metadata(snapshot)
     row = {"side": side, "budget": meta["budget"], "unit": meta["budget_unit"], "steps": meta["global_step"],
-           "train_minutes": round(meta["train_seconds"] / 60, 2), "train_pflop": round(meta["train_flops"] / 1e15, 4),
+           "train_minutes": round(meta["train_seconds"] / 60, 2), "train_pflop": float(f"{meta['train_flops'] / 1e15:.4g}"),
            "val_top5": scores.get("top5_retrieval_own_caption"), "val_top5_shuffled":
                scores.get("top5_retrieval_shuffled_captions"), "fid": scores.get("fid_vs_val"),
            "everyday_top5": scores.get("everyday", {}).get("top5_retrieval_own_caption")}
@@ -369,8 +369,9 @@ def verdict_line(name: str, result: dict | None, key: str, unit: str) -> str:
         return f"{head}; the baseline {above[key]} at {above['compute'][unit]:.4g} (as much compute or more): " \
                f"the claim holds here (by {abs(above['difference']):.4g})."
     if below is not None and not below["cascade_better"]:
+        by = "level with it" if below["difference"] == 0 else f"ahead by {abs(below['difference']):.4g}"
         return f"{head}; the baseline {below[key]} at {below['compute'][unit]:.4g} (no more compute): " \
-               f"the claim does not hold here (the baseline is ahead by {abs(below['difference']):.4g})."
+               f"the claim does not hold here (the baseline is {by})."
     parts = [f"the baseline {b[key]} at {b['compute'][unit]:.4g}" for b in (below, above) if b is not None]
     return f"{head}; {' and '.join(parts) or 'no baseline point'}: not decided at these budgets " \
            "(give the baseline a budget point at or above the cascade's compute)."
