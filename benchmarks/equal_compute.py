@@ -150,6 +150,19 @@ def increasing(text: str) -> list[float]:
     return values
 
 
+def numbers(count: int, what: str):
+    """An argparse type: ``count`` comma-separated non-negative numbers (``what`` names them)."""
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(x) for x in text.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != count or any(not (math.isfinite(v) and v >= 0) for v in values):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return values
+    return parse
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.equal_compute", description=__doc__.split("\n\n")[0])
     ap.add_argument("--budgets", type=increasing, required=True,
@@ -170,7 +183,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the compressor the Stage C side trains on (the one --stage-b was trained with)")
     ap.add_argument("--previewer", default=str(SHIPPED / "previewer.safetensors"),
                     help="previewer of that compressor's latents (App. D), or none")
-    ap.add_argument("--stage-b-cost", default=None, metavar="MINUTES,PFLOP",
+    ap.add_argument("--stage-b-cost", type=numbers(2, "MINUTES,PFLOP such as 93.2,0.5"), default=None,
+                    metavar="MINUTES,PFLOP",
                     help="the decoder's training compute for the B + C accounting (default: the shipped Stage B's, "
                          "from checkpoints/tiny/model_card.json and its configs)")
     ap.add_argument("--val-every", type=positive_int, default=500, help="validation and checkpoint every N steps")
@@ -190,7 +204,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="sample.evaluate --gallery-limit (quick checks)")
     ap.add_argument("--latency-batches", type=positive_ints, default=[1, 4, 16],
                     help="batch sizes of the sampling-time table")
-    ap.add_argument("--latency-steps", default=None, metavar="PRIOR,DECODER",
+    ap.add_argument("--latency-steps", type=numbers(2, "PRIOR,DECODER step counts such as 60,12"), default=None,
+                    metavar="PRIOR,DECODER",
                     help=f"step counts of the sampling-time table (default the paper's {PRIOR_STEPS},{DECODER_STEPS})")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -200,6 +215,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("stage_c_config", "baseline_config", "stage_b", "stage_a", "compressor"):
         if not Path(getattr(args, name)).exists():
             raise FileNotFoundError(f"--{name.replace('_', '-')} {getattr(args, name)} does not exist")
+    if args.stage_b_cost is None and Path(args.stage_b).resolve() != (SHIPPED / "stage_b.safetensors").resolve():
+        raise ValueError(f"--stage-b {args.stage_b} is not the shipped Stage B, whose training compute is on record; "
+                         "pass its training compute as --stage-b-cost MINUTES,PFLOP")
     if args.previewer != "none" and not Path(args.previewer).exists():
         raise FileNotFoundError(f"--previewer {args.previewer} does not exist; pass --previewer none to skip App. D")
     return args
@@ -273,7 +291,7 @@ def stage_b_cost(args: argparse.Namespace) -> dict:
     wall minutes; FLOPs: each phase's steps x batch x the network's training FLOPs per 128 px sample, plus the
     compressor's in the phase that fine-tuned it)."""
     if args.stage_b_cost:
-        minutes, pflop = (float(x) for x in args.stage_b_cost.split(","))
+        minutes, pflop = args.stage_b_cost
         return {"minutes": minutes, "pflop": pflop, "source": "--stage-b-cost"}
     card = json.loads((SHIPPED / "model_card.json").read_text())["stages"]["stage_b"]
     steps = [int(x) for x in re.findall(r"\d+", str(card["steps"]))]
@@ -312,7 +330,7 @@ def point(side: str, snapshot: Path, scores: dict) -> dict:
 def sampling_times(args: argparse.Namespace, last: dict[str, Path]) -> list[dict]:
     """Seconds per image of the last snapshots at each batch size (one warm-up call at batch 1, then one timed call
     per batch size), with the paper's step counts and the samplers' default guidance."""
-    prior_steps, decoder_steps = ((int(x) for x in args.latency_steps.split(",")) if args.latency_steps
+    prior_steps, decoder_steps = ((max(1, int(x)) for x in args.latency_steps) if args.latency_steps
                                   else (PRIOR_STEPS, DECODER_STEPS))
     calls = {}
     if "stage_c" in last:
