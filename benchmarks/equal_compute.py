@@ -49,7 +49,7 @@ from benchmarks.throughput import train_flops
 from common.cli import comma_list, positive_int, positive_ints
 from common.errors import run_command
 from common.files import write_json, write_text
-from pipeline.baseline_ldm import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_baseline_text_to_image
+from pipeline.baseline_ldm import DEFAULT_GUIDANCE, load_baseline_text_to_image
 from pipeline.cascade import load_cascade_text_to_image
 from pipeline.text_to_image import load_text_to_image
 from train.cli import main as train_main
@@ -187,7 +187,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     metavar="MINUTES,PFLOP",
                     help="the decoder's training compute for the B + C accounting (default: the shipped Stage B's, "
                          "from checkpoints/tiny/model_card.json and its configs)")
-    ap.add_argument("--val-every", type=positive_int, default=500, help="validation and checkpoint every N steps")
+    ap.add_argument("--val-every", type=positive_int, default=1000, help="validation and checkpoint every N steps")
     ap.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                     help="an extra python -m train argument for both sides (repeatable, e.g. "
                          "--train-arg=--data.init_args.batch_size=8)")
@@ -403,10 +403,11 @@ def markdown(report: dict) -> str:
              f"Command: `{report['command']}`", "",
              f"Budgets ({unit}): {', '.join(f'{b:g}' for b in report['budgets'])}; seed {report['seed']} on both sides; "
              f"data: {report['data']}; scores: `python -m sample.evaluate` ({report['evaluation']}).", "",
-             f"* Stage C side: `{report['stage_c']['config']}` ({report['stage_c']['size']}, {report['stage_c']['params']:,} "
-             f"parameters), decoded by `{report['stage_c']['stage_b']}` + `{report['stage_c']['stage_a']}`.",
-             f"* Baseline: `{report['baseline']['config']}` ({report['baseline']['size']}, "
-             f"{report['baseline']['params']:,} parameters), decoded by Stage A `{report['baseline']['stage_a']}`.",
+             f"* Stage C side: `{report['stage_c']['config']}` ({report['stage_c']['params']:,} parameters: "
+             f"`{json.dumps(report['stage_c'].get('network'))}`), decoded by `{report['stage_c']['stage_b']}` + "
+             f"`{report['stage_c']['stage_a']}`.",
+             f"* Baseline: `{report['baseline']['config']}` ({report['baseline']['params']:,} parameters: "
+             f"`{json.dumps(report['baseline'].get('network'))}`), decoded by Stage A `{report['baseline']['stage_a']}`.",
              f"* Stage B's training compute (B + C accounting): {report['stage_b_cost']['minutes']} min, "
              f"{report['stage_b_cost']['pflop']:.4g} PFLOP; from {report['stage_b_cost']['source']}.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -444,14 +445,14 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def describe(config: str) -> dict:
-    init = yaml.safe_load(Path(config).read_text())["model"]["init_args"]
-    return {"config": config, "size": init.get("size")}
-
-
-def params(snapshot: Path) -> int:
-    state, _ = read_weights(snapshot, read_metadata(snapshot)["stage"])
-    return sum(v.numel() for v in state.values())
+def describe(config: str, snapshot: Path | None) -> dict:
+    """The side's config file, and the network its last snapshot holds (config and parameters)."""
+    out = {"config": config, "size": yaml.safe_load(Path(config).read_text())["model"]["init_args"].get("size"),
+           "params": 0}
+    if snapshot is not None:
+        state, network = read_weights(snapshot, read_metadata(snapshot)["stage"])
+        out.update(network=network, params=sum(v.numel() for v in state.values()))
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -476,11 +477,9 @@ def main(argv: list[str] | None = None) -> dict:
         "evaluation": f"prompt sets {args.prompt_sets}, limit {args.eval_limit or 'none'}, gallery "
                       f"{args.gallery_limit or 'whole set'}, seeds per batch as sample.evaluate",
         "chance_top5": first.get("chance_top5"),
-        "stage_c": {**describe(args.stage_c_config), "stage_b": args.stage_b, "stage_a": args.stage_a,
-                    "compressor": args.compressor,
-                    **({"params": params(last["stage_c"])} if "stage_c" in last else {"params": 0})},
-        "baseline": {**describe(args.baseline_config), "stage_a": args.stage_a,
-                     **({"params": params(last["baseline"])} if "baseline" in last else {"params": 0})},
+        "stage_c": {**describe(args.stage_c_config, last.get("stage_c")), "stage_b": args.stage_b,
+                    "stage_a": args.stage_a, "compressor": args.compressor},
+        "baseline": {**describe(args.baseline_config, last.get("baseline")), "stage_a": args.stage_a},
         "stage_b_cost": shift_b, "points": [p for side in args.sides for p in points[side]],
         "sampling": sampling, "verdict": verdict,
         "extra_arguments": {"train": args.train_arg, "stage_c": args.stage_c_arg, "baseline": args.baseline_arg,
