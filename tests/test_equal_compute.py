@@ -50,7 +50,7 @@ def test_toy_budget_end_to_end_and_resume(tmp_path, tiny_bundle, openmoji_dir):
         "--prompt-sets", "val", "--eval-limit", "4", "--gallery-limit", "6",
         "--eval-arg=--prior-steps=2", "--eval-arg=--decoder-steps=2", "--eval-arg=--size=64",
         "--latency-batches", "1,2", "--latency-steps", "2,2"]
-    # a counted step of either side is far above 1e-12 PFLOP: each budget is crossed one step after the last
+    # a counted step of either side is far above 1e-12 PFLOP: both budgets are crossed by the first counted step
     report = main(["--budgets", "1e-12,2e-12", "--out", str(tmp_path / "out"), *common])
     out = tmp_path / "out"
     assert all((out / f"equal_compute.{ext}").is_file() for ext in ("json", "csv", "md", "png"))
@@ -63,11 +63,15 @@ def test_toy_budget_end_to_end_and_resume(tmp_path, tiny_bundle, openmoji_dir):
     assert report["stage_b_cost"]["minutes"] == 1.5 and len(report["verdict"]) == 6
     assert "| baseline | 2e-12 |" in (out / "equal_compute.md").read_text()
 
-    # resumed with a third budget point: the baseline continues from its checkpoint, the first two are kept
+    # resumed with a third budget point of 3 steps' FLOPs: the baseline continues from its checkpoint and the
+    # state it saved (steps and seconds counted so far), the first two snapshots and their scores are kept
     first = read_metadata(tmp_path / "work" / "baseline" / "snapshots" / "budget_1.safetensors")
-    more = main(["--budgets", "1e-12,2e-12,3e-12", "--sides", "baseline", "--out", str(tmp_path / "out2"),
+    assert first["train_steps"] == 1 and first["train_flops"] == first["flops_per_step"] > 0
+    third_budget = 3 * first["flops_per_step"] / 1e15
+    more = main(["--budgets", f"1e-12,2e-12,{third_budget!r}", "--sides", "baseline", "--out", str(tmp_path / "out2"),
                  *common])
     third = read_metadata(tmp_path / "work" / "baseline" / "snapshots" / "budget_2.safetensors")
     assert read_metadata(tmp_path / "work" / "baseline" / "snapshots" / "budget_1.safetensors") == first
-    assert third["train_steps"] > first["train_steps"] and third["global_step"] > first["global_step"]
-    assert [p["budget"] for p in more["points"]] == [1e-12, 2e-12, 3e-12]
+    assert third["train_steps"] == 3 and third["global_step"] > first["global_step"]
+    assert third["train_seconds"] > first["train_seconds"]
+    assert [p["budget"] for p in more["points"]] == [1e-12, 2e-12, third_budget]
