@@ -175,7 +175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--work", default="runs/equal_compute", help="runs, snapshots and scores (resumed from)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing results in --out")
     ap.add_argument("--stage-c-config", default="configs/stage_c/tiny.yaml",
-                    help="the Stage C side (configs/stage_c/sc_tiny.yaml: the v3 prior; then give a v3 --stage-b)")
+                    help="the Stage C side (configs/stage_c/sc_tiny.yaml: the v3 prior, with a --stage-b that "
+                         "decodes its latents)")
     ap.add_argument("--baseline-config", default="configs/baseline_ldm/tiny.yaml")
     ap.add_argument("--stage-b", default=str(SHIPPED / "stage_b.safetensors"), help="the decoder of the Stage C side")
     ap.add_argument("--stage-a", default=str(SHIPPED / "stage_a.safetensors"), help="Stage A of both sides")

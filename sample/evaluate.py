@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="leave out the decoder's and Stage A's ceilings (from_true_latents, stage_a_alone)")
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
     args = parse_evaluation_arguments(ap, argv)
+    if args.previewer is not None and (args.stage_c == "none" or args.baseline_ldm is not None):
+        ap.error("--previewer renders Stage C's latents: give a --stage-c, without --baseline-ldm")
     if args.baseline_ldm is not None:
         return evaluate_baseline(args)
     cascade = fill_sampling_defaults(args)
@@ -249,8 +251,6 @@ def main(argv: list[str] | None = None) -> dict:
     stage_a = load_stage_a(args.stage_a) if args.decoder == "semantic" else None
     previewer = None
     if args.previewer is not None:
-        if pipe is None:
-            raise ValueError("--previewer renders Stage C's latents; give a --stage-c")
         previewer = load_any_previewer(args.previewer, pipe.prior.compressor_fingerprint)
     report = {
         "stage_c": shown(args.stage_c), "decoder": args.decoder,

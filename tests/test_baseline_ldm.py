@@ -6,6 +6,7 @@ import torch
 
 from pipeline.baseline_ldm import load_baseline_text_to_image
 from sample.__main__ import main as sample_main
+from sample.evaluate import main as evaluate_main
 from stages.baseline_ldm import BaselineLDM, baseline_ldm_config
 from stages.stage_a import StageA
 from train.cli import main as cli_main
@@ -73,3 +74,11 @@ def test_trains_resumes_exports_and_samples(openmoji_dir, tiny_bundle, tmp_path)
         sample_main(args + ["--out", str(tmp_path / "b.png"), "--preview"])
     with pytest.raises(FileExistsError, match="--overwrite"):
         sample_main(args + ["--out", str(out)])
+
+
+def test_evaluate_refuses_bad_baseline_requests_before_any_work(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        evaluate_main(["--baseline-ldm", str(tmp_path / "nowhere.safetensors")])
+    with pytest.raises(SystemExit):
+        evaluate_main(["--baseline-ldm", str(tmp_path / "nowhere.safetensors"), "--previewer", "p.safetensors"])
+    assert "--previewer renders Stage C's latents" in capsys.readouterr().err
