@@ -100,6 +100,22 @@ def sample_stage_a_images(stage_a: StageA, guided: Guided, shape: tuple[int, ...
 stage_b_metadata = pixel_decoder_metadata = read_metadata
 
 
+def stage_a_of(path, meta: dict, stage_a: str | os.PathLike | None, what: str) -> StageA:
+    """The Stage A the model at ``path`` (``what``, with metadata ``meta``) was trained on: ``stage_a`` or the path
+    it recorded; refused when its weights differ from the ones it recorded."""
+    if stage_a is None:
+        if "stage_a_path" not in meta:
+            raise ValueError(f"{path} does not record its Stage A; pass the Stage A checkpoint it was trained with")
+        stage_a = recorded_path(meta["stage_a_path"], path)
+    a_path = resolve_checkpoint(stage_a)
+    model_a = load_stage_a(str(a_path))
+    expected = meta.get("stage_a_fingerprint")
+    if expected is not None and fingerprint(model_a) != expected:
+        raise ValueError(f"{what} {path} was trained on a different Stage A than {a_path} (weights fingerprint "
+                         f"{fingerprint(model_a)}, expected {expected}); pass the Stage A it was trained with")
+    return model_a
+
+
 def load_semantic_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike | None = None,
                           text_encoder: TextEncoder | None = None) -> SemanticDecoder:
     """Stage B (file or run folder) with the Stage A it was trained on (``stage_a`` or the path it recorded).
@@ -109,16 +125,7 @@ def load_semantic_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike
     b_path = resolve_checkpoint(stage_b)
     meta = stage_b_metadata(b_path)
     model_b = load_stage_b(str(b_path))
-    if stage_a is None:
-        if "stage_a_path" not in meta:
-            raise ValueError(f"{b_path} does not record its Stage A; pass the Stage A checkpoint it was trained with")
-        stage_a = recorded_path(meta["stage_a_path"], b_path)
-    a_path = resolve_checkpoint(stage_a)
-    model_a = load_stage_a(str(a_path))
-    expected = meta.get("stage_a_fingerprint")
-    if expected is not None and fingerprint(model_a) != expected:
-        raise ValueError(f"Stage B {b_path} was trained on a different Stage A than {a_path} (weights fingerprint "
-                         f"{fingerprint(model_a)}, expected {expected}); pass the Stage A it was trained with")
+    model_a = stage_a_of(b_path, meta, stage_a, "Stage B")
     if model_b.config.c_text and text_encoder is None:
         text_encoder = build_text_encoder(meta.get("text_encoder") or "minilm")
     return SemanticDecoder(model_b, model_a, text_encoder, meta.get("diffusion")).eval()

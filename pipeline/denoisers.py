@@ -1,7 +1,8 @@
 """How each network's head is read (``diffusion.Denoiser``), and rebuilding that from an export.
 
 Stage B's A/B head is ``sigmoid_ab`` (released decoder), Stage C's ``abs_ab`` (paper Sec. 3.3),
-the pixel decoder's ``v`` or ``eps`` (its config's ``prediction``) on the cosine schedule shifted
+the pixel decoder's ``v`` or ``eps``, the baseline LDM's ``v`` or ``sigmoid_ab`` (their config's ``prediction``),
+on the cosine schedule shifted
 by its ``logsnr_shift``. Exports record ``Denoiser.describe()`` as their ``diffusion`` metadata;
 older exports without it get these defaults.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from diffusion import CosineSchedule, Denoiser
+from stages.baseline_ldm import BaselineLDM
 from stages.pixel_decoder import GrownUViT, ShallowUViT
 from stages.stable_cascade import StageB3, StageC3
 from stages.stage_b import StageB
@@ -22,7 +24,7 @@ def parameterisation_of(network: nn.Module) -> str:
         return network.config.prediction
     if isinstance(network, StageC):
         return "abs_ab"
-    if isinstance(network, (ShallowUViT, GrownUViT)):
+    if isinstance(network, (ShallowUViT, GrownUViT, BaselineLDM)):
         return network.config.prediction
     raise ValueError(f"no default parameterisation for a {type(network).__name__}; pass its description")
 

@@ -13,6 +13,10 @@ Stable Cascade (v3) exports (``python -m weights.convert`` of the released weigh
 recognised: ``--stage-c`` and ``--stage-b`` then run the v3 chain with the released defaults (Stage C
 20 steps, guidance 4, shift 2; Stage B 10 steps, guidance 1.1; ``pipeline.cascade``).
 
+``--baseline-ldm PATH`` samples the single-stage baseline instead (``pipeline.baseline_ldm``: a text-conditional
+U-Net on Stage A's latents, decoded by Stage A; ``--prior-steps``, ``--prior-guidance`` and ``--prior-sampler``
+set its sampler, as they set Stage C's).
+
 ``--lora PATH[:SCALE]`` (repeatable) adds LoRA adapters (``weights.lora``) to the stage each was trained
 for. ``--preview`` renders Stage C's latents with the previewer (``stages.previewer``) instead of a
 decoder: a coarse image at 8x the latent grid, no Stage B.
@@ -41,6 +45,7 @@ from pipeline import inputs
 from weights.checkpoint import read_metadata, recorded_path, resolve_checkpoint
 from pipeline.text_to_image import (DEFAULT_STRENGTH, add_sampler_arguments, load_pixel_text_to_image, load_prior,
                                     load_text_to_image, sampler_options, save_images)
+from pipeline.baseline_ldm import load_baseline_text_to_image
 from pipeline.cascade import RELEASE, load_cascade_prior, load_cascade_text_to_image
 from weights.loaders import load_any_previewer
 from pipeline.text_encoder import check_prompts
@@ -135,6 +140,10 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
                     help="semantic: Stage B + Stage A; pixel: the greedy-grown pixel decoder")
     ap.add_argument("--pixel-decoder", default=str(SHIPPED / "pixel_decoder.safetensors"),
                     help="pixel decoder export, .ckpt or run folder (with --decoder pixel)")
+    ap.add_argument("--baseline-ldm", default=None, metavar="PATH",
+                    help="sample the single-stage baseline LDM (python -m train fit --config "
+                         "configs/baseline_ldm/tiny.yaml) instead of the cascade: text -> U-Net -> Stage A; "
+                         "--prior-steps/--prior-guidance/--prior-sampler set its sampler")
     ap.add_argument("--max-minutes", type=checked(positive_minutes, float, "a number"),
                     default=inputs.MAX_SECONDS / 60,
                     help="refuse work estimated (from network calls timed on this device) to take longer "
@@ -165,6 +174,10 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         ap.error("give one or more prompts, or --image for variations of an image")
     if args.preview is not None and (args.image is not None or args.decoder == "pixel"):
         ap.error("--preview shows what Stage C samples for prompts without a decoder; drop --image and --decoder")
+    if args.baseline_ldm is not None and (args.image is not None or args.preview is not None or args.lora
+                                          or args.decoder == "pixel"):
+        ap.error("--baseline-ldm samples from prompts alone, without Stage C or a decoder; drop --image, --preview, "
+                 "--lora and --decoder")
     if args.strength is not None and (args.image is None or not args.prompts):
         ap.error("--strength applies to img2img: give --image and a prompt (variations of an image take no "
                  "--strength)")
@@ -288,6 +301,8 @@ def find_compressor(args: argparse.Namespace) -> Path:
 
 def _sample(args: argparse.Namespace):
     samplers, loras, image = check_request(args)
+    if args.baseline_ldm is not None:
+        return _baseline(args, samplers)
     if args.preview is not None:
         return _preview(args, samplers, loras)
     pipe = load_pipeline(args, loras, find_compressor(args) if image is not None else None)
@@ -342,6 +357,15 @@ def render(args: argparse.Namespace, pipe, samplers: dict, image: torch.Tensor |
     # a row per prompt for several images each; otherwise as square a grid as the images make
     nrow = args.n if len(args.prompts) > 1 and args.n > 1 else math.ceil(len(images) ** 0.5)
     return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite, text=text), images
+
+
+def _baseline(args: argparse.Namespace, samplers: dict):
+    """The prompts' images from the single-stage baseline LDM (``--stage-a``: default, the Stage A it recorded)."""
+    pipe = load_baseline_text_to_image(args.baseline_ldm, args.stage_a)
+    images = pipe(args.prompts, args.negative, args.height or 128, args.width or 128, args.n, args.prior_steps,
+                  args.prior_guidance, args.seed, not args.quiet, samplers["prior_sampler"], samplers["prior_eta"])
+    nrow = args.n if len(args.prompts) > 1 and args.n > 1 else math.ceil(len(images) ** 0.5)
+    return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite, text=embedded(args)), images
 
 
 def _preview(args: argparse.Namespace, samplers: dict, loras: list):

@@ -17,6 +17,11 @@ For each of the 185 val captions one image is generated (fixed seed). Prints JSO
   training captions of food, animals, vehicles, weather and symbols: what a new user types first.
 
 ``--decoder pixel --pixel-decoder PATH`` scores the greedy-grown pixel decoder in place of B + A.
+``--baseline-ldm PATH`` scores the single-stage baseline (text -> U-Net -> Stage A) in place of the cascade,
+with the same prompts, seeds and scores (no Stage C latents, no decoder ceiling). ``--previewer PATH`` adds
+``previewer``: the scores of Stage C's latents rendered by the previewer, no Stage B (paper App. D: how much
+of the prompt Stage C has fixed before any decoder). ``--skip-ceilings`` leaves out ``from_true_latents`` and
+``stage_a_alone`` (they do not depend on Stage C: score them once).
 """
 from __future__ import annotations
 
@@ -29,11 +34,12 @@ from tqdm.auto import tqdm
 
 from sample.__main__ import SHIPPED, fill_sampling_defaults
 from sample.options import add_evaluation_arguments, parse_evaluation_arguments
+from pipeline.baseline_ldm import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_baseline_text_to_image
 from pipeline.cascade import load_any_decoder, load_cascade_text_to_image
 from pipeline.decoders import load_pixel_decoder
 from pipeline.text_to_image import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, non_default,
                                     sampler_options)
-from weights.loaders import load_compressor, load_stage_a
+from weights.loaders import load_any_previewer, load_compressor, load_stage_a
 from weights.checkpoint import fingerprint, resolve_checkpoint
 from common.cli import at_least, comma_list, positive_int, shown, emit
 from common.errors import run_command
@@ -210,8 +216,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pixel-decoder", default=str(SHIPPED / "pixel_decoder.safetensors"))
     ap.add_argument("--prompt-sets", type=comma_list(PROMPT_SETS), default=",".join(PROMPT_SETS),
                     help="which prompt sets to score (val: the 185 val captions; everyday: EVERYDAY)")
+    ap.add_argument("--baseline-ldm", default=None, metavar="PATH",
+                    help="score the single-stage baseline LDM (with --stage-a) instead of the cascade")
+    ap.add_argument("--previewer", default=None, help="also score Stage C's latents rendered by this previewer")
+    ap.add_argument("--skip-ceilings", action="store_true",
+                    help="leave out the decoder's and Stage A's ceilings (from_true_latents, stage_a_alone)")
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
     args = parse_evaluation_arguments(ap, argv)
+    if args.previewer is not None and (args.stage_c == "none" or args.baseline_ldm is not None):
+        ap.error("--previewer renders Stage C's latents: give a --stage-c, without --baseline-ldm")
+    if args.baseline_ldm is not None:
+        return evaluate_baseline(args)
     cascade = fill_sampling_defaults(args)
     samplers = sampler_options(args)
     decoder_path = args.pixel_decoder if args.decoder == "pixel" else args.stage_b
@@ -234,26 +249,32 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"the compressor {compressor_path} is not the one Stage C {args.stage_c} was trained on; "
                          "pass the compressor of the Stage B run that trained it (--compressor)")
     stage_a = load_stage_a(args.stage_a) if args.decoder == "semantic" else None
+    previewer = None
+    if args.previewer is not None:
+        previewer = load_any_previewer(args.previewer, pipe.prior.compressor_fingerprint)
     report = {
         "stage_c": shown(args.stage_c), "decoder": args.decoder,
         "decoder_checkpoint": shown(args.pixel_decoder if args.decoder == "pixel" else args.stage_b),
         "size": args.size, "prior_steps": args.prior_steps, "decoder_steps": decoder_steps,
         "prior_guidance": args.prior_guidance, "decoder_guidance": args.decoder_guidance, **non_default(samplers)}
     for name in args.prompt_sets:
-        scores = score_prompt_set(pipe, decoder, compressor, stage_a, name, decoder_steps, samplers, args)
+        scores = score_prompt_set(pipe, decoder, compressor, stage_a, name, decoder_steps, samplers, args, previewer)
         report.update(scores) if name == "val" else report.update({name: scores})
     return emit(report, args.out)
 
 
 @torch.no_grad()
 def score_prompt_set(pipe, decoder, compressor: torch.nn.Module, stage_a: StageA | None, name: str,
-                     decoder_steps: int, samplers: dict, args: argparse.Namespace) -> dict:
+                     decoder_steps: int, samplers: dict, args: argparse.Namespace,
+                     previewer: torch.nn.Module | None = None) -> dict:
     """End-to-end images for a prompt set's captions and the ceilings of each stage on its real images:
     Stage A alone, the decoder from the true compressor latents, and Stage C's latents. Without a
-    pipeline (``--stage-c none``) only the decoder's and Stage A's ceilings."""
+    pipeline (``--stage-c none``) only the decoder's and Stage A's ceilings; with ``--skip-ceilings`` none.
+    ``previewer``: also Stage C's latents rendered by it (upscaled, nearest)."""
     scorer = ValScorer(args.data_dir, args.size, args.batch_size, args.limit, args.gallery_limit, name)
     real, captions = scorer.real, scorer.captions
-    generated, decoded, reconstructed, prior_latents = [], [], [], []
+    generated, decoded, reconstructed, prior_latents, previews = [], [], [], [], []
+    ceilings = not args.skip_ceilings
     for i in tqdm(range(0, len(captions), args.batch_size), desc=f"generating ({name})"):
         batch = captions[i:i + args.batch_size]
         if pipe is not None:
@@ -262,21 +283,54 @@ def score_prompt_set(pipe, decoder, compressor: torch.nn.Module, stage_a: StageA
                                    return_latents=True, **samplers)
             generated.append(images)
             prior_latents.append(latents.flatten(1))
-        semantic = compressor(real[i:i + args.batch_size])
-        decoded.append(decoder(semantic, (args.size, args.size), batch, decoder_steps, args.decoder_guidance,
-                                    torch.Generator().manual_seed(args.seed + i), sampler=samplers["decoder_sampler"],
-                                    eta=samplers["decoder_eta"]))
-        if stage_a is not None:
+            if previewer is not None:
+                previews.append(F.interpolate(previewer(latents), size=(args.size, args.size), mode="nearest"))
+        if ceilings:
+            semantic = compressor(real[i:i + args.batch_size])
+            decoded.append(decoder(semantic, (args.size, args.size), batch, decoder_steps, args.decoder_guidance,
+                                   torch.Generator().manual_seed(args.seed + i), sampler=samplers["decoder_sampler"],
+                                   eta=samplers["decoder_eta"]))
+        if stage_a is not None and ceilings:
             reconstructed.append(stage_a.decode(stage_a.encode(real[i:i + args.batch_size])).clamp(0, 1))
     scores = {"n_captions": len(captions)}
     if pipe is not None:
         scores.update(scorer(torch.cat(generated), "generated images"))
-    scores["from_true_latents"] = scorer(torch.cat(decoded), "images decoded from their own latents")
+    if ceilings:
+        scores["from_true_latents"] = scorer(torch.cat(decoded), "images decoded from their own latents")
     if pipe is not None:
         scores["stage_c_latent_retrieval"] = latent_scores(torch.cat(prior_latents), scorer, compressor, args)
-    if stage_a is not None:
+    if previews:
+        scores["previewer"] = scorer(torch.cat(previews), "previews of Stage C's latents")
+    if stage_a is not None and ceilings:
         scores["stage_a_alone"] = scorer(torch.cat(reconstructed), "Stage A reconstructions")
     return {**scores, "gallery_size": len(scorer.gallery_captions), "chance_top5": scorer.chance_top5}
+
+
+@torch.no_grad()
+def evaluate_baseline(args: argparse.Namespace) -> dict:
+    """The baseline LDM's images for each prompt set, scored as the cascade's (same seeds per batch), and Stage A's
+    ceiling unless ``--skip-ceilings``. Its sampler: ``--prior-steps``/``--prior-guidance``/``--prior-sampler``."""
+    steps = args.prior_steps if args.prior_steps is not None else DEFAULT_STEPS
+    guidance = args.prior_guidance if args.prior_guidance is not None else DEFAULT_GUIDANCE
+    samplers = sampler_options(args)
+    pipe = load_baseline_text_to_image(args.baseline_ldm, args.stage_a)
+    report = {"baseline_ldm": shown(args.baseline_ldm), "size": args.size, "steps": steps, "guidance": guidance,
+              **non_default({"sampler": samplers["prior_sampler"], "eta": samplers["prior_eta"]})}
+    for name in args.prompt_sets:
+        scorer = ValScorer(args.data_dir, args.size, args.batch_size, args.limit, args.gallery_limit, name)
+        generated, reconstructed = [], []
+        for i in tqdm(range(0, len(scorer.captions), args.batch_size), desc=f"generating ({name})"):
+            generated.append(pipe(scorer.captions[i:i + args.batch_size], "", args.size, args.size, 1, steps, guidance,
+                                  args.seed + i, False, samplers["prior_sampler"], samplers["prior_eta"]))
+            if not args.skip_ceilings:
+                real = scorer.real[i:i + args.batch_size]
+                reconstructed.append(pipe.stage_a.decode(pipe.stage_a.encode(real)).clamp(0, 1))
+        scores = {"n_captions": len(scorer.captions), **scorer(torch.cat(generated), "generated images")}
+        if reconstructed:
+            scores["stage_a_alone"] = scorer(torch.cat(reconstructed), "Stage A reconstructions")
+        scores.update(gallery_size=len(scorer.gallery_captions), chance_top5=scorer.chance_top5)
+        report.update(scores) if name == "val" else report.update({name: scores})
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from common.errors import run_command
+from stages.baseline_ldm import PRESETS as BASELINE_PRESETS, BaselineLDM
 from stages.stage_a import PRESETS as STAGE_A_PRESETS, StageA
 from stages.stage_b import PRESETS as STAGE_B_PRESETS, StageB
 from stages.stage_c import PRESETS as STAGE_C_PRESETS, StageC
@@ -31,6 +32,8 @@ def parameter_counts() -> dict:
             counts[f"stage_b3/{name}"] = _count(StageB3(name))
         for name in STAGE_C3_PRESETS:
             counts[f"stage_c3/{name}"] = _count(StageC3(name))
+        for name in BASELINE_PRESETS:  # the single-stage baseline LDM (paper Sec. 4)
+            counts[f"baseline_ldm/{name}"] = _count(BaselineLDM(name))
         for backbone in ("efficientnet_v2_s", "efficientnet_lite0"):
             counts[f"semantic_compressor/{backbone}"] = _count(SemanticCompressor(backbone, pretrained=False))
     return counts

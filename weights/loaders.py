@@ -12,6 +12,7 @@ from torch import nn
 
 from common.state_dict import load_into
 from semantic_compressor import SemanticCompressor
+from stages.baseline_ldm import STAGE as BASELINE_LDM_STAGE, BaselineLDM, BaselineLDMConfig
 from stages.cascade_previewer import CascadePreviewer
 from stages.pixel_decoder import (STAGE as PIXEL_DECODER_STAGE, GrownUViT, PixelDecoderConfig, ShallowUViT,
                                   build_pixel_model)
@@ -43,6 +44,11 @@ def load_stage_b(path: str, config: StageBConfig | str | dict | None = None) -> 
 def load_stage_c(path: str, config: StageCConfig | str | dict | None = None) -> StageC:
     """A Stage C from a safetensors export or Lightning checkpoint (config from the file if not given)."""
     return load_model(path, "stage_c", StageC, config)
+
+
+def load_baseline_ldm(path: str, config: BaselineLDMConfig | str | dict | None = None) -> BaselineLDM:
+    """The single-stage baseline LDM from a safetensors export or Lightning checkpoint (config from the file)."""
+    return load_model(path, BASELINE_LDM_STAGE, BaselineLDM, config)
 
 
 def load_pixel_model(path: str, config: PixelDecoderConfig | str | dict | None = None) -> ShallowUViT | GrownUViT:
