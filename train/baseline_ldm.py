@@ -13,8 +13,6 @@ import torch
 from pipeline.baseline_ldm import BaselineTextToImage
 from stages.baseline_ldm import STAGE, BaselineLDM, baseline_ldm_config
 from train.engine import DiffusionTraining, Latents, TextCondition, text_encoder_for
-from weights.checkpoint import fingerprint, resolve_checkpoint
-from weights.loaders import load_stage_a
 
 
 class BaselineLDMTraining(DiffusionTraining):
@@ -34,13 +32,7 @@ class BaselineLDMTraining(DiffusionTraining):
         super().__init__()
         self.save_hyperparameters()
         config = baseline_ldm_config(size)
-        stage_a_path = resolve_checkpoint(stage_a)
-        self.stage_a_path = str(stage_a_path.resolve())  # recorded absolute: loads from any working directory
-        self.stage_a = load_stage_a(str(stage_a_path)).requires_grad_(False)
-        self.stage_a_fingerprint = fingerprint(self.stage_a)
-        if self.stage_a.config.latent_channels != config.c_latent:
-            raise ValueError(f"Stage A at {stage_a_path} has {self.stage_a.config.latent_channels} latent channels; "
-                             f"this baseline LDM expects {config.c_latent} (c_latent)")
+        self.use_stage_a(stage_a, config.c_latent, "baseline LDM")
         self.text_encoder = text_encoder_for(text_encoder, config.c_text, f"baseline LDM size {size!r}")
         self.compressor = None
         self.model = BaselineLDM(config)

@@ -26,7 +26,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from diffusion import CosineSchedule
 from semantic_compressor import SemanticCompressor, normalize_latents
-from weights.loaders import load_compressor
+from weights.loaders import load_compressor, load_stage_a
 from weights.checkpoint import fingerprint, read_metadata, read_weights, resolve_checkpoint, save_safetensors
 from common.state_dict import load_into
 from pipeline.denoisers import denoiser_for
@@ -354,6 +354,17 @@ class DiffusionTraining(StageTraining):
                             sigmoid_bias=self.hparams.get("sigmoid_bias", 0.0))
 
     # -- encoders -------------------------------------------------------------------------------
+    def use_stage_a(self, stage_a: str, c_latent: int, what: str) -> None:
+        """The frozen Stage A whose latents this stage generates (export, ``.ckpt`` or run folder), checked for
+        ``c_latent`` channels; its path is recorded absolute (the export loads from any working directory)."""
+        path = resolve_checkpoint(stage_a)
+        self.stage_a_path = str(path.resolve())
+        self.stage_a = load_stage_a(str(path)).requires_grad_(False)
+        self.stage_a_fingerprint = fingerprint(self.stage_a)
+        if self.stage_a.config.latent_channels != c_latent:
+            raise ValueError(f"Stage A at {path} has {self.stage_a.config.latent_channels} latent channels; "
+                             f"this {what} expects {c_latent} (c_latent)")
+
     def encoder_fingerprints(self) -> dict[str, str]:
         """What a precomputed shard set must have been made with (its manifest's keys)."""
         encoders = (getattr(self, "stage_a", None), self.compressor, self.text_encoder)  # as FINGERPRINTS names them

@@ -23,8 +23,8 @@ from diffusion import AdaptiveLossWeight, CosineSchedule, Denoiser, pyramid_nois
 from semantic_compressor import latent_grid
 from pipeline.cascade_conditioning import build_pooled_text_encoder, split
 from pipeline.cascade import RELEASE, CascadeDecoder, CascadePrior, load_cascade_decoder
-from weights.checkpoint import fingerprint, resolve_checkpoint
-from weights.loaders import load_previewer, load_stage_a
+from weights.checkpoint import fingerprint
+from weights.loaders import load_previewer
 from stages.stable_cascade import StageB3, StageC3, stage_b3_config, stage_c3_config
 from train.engine import DiffusionTraining, Latents, SemanticCondition, TextCondition, compressor_for
 
@@ -156,13 +156,7 @@ class StageB3Training(CascadeTraining):
         self.save_hyperparameters()
         config = stage_b3_config(size)
         self.setup_process(loss_weight)
-        stage_a_path = resolve_checkpoint(stage_a)
-        self.stage_a_path = str(stage_a_path.resolve())
-        self.stage_a = load_stage_a(str(stage_a_path)).requires_grad_(False)
-        self.stage_a_fingerprint = fingerprint(self.stage_a)
-        if self.stage_a.config.latent_channels != config.c_latent:
-            raise ValueError(f"Stage A at {stage_a_path} has {self.stage_a.config.latent_channels} latent channels; "
-                             f"this Stage B expects {config.c_latent}")
+        self.use_stage_a(stage_a, config.c_latent, "Stage B")
         if not isinstance(compressor, str):
             raise ValueError("Stable Cascade's Stage B trains on a frozen compressor: set compressor to a trained "
                              "compressor.safetensors or Stage B run folder")

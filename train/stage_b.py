@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from weights.checkpoint import fingerprint, resolve_checkpoint, save_safetensors
+from weights.checkpoint import fingerprint, save_safetensors
 from pipeline.decoders import SemanticDecoder
-from weights.loaders import load_stage_a
 from stages.stage_b import StageB, stage_b_config
 from train.engine import (DiffusionTraining, Latents, SemanticCondition, TextCondition, compressor_for,
                           text_encoder_for)
@@ -42,13 +41,7 @@ class StageBTraining(DiffusionTraining):
         super().__init__()
         self.save_hyperparameters()
         config = stage_b_config(size)
-        stage_a_path = resolve_checkpoint(stage_a)
-        self.stage_a_path = str(stage_a_path.resolve())  # recorded absolute: loads from any working directory
-        self.stage_a = load_stage_a(str(stage_a_path)).requires_grad_(False)
-        self.stage_a_fingerprint = fingerprint(self.stage_a)
-        if self.stage_a.config.latent_channels != config.c_latent:
-            raise ValueError(f"Stage A at {stage_a_path} has {self.stage_a.config.latent_channels} latent channels; "
-                             f"this Stage B expects {config.c_latent}")
+        self.use_stage_a(stage_a, config.c_latent, "Stage B")
         self.text_encoder = text_encoder_for(text_encoder, config.c_text, f"Stage B size {size!r}")
         self.compressor = compressor_for(compressor, config.c_semantic, "Stage B")
         if cache_latents and self.compressor.trainable == "all":
