@@ -13,6 +13,7 @@ from torch import nn
 from common.state_dict import load_into
 from semantic_compressor import SemanticCompressor
 from stages.cascade_previewer import CascadePreviewer
+from stages.controlnet import STAGE as CONTROLNET_STAGE, ControlNet
 from stages.pixel_decoder import (STAGE as PIXEL_DECODER_STAGE, GrownUViT, PixelDecoderConfig, ShallowUViT,
                                   build_pixel_model)
 from stages.previewer import STAGE as PREVIEWER_STAGE, Previewer
@@ -106,3 +107,8 @@ def load_compressor(path: str | os.PathLike) -> SemanticCompressor:
     state, config = read_weights(path, "semantic_compressor")
     model = SemanticCompressor(**{**(config or {}), "trainable": "none"}, pretrained=False)
     return load_into(model, state, str(path)).eval()
+
+
+def load_controlnet(path: str | os.PathLike) -> ControlNet:
+    """A trained ControlNet (export, ``.ckpt`` or run folder; config from the file), in eval mode."""
+    return load_model(resolve_checkpoint(path), CONTROLNET_STAGE, lambda config: ControlNet(config, pretrained=False))
