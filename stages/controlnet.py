@@ -55,6 +55,7 @@ class ControlNetConfig(DictConfig):
     expand: int = 16384  # bottleneck: first 1x1 conv's width
     width: int = 1024  # bottleneck: residual blocks' width
     res_blocks: int = 8  # bottleneck: residual blocks
+    train_encoder: bool = True  # the release trains it; False keeps the pretrained encoder frozen (and unsaved)
 
     def __post_init__(self):
         if self.control not in CONTROLS:
@@ -68,6 +69,8 @@ class ControlNetConfig(DictConfig):
                              "the bottleneck encoder")
         if self.stage not in STAGE_KINDS:
             raise ValueError(f"stage must be one of {sorted(STAGE_KINDS)}, got {self.stage!r}")
+        if not self.train_encoder and self.encoder == "bottleneck":
+            raise ValueError("the bottleneck encoder has no pretrained weights: it must train (train_encoder: true)")
         if not self.blocks or min(self.blocks) < 0 or len(set(self.blocks)) != len(self.blocks):
             raise ValueError(f"blocks must be distinct block indices >= 0, got {list(self.blocks)}")
 
@@ -77,18 +80,20 @@ class ControlNetConfig(DictConfig):
 
 
 PRESETS: dict[str, ControlNetConfig] = {
-    # the shipped tiny v2 Stage C (width 128, 4 ConvNeXt blocks): features before every block
+    # the shipped tiny v2 Stage C (width 128, 4 ConvNeXt blocks): features before every block; the packaged
+    # ImageNet encoder stays frozen (its features are cached per image on 2 CPU cores; exports hold the rest)
     "tiny": ControlNetConfig(encoder="efficientnet_lite0", stage="stage_c", c_out=128, blocks=(0, 1, 2, 3),
-                             c_hidden=64),
+                             c_hidden=64, train_encoder=False),
     # the tiny v3 Stage C (2 + 2 groups down, 2 + 2 up): the first two and the last two, as the release
     "sc_tiny": ControlNetConfig(encoder="efficientnet_lite0", stage="stage_c3", c_out=128, blocks=(0, 1, 6, 7),
-                                c_hidden=64),
+                                c_hidden=64, train_encoder=False),
     # v2 paper Stage C (16 blocks, width 1280): every fourth block
     "paper": ControlNetConfig(stage="stage_c", c_out=1280, blocks=(0, 4, 8, 12)),
     # the released ControlNets for the 3.6B Stable Cascade Stage C (sc_big)
     "sc_big": ControlNetConfig(),
 }
-TINY_SR = dict(encoder="bottleneck", expand=256, width=64, res_blocks=2, c_features=128)  # the tiny presets' sr
+TINY_SR = dict(encoder="bottleneck", expand=256, width=64, res_blocks=2, c_features=128,
+               train_encoder=True)  # the tiny presets' sr
 
 
 def controlnet_config(size: str | ControlNetConfig | dict, control: str | None = None) -> ControlNetConfig:
@@ -104,6 +109,7 @@ def controlnet_config(size: str | ControlNetConfig | dict, control: str | None =
     elif config.encoder == "bottleneck":
         changes["encoder"] = "efficientnet_lite0" if config.c_out <= 256 else "efficientnet_v2_s"
         changes["c_features"] = FEATURE_CHANNELS
+        changes["train_encoder"] = config.c_out > 256
     return ControlNetConfig.from_dict({**config.to_dict(), **changes})
 
 
@@ -210,6 +216,7 @@ class ControlNet(nn.Module):
                           nn.Conv2d(cfg.c_hidden, cfg.c_out, 1, bias=False)) for _ in cfg.blocks)
         for projection in self.projections:
             nn.init.zeros_(projection[-1].weight)  # training starts at the unchanged Stage C
+        self.backbone.requires_grad_(cfg.train_encoder)
         self.train()
 
     def train(self, mode: bool = True):
@@ -219,33 +226,50 @@ class ControlNet(nn.Module):
             self.backbone.eval()
         return self
 
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """What an export holds: everything, or without the frozen pretrained encoder (``train_encoder``
+        false; rebuilt from its pretrained weights on load, first conv widened again)."""
+        state = self.state_dict()
+        if self.config.train_encoder:
+            return state
+        return {k: v for k, v in state.items() if not k.startswith("backbone.")}
+
     def forward(self, control: torch.Tensor) -> list[torch.Tensor | None]:
+        return self.project(self.encode(control))
+
+    def encode(self, control: torch.Tensor) -> torch.Tensor:
+        """The control encoder's features (B, c_features, h, w)."""
         cfg = self.config
         if control.dim() != 4 or control.shape[1] != cfg.c_in:
             raise ValueError(f"the {cfg.control} ControlNet takes a control of shape (B, {cfg.c_in}, H, W), got "
                              f"{tuple(control.shape)}")
-        features = self.backbone(control.to(self.projections[0][0].weight.dtype))
+        return self.backbone(control.to(self.projections[0][0].weight.dtype))
+
+    def project(self, features: torch.Tensor) -> list[torch.Tensor | None]:
+        """Encoder features -> one entry per ConvNeXt block up to the last chosen one (None elsewhere)."""
+        cfg = self.config
         out: list[torch.Tensor | None] = [None] * (max(cfg.blocks) + 1)
         for index, projection in zip(cfg.blocks, self.projections):
-            out[index] = projection(features)
+            out[index] = projection(features.to(projection[0].weight.dtype))
         return out
 
 
 class ControlledStageC(nn.Module):
     """A frozen Stage C steered by a ControlNet, called as Stage C is plus the control last:
     ``(x, r, *conditions, control)`` -> Stage C's head. ``checkpointing``: Stage C's activations are
-    recomputed in the backward pass (only the ControlNet trains; its gradients flow through Stage C)."""
+    recomputed in the backward pass (only the ControlNet trains; its gradients flow through Stage C).
+    ``encoded``: the control given is already the encoder's features (a frozen encoder's, cached)."""
 
-    def __init__(self, stage_c: nn.Module, controlnet: ControlNet, checkpointing: bool = False):
+    def __init__(self, stage_c: nn.Module, controlnet: ControlNet, checkpointing: bool = False,
+                 encoded: bool = False):
         super().__init__()
         check_fits(controlnet.config, stage_c)
-        self.stage_c, self.controlnet, self.checkpointing = stage_c, controlnet, checkpointing
+        self.stage_c, self.controlnet, self.checkpointing, self.encoded = stage_c, controlnet, checkpointing, encoded
         self.config = stage_c.config
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, *conditions):
         *conditions, control = conditions
-        features = self.controlnet(control)
+        features = self.controlnet.project(control) if self.encoded else self.controlnet(control)
         if self.checkpointing and torch.is_grad_enabled():
-            return checkpoint(self.stage_c, x, r, *conditions, control=features,
-                                                     use_reentrant=False)
+            return checkpoint(self.stage_c, x, r, *conditions, control=features, use_reentrant=False)
         return self.stage_c(x, r, *conditions, control=features)
