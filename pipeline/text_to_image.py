@@ -152,6 +152,11 @@ class TextToImage(nn.Module):
         self.control = control
         self.controlnet = None if control is None else control.controlnet
 
+    def attach_control(self, control: Control) -> TextToImage:
+        """Steer Stage C with ``control`` (``pipeline.controlnet.load_control``), moved to Stage C's device."""
+        self.control, self.controlnet = control, control.controlnet.to(next(self.prior.model.parameters()).device)
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype Stage C runs in (``load_text_to_image(..., dtype=)``; float32 by default)."""
