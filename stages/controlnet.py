@@ -169,8 +169,9 @@ def efficientnet_v2_s_features(c_in: int, pretrained: bool, weights: str | os.Pa
     except Exception as e:
         if not fetch:
             raise
-        raise RuntimeError(f"could not get torchvision's EfficientNetV2-S weights ({type(e).__name__}: {e}); offline, "
-                           "pass weights='path/to/efficientnet_v2_s.pth' or pretrained=False (random, for tests)") from e
+        raise RuntimeError(f"could not get torchvision's EfficientNetV2-S weights ({type(e).__name__}: {e}); "
+                           "offline, pass weights='path/to/efficientnet_v2_s.pth' or pretrained=False (random, for "
+                           "tests)") from e
     if weights is not None:
         net.load_state_dict({k: v for k, v in read_state_dict(weights).items() if not k.startswith("classifier.")},
                             strict=False)
