@@ -11,9 +11,10 @@ import torchvision
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from imagedata.filters import canny, check_mask, inpaint_control, random_masks
-from pipeline.controlnet import Control, as_edge_map, load_control
+from imagedata.filters import canny, check_mask, downscale, inpaint_control, random_masks
+from pipeline.controlnet import Control, as_edge_map, control_of, load_control
 from sample.__main__ import main as sample_main
+from semantic_compressor import SemanticCompressor
 from stages.controlnet import ControlledStageC, ControlNet, controlnet_config
 from stages.stable_cascade import StageC3
 from stages.stage_c import StageC
@@ -286,3 +287,14 @@ def test_cli_training_few_steps(tiny_bundle, openmoji_dir, tmp_path):
     assert "val/loss" in (run / "metrics.csv").read_text()
     controlnet = load_controlnet(run)
     assert controlnet.config.c_out == 32 and not controlnet.training
+
+
+def test_sr_control_is_the_compressors_latents_of_the_half_size_image_upsampled():
+    compressor = SemanticCompressor(pretrained=False, trainable="none").eval()
+    images = torch.rand(2, 3, 128, 128)
+    control = control_of("sr", images, compressor=compressor)
+    half = compressor(downscale(images))
+    assert control.shape == (2, 16, 2 * half.shape[-2], 2 * half.shape[-1])
+    assert torch.allclose(control[..., ::2, ::2], half)
+    features = ControlNet(controlnet_config(TINY_CN, "sr"), pretrained=False)(control)
+    assert features[0].shape[:2] == (2, 32)
