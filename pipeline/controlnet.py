@@ -113,6 +113,12 @@ class Control:
         return [None if f is None else f * scale for f in features]
 
 
+def controlnet_kind(path: str | os.PathLike) -> str | None:
+    """The control a ControlNet export or Lightning checkpoint was made for (canny, inpaint, sr), from its header."""
+    meta = read_metadata(path)
+    return (meta.get("config") or meta.get("model_config") or {}).get("control")
+
+
 def load_control(path: str | os.PathLike, stage_c: torch.nn.Module, stage_c_path: str | os.PathLike,
                  compressor: SemanticCompressor | None = None) -> Control:
     """A trained ControlNet for ``stage_c`` (loaded from ``stage_c_path``, adapters allowed), refused in one

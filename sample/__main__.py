@@ -51,7 +51,7 @@ from weights.loaders import load_any_previewer
 from pipeline.text_encoder import check_prompts
 from common.errors import run_command
 from imagedata.filters import check_mask
-from pipeline.controlnet import load_control
+from pipeline.controlnet import controlnet_kind, load_control
 from stages.controlnet import CONTROLS
 from weights.lora import check_loras, parse_lora
 
@@ -339,7 +339,7 @@ def check_control(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor 
     if args.mask is not None:
         mask = check_mask(inputs.load_image(args.mask, "--mask").mean(1, keepdim=True), what=f"--mask {args.mask}")
     path = resolve_checkpoint(controlnet_path(args))
-    kind = (read_metadata(path).get("config") or {}).get("control")
+    kind = controlnet_kind(path)
     if kind != args.control:
         raise ValueError(f"{path} is a {kind} ControlNet, but --control asks for {args.control}; pass a ControlNet "
                          f"trained for {args.control} (--controlnet)")

@@ -24,11 +24,13 @@ from common.cli import check_output, emit, positive_int
 from common.errors import run_command
 from imagedata.filters import canny, random_masks
 from pipeline.cascade import load_cascade_text_to_image
-from pipeline.controlnet import load_control
+from pipeline.controlnet import controlnet_kind, load_control
 from pipeline.text_to_image import load_text_to_image
 from sample.__main__ import SHIPPED, is_cascade
-from sample.evaluate import ValScorer, features, top5_hits
-from weights.checkpoint import read_metadata, resolve_checkpoint
+from common.metrics import InceptionFeatures
+from imagedata.embedded import openmoji_split
+from sample.evaluate import features, gallery, top5_hits
+from weights.checkpoint import resolve_checkpoint
 
 
 def edge_scores(generated: torch.Tensor, control: torch.Tensor, tolerance: int) -> dict[str, float]:
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stage-c", default=str(SHIPPED / "stage_c.safetensors"))
     ap.add_argument("--stage-b", default=str(SHIPPED / "stage_b.safetensors"))
     ap.add_argument("--data-dir", default="data/openmoji", help="the embedded set (its gallery cache is reused)")
-    ap.add_argument("--limit", type=positive_int, default=None, help="the first N val images (default all 185)")
+    ap.add_argument("--limit", type=positive_int, default=None,
+                    help="N val images evenly spaced over the split (default all 185; the split is ordered by category)")
     ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--prior-steps", type=positive_int, default=20)
     ap.add_argument("--decoder-steps", type=positive_int, default=12)
@@ -69,15 +72,20 @@ def main(argv: list[str] | None = None) -> dict:
         check_output(args.out, (".json",), False)
     tolerances = [int(t) for t in args.tolerances.split(",")]
     path = resolve_checkpoint(args.controlnet)
-    kind = (read_metadata(path).get("config") or {}).get("control")
+    kind = controlnet_kind(path)
     if kind not in ("canny", "inpaint"):
         raise ValueError(f"{path} is a {kind} ControlNet; this evaluation scores canny and inpaint ControlNets")
     load = load_cascade_text_to_image if is_cascade(args.stage_c) else load_text_to_image
     pipe = load(args.stage_c, args.stage_b)
     pipe.attach_control(load_control(path, pipe.prior.model, args.stage_c))
-    scorer = ValScorer(args.data_dir, 128, args.batch_size, args.limit)
-    real, captions = scorer.real, scorer.captions
-    prompts = captions if kind == "canny" else scorer.shuffled
+    samples = openmoji_split(args.data_dir, "val", 128)
+    keep = torch.linspace(0, len(samples) - 1, min(args.limit or len(samples), len(samples))).round().long().tolist()
+    real = torch.stack([samples[i]["image"] for i in keep])
+    captions = [samples[i]["caption"] for i in keep]
+    net = InceptionFeatures()
+    gallery_feats, gallery_captions = gallery(args.data_dir, net, 128, args.batch_size)
+    shuffled = captions[1:] + captions[:1]  # image i with the next image's caption: never its own
+    prompts = captions if kind == "canny" else shuffled
     masks = random_masks(len(real), 128, 128, torch.Generator().manual_seed(args.seed), outpaint_prob=0.0)
     outputs = {"with": [], "without": []}
     for i in tqdm(range(0, len(real), args.batch_size), desc=f"sampling with and without the {kind} ControlNet"):
@@ -89,12 +97,12 @@ def main(argv: list[str] | None = None) -> dict:
                                       seed=args.seed + i, progress=False, limits=None, control_image=images,
                                       mask=mask, control_scale=scale))
     generated = {name: torch.cat(parts) for name, parts in outputs.items()}
-    report = {"controlnet": str(path), "control": kind, "stage_c": args.stage_c, "images": len(real),
+    report = {"controlnet": str(path), "control": kind, "stage_c": args.stage_c, "val_images": keep,
               "prior_steps": args.prior_steps, "decoder_steps": args.decoder_steps, "guidance": args.guidance,
-              "seed": args.seed, "chance_top5": scorer.chance_top5}
+              "seed": args.seed, "chance_top5": round(5 / len(gallery_captions), 4)}
     for name, images in generated.items():
-        feats = features(scorer.net, images, args.batch_size, f"Inception features ({name})")
-        top5 = lambda targets: round(top5_hits(feats, scorer.gallery_feats, scorer.gallery_captions, targets), 4)  # noqa: E731
+        feats = features(net, images, args.batch_size, f"Inception features ({name})")
+        top5 = lambda targets: round(top5_hits(feats, gallery_feats, gallery_captions, targets), 4)  # noqa: E731
         if kind == "canny":
             control, edges = canny(real), canny(images)
             scores = {f"edges_tolerance_{t}px": edge_scores(edges, control, t) for t in tolerances}
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             scores = {"psnr_outside_mask_db": psnr(images, real, 1 - masks),
                       "psnr_inside_mask_db": psnr(images, real, masks),
-                      "top5_retrieval_prompt_caption": top5(scorer.shuffled),
+                      "top5_retrieval_prompt_caption": top5(shuffled),
                       "top5_retrieval_source_caption": top5(captions)}
         report[f"{name}_controlnet"] = scores
     emit(report, args.out)
