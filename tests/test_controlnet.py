@@ -241,6 +241,10 @@ def test_sampler_control_flags(tiny_bundle, tmp_path):
     as_array = lambda p: torch.from_numpy(np.array(Image.open(p)))  # noqa: E731
     assert torch.equal(as_array(zero), as_array(plain))  # scale 0 is Stage C alone
     assert not torch.equal(as_array(out), as_array(plain))
+    composed = tmp_path / "img2img.png"  # with img2img: the photo's latents noised to t = 0.5, then steered
+    sample_main(["a square", *common, "--image", str(edges), "--strength", "0.5", "--out", str(composed)])
+    with Image.open(composed) as im:
+        assert im.size == (64, 64) and "--strength 0.5" in im.text["command"]
 
 
 def test_sampler_control_refusals(tiny_bundle, tmp_path, capsys):
