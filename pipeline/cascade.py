@@ -76,10 +76,11 @@ class CascadePrior:
     def sample(self, prompts: list[str], negative: list[str], grid: tuple[int, int], steps: int | str | list[float],
                guidance: float, generator: torch.Generator, progress: bool = True, sampler: str = "ddpm",
                eta: float | None = None, init: torch.Tensor | None = None,
-               strength: float | None = None, callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+               strength: float | None = None, callback: Callable[[dict], None] | None = None,
+               control: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """Compressor latents (B, 16, *grid), float32. ``init`` (compressor latents) with ``strength``: img2img,
         the latents noised to t = strength and denoised from there (no normalisation in v3). ``callback``
-        as ``pipeline.text_to_image.Prior.sample``'s."""
+        and ``control`` (ControlNet features, both guidance branches) as ``pipeline.text_to_image.Prior.sample``'s."""
         b, device = len(prompts), next(self.model.parameters()).device
         text, pooled = _texts(self.text_encoder, prompts, b)
         uncond_text, uncond_pooled = _texts(self.text_encoder, negative, b)
@@ -89,8 +90,9 @@ class CascadePrior:
             given = self.image_embeds
             image = zeros if given is None else given.to(device).expand(b, *given.shape[1:])
             uncond_image = torch.zeros_like(image)
-        conditions = (text, pooled) + ((image,) if image is not None else ())
-        unconditional = (uncond_text, uncond_pooled) + ((uncond_image,) if image is not None else ())
+        extra = () if control is None else (control,)
+        conditions = (text, pooled, image if image is not None else None) + extra
+        unconditional = (uncond_text, uncond_pooled, uncond_image if image is not None else None) + extra
         guided = Guided(self.denoiser, conditions, unconditional, guidance, self.rescale)
         noise = torch.randn((b, self.model.config.c_latent, *grid), generator=generator,
                             device=generator.device).to(device)

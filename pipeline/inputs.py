@@ -152,22 +152,23 @@ def check_half(tensor: torch.Tensor, what: str, precision: torch.dtype) -> torch
     return check_finite(tensor, what, fix)
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file (png, jpg, webp, ...; any mode, alpha composited on white) as ``(1, 3, H, W)`` in [0, 1]."""
+def load_image(path: str | os.PathLike, flag: str = "--image") -> torch.Tensor:
+    """An image file (png, jpg, webp, ...; any mode, alpha composited on white) as ``(1, 3, H, W)`` in [0, 1];
+    errors name it as ``flag``."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"--image {path} is a folder; give an image file (png, jpg, webp)")
+        raise IsADirectoryError(f"{flag} {path} is a folder; give an image file (png, jpg, webp)")
     if not path.is_file():
-        raise FileNotFoundError(f"--image {path} not found; give an image file (png, jpg, webp)")
+        raise FileNotFoundError(f"{flag} {path} not found; give an image file (png, jpg, webp)")
     try:
         with Image.open(path) as im:
             im.load()
             rgb = to_rgb(im)
     except Image.DecompressionBombError:
-        raise ValueError(f"--image {path} declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels, PIL's limit against "
+        raise ValueError(f"{flag} {path} declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels, PIL's limit against "
                          "decompression bombs; give a smaller image (resize it first)") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"--image {path} is not a readable image ({type(e).__name__}); give a png, jpg or "
+        raise ValueError(f"{flag} {path} is not a readable image ({type(e).__name__}); give a png, jpg or "
                          "webp file") from None
     return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)[None].float() / 255.0
 

@@ -31,10 +31,12 @@ from common.files import write_together
 from pipeline import inputs
 from weights.lora import check_loras, load_loras
 from common.checks import check_images
+from imagedata.filters import check_mask
 from pipeline.inputs import Limits, check_finite, check_half, check_image_request, check_request
 from stages.stage_c import StageC
 from pipeline.text_encoder import TextEncoder, build_text_encoder, check_prompts
 from pipeline.decoders import load_semantic_decoder, load_pixel_decoder
+from pipeline.controlnet import Control
 
 
 @dataclass
@@ -65,9 +67,13 @@ class Prior:
     def sample(self, prompts: list[str], negative: list[str], grid: tuple[int, int], steps: int | str | list[float],
                guidance: float, generator: torch.Generator, progress: bool = True, sampler: str = "ddpm",
                eta: float | None = None, init: torch.Tensor | None = None,
-               strength: float | None = None, callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+               strength: float | None = None, callback: Callable[[dict], None] | None = None,
+               control: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """Raw semantic latents (B, 16, *grid) for the prompts, ready for a decoder (float32, whatever
         the model's dtype: the sampler's state stays in float32).
+
+        ``control``: a ControlNet's features (``pipeline.controlnet.Control.features``), given to both
+        guidance branches.
 
         ``init`` (raw compressor latents, B x 16 x grid) and ``strength`` s in (0, 1]: img2img in the
         semantic space (SDEdit, Meng et al. 2022). The latents are normalised as Stage C's training
@@ -78,7 +84,8 @@ class Prior:
         ``"stage": "Stage C"`` and ``"semantic"``, the raw latents of the step's prediction ``x0`` (what a
         decoder or the previewer takes).
         """
-        guided = Guided(self.denoiser, self.conditions(prompts), self.conditions(negative), guidance)
+        extra = () if control is None else (control,)
+        guided = Guided(self.denoiser, self.conditions(prompts) + extra, self.conditions(negative) + extra, guidance)
         device = next(self.model.parameters()).device
         noise = torch.randn((len(prompts), self.model.config.c_latent, *grid), generator=generator,
                             device=generator.device).to(device)
@@ -133,13 +140,22 @@ class TextToImage(nn.Module):
     """The composable sampler: prompts (and optionally an image) -> images ``(B, 3, H, W)`` in [0, 1].
 
     ``compressor``: the semantic compressor Stage C and the decoder were trained on (paper Sec. 3.2);
-    needed only for image variations and img2img (``variations``, ``forward(image=...)``).
+    needed only for image variations and img2img (``variations``, ``forward(image=...)``). ``control``: a
+    ControlNet on Stage C (``pipeline.controlnet.load_control``), used by ``forward(control_image=...)``.
     """
 
-    def __init__(self, prior: Prior, decoder: nn.Module, compressor: SemanticCompressor | None = None):
+    def __init__(self, prior: Prior, decoder: nn.Module, compressor: SemanticCompressor | None = None,
+                 control: Control | None = None):
         super().__init__()
         self.prior, self.decoder, self.compressor = prior, decoder, compressor
         self.model, self.text_encoder = prior.model, prior.text_encoder  # registered: .to(device) moves them
+        self.control = control
+        self.controlnet = None if control is None else control.controlnet
+
+    def attach_control(self, control: Control) -> TextToImage:
+        """Steer Stage C with ``control`` (``pipeline.controlnet.load_control``), moved to Stage C's device."""
+        self.control, self.controlnet = control, control.controlnet.to(next(self.prior.model.parameters()).device)
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -153,7 +169,9 @@ class TextToImage(nn.Module):
                 seed: int = 0, progress: bool = True, return_latents: bool = False, prior_sampler: str = "ddpm",
                 decoder_sampler: str = "ddpm", prior_eta: float | None = None, decoder_eta: float | None = None,
                 limits: Limits | None = Limits(), image: torch.Tensor | None = None, strength: float | None = None,
-                callback: Callable[[dict], None] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                callback: Callable[[dict], None] | None = None, control_image: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, control_scale: float = 1.0,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images for every prompt, ``images_per_prompt`` each (prompt-major order).
 
         The same arguments and seed give the same images. H and W (default 128, or the image's size)
@@ -171,8 +189,28 @@ class TextToImage(nn.Module):
         (0, 1] (default 0.6): img2img. The image's compressor latents are noised to t = s and Stage C
         continues from there with the prompts (``Prior.sample``); it runs ``round(prior_steps * s)``
         of a step count. The image is resized to the output size first.
+
+        ``control_image`` (1, 3, H, W) in [0, 1] (with ``mask`` (1, 1, H, W) of 0s and 1s, 1 = repaint, for
+        inpainting): steers Stage C through the pipeline's ControlNet (``control``), its features times
+        ``control_scale``; the output size defaults to the control image's (twice it for sr).
         """
         check_sampler(prior_sampler, prior_eta), check_sampler(decoder_sampler, decoder_eta)
+        if (control_image is not None or mask is not None) and self.control is None:
+            raise ValueError("a control image needs a ControlNet: load one with pipeline.controlnet.load_control "
+                             "(CLI: --control KIND --controlnet PATH)")
+        if self.control is not None and control_image is None:
+            raise ValueError(f"this pipeline has a {self.control.kind} ControlNet: pass its control image (CLI: "
+                             "--control-image)")
+        if self.control is not None:
+            check_images(control_image, "the control image")
+            if self.control.kind == "inpaint" and mask is None:
+                raise ValueError("the inpaint ControlNet needs a mask (white: repaint, black: keep; CLI: --mask)")
+            if mask is not None:
+                check_mask(mask)  # a mask that is not binary fails before any work
+            if not math.isfinite(control_scale):
+                raise ValueError(f"the control scale must be a finite number, got {control_scale}")
+            if height is None and width is None and image is None:
+                height, width = self.control.default_size(control_image)
         if image is None and strength is not None:
             raise ValueError("strength applies to img2img only; pass image= (CLI: --image) or drop strength")
         if image is not None:
@@ -196,10 +234,12 @@ class TextToImage(nn.Module):
         if image is not None:
             init = self.encode(image, (h, w))
             init = init.expand(len(prompts), *init.shape[1:]).repeat_interleave(images_per_prompt, 0)
+        control = None if self.control is None else self.control.features(control_image, mask, (h, w),
+                                                                           control_scale)
         generator = torch.Generator().manual_seed(seed)
         semantic = self.prior.sample(batch, negatives, self.prior.grid(h, w), prior_steps, prior_guidance, generator,
                                      progress, prior_sampler, prior_eta, init=init, strength=strength,
-                                     callback=callback)
+                                     callback=callback, control=control)
         if self.dtype != torch.float32:
             check_half(semantic, "Stage C's latents", self.dtype)
         images = self.decoder(semantic, (h, w), batch, decoder_steps, decoder_guidance, generator,

@@ -17,6 +17,11 @@ recognised: ``--stage-c`` and ``--stage-b`` then run the v3 chain with the relea
 U-Net on Stage A's latents, decoded by Stage A; ``--prior-steps``, ``--prior-guidance`` and ``--prior-sampler``
 set its sampler, as they set Stage C's).
 
+``--control canny|inpaint|sr --control-image PATH`` steers Stage C with a ControlNet (``--controlnet``, trained
+with ``configs/controlnet/``): canny takes a photo (its edges are drawn) or an edge map (white on black), inpaint
+a photo and ``--mask`` (white: repaint, black: keep), sr a low-resolution image (the output is twice its size);
+``--control-scale`` multiplies its features. It composes with ``--image``/``--strength`` and ``--lora``.
+
 ``--lora PATH[:SCALE]`` (repeatable) adds LoRA adapters (``weights.lora``) to the stage each was trained
 for. ``--preview`` renders Stage C's latents with the previewer (``stages.previewer``) instead of a
 decoder: a coarse image at 8x the latent grid, no Stage B.
@@ -50,6 +55,9 @@ from pipeline.cascade import RELEASE, load_cascade_prior, load_cascade_text_to_i
 from weights.loaders import load_any_previewer
 from pipeline.text_encoder import check_prompts
 from common.errors import run_command
+from imagedata.filters import check_mask
+from pipeline.controlnet import controlnet_kind, load_control
+from stages.controlnet import CONTROLS
 from weights.lora import check_loras, parse_lora
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
@@ -157,6 +165,19 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="a LoRA adapter.safetensors (Stage C or Stage B, python -m train ... tiny_lora.yaml) with "
                          "its scale (default 1); repeatable")
+    control = ap.add_argument_group("ControlNet", "steer Stage C with a control image (pipeline.controlnet)")
+    control.add_argument("--control", choices=tuple(CONTROLS), default=None,
+                         help="the control: canny edges, inpaint (with --mask) or sr (2x super-resolution)")
+    control.add_argument("--control-image", type=Path, default=None,
+                         help="canny: a photo or an edge map (white edges on black); inpaint: the photo; sr: the "
+                              "low-resolution image. Resized to the output size (sr: half of it) with a note")
+    control.add_argument("--controlnet", default=None,
+                         help="the ControlNet export or run folder (default: checkpoints/tiny/controlnet_<control>"
+                              ".safetensors)")
+    control.add_argument("--control-scale", type=checked(inputs.guidance, float, "a number"), default=None,
+                         help="multiplies the ControlNet's features (default 1; 0 = no control)")
+    control.add_argument("--mask", type=Path, default=None,
+                         help="inpaint: a black-and-white image, white where the image is repainted")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     add_sampler_arguments(ap)
@@ -178,6 +199,16 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
                                           or args.decoder == "pixel"):
         ap.error("--baseline-ldm samples from prompts alone, without Stage C or a decoder; drop --image, --preview, "
                  "--lora and --decoder")
+    if args.baseline_ldm is not None and args.control is not None:
+        ap.error("--baseline-ldm has no Stage C to steer: drop --control")
+    if (args.control is None) != (args.control_image is None):
+        ap.error("--control and --control-image go together: name the control (canny, inpaint, sr) and its image")
+    if args.control is None and (args.controlnet or args.control_scale is not None or args.mask is not None):
+        ap.error("--controlnet, --control-scale and --mask apply with --control")
+    if (args.mask is not None) != (args.control == "inpaint"):
+        ap.error("--control inpaint takes --mask (white: repaint, black: keep), and only it")
+    if args.control is not None and (not args.prompts or args.preview is not None):
+        ap.error("--control steers Stage C for a prompt: give a prompt, and drop --preview")
     if args.strength is not None and (args.image is None or not args.prompts):
         ap.error("--strength applies to img2img: give --image and a prompt (variations of an image take no "
                  "--strength)")
@@ -305,8 +336,37 @@ def _sample(args: argparse.Namespace):
         return _baseline(args, samplers)
     if args.preview is not None:
         return _preview(args, samplers, loras)
-    pipe = load_pipeline(args, loras, find_compressor(args) if image is not None else None)
-    return render(args, pipe, samplers, image)
+    control_inputs = check_control(args)
+    needs_compressor = image is not None or args.control == "sr"
+    pipe = load_pipeline(args, loras, find_compressor(args) if needs_compressor else None)
+    if args.control is not None:
+        pipe.attach_control(load_control(controlnet_path(args), pipe.prior.model, args.stage_c, pipe.compressor))
+    return render(args, pipe, samplers, image, control=control_inputs)
+
+
+def controlnet_path(args: argparse.Namespace) -> Path:
+    path = Path(args.controlnet) if args.controlnet else SHIPPED / f"controlnet_{args.control}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"no ControlNet at {path}; train one with python -m train fit --config "
+                                f"configs/controlnet/tiny_{args.control}.yaml and pass --controlnet "
+                                f"runs/controlnet/tiny_{args.control}")
+    return path
+
+
+def check_control(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``--control-image`` and ``--mask`` read and checked (a mask must be black and white) before any model loads."""
+    if args.control is None:
+        return None
+    image = inputs.load_image(args.control_image, "--control-image")
+    mask = None
+    if args.mask is not None:
+        mask = check_mask(inputs.load_image(args.mask, "--mask").mean(1, keepdim=True), what=f"--mask {args.mask}")
+    path = resolve_checkpoint(controlnet_path(args))
+    kind = controlnet_kind(path)
+    if kind != args.control:
+        raise ValueError(f"{path} is a {kind} ControlNet, but --control asks for {args.control}; pass a ControlNet "
+                         f"trained for {args.control} (--controlnet)")
+    return image, mask
 
 
 def check_request(args: argparse.Namespace) -> tuple[dict, list[tuple[Path, float]], torch.Tensor | None]:
@@ -336,11 +396,13 @@ def load_pipeline(args: argparse.Namespace, loras: list[tuple[Path, float]], com
 
 
 def render(args: argparse.Namespace, pipe, samplers: dict, image: torch.Tensor | None,
-           callback: Callable[[dict], None] | None = None, command_out: str | os.PathLike | None = None):
+           callback: Callable[[dict], None] | None = None, command_out: str | os.PathLike | None = None,
+           control: tuple[torch.Tensor, torch.Tensor | None] | None = None):
     """The request's images from a loaded pipeline, written to ``--out`` with their settings: (paths, images).
 
     ``callback`` sees every sampler step (``TextToImage.forward``); ``command_out``: the ``--out`` of the
-    embedded command (default ``--out`` itself).
+    embedded command (default ``--out`` itself); ``control``: the control image and mask (``check_control``)
+    for the pipeline's ControlNet.
     """
     steps = args.decoder_steps if args.decoder_steps is not None else pipe.decoder.default_steps
     limits = None if args.no_limits else inputs.Limits(seconds=args.max_minutes * 60)
@@ -353,7 +415,10 @@ def render(args: argparse.Namespace, pipe, samplers: dict, image: torch.Tensor |
                            text=text), images
     images = pipe(args.prompts, args.negative, args.height, args.width, args.n, args.prior_steps,
                   steps, args.prior_guidance, args.decoder_guidance, args.seed, not args.quiet, limits=limits,
-                  image=image, strength=args.strength, callback=callback, **samplers)
+                  image=image, strength=args.strength, callback=callback, **samplers,
+                  **({} if control is None else {"control_image": control[0], "mask": control[1],
+                                                 "control_scale": 1.0 if args.control_scale is None else
+                                                 args.control_scale}))
     # a row per prompt for several images each; otherwise as square a grid as the images make
     nrow = args.n if len(args.prompts) > 1 and args.n > 1 else math.ceil(len(images) ** 0.5)
     return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite, text=text), images

@@ -9,7 +9,7 @@ compressor); requests wait in Gradio's queue and run one at a time. While Stage 
 previewer (``stages.previewer``) renders its prediction of the clean latents every few steps; each
 stage has a progress bar; Cancel stops the work at the next sampler step.
 
-Not here yet: a ControlNet input (the project has no ControlNet).
+Not here yet: a ControlNet input (``python -m sample --control`` has one).
 """
 import argparse
 import html

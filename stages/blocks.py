@@ -19,6 +19,29 @@ class LayerNorm2d(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def add_control(h: torch.Tensor, control, index: int) -> torch.Tensor:
+    """``h`` plus a ControlNet's features for the ``index``-th ConvNeXt block (None where it has none), resized
+    bilinearly (corners aligned) to ``h``'s grid, as before each chosen block of StableCascade's
+    ``modules/stage_c.py``. Adding the zeros of an untrained ControlNet leaves ``h`` unchanged bit for bit."""
+    if control is None or index >= len(control) or control[index] is None:
+        return h
+    c = control[index]
+    if c.dim() != 4 or c.shape[1] != h.shape[1] or c.shape[0] not in (1, h.shape[0]):
+        raise ValueError(f"ControlNet features for block {index} are {tuple(c.shape)}; this Stage C needs "
+                         f"({h.shape[0]} or 1, {h.shape[1]}, h, w): the ControlNet was made for a Stage C of width "
+                         f"{c.shape[1] if c.dim() == 4 else '?'}, this one has {h.shape[1]}")
+    if c.shape[-2:] != h.shape[-2:]:
+        c = F.interpolate(c.float(), size=h.shape[-2:], mode="bilinear", align_corners=True)
+    return h + c.to(h.dtype)
+
+
+def check_control(control, blocks: int) -> None:
+    """Refuse ControlNet features meant for more ConvNeXt blocks than a Stage C has."""
+    if control is not None and len(control) > blocks:
+        raise ValueError(f"the ControlNet injects before ConvNeXt block {len(control) - 1}, but this Stage C has "
+                         f"{blocks} ConvNeXt blocks; use a ControlNet made for this Stage C")
+
+
 class GlobalResponseNorm(nn.Module):
     """GRN of ConvNeXt-V2 on channels-last ``(B, H, W, C)`` tensors."""
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from stages.blocks import AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, timestep_embedding
+from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, add_control, check_control,
+                           timestep_embedding)
 from common.config import DictConfig
 
 # checkpoint stage names of each version, and how errors name them
@@ -234,11 +235,27 @@ class CascadeUNet(nn.Module):
             embedding = embedding[:, None]
         return mapper(embedding).view(embedding.shape[0], embedding.shape[1] * self.config.c_seq, -1)
 
-    def run(self, h: torch.Tensor, r_embed: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The down and up paths from the embedded input ``h`` to the head's output."""
+    @property
+    def convnext_calls(self) -> int:
+        """ConvNeXt block calls of one forward pass, repeats included: the injection points a ControlNet
+        counts (StableCascade ``modules/stage_c.py``)."""
+        cfg = self.config
+        return sum(b * r for b, r in zip(cfg.blocks_down, cfg.repeats_down)) + \
+            sum(b * r for b, r in zip(cfg.blocks_up, cfg.repeats_up))
+
+    def run(self, h: torch.Tensor, r_embed: torch.Tensor, cond: torch.Tensor,
+            control: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """The down and up paths from the embedded input ``h`` to the head's output; ``control``: ControlNet
+        features added before the ConvNeXt block calls they are listed for (``add_control``)."""
         recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        check_control(control, self.convnext_calls)
+        calls = 0
 
         def call(block: nn.Module, h: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+            nonlocal calls
+            if isinstance(block, ConvNeXtBlock):
+                h = add_control(h, control, calls)
+                calls += 1
             extra = ((skip,) if isinstance(block, ConvNeXtBlock) else (r_embed,) if isinstance(block, TimestepBlock)
                      else (cond,) if isinstance(block, AttentionBlock) else ())
             return checkpoint(block, h, *extra, use_reentrant=False) if recompute else block(h, *extra)
@@ -314,12 +331,14 @@ class StageC3(CascadeUNet):
         return self.cond_norm(torch.cat(tokens, dim=1))
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, text: torch.Tensor | None, pooled: torch.Tensor,
-                image: torch.Tensor | None = None, **time_conditions: torch.Tensor | None) -> torch.Tensor:
+                image: torch.Tensor | None = None, control: list[torch.Tensor | None] | None = None,
+                **time_conditions: torch.Tensor | None) -> torch.Tensor:
+        """``control``: a ControlNet's features (``stages.controlnet``), one entry (or None) per ConvNeXt block call."""
         self._check_input(x, "compressor latents")
         self._check_pooled(pooled, x.shape[0])
         cond = self.conditions(text, pooled.to(x.dtype), None if image is None else image.to(x.dtype))
         r_embed = self.time_embedding(r, time_conditions).to(x.dtype)
-        return self.run(self.embedding(x), r_embed, cond)
+        return self.run(self.embedding(x), r_embed, cond, control)
 
 
 class StageB3(CascadeUNet):

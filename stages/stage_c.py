@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, scale_residual_branches,
-                           timestep_embedding)
+from stages.blocks import (AttentionBlock, ConvNeXtBlock, LayerNorm2d, TimestepBlock, add_control, check_control,
+                           scale_residual_branches, timestep_embedding)
 from common.config import DictConfig
 
 
@@ -72,8 +72,12 @@ class StageC(nn.Module):
         nn.init.zeros_(self.head[1].weight)
         scale_residual_branches(self.blocks, self.config.depth)
 
-    def forward(self, x: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, r: torch.Tensor, text: torch.Tensor,
+                control: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``control``: a ControlNet's features (``stages.controlnet``), one entry (or None) per ConvNeXt block,
+        added before that block."""
         cfg = self.config
+        check_control(control, cfg.depth)
         if x.dim() != 4 or x.shape[1] != cfg.c_latent:
             raise ValueError(f"Stage C expects semantic latents (B, {cfg.c_latent}, h, w), got {tuple(x.shape)}")
         if text is None or text.dim() != 3 or text.shape[-1] != cfg.c_text:
@@ -84,7 +88,9 @@ class StageC(nn.Module):
         cond = self.text_mapper(text)
         h = self.projection(x)
         recompute = cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if isinstance(block, ConvNeXtBlock):
+                h = add_control(h, control, i // 3)
             extra = (cond,) if isinstance(block, AttentionBlock) else (r_embed,) if isinstance(block, TimestepBlock) else ()
             h = checkpoint(block, h, *extra, use_reentrant=False) if recompute else block(h, *extra)
         a, b = self.head(h).chunk(2, dim=1)

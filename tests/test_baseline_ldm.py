@@ -9,6 +9,7 @@ from sample.__main__ import main as sample_main
 from sample.evaluate import main as evaluate_main
 from stages.baseline_ldm import BaselineLDM, baseline_ldm_config
 from stages.stage_a import StageA
+from tests.bad_input.conftest import assert_error, run_main
 from train.cli import main as cli_main
 from weights.checkpoint import read_metadata, save_safetensors
 
@@ -41,7 +42,7 @@ def _fit(root, stage_a, openmoji_dir, steps, extra=()):
               "--data.init_args.val_batch_size", "4", *extra])
 
 
-def test_trains_resumes_exports_and_samples(openmoji_dir, tiny_bundle, tmp_path):
+def test_trains_resumes_exports_and_samples(openmoji_dir, tiny_bundle, tmp_path, capsys):
     stage_a = tiny_bundle / "stage_a.safetensors"
     _fit(tmp_path / "runs", stage_a, openmoji_dir, 2)
     run = tmp_path / "runs" / "tiny" / "version_0"
@@ -72,6 +73,9 @@ def test_trains_resumes_exports_and_samples(openmoji_dir, tiny_bundle, tmp_path)
         load_baseline_text_to_image(resumed, tmp_path / "other_a.safetensors")
     with pytest.raises(SystemExit):  # --baseline-ldm takes prompts alone
         sample_main(args + ["--out", str(tmp_path / "b.png"), "--preview"])
+    code, err = run_main(sample_main, args + ["--out", str(tmp_path / "c.png"), "--control", "canny",
+                                              "--control-image", str(out)], capsys)
+    assert_error(code, err, "--baseline-ldm has no Stage C to steer")
     with pytest.raises(FileExistsError, match="--overwrite"):
         sample_main(args + ["--out", str(out)])
 

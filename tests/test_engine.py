@@ -155,7 +155,7 @@ def test_the_fsdp_overlay_builds_its_strategy():
 
 def _configs() -> list[Path]:
     return sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name in
-                  ("stage_a", "stage_b", "stage_c", "pixel_decoder"))
+                  ("stage_a", "stage_b", "stage_c", "pixel_decoder", "controlnet"))
 
 
 def test_every_preset_has_a_config():

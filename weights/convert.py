@@ -18,6 +18,11 @@ StableCascade repository (``stage_c.safetensors``, ``stage_b_lite.safetensors``,
 ``StableCascadeUNet`` folders (``prior``, ``decoder``), become our ``StageC3`` / ``StageB3``
 (``weights.convert_cascade``). ``--to stablecascade`` or ``--to diffusers`` goes back: our v3 export to
 the repository's single-file layout or diffusers' state-dict layout.
+
+ControlNets: the released Stable Cascade ControlNets (``weights.convert_controlnet``), and ours back with
+``--to stablecascade``:
+
+    python -m weights.convert controlnet --src canny.safetensors --out controlnet_canny.safetensors
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ from common.cli import check_output
 from weights.convert_cascade import (LAYOUTS, cascade_stage, config_from_release, from_release, is_stable_cascade,
                                      to_release)
 from common.errors import run_command
+from weights.convert_controlnet import config_from_release as controlnet_config_from_release
+from weights.convert_controlnet import to_release as controlnet_to_release
+from weights.loaders import load_controlnet
+from stages.controlnet import STAGE as CONTROLNET_STAGE, ControlNet
 from stages.stage_a import StageA, StageAConfig
 from stages.stage_b import StageB, StageBConfig
 from stages.stable_cascade import STAGE_NAMES, StageB3, StageC3
@@ -223,10 +232,29 @@ def export_cascade(src: str | Path, stage: str, layout: str, out: str) -> dict:
     return {"out": str(path), "layout": layout, "params": sum(v.numel() for v in state.values())}
 
 
+def convert_controlnet(src: str | Path, out: str, overwrite: bool, to: str | None,
+                       blocks: tuple[int, ...] | None) -> dict:
+    """A released ControlNet file -> our export, or (``to``) our export -> the released layout."""
+    if to is not None:
+        if to != "stablecascade":
+            raise ValueError("ControlNets have one released layout: --to stablecascade")
+        state = {k: v.contiguous() for k, v in controlnet_to_release(load_controlnet(src)).items()}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, out, metadata={"format": "pt"})
+        return {"out": out, "layout": to, "params": sum(v.numel() for v in state.values())}
+    state, _ = read_state_dict(src)
+    config = controlnet_config_from_release(state, **({"blocks": blocks} if blocks else {}))
+    model = load_into(ControlNet(config, pretrained=False), state, str(src))
+    path = save_safetensors(model, out, CONTROLNET_STAGE, config.to_dict(), overwrite=overwrite,
+                            extra={"control": config.control})
+    return {"out": str(path), "stage": "ControlNet", "params": sum(p.numel() for p in model.parameters()),
+            "config": config.to_dict()}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Convert released Würstchen weights (v2 or Stable Cascade) to this "
                                              "project's format, or a Stable Cascade export back.")
-    ap.add_argument("stage", choices=["stage_a", "stage_b", "stage_c"])
+    ap.add_argument("stage", choices=["stage_a", "stage_b", "stage_c", "controlnet"])
     ap.add_argument("--src", required=True, help="diffusers model folder or weights file")
     ap.add_argument("--out", required=True, help="output .safetensors (an existing file only with --overwrite)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -235,8 +263,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale-factor", type=float, default=None,
                     help="stage_a: the latent scale (default: config.json's, else 0.3764; StableCascade's "
                          "stage_a: 0.43)")
+    ap.add_argument("--blocks", default=None,
+                    help="controlnet: the Stage C blocks its projections feed, comma-separated (default: the "
+                         "release's 0,4,8,12,51,55,59,63)")
     args = ap.parse_args(argv)
     check_output(args.out, (".safetensors",), args.overwrite)
+    if args.blocks is not None and args.stage != "controlnet":
+        ap.error("--blocks applies to controlnet")
+    if args.stage == "controlnet":
+        try:
+            blocks = tuple(int(b) for b in args.blocks.split(",")) if args.blocks else None
+        except ValueError:
+            ap.error(f"--blocks must be whole numbers separated by commas, got {args.blocks!r}")
+        print(json.dumps(convert_controlnet(args.src, args.out, args.overwrite, args.to, blocks)))
+        return
     if args.scale_factor is not None and args.stage != "stage_a":
         ap.error("--scale-factor applies to stage_a")
     if args.to:

@@ -14,6 +14,7 @@ from common.state_dict import load_into
 from semantic_compressor import SemanticCompressor
 from stages.baseline_ldm import STAGE as BASELINE_LDM_STAGE, BaselineLDM, BaselineLDMConfig
 from stages.cascade_previewer import CascadePreviewer
+from stages.controlnet import STAGE as CONTROLNET_STAGE, ControlNet, controlnet_config
 from stages.pixel_decoder import (STAGE as PIXEL_DECODER_STAGE, GrownUViT, PixelDecoderConfig, ShallowUViT,
                                   build_pixel_model)
 from stages.previewer import STAGE as PREVIEWER_STAGE, Previewer
@@ -111,4 +112,17 @@ def load_compressor(path: str | os.PathLike) -> SemanticCompressor:
         path = resolve_checkpoint(path).with_name("compressor.safetensors")
     state, config = read_weights(path, "semantic_compressor")
     model = SemanticCompressor(**{**(config or {}), "trainable": "none"}, pretrained=False)
+    return load_into(model, state, str(path)).eval()
+
+
+def load_controlnet(path: str | os.PathLike) -> ControlNet:
+    """A trained ControlNet (export, ``.ckpt`` or run folder; config from the file), in eval mode. One
+    trained with a frozen encoder (``train_encoder: false``) gets that encoder's pretrained weights back."""
+    path = resolve_checkpoint(path)
+    state, config = read_weights(path, CONTROLNET_STAGE)
+    if config is None:
+        raise ValueError(f"{path} carries no ControlNet config; pass a ControlNet export")
+    model = ControlNet(config, pretrained=not controlnet_config(config).train_encoder)
+    if not model.config.train_encoder:
+        state = {**{k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}, **state}
     return load_into(model, state, str(path)).eval()

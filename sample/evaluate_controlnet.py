@@ -1,0 +1,121 @@
+"""Evaluate a ControlNet on the embedded val images: Stage C steered by the control of each image, against
+the same prompts and seeds without it (control scale 0, which is Stage C alone bit for bit).
+
+    python -m sample.evaluate_controlnet --controlnet runs/controlnet/tiny_canny [--limit 64] [--out eval.json]
+
+Prints JSON. For a canny ControlNet, each val image's Canny edges steer the sampling of its own caption;
+scores: edge precision, recall and F1 between the Canny edges of the generated image and the control edges,
+an edge pixel counting as matched when one of the other set lies within ``tolerance`` px (Chebyshev
+distance, a square of side 2 * tolerance + 1), for each ``--tolerances``; and the top-5 caption retrieval
+of the generated images (``sample.evaluate``). For an inpaint ControlNet, each val image is kept outside a
+random mask (``imagedata.filters.random_masks``, fixed seed, no outpainting) and the prompt is the next
+val image's caption (new content for the masked region); scores: PSNR against the source image outside
+the mask (kept) and inside it, the top-5 retrieval of the prompt's caption and of the source image's.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from common.cli import check_output, emit, positive_int
+from common.errors import run_command
+from imagedata.filters import canny, random_masks
+from pipeline.cascade import load_cascade_text_to_image
+from pipeline.controlnet import controlnet_kind, load_control
+from pipeline.text_to_image import load_text_to_image
+from sample.__main__ import SHIPPED, is_cascade
+from common.metrics import InceptionFeatures
+from imagedata.embedded import openmoji_split
+from sample.evaluate import features, gallery, top5_hits
+from weights.checkpoint import resolve_checkpoint
+
+
+def edge_scores(generated: torch.Tensor, control: torch.Tensor, tolerance: int) -> dict[str, float]:
+    """Precision, recall and F1 of generated edge maps against control edge maps (B, 1, H, W) in {0, 1},
+    pooled over the batch, within ``tolerance`` px."""
+    grow = lambda e: torch.nn.functional.max_pool2d(e, 2 * tolerance + 1, 1, tolerance) if tolerance else e  # noqa: E731
+    matched_generated = (generated * grow(control)).sum()
+    matched_control = (control * grow(generated)).sum()
+    precision = (matched_generated / generated.sum().clamp(min=1)).item()
+    recall = (matched_control / control.sum().clamp(min=1)).item()
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4)}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
+    """PSNR (dB, peak 1) of ``a`` against ``b`` over the pixels where ``where`` (B, 1, H, W) is 1."""
+    where = where.expand_as(a)
+    mse = ((a - b) ** 2 * where).sum() / where.sum().clamp(min=1)
+    return round(10 * math.log10(1 / max(mse.item(), 1e-12)), 2)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m sample.evaluate_controlnet", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--controlnet", required=True, help="ControlNet export or run folder (canny or inpaint)")
+    ap.add_argument("--stage-c", default=str(SHIPPED / "stage_c.safetensors"))
+    ap.add_argument("--stage-b", default=str(SHIPPED / "stage_b.safetensors"))
+    ap.add_argument("--data-dir", default="data/openmoji", help="the embedded set (its gallery cache is reused)")
+    ap.add_argument("--limit", type=positive_int, default=None,
+                    help="N val images evenly spaced over the split (default all 185; the split is ordered by category)")
+    ap.add_argument("--batch-size", type=positive_int, default=16)
+    ap.add_argument("--prior-steps", type=positive_int, default=20)
+    ap.add_argument("--decoder-steps", type=positive_int, default=12)
+    ap.add_argument("--guidance", type=float, default=4.0, help="Stage C guidance")
+    ap.add_argument("--tolerances", default="1,2,4", help="canny: edge match tolerances in px")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    if args.out:
+        check_output(args.out, (".json",), False)
+    tolerances = [int(t) for t in args.tolerances.split(",")]
+    path = resolve_checkpoint(args.controlnet)
+    kind = controlnet_kind(path)
+    if kind not in ("canny", "inpaint"):
+        raise ValueError(f"{path} is a {kind} ControlNet; this evaluation scores canny and inpaint ControlNets")
+    load = load_cascade_text_to_image if is_cascade(args.stage_c) else load_text_to_image
+    pipe = load(args.stage_c, args.stage_b)
+    pipe.attach_control(load_control(path, pipe.prior.model, args.stage_c))
+    samples = openmoji_split(args.data_dir, "val", 128)
+    keep = torch.linspace(0, len(samples) - 1, min(args.limit or len(samples), len(samples))).round().long().tolist()
+    real = torch.stack([samples[i]["image"] for i in keep])
+    captions = [samples[i]["caption"] for i in keep]
+    net = InceptionFeatures()
+    gallery_feats, gallery_captions = gallery(args.data_dir, net, 128, args.batch_size)
+    shuffled = captions[1:] + captions[:1]  # image i with the next image's caption: never its own
+    prompts = captions if kind == "canny" else shuffled
+    masks = random_masks(len(real), 128, 128, torch.Generator().manual_seed(args.seed), outpaint_prob=0.0)
+    outputs = {"with": [], "without": []}
+    for i in tqdm(range(0, len(real), args.batch_size), desc=f"sampling with and without the {kind} ControlNet"):
+        images, batch = real[i:i + args.batch_size], prompts[i:i + args.batch_size]
+        mask = masks[i:i + args.batch_size] if kind == "inpaint" else None
+        for name, scale in (("with", 1.0), ("without", 0.0)):
+            outputs[name].append(pipe(batch, height=128, width=128, prior_steps=args.prior_steps,
+                                      decoder_steps=args.decoder_steps, prior_guidance=args.guidance,
+                                      seed=args.seed + i, progress=False, limits=None, control_image=images,
+                                      mask=mask, control_scale=scale))
+    generated = {name: torch.cat(parts) for name, parts in outputs.items()}
+    report = {"controlnet": str(path), "control": kind, "stage_c": args.stage_c, "val_images": keep,
+              "prior_steps": args.prior_steps, "decoder_steps": args.decoder_steps, "guidance": args.guidance,
+              "seed": args.seed, "chance_top5": round(5 / len(gallery_captions), 4)}
+    for name, images in generated.items():
+        feats = features(net, images, args.batch_size, f"Inception features ({name})")
+        top5 = lambda targets: round(top5_hits(feats, gallery_feats, gallery_captions, targets), 4)  # noqa: E731
+        if kind == "canny":
+            control, edges = canny(real), canny(images)
+            scores = {f"edges_tolerance_{t}px": edge_scores(edges, control, t) for t in tolerances}
+            scores["top5_retrieval_own_caption"] = top5(captions)
+        else:
+            scores = {"psnr_outside_mask_db": psnr(images, real, 1 - masks),
+                      "psnr_inside_mask_db": psnr(images, real, masks),
+                      "top5_retrieval_prompt_caption": top5(shuffled),
+                      "top5_retrieval_source_caption": top5(captions)}
+        report[f"{name}_controlnet"] = scores
+    emit(report, args.out)
+    return report
+
+
+if __name__ == "__main__":
+    run_command(main)
