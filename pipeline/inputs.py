@@ -48,7 +48,7 @@ MAX_SECONDS = 3600.0  # refuse sampling estimated above an hour on the device
 NOTE_SECONDS = 60.0  # show the estimate of anything longer before it starts
 REFERENCE_SIDE = 256  # side of the image whose network calls are timed (TextToImage.call_seconds)
 MEASURED_ABOVE = 256  # requests of fewer network calls at the reference size are not timed
-TRAINED_ASPECT = (min(h / w for h, w in PRESETS["paper_c3"]), max(h / w for h, w in PRESETS["paper_c3"]))
+TRAINED_RATIOS = (min(h / w for h, w in PRESETS["paper_c3"]), max(h / w for h, w in PRESETS["paper_c3"]))
 PEAK_FACTOR = 4
 EXPANSION = 4  # channel MLPs of ConvNeXt and mixing blocks widen to 4 x width
 
@@ -236,7 +236,7 @@ def estimate_seconds(pipe: torch.nn.Module, images: int, size: tuple[int, int], 
 
 def check_aspect(height: int, width: int) -> None:
     """A note for shapes beyond the trained buckets' aspect ratios."""
-    low, high = TRAINED_ASPECT
+    low, high = TRAINED_RATIOS
     if not low <= height / width <= high:
         warnings.warn(f"{height}x{width} (height/width {height / width:.3g}) lies outside the aspect ratios of the "
                       f"trained buckets ({low:.2f} to {high:.2f}); expect repeated or distorted content",
