@@ -25,13 +25,16 @@ DEFAULT_STEPS, DEFAULT_GUIDANCE = 60, 4.0  # Stage C's defaults: the baseline ta
 
 
 class BaselineTextToImage(nn.Module):
-    """Prompts -> images ``(B, 3, H, W)`` in [0, 1] (``diffusion``: the denoiser its export recorded)."""
+    """Prompts -> images ``(B, 3, H, W)`` in [0, 1] (``diffusion``: the denoiser its export recorded;
+    ``latent_scale``: the U-Net diffuses Stage A's latents divided by it)."""
 
     progress_name = "baseline LDM"
 
-    def __init__(self, model: BaselineLDM, stage_a: StageA, text_encoder: TextEncoder, diffusion: dict | None = None):
+    def __init__(self, model: BaselineLDM, stage_a: StageA, text_encoder: TextEncoder, diffusion: dict | None = None,
+                 latent_scale: float = 1.0):
         super().__init__()
         self.model, self.stage_a, self.text_encoder = model, stage_a, text_encoder
+        self.latent_scale = latent_scale
         self.denoiser = denoiser_for(model, diffusion)
 
     @property
@@ -57,7 +60,7 @@ class BaselineTextToImage(nn.Module):
         device = next(self.model.parameters()).device
         return sample_stage_a_images(self.stage_a, guided, (len(batch), self.model.config.c_latent, h // 4, w // 4),
                                      device, steps, generator, self.progress_name if progress else False, sampler,
-                                     eta, staged(callback, self.progress_name))
+                                     eta, staged(callback, self.progress_name), self.latent_scale)
 
 
 def load_baseline_text_to_image(path: str | os.PathLike, stage_a: str | os.PathLike | None = None,
@@ -73,4 +76,4 @@ def load_baseline_text_to_image(path: str | os.PathLike, stage_a: str | os.PathL
         raise ValueError(f"baseline LDM {path} expects text states of width {model.config.c_text}; the text encoder "
                          f"gives {text_encoder.dim}")
     return BaselineTextToImage(model, stage_a_of(path, meta, stage_a, "baseline LDM"), text_encoder,
-                               meta.get("diffusion")).eval()
+                               meta.get("diffusion"), meta.get("latent_scale", 1.0)).eval()

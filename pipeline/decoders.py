@@ -82,14 +82,16 @@ class SemanticDecoder(torch.nn.Module):
 
 def sample_stage_a_images(stage_a: StageA, guided: Guided, shape: tuple[int, ...], device: torch.device,
                           steps: int | str | list[float], generator: torch.Generator | None, progress: bool | str,
-                          sampler: str, eta: float | None, callback: Callable[[dict], None] | None) -> torch.Tensor:
+                          sampler: str, eta: float | None, callback: Callable[[dict], None] | None,
+                          latent_scale: float = 1.0) -> torch.Tensor:
     """Stage A latents of ``shape`` sampled with the guided Stage B from seeded noise, decoded unquantised in
-    Stage A's dtype to images in [0, 1] (every Stage B, v2 or v3, ends here)."""
+    Stage A's dtype to images in [0, 1] (every Stage B, v2 or v3, ends here). ``latent_scale``: the sampled
+    latents are Stage A's divided by it (a model trained on normalised latents, as the baseline LDM)."""
     noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
     latents = sample(sampler, guided, noise.to(device), steps, generator=generator, progress=progress, eta=eta,
                      callback=callback)
     dtype = next(stage_a.parameters()).dtype
-    images = stage_a.decode(latents.to(dtype)).float()
+    images = stage_a.decode((latents * latent_scale).to(dtype)).float()
     if dtype != torch.float32:  # an overflow must not be clamped into a black or white image
         check_half(images, "Stage A's decoded images", dtype)
     return images.clamp(0, 1)

@@ -66,6 +66,9 @@ def test_trains_resumes_exports_and_samples(openmoji_dir, tiny_bundle, tmp_path,
     again = pipe("red apple", "", 64, 64, 1, 2, 4.0, 0, progress=False)
     assert again.shape == (1, 3, 64, 64) and 0 <= again.min() and again.max() <= 1
     assert torch.equal(again, pipe("red apple", "", 64, 64, 1, 2, 4.0, 0, progress=False))  # seeded
+    assert meta["latent_scale"] == pipe.latent_scale == 2.46  # the config's: the U-Net sees unit-variance latents
+    pipe.latent_scale = 1.0
+    assert not torch.equal(again, pipe("red apple", "", 64, 64, 1, 2, 4.0, 0, progress=False))  # decoded rescaled
 
     other = StageA(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64))
     save_safetensors(other, tmp_path / "other_a.safetensors", "stage_a", other.config.to_dict())
