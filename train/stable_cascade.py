@@ -27,6 +27,7 @@ from weights.checkpoint import fingerprint
 from weights.loaders import load_previewer
 from stages.stable_cascade import StageB3, StageC3, stage_b3_config, stage_c3_config
 from train.engine import DiffusionTraining, Latents, SemanticCondition, TextCondition, compressor_for
+from train.stage_c import PriorValidation
 
 LOSS_WEIGHTS = ("adaptive", "p2")  # the release's two (gdf AdaptiveLossWeight, P2LossWeight)
 
@@ -74,7 +75,7 @@ class CascadeTraining(DiffusionTraining):
             self.adaptive_weight.load_state_dict(checkpoint["adaptive_loss_weight"])
 
 
-class StageC3Training(CascadeTraining):
+class StageC3Training(PriorValidation, CascadeTraining):
     """``size``: a preset (``tiny``, ``sc_lite``, ``sc_big``) or its fields. ``compressor``: the trained
     compressor (``compressor.safetensors`` or a Stage B run folder; frozen). ``text_encoder``: ``minilm`` or
     ``{name: clip, path: ...}``. ``stage_b``: optional v3 Stage B (file or run folder) for validation grids,
@@ -82,6 +83,7 @@ class StageC3Training(CascadeTraining):
 
     stage = "stage_c3"
     frozen = ("compressor.", "text_encoder.", "decoder.", "previewer.")
+    decoder_guidance = RELEASE["decoder"]["guidance"]
     grid_name = "text_to_image"
 
     def __init__(self, size: str | dict = "tiny", compressor: str = "checkpoints/tiny/compressor.safetensors",
@@ -112,22 +114,10 @@ class StageC3Training(CascadeTraining):
         x0, (packed,) = super().inputs(batch, train)
         return x0, list(split(packed))
 
-    def validation_images(self, batch: dict, batch_idx: int, gen: torch.Generator):
-        """Batch 0 only: text -> Stage C -> Stage B -> Stage A for the first captions, previews below."""
-        if batch_idx or (self.decoder is None and self.previewer is None) or not self.hparams.grid_images:
-            return None
+    def sample_grid_latents(self, captions: list[str], size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
         h = self.hparams
-        n = min(h.grid_images, len(batch["caption"]))
-        images, captions = batch["image"][:n], batch["caption"][:n]
-        gen = torch.Generator(device=self.device).manual_seed(0)
-        prior = CascadePrior(self.eval_model, self.text_encoder)
-        latents = prior.sample(captions, [""] * n, latent_grid(*images.shape[-2:]), h.sample_steps, h.guidance, gen,
-                               progress=False)
-        rows = [] if self.decoder is None else [self.decoder(latents, images.shape[-2:], captions, h.decoder_steps,
-                                                             RELEASE["decoder"]["guidance"], gen)]
-        if self.previewer is not None:
-            rows.append(F.interpolate(self.previewer(latents), size=images.shape[-2:], mode="nearest"))
-        return images, *rows
+        return CascadePrior(self.eval_model, self.text_encoder).sample(
+            captions, [""] * len(captions), latent_grid(*size), h.sample_steps, h.guidance, gen, progress=False)
 
     def export_metadata(self) -> dict:
         return {**super().export_metadata(), **self.init_cost, "text_encoder": self.hparams.text_encoder}

@@ -19,7 +19,32 @@ from stages.stage_c import StageC, stage_c_config
 from train.engine import DiffusionTraining, Latents, TextCondition, compressor_for, text_encoder_for
 
 
-class StageCTraining(DiffusionTraining):
+class PriorValidation:
+    """The validation grid of a prior (v2's and v3's Stage C): text -> prior -> Stage B -> Stage A for the first
+    captions of batch 0, and their previews (a row below, or the only one without Stage B) when a previewer is
+    given. A prior supplies ``sample_grid_latents`` and ``decoder_guidance``."""
+
+    decoder_guidance = 1.0
+
+    def sample_grid_latents(self, captions: list[str], size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def validation_images(self, batch: dict, batch_idx: int, gen: torch.Generator):
+        h = self.hparams
+        if batch_idx or (self.decoder is None and self.previewer is None) or not h.grid_images:
+            return None
+        n = min(h.grid_images, len(batch["caption"]))
+        images, captions = batch["image"][:n], batch["caption"][:n]
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        latents = self.sample_grid_latents(captions, images.shape[-2:], gen)
+        rows = [] if self.decoder is None else [self.decoder(latents, images.shape[-2:], captions, h.decoder_steps,
+                                                             self.decoder_guidance, gen)]
+        if self.previewer is not None:
+            rows.append(F.interpolate(self.previewer(latents), size=images.shape[-2:], mode="nearest"))
+        return images, *rows
+
+
+class StageCTraining(PriorValidation, DiffusionTraining):
     """``size``: a preset (``tiny``, ``paper``, ``release``) or its fields. ``compressor``: the trained
     compressor (``compressor.safetensors`` or the Stage B run folder). ``stage_b``: optional Stage B
     (file or run folder) for validation grids. ``cache_latents``: encode each training image once
@@ -57,24 +82,12 @@ class StageCTraining(DiffusionTraining):
     def trained_on(self) -> dict[str, tuple[str, str]]:
         return {"compressor_fingerprint": (self.compressor_fingerprint, "semantic compressor")}
 
-    def validation_images(self, batch: dict, batch_idx: int, gen: torch.Generator):
-        """Batch 0 only: text -> Stage C -> Stage B -> Stage A for the first captions, and their previews
-        (a row below, or the only one without Stage B) when a previewer is given."""
-        if batch_idx or (self.decoder is None and self.previewer is None) or not self.hparams.grid_images:
-            return None
+    def sample_grid_latents(self, captions: list[str], size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
         h = self.hparams
-        n = min(h.grid_images, len(batch["caption"]))
-        images, captions = batch["image"][:n], batch["caption"][:n]
-        gen = torch.Generator(device=self.device).manual_seed(0)
         prior = Prior(self.eval_model, self.text_encoder, h.latent_shift, h.latent_scale,
                       compressor_input_scale=self.compressor.config.input_scale)
-        latents = prior.sample(captions, [""] * n, self.compressor.latent_grid(*images.shape[-2:]), h.sample_steps, h.guidance, gen,
-                               progress=False)
-        rows = [] if self.decoder is None else [self.decoder(latents, images.shape[-2:], captions, h.decoder_steps,
-                                                             1.0, gen)]
-        if self.previewer is not None:
-            rows.append(F.interpolate(self.previewer(latents), size=images.shape[-2:], mode="nearest"))
-        return images, *rows
+        return prior.sample(captions, [""] * len(captions), self.compressor.latent_grid(*size), h.sample_steps,
+                            h.guidance, gen, progress=False)
 
     def export_metadata(self) -> dict:
         h = self.hparams
