@@ -20,7 +20,7 @@ import torch
 
 from diffusion import CosineSchedule, Denoiser, Guided, check_start, sample, shift_from_factor
 from pipeline.cascade_conditioning import build_pooled_text_encoder, split
-from semantic_compressor import latent_grid
+from semantic_compressor import PAPER_INPUT_SCALE, latent_grid
 from weights.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
 from pipeline.decoders import SemanticDecoder, load_semantic_decoder, sample_stage_a_images, staged
 from weights.lora import load_loras
@@ -50,7 +50,8 @@ def _texts(encoder: TextEncoder, prompts: Sequence[str] | None, b: int) -> tuple
 @dataclass
 class CascadePrior:
     """v3 Stage C with its pooled text encoder; ``sample`` has ``pipeline.text_to_image.Prior.sample``'s call.
-    ``image_embeds``: CLIP image embeddings (B or 1, n, c_image) added to the conditional call (zeros else)."""
+    ``image_embeds``: CLIP image embeddings (B or 1, n, c_image) added to the conditional call (zeros else).
+    ``compressor_input_scale``: the resize of the compressor Stage C was trained on (sets the latent grid)."""
 
     model: StageC3
     text_encoder: TextEncoder
@@ -59,14 +60,16 @@ class CascadePrior:
     rescale: float = RELEASE["prior"]["rescale"]
     time_input: str = "cosine_t"
     image_embeds: torch.Tensor | None = None
+    compressor_input_scale: float = PAPER_INPUT_SCALE
 
     @property
     def denoiser(self) -> Denoiser:
         return cascade_denoiser(self.model, self.shift, self.time_input)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
-        """The latent grid Stage C samples for an image of ``height x width`` (the compressor's 3/4 resize)."""
-        return latent_grid(height, width)
+        """The latent grid Stage C samples for an image of ``height x width`` (the compressor's resize, 3/4 in the
+        paper)."""
+        return latent_grid(height, width, self.compressor_input_scale)
 
     @torch.no_grad()
     def conditions(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
@@ -156,7 +159,8 @@ def load_cascade_prior(path: str | os.PathLike, text_encoder: TextEncoder | None
         raise ValueError(f"Stage C {path} expects text states of width {model.config.c_text} and a pooled embedding "
                          f"of {model.config.c_pooled}; the text encoder gives {text_encoder.dim}")
     time_input = (meta.get("diffusion") or {}).get("time_input", "cosine_t")
-    return CascadePrior(model, text_encoder, meta.get("compressor_fingerprint"), time_input=time_input)
+    return CascadePrior(model, text_encoder, meta.get("compressor_fingerprint"), time_input=time_input,
+                        compressor_input_scale=meta.get("compressor_input_scale", PAPER_INPUT_SCALE))
 
 
 def load_cascade_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike | None = None,

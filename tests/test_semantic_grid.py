@@ -10,8 +10,13 @@ from weights.checkpoint import save_safetensors
 from imagedata.embedded import split_of
 from pipeline.text_to_image import Prior
 from stages.stage_c import StageC, StageCConfig
+from stages.stable_cascade import StageC3
+from pipeline.cascade import load_cascade_prior
 from pipeline.text_encoder import build_text_encoder
 from train.compressor_pca import fit_pca_head, main as pca_main
+
+TINY_SC3 = {"widths": [32, 32], "heads": [2, 2], "blocks_down": [1, 1], "blocks_up": [1, 1], "c_cond": 32,
+            "c_text": 384, "c_pooled": 384, "c_image": None, "dropout": [0.0, 0.0]}
 
 
 def test_input_scale_sets_the_grid():
@@ -77,3 +82,16 @@ def test_everyday_prompts_are_training_captions(openmoji_dir):
     assert len(prompt_set(openmoji_dir, "everyday", 64, limit=3)) == 3
     with pytest.raises(ValueError, match="unknown prompt set"):
         prompt_set(openmoji_dir, "holiday", 64)
+
+
+def test_v3_prior_samples_its_compressors_grid(tmp_path):
+    model = StageC3(TINY_SC3)
+    path = save_safetensors(model, tmp_path / "stage_c3.safetensors", "stage_c3", model.config.to_dict(),
+                            extra={"compressor_input_scale": 2.0})
+    prior = load_cascade_prior(path)
+    assert prior.grid(128, 128) == (8, 8)  # recorded by StageC3Training's export
+    latents = prior.sample(["red apple"], [""], prior.grid(64, 64), 2, 1.0, torch.Generator().manual_seed(0),
+                           progress=False)
+    assert latents.shape == (1, 16, 4, 4)
+    plain = save_safetensors(model, tmp_path / "plain.safetensors", "stage_c3", model.config.to_dict())
+    assert load_cascade_prior(plain).grid(128, 128) == latent_grid(128, 128, PAPER_INPUT_SCALE)  # released exports

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from diffusion import AdaptiveLossWeight, CosineSchedule, Denoiser, pyramid_noise
-from semantic_compressor import latent_grid
 from pipeline.cascade_conditioning import build_pooled_text_encoder, split
 from pipeline.cascade import RELEASE, CascadeDecoder, CascadePrior, load_cascade_decoder
 from weights.checkpoint import fingerprint
@@ -117,10 +116,12 @@ class StageC3Training(PriorValidation, CascadeTraining):
     def sample_grid_latents(self, captions: list[str], size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
         h = self.hparams
         return CascadePrior(self.eval_model, self.text_encoder).sample(
-            captions, [""] * len(captions), latent_grid(*size), h.sample_steps, h.guidance, gen, progress=False)
+            captions, [""] * len(captions), self.compressor.latent_grid(*size), h.sample_steps, h.guidance, gen,
+            progress=False)
 
     def export_metadata(self) -> dict:
-        return {**super().export_metadata(), **self.init_cost, "text_encoder": self.hparams.text_encoder}
+        return {**super().export_metadata(), **self.init_cost, "text_encoder": self.hparams.text_encoder,
+                "compressor_input_scale": self.compressor.config.input_scale}
 
 
 class StageB3Training(CascadeTraining):
