@@ -32,6 +32,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -473,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict:
     first = json.loads((Path(args.work) / args.sides[0] / "scores" / f"{last[args.sides[0]].stem}.json").read_text())
     report = {
         "command": "python -m benchmarks.equal_compute " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": f"CPU, {torch.get_num_threads()} threads", "unit": args.unit, "budgets": args.budgets,
+        "device": f"CPU, {os.cpu_count()} cores; sampling timed with {torch.get_num_threads()} threads", "unit": args.unit, "budgets": args.budgets,
         "seed": 0, "data": f"the embedded OpenMoji train split at 128 px ({args.data_dir})",
         "evaluation": f"prompt sets {args.prompt_sets}, limit {args.eval_limit or 'none'}, gallery "
                       f"{args.gallery_limit or 'whole set'}, seeds per batch as sample.evaluate",

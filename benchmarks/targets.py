@@ -47,7 +47,6 @@ CONFIGS: dict[str, dict[str, str]] = {
     "pixel_decoder": {"tiny": "tiny", "paper": "paper"},
 }
 PIXEL_TARGET = {"tiny": 128, "paper": 512}  # the side each pixel decoder preset grows to
-TEXT_WIDTH = {"minilm": 384, "ViT-H-14": 1024, "ViT-bigG-14": 1280}
 # the paper's training resolutions (App. E): Stage A 128 px crops; B and C 512 px, then 1024 px
 TRAIN_PX = {"stage_a": (128,), "stage_b": (512, 1024), "stage_c": (512, 1024), "compressor": (512, 1024),
             "pixel_decoder": (512,)}  # the pixel decoder: phase 2 at its target resolution

@@ -82,13 +82,10 @@ class AdaptiveLossWeight:
 
 LOSS_WEIGHTS = {f.__name__: f for f in (paper_p2, p2, constant, sigmoid, v_mse)}
 ADAPTIVE = "adaptive"  # the stateful AdaptiveLossWeight, held by the Denoiser
-# names earlier configs used
-LOSS_WEIGHT_ALIASES = {"paper": "paper_p2", "release": "p2", "none": "constant", "v": "v_mse"}
 
 
 def check_loss_weight(name: str) -> str:
-    """The registered name of a loss weight (earlier aliases accepted), or a clear error."""
-    name = LOSS_WEIGHT_ALIASES.get(name, name)
+    """``name`` when it is a registered loss weight, or a clear error."""
     if name not in LOSS_WEIGHTS and name != ADAPTIVE:
         raise ValueError(f"unknown loss weight {name!r}; choose one of {sorted([*LOSS_WEIGHTS, ADAPTIVE])}")
     return name

@@ -97,11 +97,6 @@ def sample_stage_a_images(stage_a: StageA, guided: Guided, shape: tuple[int, ...
     return images.clamp(0, 1)
 
 
-# what a Stage B or pixel decoder checkpoint records besides the weights (Stage A fingerprint and path,
-# text encoder, latent normalisation, ...)
-stage_b_metadata = pixel_decoder_metadata = read_metadata
-
-
 def stage_a_of(path, meta: dict, stage_a: str | os.PathLike | None, what: str) -> StageA:
     """The Stage A the model at ``path`` (``what``, with metadata ``meta``) was trained on: ``stage_a`` or the path
     it recorded; refused when its weights differ from the ones it recorded."""
@@ -125,7 +120,7 @@ def load_semantic_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike
     Refuses a Stage A whose weights differ from those Stage B was trained with.
     """
     b_path = resolve_checkpoint(stage_b)
-    meta = stage_b_metadata(b_path)
+    meta = read_metadata(b_path)
     model_b = load_stage_b(str(b_path))
     model_a = stage_a_of(b_path, meta, stage_a, "Stage B")
     if model_b.config.c_text and text_encoder is None:
@@ -216,7 +211,7 @@ def load_pixel_decoder(path: str | os.PathLike, text_encoder: TextEncoder | None
     """The pixel decoder of an export, Lightning checkpoint or run folder, with the settings it was trained with."""
 
     path = resolve_checkpoint(path)
-    meta = pixel_decoder_metadata(path)
+    meta = read_metadata(path)
     model = load_pixel_model(str(path))
     if model.config.c_text and text_encoder is None:
         text_encoder = build_text_encoder(meta.get("text_encoder") or "minilm")

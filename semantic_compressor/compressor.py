@@ -42,8 +42,6 @@ TRAINABLE_MODES = ("none", "head", "all")
 # TensorFlow models trained on inputs in [-1, 1] (timm's pretrained_cfg for tf_efficientnetv2_s and
 # tf_efficientnet_lite0 says mean = std = 0.5). The paper's torchvision EfficientNetV2-S weights
 # used the ImageNet mean/std instead; that backbone is not offered here.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 BACKBONE_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {

@@ -14,9 +14,8 @@ from torch import nn
 from train.engine import ema_of
 from train.optim import WarmupCosine
 from weights.loaders import load_compressor
-from weights.checkpoint import fingerprint, save_safetensors
+from weights.checkpoint import fingerprint, read_metadata, save_safetensors
 from train.stage_c import StageCTraining
-from pipeline.decoders import pixel_decoder_metadata
 from stages.stage_c import StageC
 from stages import pixel_decoder, stage_a, stage_b, stage_c
 from train.cli import main as cli_main
@@ -137,7 +136,7 @@ def test_every_stage_trains_validates_and_exports_under_ddp_in_bf16(openmoji_dir
                   "--data.init_args.min_size", "64")
     p3 = _ddp_fit("configs/pixel_decoder/tiny_phase3.yaml", tmp_path / "p3", openmoji_dir, *common,
                   "--model.init_args.init_from", str(p2), "--model.init_args.resolution", "64")
-    assert [pixel_decoder_metadata(p / "model.safetensors")["phase"] for p in (p1, p2, p3)] == [1, 2, 3]
+    assert [read_metadata(p / "model.safetensors")["phase"] for p in (p1, p2, p3)] == [1, 2, 3]
 
 
 def test_the_fsdp_overlay_builds_its_strategy():

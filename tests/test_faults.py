@@ -8,13 +8,11 @@ import io
 import json
 import os
 import signal
-import tarfile
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from PIL import Image
 
 from common import files
 from weights.checkpoint import read_weights, save_safetensors
@@ -23,8 +21,9 @@ from tests.bad_input.conftest import ROOT, assert_error, full_disk, run_cli, run
 from train.cli import main as train_main
 from train.faults import PREEMPTED_EXIT, AtomicCheckpointIO
 from train.precompute import main as precompute_main
+from tests.test_data import img_bytes, write_tar
+from tests.tiny_stages import TINY_A, stage_a_args
 
-TINY_A = dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64)
 
 
 def assert_disk_full(message: str, folder: Path) -> None:
@@ -108,18 +107,6 @@ class KillWhileWritingLast(L.Callback):
             files._create = lambda p: KilledWrite(p) if p.name.startswith("last.ckpt") else create(p)
 
 
-def stage_a_args(root: Path, openmoji_dir: Path, *extra: str, steps: int, every: int = 1) -> list[str]:
-    """A tiny Stage A run on the embedded data; a checkpoint every ``every`` steps, no validation."""
-    return ["fit", "--config", str(ROOT / "configs" / "stage_a" / "tiny.yaml"),
-            "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
-            "--trainer.val_check_interval", str(every), "--trainer.limit_val_batches", "0",
-            "--model.init_args.size", json.dumps(TINY_A), "--model.init_args.disc_widths", "[8, 16]",
-            "--model.init_args.adv_start_step", "1",
-            "--data.init_args.embedded_dir", str(openmoji_dir), "--data.init_args.num_workers", "0",
-            "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4",
-            "--data.init_args.shuffle_buffer", "8", *extra]
-
-
 @pytest.mark.slow
 def test_a_kill_while_last_ckpt_is_written_leaves_the_previous_one(openmoji_dir, tmp_path):
     root = tmp_path / "runs"
@@ -166,28 +153,13 @@ def test_sigterm_saves_the_current_step_and_the_run_resumes_from_it(openmoji_dir
 
 # -- precompute shards ---------------------------------------------------------------------------------
 
-def png(color) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_tar(path: Path, samples: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in samples.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 @pytest.fixture
 def shards(tmp_path) -> Path:
     folder = tmp_path / "shards"
     folder.mkdir()
     for s in range(2):
-        write_tar(folder / f"{s:06d}.tar", {f"{s}_{i}.png": png((40 * i, 100, 30 * s)) for i in range(3)}
-                  | {f"{s}_{i}.txt": b"a red thing" for i in range(3)})
+        write_tar(folder / f"{s:06d}.tar", [(f"{s}_{i}", {"png": img_bytes((40 * i, 100, 30 * s)), "txt": "a red thing"})
+                                            for i in range(3)])
     return folder
 
 

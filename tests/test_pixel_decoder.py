@@ -9,7 +9,7 @@ import torch
 
 from diffusion import CosineSchedule, Denoiser
 from pipeline.denoisers import denoiser_for
-from weights.checkpoint import fingerprint, read_weights, save_safetensors
+from weights.checkpoint import fingerprint, read_metadata, read_weights, save_safetensors
 from stages.pixel_decoder import (
     GrownUViT,
     KVCompressedAttention,
@@ -23,7 +23,6 @@ from weights.loaders import load_compressor
 from train.pixel_decoder import PixelDecoderTraining
 from train.cli import main as cli_main
 from sample.__main__ import main as sample_main, main
-from pipeline.decoders import pixel_decoder_metadata
 from common.errors import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,10 +216,10 @@ def test_cli_phase1_then_phase2_then_sampling(openmoji_dir, tmp_path, capsys):
     _fit("configs/pixel_decoder/tiny_phase2.yaml", runs, openmoji_dir, "--model.init_args.init_from", str(p1),
          "--model.init_args.resolution", "64", "--data.init_args.min_size", "64")
     p2 = runs / "tiny_phase2_greedy" / "version_0"
-    meta = pixel_decoder_metadata(p2 / "model.safetensors")
+    meta = read_metadata(p2 / "model.safetensors")
     assert (meta["phase"], meta["mode"], meta["resolution"]) == (2, "greedy", 64)
     assert meta["logsnr_shift"] == pytest.approx(2 * math.log(32 / 64))
-    p1_meta = pixel_decoder_metadata(p1 / "model.safetensors")  # phase 1's cost travels with phase 2
+    p1_meta = read_metadata(p1 / "model.safetensors")  # phase 1's cost travels with phase 2
     assert (meta["init_global_step"], meta["init_wall_time_s"]) == (p1_meta["global_step"], p1_meta["wall_time_s"])
     assert meta["compressor_fingerprint"] == fingerprint(load_compressor(SHIPPED_COMPRESSOR))
     one, _ = read_weights(p1 / "model.safetensors", "pixel_decoder")
@@ -267,7 +266,7 @@ def test_sampler_errors_for_pixel_decoders(tmp_path, capsys):
 def test_shipped_pixel_decoder_is_the_greedy_grown_one_and_samples_by_default(tmp_path, capsys):
     from PIL import Image
 
-    meta = pixel_decoder_metadata(ROOT / "checkpoints" / "tiny" / "pixel_decoder.safetensors")
+    meta = read_metadata(ROOT / "checkpoints" / "tiny" / "pixel_decoder.safetensors")
     assert (meta["phase"], meta["mode"], meta["resolution"]) == (2, "greedy", 128)
     assert meta["compressor_fingerprint"] == fingerprint(load_compressor(SHIPPED_COMPRESSOR))
     out = tmp_path / "apple.png"

@@ -1,5 +1,6 @@
-"""Tiny random stages for the tests, and the bundle of exports the sampling tests share (the fixtures
-``tiny_bundle`` and ``tiny_bundle_copy`` in ``tests/conftest.py``)."""
+"""Tiny random stages for the tests, the bundle of exports the sampling tests share (the fixtures
+``tiny_bundle`` and ``tiny_bundle_copy`` in ``tests/conftest.py``), and a tiny Stage A training run's arguments."""
+import json
 from pathlib import Path
 
 import torch
@@ -15,6 +16,20 @@ TINY_B = StageBConfig(widths=(16, 32), blocks=(1, 1), heads=(0, 2), inject_seman
                       c_text=None, dropout=0.0)
 TINY_C = StageCConfig(width=32, depth=1, heads=2, c_text=384, dropout=0.0)
 BUNDLE_FILES = ("stage_a.safetensors", "compressor.safetensors", "stage_b.safetensors", "stage_c.safetensors")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage_a_args(root: Path, openmoji_dir: Path, *extra: str, steps: int = 2, every: int = 1) -> list[str]:
+    """``python -m train`` arguments of a tiny Stage A run from the shipped config on the embedded data: a
+    checkpoint every ``every`` steps, no validation."""
+    return ["fit", "--config", str(ROOT / "configs" / "stage_a" / "tiny.yaml"),
+            "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
+            "--trainer.val_check_interval", str(every), "--trainer.limit_val_batches", "0",
+            "--model.init_args.size", json.dumps(TINY_A), "--model.init_args.disc_widths", "[8, 16]",
+            "--model.init_args.adv_start_step", "1",
+            "--data.init_args.embedded_dir", str(openmoji_dir), "--data.init_args.num_workers", "0",
+            "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4",
+            "--data.init_args.shuffle_buffer", "8", *extra]
 
 
 def randomised(model, std=0.02):

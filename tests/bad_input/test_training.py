@@ -3,18 +3,14 @@ NaN advice, and exact kill-and-resume. Every case checks the exit status (or exc
 message and that nothing earlier was written over."""
 from __future__ import annotations
 
-import io
-import json
 import os
 import signal
 import socket
-import tarfile
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from PIL import Image
 
 from tests.bad_input.conftest import ROOT, assert_cli_error, assert_error, bomb_png, run_cli, run_main, snapshot
 from weights.checkpoint import save_safetensors
@@ -23,20 +19,9 @@ from train.cli import main as cli_main
 from train.precompute import main as precompute
 from train.data import ImageTextData
 from train.stage_a import StageATraining
+from tests.test_data import img_bytes, write_tar
+from tests.tiny_stages import TINY_A, stage_a_args
 
-SIZE = json.dumps(dict(widths=[8, 16], bottleneck_blocks=1, codebook_size=64))
-
-
-def stage_a_args(root: Path, openmoji_dir: Path, *extra: str, steps: int = 2) -> list[str]:
-    """A tiny Stage A run from the shipped config: a checkpoint every step, no validation."""
-    return ["fit", "--config", str(ROOT / "configs" / "stage_a" / "tiny.yaml"),
-            "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
-            "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "0",
-            "--model.init_args.size", SIZE, "--model.init_args.disc_widths", "[8, 16]",
-            "--model.init_args.adv_start_step", "1",
-            "--data.init_args.embedded_dir", str(openmoji_dir), "--data.init_args.num_workers", "0",
-            "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4", "--data.init_args.shuffle_buffer", "8",
-            *extra]
 
 
 @pytest.fixture(scope="module")
@@ -46,22 +31,6 @@ def stage_a_run(openmoji_dir, tmp_path_factory) -> Path:
     cli_main(stage_a_args(root, openmoji_dir))
     assert (root / "tiny" / "version_0" / "checkpoints" / "last.ckpt").is_file()
     return root
-
-
-def png(size=(16, 16)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (200, 30, 30)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_tar(path: Path, samples: dict[str, bytes]) -> Path:
-    """``{key.ext: bytes}`` as one tar shard."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in samples.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def first_pass(source: str, **kw):
@@ -121,26 +90,27 @@ def test_shards_that_cannot_be_opened_are_counted_by_cause(tmp_path):
 
 
 def test_every_sample_undecodable(tmp_path):
-    write_tar(tmp_path / "s.tar", {f"k{i}.png": b"garbage" for i in range(3)})
+    write_tar(tmp_path / "s.tar", [(f"k{i}", {"png": b"garbage"}) for i in range(3)])
     with pytest.raises(ValueError, match=r"s\.tar \(yielded 0, skipped: corrupt_sample 3\)"):
         first_pass(str(tmp_path / "s.tar"))
 
 
 def test_nothing_passes_min_size(tmp_path):
-    write_tar(tmp_path / "s.tar", {f"k{i}.png": png((16, 16)) for i in range(5)})
+    write_tar(tmp_path / "s.tar", [(f"k{i}", {"png": img_bytes()}) for i in range(5)])
     with pytest.raises(ValueError, match=r"skipped: too_small 5\).*lower min_size"):
         first_pass(str(tmp_path / "s.tar"), min_size=64)
 
 
 def test_nothing_passes_min_size_with_a_known_count(tmp_path):
-    write_tar(tmp_path / "s.tar", {f"k{i}.png": png((16, 16)) for i in range(5)})
+    write_tar(tmp_path / "s.tar", [(f"k{i}", {"png": img_bytes()}) for i in range(5)])
     with pytest.raises(ValueError, match=r"no readable sample for rank 0 worker 0 in .*s\.tar .*too_small 5"):
         first_pass(str(tmp_path / "s.tar"), min_size=64, train_count=5)
 
 
 @pytest.mark.parametrize("side", [100_000, 10_000], ids=["beyond_the_limit", "warned_by_pil"])
 def test_decompression_bombs_are_skipped_and_counted(tmp_path, side):
-    write_tar(tmp_path / "s.tar", {"bomb.png": bomb_png(side), **{f"k{i}.png": png() for i in range(4)}})
+    write_tar(tmp_path / "s.tar", [("bomb", {"png": bomb_png(side)})] + [(f"k{i}", {"png": img_bytes()})
+                                                                          for i in range(4)])
     dm = ImageTextData(train=str(tmp_path / "s.tar"), val=None, image_size=16, batch_size=2, num_workers=0)
     dm.setup("fit")
     assert len(list(dm.train_dataloader())) == 2
@@ -149,8 +119,9 @@ def test_decompression_bombs_are_skipped_and_counted(tmp_path, side):
 
 
 def test_precompute_skips_and_counts_a_decompression_bomb(tmp_path, capsys):
-    write_tar(tmp_path / "s.tar", {"bomb.png": bomb_png(), **{f"k{i}.png": png() for i in range(3)}})
-    a = StageA(json.loads(SIZE))
+    write_tar(tmp_path / "s.tar", [("bomb", {"png": bomb_png()})] + [(f"k{i}", {"png": img_bytes()})
+                                                                     for i in range(3)])
+    a = StageA(TINY_A)
     save_safetensors(a, tmp_path / "a.safetensors", "stage_a", a.config.to_dict())
     manifest = precompute(["--shards", str(tmp_path / "s.tar"), "--out", str(tmp_path / "out"), "--stage-a",
                            str(tmp_path / "a.safetensors"), "--image-size", "16"])
@@ -158,19 +129,19 @@ def test_precompute_skips_and_counts_a_decompression_bomb(tmp_path, capsys):
 
 
 def test_fewer_samples_than_a_batch_stops(tmp_path):
-    write_tar(tmp_path / "s.tar", {"only.png": png(), "bad.png": b"x"})
+    write_tar(tmp_path / "s.tar", [("only", {"png": img_bytes()}), ("bad", {"png": b"x"})])
     with pytest.raises(ValueError, match=r"no batch of 2 .*yielded 1, skipped: corrupt_sample 1\)"):
         first_pass(str(tmp_path / "s.tar"))
 
 
 def test_counts_from_a_worker_process_reach_the_message(tmp_path):
-    write_tar(tmp_path / "s.tar", {f"k{i}.png": png((16, 16)) for i in range(4)})
+    write_tar(tmp_path / "s.tar", [(f"k{i}", {"png": img_bytes()}) for i in range(4)])
     with pytest.raises(ValueError, match=r"yielded 0, skipped: too_small 4\)"):
         first_pass(str(tmp_path / "s.tar"), min_size=64, num_workers=1)
 
 
 def test_an_error_in_a_worker_keeps_its_one_line_message(tmp_path):
-    write_tar(tmp_path / "s.tar", {f"k{i}.png": png((16, 16)) for i in range(4)})
+    write_tar(tmp_path / "s.tar", [(f"k{i}", {"png": img_bytes()}) for i in range(4)])
     with pytest.raises(ValueError) as e:
         first_pass(str(tmp_path / "s.tar"), min_size=64, num_workers=1, train_count=4)
     assert str(e.value).startswith("no readable sample for rank 0 worker 0") and "\n" not in str(e.value)
@@ -179,13 +150,13 @@ def test_an_error_in_a_worker_keeps_its_one_line_message(tmp_path):
 
 def test_image_folder_all_smaller_than_min_size(tmp_path):
     for i in range(3):
-        (tmp_path / f"{i}.png").write_bytes(png((16, 16)))
+        (tmp_path / f"{i}.png").write_bytes(img_bytes())
     with pytest.raises(ValueError, match="none of the 3 images under .* is at least min_size 64 px"):
         first_pass(str(tmp_path), min_size=64)
 
 
 def test_image_folder_smaller_than_a_batch(tmp_path):
-    (tmp_path / "one.png").write_bytes(png())
+    (tmp_path / "one.png").write_bytes(img_bytes())
     with pytest.raises(ValueError, match=r"1 images in .* make no batch of 2; lower batch_size"):
         first_pass(str(tmp_path))
 
@@ -349,7 +320,7 @@ def test_command_line_prints_one_line(tmp_path):
 # ------------------------------------------------------------------ 4. NaN advice
 
 def _nan_fit(openmoji_dir, tmp_path, monkeypatch, nan_from_step: int) -> str:
-    module = StageATraining(size=json.loads(SIZE), disc_widths=[8, 16], ema_decay=0.9)
+    module = StageATraining(size=TINY_A, disc_widths=[8, 16], ema_decay=0.9)
     forward = module.model.forward
 
     def maybe_nan(images, quantize=True):
