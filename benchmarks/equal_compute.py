@@ -447,6 +447,12 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def shown(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (the defaults are absolute)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+
+
 def describe(config: str, snapshot: Path | None) -> dict:
     """The side's config file, and the network its last snapshot holds (config and parameters)."""
     out = {"config": config, "size": yaml.safe_load(Path(config).read_text())["model"]["init_args"].get("size"),
@@ -479,9 +485,9 @@ def main(argv: list[str] | None = None) -> dict:
         "evaluation": f"prompt sets {args.prompt_sets}, limit {args.eval_limit or 'none'}, gallery "
                       f"{args.gallery_limit or 'whole set'}, seeds per batch as sample.evaluate",
         "chance_top5": first.get("chance_top5"),
-        "stage_c": {**describe(args.stage_c_config, last.get("stage_c")), "stage_b": args.stage_b,
-                    "stage_a": args.stage_a, "compressor": args.compressor},
-        "baseline": {**describe(args.baseline_config, last.get("baseline")), "stage_a": args.stage_a},
+        "stage_c": {**describe(args.stage_c_config, last.get("stage_c")), "stage_b": shown(args.stage_b),
+                    "stage_a": shown(args.stage_a), "compressor": shown(args.compressor)},
+        "baseline": {**describe(args.baseline_config, last.get("baseline")), "stage_a": shown(args.stage_a)},
         "stage_b_cost": shift_b, "points": [p for side in args.sides for p in points[side]],
         "sampling": sampling, "verdict": verdict,
         "extra_arguments": {"train": args.train_arg, "stage_c": args.stage_c_arg, "baseline": args.baseline_arg,
