@@ -22,12 +22,10 @@ from train.engine import DiffusionTraining, Latents, TextCondition, compressor_f
 class PriorValidation:
     """The validation grid of a prior (v2's and v3's Stage C): text -> prior -> Stage B -> Stage A for the first
     captions of batch 0, and their previews (a row below, or the only one without Stage B) when a previewer is
-    given. A prior supplies ``sample_grid_latents`` and ``decoder_guidance``."""
+    given. A prior supplies ``sample_grid_latents(captions, size, generator)`` (its sampled latents on its
+    compressor's grid) and ``decoder_guidance``."""
 
     decoder_guidance = 1.0
-
-    def sample_grid_latents(self, captions: list[str], size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
 
     def validation_images(self, batch: dict, batch_idx: int, gen: torch.Generator):
         h = self.hparams
