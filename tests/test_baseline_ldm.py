@@ -89,3 +89,14 @@ def test_evaluate_refuses_bad_baseline_requests_before_any_work(tmp_path, capsys
     with pytest.raises(SystemExit):
         evaluate_main(["--baseline-ldm", str(tmp_path / "nowhere.safetensors"), "--previewer", "p.safetensors"])
     assert "--previewer renders Stage C's latents" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", ["0", "-2.46"])
+def test_refuses_a_non_positive_latent_scale_before_training(scale, tiny_bundle, tmp_path, capsys):
+    code, err = run_main(cli_main, ["fit", "--config", "configs/baseline_ldm/tiny.yaml",
+                                    "--trainer.default_root_dir", str(tmp_path / "runs"),
+                                    "--model.init_args.size", json.dumps(TINY),
+                                    "--model.init_args.stage_a", str(tiny_bundle / "stage_a.safetensors"),
+                                    "--model.init_args.latent_scale", scale], capsys)
+    assert_error(code, err, "latent_scale must be a positive number", scale)
+    assert not (tmp_path / "runs").exists()

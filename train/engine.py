@@ -13,6 +13,7 @@ or the same names read from precomputed shards; validation loss at fixed noise a
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +246,11 @@ class Latents:
     key: str
     shift: float = 0.0
     scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"latent_scale must be a positive number (the latents' standard deviation), got "
+                             f"{self.scale}: set it in the config's model.init_args")
 
     def __call__(self, engine: "DiffusionTraining", batch: dict, train: bool) -> torch.Tensor:
         return normalize_latents(engine.encode(self.key, batch, train), self.shift, self.scale)
