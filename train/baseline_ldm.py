@@ -43,8 +43,6 @@ class BaselineLDMTraining(DiffusionTraining):
         self.conditions = [TextCondition(text_drop_prob)]
         self.setup_parts(ema_decay)
 
-    def trained_on(self) -> dict[str, tuple[str, str]]:
-        return {"stage_a_fingerprint": (self.stage_a_fingerprint, "Stage A")}
 
     def validation_images(self, batch: dict, batch_idx: int, gen: torch.Generator):
         """Batch 0 only: text -> baseline -> Stage A for the first captions."""

@@ -106,8 +106,6 @@ class ControlNetTraining(DiffusionTraining):
         self.conditions = [TextCondition(text_drop_prob), ControlCondition(control, outpaint_prob)]
         self.setup_parts(ema_decay)
 
-    def trained_on(self) -> dict[str, tuple[str, str]]:
-        return {"stage_c_fingerprint": (self.stage_c_fingerprint, "Stage C")}
 
     def inputs(self, batch: dict, train: bool):
         x0, (text, control) = super().inputs(batch, train)

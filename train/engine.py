@@ -80,11 +80,17 @@ def training_cost(meta: dict) -> dict:
     return {f"init_{k}": meta[k] + meta.get(f"init_{k}", 0) for k in ("global_step", "wall_time_s") if k in meta}
 
 
+# the fingerprints of frozen inputs a stage records when it uses them (``use_stage_a`` sets Stage A's)
+FROZEN_INPUTS = {"stage_a_fingerprint": "Stage A", "compressor_fingerprint": "semantic compressor",
+                 "stage_c_fingerprint": "Stage C"}
+
+
 class StageTraining(L.LightningModule):
     """What every stage's LightningModule shares. Subclasses set ``stage``, ``frozen`` (prefixes of networks
     rebuilt on load, never saved), ``self.model`` and ``self.ema`` (``ema_of(model)`` or None), and
     implement ``export_metadata()``; ``trained_on()`` names the fingerprints of the frozen inputs the stage
-    depends on (``{key: (fingerprint, what)}``); resuming with other ones is refused."""
+    depends on (``{key: (fingerprint, what)}``, from the ``FROZEN_INPUTS`` attributes it set); resuming with other
+    ones is refused."""
 
     stage: str = ""
     frozen: tuple[str, ...] = ()
@@ -98,7 +104,7 @@ class StageTraining(L.LightningModule):
         return "Stage " + self.stage.removeprefix("stage_").upper() if self.stage.startswith("stage_") else "pixel decoder"
 
     def trained_on(self) -> dict[str, tuple[str, str]]:
-        return {}
+        return {key: (getattr(self, key), what) for key, what in FROZEN_INPUTS.items() if hasattr(self, key)}
 
     # -- weights --------------------------------------------------------------------------------
     def averaged(self) -> list[tuple[AveragedModel, nn.Module]]:
@@ -330,6 +336,19 @@ class DiffusionTraining(StageTraining):
             self.perceptual = Perceptual(metric_net) if metric_net else None
             self.val_lpips = torchmetrics.MeanMetric()
             self.val_fid = fid_metric() if val_fid else None
+
+    def setup_decoder(self, model: nn.Module, config_of, init_from: str | None, semantic_noise_prob: float,
+                      semantic_noise_max_t: float, semantic_drop_prob: float, text_drop_prob: float) -> None:
+        """A Stage B's parts (v2 and v3; paper Sec. 3.2): ``model`` (continued from ``init_from``, which must share
+        this run's Stage A and compressor) generates Stage A's latents from the compressor's latents (noised at a
+        random t < ``semantic_noise_max_t`` with probability ``semantic_noise_prob``, zeroed with
+        ``semantic_drop_prob``) and the text (dropped with ``text_drop_prob``)."""
+        self.model = model
+        self.start_from(init_from, config_of, {**self.trained_on(), "compressor_fingerprint": (
+            fingerprint(self.compressor), "semantic compressor")})
+        self.target = Latents("stage_a")
+        self.conditions = [SemanticCondition(noise_prob=semantic_noise_prob, noise_max_t=semantic_noise_max_t,
+                                             drop_prob=semantic_drop_prob), TextCondition(text_drop_prob)]
 
     def start_from(self, init_from: str | None, config_of, checks: dict, settings: dict | None = None) -> None:
         """Load ``init_from`` (an export or run of this stage) into ``model``; refused when it was trained on other

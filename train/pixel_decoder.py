@@ -122,8 +122,6 @@ class PixelDecoderTraining(DiffusionTraining):
         self.init_fingerprint = fingerprint(model)
         return model, meta.get("logsnr_shift")
 
-    def trained_on(self) -> dict[str, tuple[str, str]]:
-        return {"compressor_fingerprint": (self.compressor_fingerprint, "semantic compressor")}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.semantic_size = batch["image"].shape[-2]

@@ -17,7 +17,6 @@ Precomputed shards hold v2's text states only: v3 trains from images.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from diffusion import AdaptiveLossWeight, CosineSchedule, Denoiser, pyramid_noise
 from pipeline.cascade_conditioning import build_pooled_text_encoder, split
@@ -25,7 +24,7 @@ from pipeline.cascade import RELEASE, CascadeDecoder, CascadePrior, load_cascade
 from weights.checkpoint import fingerprint
 from weights.loaders import load_previewer
 from stages.stable_cascade import StageB3, StageC3, stage_b3_config, stage_c3_config
-from train.engine import DiffusionTraining, Latents, SemanticCondition, TextCondition, compressor_for
+from train.engine import DiffusionTraining, Latents, TextCondition, compressor_for
 from train.stage_c import PriorValidation
 
 LOSS_WEIGHTS = ("adaptive", "p2")  # the release's two (gdf AdaptiveLossWeight, P2LossWeight)
@@ -106,8 +105,6 @@ class StageC3Training(PriorValidation, CascadeTraining):
         self.conditions = [TextCondition(text_drop_prob)]
         self.setup_parts(ema_decay, lora=lora)
 
-    def trained_on(self) -> dict[str, tuple[str, str]]:
-        return {"compressor_fingerprint": (self.compressor_fingerprint, "semantic compressor")}
 
     def inputs(self, batch: dict, train: bool):
         x0, (packed,) = super().inputs(batch, train)
@@ -153,16 +150,10 @@ class StageB3Training(CascadeTraining):
                              "compressor.safetensors or Stage B run folder")
         self.compressor = compressor_for(compressor, config.c_semantic, "Stage B")
         self.text_encoder = self.pooled_text_encoder(text_encoder, {config.c_pooled}, f"Stage B size {size!r}")
-        self.model = StageB3(config)
-        self.start_from(init_from, stage_b3_config, {**self.trained_on(), "compressor_fingerprint": (
-            fingerprint(self.compressor), "semantic compressor")})
-        self.target = Latents("stage_a")
-        self.conditions = [SemanticCondition(noise_prob=semantic_noise_prob, noise_max_t=semantic_noise_max_t,
-                                             drop_prob=semantic_drop_prob), TextCondition(text_drop_prob)]
+        self.setup_decoder(StageB3(config), stage_b3_config, init_from, semantic_noise_prob, semantic_noise_max_t,
+                           semantic_drop_prob, text_drop_prob)
         self.setup_parts(ema_decay, metric_net, val_fid, lora)
 
-    def trained_on(self) -> dict[str, tuple[str, str]]:
-        return {"stage_a_fingerprint": (self.stage_a_fingerprint, "Stage A")}
 
     def inputs(self, batch: dict, train: bool):
         x0, (semantic, packed) = super().inputs(batch, train)

@@ -12,8 +12,7 @@ import torch
 from weights.checkpoint import fingerprint, save_safetensors
 from pipeline.decoders import SemanticDecoder
 from stages.stage_b import StageB, stage_b_config
-from train.engine import (DiffusionTraining, Latents, SemanticCondition, TextCondition, compressor_for,
-                          text_encoder_for)
+from train.engine import DiffusionTraining, compressor_for, text_encoder_for
 
 
 class StageBTraining(DiffusionTraining):
@@ -47,16 +46,10 @@ class StageBTraining(DiffusionTraining):
         if cache_latents and self.compressor.trainable == "all":
             raise ValueError("cache_latents needs a frozen compressor backbone: set compressor to a trained "
                              "compressor.safetensors or Stage B run folder, or its trainable to 'head'")
-        self.model = StageB(config)
-        self.start_from(init_from, stage_b_config, {**self.trained_on(), "compressor_fingerprint": (
-            fingerprint(self.compressor), "semantic compressor")})
-        self.target = Latents("stage_a")
-        self.conditions = [SemanticCondition(noise_prob=semantic_noise_prob, noise_max_t=semantic_noise_max_t,
-                                             drop_prob=semantic_drop_prob), TextCondition(text_drop_prob)]
+        self.setup_decoder(StageB(config), stage_b_config, init_from, semantic_noise_prob, semantic_noise_max_t,
+                           semantic_drop_prob, text_drop_prob)
         self.setup_parts(ema_decay, metric_net, val_fid, lora)
 
-    def trained_on(self) -> dict[str, tuple[str, str]]:
-        return {"stage_a_fingerprint": (self.stage_a_fingerprint, "Stage A")}
 
     def validation_images(self, batch: dict, batch_idx: int, gen: torch.Generator):
         images, h = batch["image"], self.hparams

@@ -77,8 +77,6 @@ class StageCTraining(PriorValidation, DiffusionTraining):
         self.conditions = [TextCondition(text_drop_prob)]
         self.setup_parts(ema_decay, lora=lora)
 
-    def trained_on(self) -> dict[str, tuple[str, str]]:
-        return {"compressor_fingerprint": (self.compressor_fingerprint, "semantic compressor")}
 
     def sample_grid_latents(self, captions: list[str], size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
         h = self.hparams
