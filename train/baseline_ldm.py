@@ -43,7 +43,6 @@ class BaselineLDMTraining(DiffusionTraining):
         self.conditions = [TextCondition(text_drop_prob)]
         self.setup_parts(ema_decay)
 
-
     def validation_images(self, batch: dict, batch_idx: int, gen: torch.Generator):
         """Batch 0 only: text -> baseline -> Stage A for the first captions."""
         h = self.hparams

@@ -106,7 +106,6 @@ class ControlNetTraining(DiffusionTraining):
         self.conditions = [TextCondition(text_drop_prob), ControlCondition(control, outpaint_prob)]
         self.setup_parts(ema_decay)
 
-
     def inputs(self, batch: dict, train: bool):
         x0, (text, control) = super().inputs(batch, train)
         texts = list(split(text)) if self.version == "stage_c3" else [text]

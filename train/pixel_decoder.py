@@ -122,7 +122,6 @@ class PixelDecoderTraining(DiffusionTraining):
         self.init_fingerprint = fingerprint(model)
         return model, meta.get("logsnr_shift")
 
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.semantic_size = batch["image"].shape[-2]
         return super().training_step(batch, batch_idx)

@@ -38,7 +38,6 @@ class PreviewerTraining(StageTraining):
         self.ema = ema_of(self.model, ema_decay) if ema_decay else None
         self.val_psnr = torchmetrics.image.PeakSignalNoiseRatio(data_range=1.0)
 
-
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """The images at the previewer's output size: the latent grid times its upsampling factor."""
         h, w = self.compressor.latent_grid(*images.shape[-2:])

@@ -105,7 +105,6 @@ class StageC3Training(PriorValidation, CascadeTraining):
         self.conditions = [TextCondition(text_drop_prob)]
         self.setup_parts(ema_decay, lora=lora)
 
-
     def inputs(self, batch: dict, train: bool):
         x0, (packed,) = super().inputs(batch, train)
         return x0, list(split(packed))
@@ -153,7 +152,6 @@ class StageB3Training(CascadeTraining):
         self.setup_decoder(StageB3(config), stage_b3_config, init_from, semantic_noise_prob, semantic_noise_max_t,
                            semantic_drop_prob, text_drop_prob)
         self.setup_parts(ema_decay, metric_net, val_fid, lora)
-
 
     def inputs(self, batch: dict, train: bool):
         x0, (semantic, packed) = super().inputs(batch, train)

@@ -50,7 +50,6 @@ class StageBTraining(DiffusionTraining):
                            semantic_drop_prob, text_drop_prob)
         self.setup_parts(ema_decay, metric_net, val_fid, lora)
 
-
     def validation_images(self, batch: dict, batch_idx: int, gen: torch.Generator):
         images, h = batch["image"], self.hparams
         semantic = self.eval_compressor(images)

@@ -77,7 +77,6 @@ class StageCTraining(PriorValidation, DiffusionTraining):
         self.conditions = [TextCondition(text_drop_prob)]
         self.setup_parts(ema_decay, lora=lora)
 
-
     def sample_grid_latents(self, captions: list[str], size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
         h = self.hparams
         prior = Prior(self.eval_model, self.text_encoder, h.latent_shift, h.latent_scale,
