@@ -293,6 +293,21 @@ def test_cli_training_few_steps(tiny_bundle, openmoji_dir, tmp_path):
     assert controlnet.config.c_out == 32 and not controlnet.training
 
 
+def test_cli_training_refuses_a_stage_b_of_another_compressor(tiny_bundle, tmp_path):
+    state = load_file(tiny_bundle / "stage_b.safetensors")
+    meta = read_metadata(tiny_bundle / "stage_b.safetensors")
+    extra = {k: v for k, v in meta.items() if k not in ("stage", "config", "checksum", "path")}
+    save_tensors(state, tmp_path / "other_b.safetensors", "stage_b", meta["config"],
+                 extra={**extra, "compressor_fingerprint": "0123456789abcdef"})
+    with pytest.raises(ValueError, match="Stage B .*other_b.safetensors was trained on another semantic compressor"):
+        cli_main(["fit", "--config", "configs/controlnet/tiny_canny.yaml", "--trainer.default_root_dir",
+                  str(tmp_path / "runs"), "--model.init_args.stage_c", str(tiny_bundle / "stage_c.safetensors"),
+                  "--model.init_args.compressor", str(tiny_bundle / "compressor.safetensors"),
+                  "--model.init_args.stage_b", str(tmp_path / "other_b.safetensors"),
+                  "--model.init_args.size", json.dumps(TINY_CN), "--model.init_args.pretrained", "false"])
+    assert not (tmp_path / "runs").exists()
+
+
 def test_sr_control_is_the_compressors_latents_of_the_half_size_image_upsampled():
     compressor = SemanticCompressor(pretrained=False, trainable="none").eval()
     images = torch.rand(2, 3, 128, 128)

@@ -21,10 +21,9 @@ import torch.nn.functional as F
 
 from diffusion import CosineSchedule, Denoiser
 from imagedata.filters import random_masks
-from pipeline.cascade import load_cascade_decoder, load_cascade_prior
+from pipeline.cascade import load_any_decoder, load_cascade_prior
 from pipeline.cascade_conditioning import split
 from pipeline.controlnet import control_of
-from pipeline.decoders import load_semantic_decoder
 from pipeline.text_to_image import load_prior
 from stages.controlnet import STAGE, ControlledStageC, ControlNet, check_fits, controlnet_config
 from weights.checkpoint import fingerprint, read_metadata, resolve_checkpoint, save_tensors
@@ -67,7 +66,7 @@ class ControlNetTraining(DiffusionTraining):
     inpaint or sr; ``size``: a ControlNet preset (``tiny`` for the tiny v2 Stage C, ``sc_tiny`` for the tiny
     v3 one, ``paper``, ``sc_big``) or its fields; ``compressor``: the one Stage C was trained on.
     ``pretrained``: the control encoder starts from ImageNet weights (``weights``: a local file for
-    EfficientNetV2-S). ``stage_b``: a decoder (v2 or v3, matching Stage C) for validation grids."""
+    EfficientNetV2-S). ``stage_b``: a decoder (v2 or v3, on the same compressor) for validation grids."""
 
     stage = STAGE
     frozen = ("stage_c.", "compressor.", "text_encoder.", "decoder.")
@@ -99,8 +98,10 @@ class ControlNetTraining(DiffusionTraining):
         self.start_from(init_from, controlnet_config, self.trained_on())
         self.decoder = None
         if stage_b:
-            load_decoder = load_cascade_decoder if self.version == "stage_c3" else load_semantic_decoder
-            self.decoder = load_decoder(stage_b).requires_grad_(False)
+            if read_metadata(resolve_checkpoint(stage_b)).get("compressor_fingerprint") not in (None, compressor_fp):
+                raise ValueError(f"Stage B {stage_b} was trained on another semantic compressor than {compressor}; "
+                                 "pass a Stage B trained on Stage C's compressor (or stage_b null)")
+            self.decoder = load_any_decoder(stage_b).requires_grad_(False)  # a v2 or v3 Stage B on that compressor
         shift, scale = (0.0, 1.0) if self.version == "stage_c3" else (self.prior.latent_shift, self.prior.latent_scale)
         self.target = Latents("semantic", shift, scale)
         self.conditions = [TextCondition(text_drop_prob), ControlCondition(control, outpaint_prob)]
