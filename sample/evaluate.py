@@ -26,6 +26,7 @@ of the prompt Stage C has fixed before any decoder). ``--skip-ceilings`` leaves 
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ from weights.loaders import load_any_previewer, load_compressor, load_stage_a
 from weights.checkpoint import fingerprint, resolve_checkpoint
 from common.cli import at_least, comma_list, positive_int, shown, emit
 from common.errors import run_command
-from common.files import write_json, write_text
+from common.files import write_atomic, write_json, write_text
 from imagedata.embedded import openmoji_split
 from common.metrics import InceptionFeatures, fid_metric
 from stages.stage_a import StageA
@@ -87,6 +88,13 @@ def whole_set(data_dir: str, size: int, limit: int | None = None) -> tuple[torch
     return torch.stack([s["image"] for s in samples]), [s["caption"] for s in samples]
 
 
+def save_cache(path: Path, data) -> None:
+    """A gallery cache written atomically: a killed run never leaves half a file to be loaded next time."""
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    write_atomic(path, buffer.getbuffer())
+
+
 def gallery(data_dir: str, net: InceptionFeatures, size: int, batch_size: int,
             limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """Inception features and captions of every embedded emoji (val, then train), cached next to the shards.
@@ -99,17 +107,23 @@ def gallery(data_dir: str, net: InceptionFeatures, size: int, batch_size: int,
         return saved["features"], saved["captions"]
     images, captions = whole_set(data_dir, size, limit)
     feats = features(net, images, batch_size, "Inception features of the whole set")
-    torch.save({"features": feats, "captions": captions}, cache)
+    save_cache(cache, {"features": feats, "captions": captions})
     return feats, captions
 
 
 @torch.no_grad()
 def latent_gallery(data_dir: str, compressor: torch.nn.Module, size: int, batch_size: int,
                    limit: int | None = None) -> torch.Tensor:
-    """Compressor latents of every embedded emoji, flattened, in ``gallery``'s order (val, then train)."""
+    """Compressor latents of every embedded emoji, flattened, in ``gallery``'s order (val, then train); cached next
+    to the shards by the compressor's fingerprint."""
+    cache = Path(data_dir) / f"compressor_gallery_{size}{f'_first{limit}' if limit else ''}_{fingerprint(compressor)}.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
     images, _ = whole_set(data_dir, size, limit)
-    return torch.cat([compressor(images[i:i + batch_size]).flatten(1)
-                      for i in tqdm(range(0, len(images), batch_size), desc="compressor latents of the whole set")])
+    latents = torch.cat([compressor(images[i:i + batch_size]).flatten(1)
+                         for i in tqdm(range(0, len(images), batch_size), desc="compressor latents of the whole set")])
+    save_cache(cache, latents)
+    return latents
 
 
 def top5_hits(generated: torch.Tensor, gallery_feats: torch.Tensor, gallery_captions: list[str],

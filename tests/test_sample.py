@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import sample.evaluate as evaluate_module
 from common.errors import run_command
 from pipeline.text_to_image import load_text_to_image
 from sample.__main__ import main
@@ -186,13 +187,17 @@ def test_evaluate_prints_scores_for_text_to_image_and_true_latents(bundle, openm
     assert ceilings["stage_a_alone"] == report["stage_a_alone"]
 
 
-def test_latent_gallery_follows_the_inception_gallery_order(bundle, openmoji_dir):
+def test_latent_gallery_follows_the_inception_gallery_order_and_is_cached(bundle, openmoji_dir, monkeypatch):
     compressor = load_compressor(bundle / "compressor.safetensors")
     images, captions = whole_set(str(openmoji_dir), 64, limit=6)
     latents = latent_gallery(str(openmoji_dir), compressor, 64, batch_size=4, limit=6)
     assert len(captions) == 6 and latents.shape[0] == 6
     with torch.no_grad():
         assert torch.allclose(latents[5], compressor(images[5:6]).flatten(), atol=1e-5)
+    cache = openmoji_dir / f"compressor_gallery_64_first6_{fingerprint(compressor)}.pt"
+    assert cache.is_file()  # the next evaluation with this compressor reads it instead of encoding the set
+    monkeypatch.setattr(evaluate_module, "whole_set", None)
+    assert torch.equal(latent_gallery(str(openmoji_dir), compressor, 64, batch_size=4, limit=6), latents)
 
 
 def test_top5_hits_counts_the_target_among_the_five_nearest():
