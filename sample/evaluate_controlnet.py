@@ -6,8 +6,9 @@ the same prompts and seeds without it (control scale 0, which is Stage C alone b
 Prints JSON. For a canny ControlNet, each val image's Canny edges steer the sampling of its own caption;
 scores: edge precision, recall and F1 between the Canny edges of the generated image and the control edges,
 an edge pixel counting as matched when one of the other set lies within ``tolerance`` px (Chebyshev
-distance, a square of side 2 * tolerance + 1), for each ``--tolerances``; and the top-5 caption retrieval
-of the generated images (``sample.evaluate``). For an inpaint ControlNet, each val image is kept outside a
+distance, a square of side 2 * tolerance + 1), for each ``--tolerances``, pooled over the images; per image,
+how many images have the higher F1 with the ControlNet than without, and the sign test's p-value; and the
+top-5 caption retrieval of the generated images (``sample.evaluate``). For an inpaint ControlNet, each val image is kept outside a
 random mask (``imagedata.filters.random_masks``, fixed seed, no outpainting) and the prompt is the next
 val image's caption (new content for the masked region); scores: PSNR against the source image outside
 the mask (kept) and inside it, the top-5 retrieval of the prompt's caption and of the source image's.
@@ -20,7 +21,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from common.cli import check_output, emit, positive_int
+from common.cli import at_least, check_output, emit, positive_int
 from common.errors import run_command
 from imagedata.filters import canny, random_masks
 from pipeline.cascade import load_cascade_text_to_image
@@ -45,6 +46,21 @@ def edge_scores(generated: torch.Tensor, control: torch.Tensor, tolerance: int) 
     return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4)}
 
 
+def edge_f1_per_image(generated: torch.Tensor, control: torch.Tensor, tolerance: int) -> torch.Tensor:
+    """``edge_scores``' F1 of each image on its own (B,)."""
+    return torch.tensor([edge_scores(g[None], c[None], tolerance)["f1"] for g, c in zip(generated, control)])
+
+
+def paired_sign_test(with_: torch.Tensor, without: torch.Tensor) -> dict:
+    """Per-image comparison of a score with and without the ControlNet (same prompt and seed): how many images
+    score higher with it, lower, the same, and the two-sided sign-test p-value over the untied ones."""
+    better, worse = int((with_ > without).sum()), int((with_ < without).sum())
+    untied, fewer = better + worse, min(better, worse)
+    p = min(1.0, 2 * sum(math.comb(untied, k) for k in range(fewer + 1)) / 2 ** untied) if untied else 1.0
+    return {"images_higher_with": better, "images_lower_with": worse, "images_tied": len(with_) - untied,
+            "sign_test_p": round(p, 4)}
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
     """PSNR (dB, peak 1) of ``a`` against ``b`` over the pixels where ``where`` (B, 1, H, W) is 1."""
     where = where.expand_as(a)
@@ -57,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--controlnet", required=True, help="ControlNet export or run folder (canny or inpaint)")
     ap.add_argument("--stage-c", default=str(SHIPPED / "stage_c.safetensors"))
     ap.add_argument("--stage-b", default=str(SHIPPED / "stage_b.safetensors"))
+    ap.add_argument("--stage-a", default=None, help="default: the Stage A that Stage B recorded")
     ap.add_argument("--data-dir", default="data/openmoji", help="the embedded set (its gallery cache is reused)")
     ap.add_argument("--limit", type=positive_int, default=None,
                     help="N val images evenly spaced over the split (default all 185; the split is ordered by category)")
@@ -66,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--guidance", type=float, default=4.0, help="Stage C guidance")
     ap.add_argument("--tolerances", default="1,2,4", help="canny: edge match tolerances in px")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gallery-limit", type=at_least(5), default=None,
+                    help="retrieval searches only the first N emoji, N >= 5 (quick checks)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     if args.out:
@@ -76,14 +95,14 @@ def main(argv: list[str] | None = None) -> dict:
     if kind not in ("canny", "inpaint"):
         raise ValueError(f"{path} is a {kind} ControlNet; this evaluation scores canny and inpaint ControlNets")
     load = load_cascade_text_to_image if is_cascade(args.stage_c) else load_text_to_image
-    pipe = load(args.stage_c, args.stage_b)
+    pipe = load(args.stage_c, args.stage_b, args.stage_a)
     pipe.attach_control(load_control(path, pipe.prior.model, args.stage_c))
     samples = openmoji_split(args.data_dir, "val", 128)
     keep = torch.linspace(0, len(samples) - 1, min(args.limit or len(samples), len(samples))).round().long().tolist()
     real = torch.stack([samples[i]["image"] for i in keep])
     captions = [samples[i]["caption"] for i in keep]
     net = InceptionFeatures()
-    gallery_feats, gallery_captions = gallery(args.data_dir, net, 128, args.batch_size)
+    gallery_feats, gallery_captions = gallery(args.data_dir, net, 128, args.batch_size, args.gallery_limit)
     shuffled = captions[1:] + captions[:1]  # image i with the next image's caption: never its own
     prompts = captions if kind == "canny" else shuffled
     masks = random_masks(len(real), 128, 128, torch.Generator().manual_seed(args.seed), outpaint_prob=0.0)
@@ -113,6 +132,12 @@ def main(argv: list[str] | None = None) -> dict:
                       "top5_retrieval_prompt_caption": top5(shuffled),
                       "top5_retrieval_source_caption": top5(captions)}
         report[f"{name}_controlnet"] = scores
+    if kind == "canny":  # paired: the same prompt, seed and control with and without the ControlNet
+        control = canny(real)
+        per_image = {name: {t: edge_f1_per_image(canny(images), control, t) for t in tolerances}
+                     for name, images in generated.items()}
+        report["edge_f1_per_image"] = {f"tolerance_{t}px": paired_sign_test(per_image["with"][t], per_image["without"][t])
+                                       for t in tolerances}
     emit(report, args.out)
     return report
 

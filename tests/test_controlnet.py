@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 from imagedata.filters import canny, check_mask, downscale, inpaint_control, random_masks
 from pipeline.controlnet import Control, as_edge_map, control_of, load_control
 from sample.__main__ import main as sample_main
+from sample.evaluate_controlnet import edge_scores, paired_sign_test
+from sample.evaluate_controlnet import main as evaluate_controlnet
 from semantic_compressor import SemanticCompressor
 from stages.controlnet import ControlledStageC, ControlNet, controlnet_config
 from stages.stable_cascade import StageC3
@@ -317,3 +319,29 @@ def test_sr_control_is_the_compressors_latents_of_the_half_size_image_upsampled(
     assert torch.allclose(control[..., ::2, ::2], half)
     features = ControlNet(controlnet_config(TINY_CN, "sr"), pretrained=False)(control)
     assert features[0].shape[:2] == (2, 32)
+
+
+def test_edge_scores_and_the_paired_sign_test():
+    control = torch.zeros(1, 1, 16, 16)
+    control[..., 8, 2:14] = 1
+    shifted = torch.roll(control, 1, dims=-2)  # the same line one pixel lower
+    assert edge_scores(control, control, 0)["f1"] == 1.0
+    assert edge_scores(shifted, control, 0)["f1"] == 0.0 and edge_scores(shifted, control, 1)["f1"] == 1.0
+    report = paired_sign_test(torch.tensor([0.9] * 9 + [0.5]), torch.tensor([0.5] * 9 + [0.5]))
+    assert report == {"images_higher_with": 9, "images_lower_with": 0, "images_tied": 1, "sign_test_p": 0.0039}
+    assert paired_sign_test(torch.tensor([0.6, 0.4]), torch.tensor([0.5, 0.5]))["sign_test_p"] == 1.0
+
+
+def test_evaluate_controlnet_scores_with_and_without_per_image(tiny_bundle, openmoji_dir, tmp_path):
+    cn = _canny_controlnet_for(tiny_bundle, tmp_path / "cn.safetensors")
+    out = tmp_path / "eval.json"
+    report = evaluate_controlnet(["--controlnet", str(cn), "--stage-c", str(tiny_bundle / "stage_c.safetensors"),
+                                  "--stage-b", str(tiny_bundle / "stage_b.safetensors"),
+                                  "--stage-a", str(tiny_bundle / "stage_a.safetensors"), "--data-dir", str(openmoji_dir),
+                                  "--limit", "2", "--prior-steps", "2", "--decoder-steps", "2", "--gallery-limit", "8",
+                                  "--tolerances", "0,2", "--out", str(out)])
+    assert json.loads(out.read_text()) == report and report["val_images"] == [0, 184]
+    for name in ("with_controlnet", "without_controlnet"):
+        assert set(report[name]) == {"edges_tolerance_0px", "edges_tolerance_2px", "top5_retrieval_own_caption"}
+    paired = report["edge_f1_per_image"]["tolerance_2px"]
+    assert paired["images_higher_with"] + paired["images_lower_with"] + paired["images_tied"] == 2
