@@ -24,61 +24,55 @@ def _g(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}g}"
 
 
+def table(columns: list[str], rows: list[list], intro: list[str] = ()) -> list[str]:
+    """A markdown table (after ``intro`` lines) and a blank line: one row of cells per entry of ``rows``."""
+    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"  # noqa: E731
+    return [*intro, line(columns), "|" + "---|" * len(columns), *map(line, rows), ""]
+
+
 def markdown(results: dict) -> str:
     env, out = results["environment"], []
     out.append(f"Hardware: {env['hardware']}; torch {env['torch']}, {env['threads']} threads, dtype {env['dtype']}, "
                f"compile {env['compile']}. Command: `{env['command']}`.\n")
     if results.get("counts"):
-        out += ["| module | size | config | parameters | GFLOPs / forward at 1024 px, batch 1 | training GFLOPs / sample at 512 px |",
-                "|---|---|---|---|---|---|"]
-        for r in results["counts"]:
-            train = "frozen" if r["train_gflops_512"] is None else f"{r['train_gflops_512']:,.1f}"
-            out.append(f"| {r['module']} | {r['size']} | {r['config']} | {r['params'] / 1e6:,.2f} M | "
-                       f"{r['forward_gflops_1024']:,.1f} | {train} |")
-        out.append("")
+        out += table(["module", "size", "config", "parameters", "GFLOPs / forward at 1024 px, batch 1",
+                      "training GFLOPs / sample at 512 px"],
+                     [[r["module"], r["size"], r["config"], f"{r['params'] / 1e6:,.2f} M", f"{r['forward_gflops_1024']:,.1f}",
+                       "frozen" if r["train_gflops_512"] is None else f"{r['train_gflops_512']:,.1f}"]
+                      for r in results["counts"]])
     if results.get("throughput"):
-        out += ["| module | size | mode | px | batch | s / call | items / s | GFLOP/s | MFU | peak memory |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in results["throughput"]:
-            rate = r["achieved_flops_per_s"]
-            out.append(f"| {r['module']} | {r['size']} | {r['mode']} | {r['px']} | {r['batch']} | {r['median_s']:.4f} | "
-                       f"{r['items_per_s']:.3g} | {_g(rate and rate / 1e9)} | {_g(r.get('mfu'), 2)} | "
-                       f"{_fmt_bytes(r['peak_memory_bytes'])} |")
-        out.append("")
+        out += table(["module", "size", "mode", "px", "batch", "s / call", "items / s", "GFLOP/s", "MFU", "peak memory"],
+                     [[r["module"], r["size"], r["mode"], r["px"], r["batch"], f"{r['median_s']:.4f}",
+                       f"{r['items_per_s']:.3g}", _g(r["achieved_flops_per_s"] and r["achieved_flops_per_s"] / 1e9),
+                       _g(r.get("mfu"), 2), _fmt_bytes(r["peak_memory_bytes"])] for r in results["throughput"]])
     if results.get("reference"):
-        out += ["Ours vs `diffusers` (same config, weights, inputs, dtype; alternating runs; ratio < 1: ours faster):", "",
-                "| module | size | what | px | batch | ours (s) | diffusers (s) | ratio | outputs match (max rel. error) |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for r in results["reference"]:
-            out.append(f"| {r['module']} | {r['size']} | {r['what']} | {r['px']} | {r['batch']} | {r['ours_s']:.4f} | "
-                       f"{r['diffusers_s']:.4f} | **{r['ratio']:.2f}** | {'yes' if r['outputs_match'] else 'NO'} "
-                       f"({r['max_relative_error']:.1e}) |")
-        out.append("")
+        out += table(["module", "size", "what", "px", "batch", "ours (s)", "diffusers (s)", "ratio",
+                      "outputs match (max rel. error)"],
+                     [[r["module"], r["size"], r["what"], r["px"], r["batch"], f"{r['ours_s']:.4f}", f"{r['diffusers_s']:.4f}",
+                       f"**{r['ratio']:.2f}**",
+                       f"{'yes' if r['outputs_match'] else 'NO'} ({r['max_relative_error']:.1e})"] for r in results["reference"]],
+                     ["Ours vs `diffusers` (same config, weights, inputs, dtype; alternating runs; ratio < 1: ours faster):", ""])
     if results.get("latency"):
-        out += [f"Sampling latency ({results['latency'][0]['prior_steps']} Stage C steps, guidance on every "
-                "stage; seconds):", "",
-                "| method | size | decoder (steps) | px | batch | total | text | Stage C | Stage B | Stage A | pixel decoder | other |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in results["latency"]:
-            s = r["stages_s"]
-            out.append(f"| {r['method']} | {r['size']} | {r['decoder']} ({r['decoder_steps']}) | "
-                       f"{r['px']} | {r['batch']} | {r['total_s']:.1f} | {s['text']:.2f} | {s['stage_c']:.1f} | "
-                       f"{s['stage_b']:.1f} | {s['stage_a']:.1f} | {s.get('pixel_decoder', 0.0):.1f} | {r['other_s']:.2f} |")
-        out.append("")
+        out += table(["method", "size", "decoder (steps)", "px", "batch", "total", "text", "Stage C", "Stage B", "Stage A",
+                      "pixel decoder", "other"],
+                     [[r["method"], r["size"], f"{r['decoder']} ({r['decoder_steps']})", r["px"], r["batch"],
+                       f"{r['total_s']:.1f}", f"{r['stages_s']['text']:.2f}", f"{r['stages_s']['stage_c']:.1f}",
+                       f"{r['stages_s']['stage_b']:.1f}", f"{r['stages_s']['stage_a']:.1f}",
+                       f"{r['stages_s'].get('pixel_decoder', 0.0):.1f}", f"{r['other_s']:.2f}"] for r in results["latency"]],
+                     [f"Sampling latency ({results['latency'][0]['prior_steps']} Stage C steps, guidance on every "
+                      "stage; seconds):", ""])
     if results.get("cost"):
-        out += ["Paper training schedule (App. E), network only:", "",
-                "| module | size | total training PFLOPs | A100-hours at 100% peak | reported A100-hours | implied MFU of the paper's run | this device: hours (method) |",
-                "|---|---|---|---|---|---|---|"]
-        for r in results["cost"]:
-            here = f"{r['device_hours']:,.0f} ({r['method']})" if "device_hours" in r else "n/a (no training rows)"
-            out.append(f"| {r['module']} | {r['size']} | {r['total_train_flops'] / 1e15:,.0f} | {r['a100_hours_at_peak']:,.0f} | "
-                       f"{r['reported_gpu_hours'] or 'n/a'} | {_g(r.get('paper_implied_mfu'), 2)} | {here} |")
-        out.append("")
+        out += table(["module", "size", "total training PFLOPs", "A100-hours at 100% peak", "reported A100-hours",
+                      "implied MFU of the paper's run", "this device: hours (method)"],
+                     [[r["module"], r["size"], f"{r['total_train_flops'] / 1e15:,.0f}", f"{r['a100_hours_at_peak']:,.0f}",
+                       r["reported_gpu_hours"] or "n/a", _g(r.get("paper_implied_mfu"), 2),
+                       f"{r['device_hours']:,.0f} ({r['method']})" if "device_hours" in r else "n/a (no training rows)"]
+                      for r in results["cost"]],
+                     ["Paper training schedule (App. E), network only:", ""])
     if results.get("presets"):
-        out += ["Training presets:", "", "| preset | result |", "|---|---|"]
-        out += [f"| {p.get('preset', p.get('module'))} | {json.dumps({k: v for k, v in p.items() if k != 'preset'})} |"
-                for p in results["presets"]]
-        out.append("")
+        out += table(["preset", "result"],
+                     [[p.get("preset", p.get("module")), json.dumps({k: v for k, v in p.items() if k != "preset"})]
+                      for p in results["presets"]], ["Training presets:", ""])
     if results.get("notes"):
         out += ["Notes:", ""] + [f"* {n}" for n in results["notes"]] + [""]
     return "\n".join(out)
