@@ -336,11 +336,15 @@ class Filters:
     """What LAION users filter on. ``min_size``: shorter side in px; ``aspect_ratio``: [min, max] of
     width / height; ``metadata``: thresholds on numbers in the sample's ``json``, e.g.
     ``{"aesthetic": {"min": 5.0}, "pwatermark": {"max": 0.5}}`` (a sample without the key fails).
-    Each failed filter is its own skip reason: ``too_small``, ``aspect_ratio``, ``metadata:<key>``."""
+    Each failed filter is its own skip reason: ``too_small``, ``aspect_ratio``, ``metadata:<key>``.
+    ``caption_weights``: rebalancing, not quality: a sample whose caption contains one of these phrases
+    (case-insensitive) is kept with that probability (the smallest of those it contains), e.g.
+    ``{"skin tone": 0.25}``; the others are counted as ``caption_weight``, without warnings."""
 
     min_size: int = 0
     aspect_ratio: tuple[float, float] | None = None
     metadata: dict[str, dict[str, float]] = field(default_factory=dict)
+    caption_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.aspect_ratio is not None:
@@ -357,8 +361,21 @@ class Filters:
                 raise ValueError(f"metadata filter {key}: {bounds!r} must be {{min: number}}, {{max: number}} or both, "
                                  'e.g. {"aesthetic": {"min": 5.0}}')
 
+        if not isinstance(self.caption_weights, dict) or not all(
+                isinstance(k, str) and k.strip() and isinstance(w, (int, float)) and not isinstance(w, bool)
+                and 0 < w <= 1 for k, w in self.caption_weights.items()):
+            raise ValueError(f"caption_weights must map caption phrases to keep probabilities in (0, 1], got "
+                             f"{self.caption_weights!r}, e.g. {{\"skin tone\": 0.25}}")
+        self.caption_weights = {k.lower(): float(w) for k, w in self.caption_weights.items()}
+
     def reasons(self) -> tuple[str, ...]:
-        return ("too_small", "aspect_ratio", *(f"metadata:{k}" for k in self.metadata))
+        return ("too_small", "aspect_ratio", *(f"metadata:{k}" for k in self.metadata),
+                *(("caption_weight",) if self.caption_weights else ()))
+
+    def keep_probability(self, caption: str) -> float:
+        """The smallest ``caption_weights`` value among the phrases the caption contains (1 for none)."""
+        text = caption.lower()
+        return min((w for phrase, w in self.caption_weights.items() if phrase in text), default=1.0)
 
     def failed_metadata(self, sample: dict) -> tuple[str, str] | None:
         """(reason, detail) of the first metadata threshold a sample fails, or None."""
@@ -421,8 +438,11 @@ class ImagePrep:
                 skip(counts, "no_image", sample)
                 continue
             try:
-                image = decode_image(sample[ext])
                 caption = caption_of(sample)
+                if self.filters.caption_weights and rng.random() >= self.filters.keep_probability(caption):
+                    counts.add("caption_weight")  # rebalanced away this time, not a faulty sample
+                    continue
+                image = decode_image(sample[ext])
             except Exception as e:  # undecodable image or caption: count, warn, go on
                 skip(counts, "corrupt_sample", sample, e)
                 continue

@@ -426,6 +426,33 @@ def test_min_size_drops_small_images(tmp_path):
     assert ds.skipped["too_small"] == 1
 
 
+
+def test_caption_weights_rebalance_training_and_leave_validation_alone(tmp_path):
+    samples = [(f"tone{i}", {"png": img_bytes(), "txt": f"waving hand: Medium Skin Tone {i}"}) for i in range(40)]
+    samples += [(f"obj{i}", {"png": img_bytes(), "txt": f"red apple {i}"}) for i in range(40)]
+    write_tar(tmp_path / "s.tar", samples)
+    weights = Filters(caption_weights={"Skin Tone": 0.25})
+    assert weights.keep_probability("WAVING HAND: medium skin tone") == 0.25 and weights.keep_probability("apple") == 1
+    ds = stream_of(str(tmp_path / "s.tar"), size=16, filters=weights)
+    keys = keys_of(ds)
+    assert sum(k.startswith("obj") for k in keys) == 40  # every other sample kept
+    assert 3 <= sum(k.startswith("tone") for k in keys) <= 20  # about a quarter of 40
+    assert ds.skipped["caption_weight"] == 80 - len(keys)
+    dm = ImageTextData(train=str(tmp_path / "s.tar"), val=str(tmp_path / "s.tar"), image_size=16, batch_size=4,
+                       num_workers=0, train_count=80, val_count=80, caption_weights={"skin tone": 0.25})
+    dm.setup("fit")
+    train_keys = [k for b in dm.train_dataloader() for k in b["key"]]
+    assert len(train_keys) == 80  # the epoch keeps its batches: more passes over the rest
+    assert sum(k.startswith("tone") for k in train_keys) < 30
+    assert len([k for b in dm.val_dataloader() for k in b["key"]]) == 80  # validation: the data as it is
+
+
+@pytest.mark.parametrize("weights", [{"skin tone": 0}, {"skin tone": 1.5}, {"": 0.5}, {"skin tone": True}, ["skin"]])
+def test_bad_caption_weights_are_refused(weights):
+    with pytest.raises(ValueError, match="caption_weights must map caption phrases to keep probabilities"):
+        ImageTextData(train="openmoji", val=None, caption_weights=weights)
+
+
 # ---------------------------------------------------------------------------------------- 4. splitting
 
 def _consumer_keys(ds, monkeypatch, rank, world, worker, workers):

@@ -64,7 +64,10 @@ class ImageTextData(L.LightningDataModule):
 
     Filters (counted by reason): ``min_size`` (shorter side), ``aspect_ratio`` ([min, max] of
     width/height), ``metadata_filters`` (thresholds on the sample's json, e.g.
-    ``{aesthetic: {min: 5.0}, pwatermark: {max: 0.5}}``).
+    ``{aesthetic: {min: 5.0}, pwatermark: {max: 0.5}}``). ``caption_weights`` rebalances the training
+    mix (validation is left as it is): a training sample whose caption contains a phrase is kept with
+    its probability, e.g. ``{"skin tone": 0.25}`` (``imagedata.shards.Filters``); with a known
+    ``train_count`` an epoch keeps its number of batches, drawing more passes over the rest.
 
     ``train_count``/``val_count``: samples in the source; with it every DDP rank yields the same
     number of batches (``openmoji`` and precomputed shards know theirs). ``resampled``: draw
@@ -88,12 +91,15 @@ class ImageTextData(L.LightningDataModule):
                  val_batch_size: int | None = None, num_workers: int = 2, shuffle_buffer: int = 1000,
                  embedded_dir: str = "data/openmoji", train_count: int | None = None, val_count: int | None = None,
                  seed: int = 0, photo_crops_every: int = 0, resampled: bool = False,
-                 precomputed: bool | str | None = None):
+                 precomputed: bool | str | None = None, caption_weights: dict[str, float] | None = None):
         super().__init__()
         self.save_hyperparameters()
         # every check runs now, not mid-fit: a missing path, a pattern matching nothing, a bad filter or bucket
         self.buckets = parse_buckets(buckets)
-        self.filters = Filters(min_size, aspect_ratio, metadata_filters or {})
+        self.filters = {"train": Filters(min_size, aspect_ratio, metadata_filters or {}, caption_weights or {}),
+                        "val": Filters(min_size, aspect_ratio, metadata_filters or {})}  # val: the data as it is
+        if caption_weights and is_folder_of_images(train):
+            raise ValueError("caption_weights work with shard sources (openmoji or .tar shards), not a folder of images")
         self.sets = {name: None if spec in (None, "openmoji") or is_folder_of_images(spec) else shard_sets(spec)
                      for name, spec in (("train", train), ("val", val))}
         if precomputed and self.sets["train"] is None:
@@ -126,11 +132,11 @@ class ImageTextData(L.LightningDataModule):
         if manifest is not None:
             count = count or manifest_count(manifest, sets)
             prep = None
-            if self.buckets or h.aspect_ratio or h.metadata_filters:
+            if self.buckets or h.aspect_ratio or h.metadata_filters or (train and h.caption_weights):
                 log.warning("buckets and filters do not apply to the precomputed shards of %s (they hold latents); "
                             "pass --buckets / --min-size to python -m train.precompute instead", spec)
         else:
-            prep = ImagePrep(size, resize, crop, self.filters, self.buckets)
+            prep = ImagePrep(size, resize, crop, self.filters[name], self.buckets)
         extra = None
         if train and h.photo_crops_every:
             extra = (PhotoCrops(training_photos(), h.image_size, h.seed, self.buckets), h.photo_crops_every)
