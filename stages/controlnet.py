@@ -235,6 +235,13 @@ class ControlNet(nn.Module):
             return state
         return {k: v for k, v in state.items() if not k.startswith("backbone.")}
 
+    def full_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An export's ``state`` with the frozen encoder it leaves out (``trained_state_dict``) taken from this
+        network's, which holds the pretrained weights; unchanged when the encoder trains."""
+        if self.config.train_encoder:
+            return state
+        return {**{k: v for k, v in self.state_dict().items() if k.startswith("backbone.")}, **state}
+
     def forward(self, control: torch.Tensor) -> list[torch.Tensor | None]:
         return self.project(self.encode(control))
 

@@ -22,6 +22,7 @@ from stages.stable_cascade import StageC3
 from stages.stage_c import StageC
 from tests.tiny_stages import TINY_C, randomised
 from train.cli import main as cli_main
+from train.controlnet import ControlNetTraining
 from weights.checkpoint import fingerprint, read_metadata, save_safetensors, save_tensors
 from weights.convert import main as convert_main
 from weights.convert_controlnet import config_from_release, to_release
@@ -293,6 +294,13 @@ def test_cli_training_few_steps(tiny_bundle, openmoji_dir, tmp_path):
     assert "val/loss" in (run / "metrics.csv").read_text()
     controlnet = load_controlnet(run)
     assert controlnet.config.c_out == 32 and not controlnet.training
+    # continuing from the export: its frozen encoder, left out of the file, comes from the new run's own
+    module = ControlNetTraining(stage_c=str(tiny_bundle / "stage_c.safetensors"),
+                                compressor=str(tiny_bundle / "compressor.safetensors"), size=TINY_CN,
+                                pretrained=False, init_from=str(run))
+    exported = load_file(run / "model.safetensors")
+    assert exported and not any(k.startswith("backbone.") for k in exported)
+    assert all(torch.equal(module.model.state_dict()[k], v) for k, v in exported.items())
 
 
 def test_cli_training_refuses_a_stage_b_of_another_compressor(tiny_bundle, tmp_path):

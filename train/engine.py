@@ -365,7 +365,8 @@ class DiffusionTraining(StageTraining):
                 raise ValueError(f"{meta['path']} was trained with {key} {meta[key]!r}, this run gives {ours!r}; "
                                  f"set {key} to the export's")
         self.init_cost = training_cost(meta)
-        load_into(self.model, state, meta["path"])
+        full_state = getattr(self.model, "full_state", None)  # a network whose exports leave frozen parts out
+        load_into(self.model, full_state(state) if full_state else state, meta["path"])
 
     def averaged(self):
         return super().averaged() + ([(self.compressor_ema, self.compressor)] if self.compressor_ema else [])

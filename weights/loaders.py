@@ -123,6 +123,4 @@ def load_controlnet(path: str | os.PathLike) -> ControlNet:
     if config is None:
         raise ValueError(f"{path} carries no ControlNet config; pass a ControlNet export")
     model = ControlNet(config, pretrained=not controlnet_config(config).train_encoder)
-    if not model.config.train_encoder:
-        state = {**{k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}, **state}
-    return load_into(model, state, str(path)).eval()
+    return load_into(model, model.full_state(state), str(path)).eval()
