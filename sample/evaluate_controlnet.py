@@ -119,12 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"controlnet": str(path), "control": kind, "stage_c": args.stage_c, "val_images": keep,
               "prior_steps": args.prior_steps, "decoder_steps": args.decoder_steps, "guidance": args.guidance,
               "seed": args.seed, "chance_top5": round(5 / len(gallery_captions), 4)}
+    edges = {}  # canny: the generated images' edge maps, by name
     for name, images in generated.items():
         feats = features(net, images, args.batch_size, f"Inception features ({name})")
         top5 = lambda targets: round(top5_hits(feats, gallery_feats, gallery_captions, targets), 4)  # noqa: E731
         if kind == "canny":
-            control, edges = canny(real), canny(images)
-            scores = {f"edges_tolerance_{t}px": edge_scores(edges, control, t) for t in tolerances}
+            control, edges[name] = canny(real), canny(images)
+            scores = {f"edges_tolerance_{t}px": edge_scores(edges[name], control, t) for t in tolerances}
             scores["top5_retrieval_own_caption"] = top5(captions)
         else:
             scores = {"psnr_outside_mask_db": psnr(images, real, 1 - masks),
@@ -133,9 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
                       "top5_retrieval_source_caption": top5(captions)}
         report[f"{name}_controlnet"] = scores
     if kind == "canny":  # paired: the same prompt, seed and control with and without the ControlNet
-        control = canny(real)
-        per_image = {name: {t: edge_f1_per_image(canny(images), control, t) for t in tolerances}
-                     for name, images in generated.items()}
+        per_image = {name: {t: edge_f1_per_image(edges[name], control, t) for t in tolerances}
+                     for name in generated}
         report["edge_f1_per_image"] = {f"tolerance_{t}px": paired_sign_test(per_image["with"][t], per_image["without"][t])
                                        for t in tolerances}
     emit(report, args.out)
