@@ -16,15 +16,20 @@ Encoders:
   -> LeakyReLU -> 1x1 conv to ``width`` -> ``res_blocks`` residual blocks (LayerNorm, GELU, 3x3 conv, twice)
   -> 1x1 conv to ``c_features`` (the release's ``large`` bottleneck: 16384, 1024, 8 blocks, 1280).
 
-The backbone's BatchNorms stay in eval mode while the ControlNet trains, as in the release.
+The backbone's BatchNorms stay in eval mode while the ControlNet trains, as in the release. ``input_scale``
+resizes the control before the encoder (as the semantic compressor's ``input_scale``): the release's stride-32
+features are at least as fine as Stage C's grid (a 768 px control gives 24x24), and a tiny Stage C on a larger
+grid than the paper's (8x8 at 128 px) needs its control seen at 2x to keep that.
 """
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -56,6 +61,7 @@ class ControlNetConfig(DictConfig):
     width: int = 1024  # bottleneck: residual blocks' width
     res_blocks: int = 8  # bottleneck: residual blocks
     train_encoder: bool = True  # the release trains it; False keeps the pretrained encoder frozen (and unsaved)
+    input_scale: float = 1.0  # the control is resized by this factor before the encoder (the release: 1)
 
     def __post_init__(self):
         if self.control not in CONTROLS:
@@ -71,6 +77,9 @@ class ControlNetConfig(DictConfig):
             raise ValueError(f"stage must be one of {sorted(STAGE_KINDS)}, got {self.stage!r}")
         if not self.train_encoder and self.encoder == "bottleneck":
             raise ValueError("the bottleneck encoder has no pretrained weights: it must train (train_encoder: true)")
+        if not (math.isfinite(self.input_scale) and self.input_scale > 0):
+            raise ValueError(f"input_scale must be a positive number (the control's resize before the encoder), got "
+                             f"{self.input_scale}")
         if not self.blocks or min(self.blocks) < 0 or len(set(self.blocks)) != len(self.blocks):
             raise ValueError(f"blocks must be distinct block indices >= 0, got {list(self.blocks)}")
 
@@ -246,12 +255,15 @@ class ControlNet(nn.Module):
         return self.project(self.encode(control))
 
     def encode(self, control: torch.Tensor) -> torch.Tensor:
-        """The control encoder's features (B, c_features, h, w)."""
+        """The control encoder's features (B, c_features, h, w), of the control resized by ``input_scale``."""
         cfg = self.config
         if control.dim() != 4 or control.shape[1] != cfg.c_in:
             raise ValueError(f"the {cfg.control} ControlNet takes a control of shape (B, {cfg.c_in}, H, W), got "
                              f"{tuple(control.shape)}")
-        return self.backbone(control.to(self.projections[0][0].weight.dtype))
+        control = control.to(self.projections[0][0].weight.dtype)
+        if cfg.input_scale != 1:
+            control = F.interpolate(control, scale_factor=cfg.input_scale, mode="bilinear", align_corners=False)
+        return self.backbone(control)
 
     def project(self, features: torch.Tensor) -> list[torch.Tensor | None]:
         """Encoder features -> one entry per ConvNeXt block up to the last chosen one (None elsewhere)."""

@@ -353,3 +353,34 @@ def test_evaluate_controlnet_scores_with_and_without_per_image(tiny_bundle, open
         assert set(report[name]) == {"edges_tolerance_0px", "edges_tolerance_2px", "top5_retrieval_own_caption"}
     paired = report["edge_f1_per_image"]["tolerance_2px"]
     assert paired["images_higher_with"] + paired["images_lower_with"] + paired["images_tied"] == 2
+
+
+def test_loss_weight_replaces_stage_cs_own_weight_only(tiny_bundle):
+    kwargs = dict(stage_c=str(tiny_bundle / "stage_c.safetensors"), compressor=str(tiny_bundle / "compressor.safetensors"),
+                  size=TINY_CN, pretrained=False)
+    default = ControlNetTraining(**kwargs)
+    own = default.denoiser(default.model)
+    module = ControlNetTraining(**kwargs, loss_weight="v_mse")
+    weighted = module.denoiser(module.model)
+    assert own.loss_weight == default.prior.denoiser.loss_weight != "v_mse" and weighted.loss_weight == "v_mse"
+    assert weighted.parameterisation.name == own.parameterisation.name
+    t = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(weighted.weight(t), 1 / weighted.schedule.alpha_bar(t))
+    with pytest.raises(ValueError, match="loss_weight null .* got 'adaptive'"):
+        ControlNetTraining(**kwargs, loss_weight="adaptive")
+
+
+
+def test_input_scale_resizes_the_control_before_the_encoder():
+    plain = ControlNet(TINY_CN, pretrained=False).eval()
+    scaled = ControlNet({**TINY_CN, "input_scale": 2}, pretrained=False).eval()
+    scaled.load_state_dict(plain.state_dict())
+    control = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert plain.encode(control).shape[-2:] == (2, 2) and scaled.encode(control).shape[-2:] == (4, 4)
+        big = torch.nn.functional.interpolate(control, scale_factor=2, mode="bilinear", align_corners=False)
+        assert torch.equal(scaled.encode(control), plain.encode(big))
+    assert controlnet_config(scaled.config.to_dict()).input_scale == 2.0
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="input_scale must be a positive number"):
+            controlnet_config({**TINY_CN, "input_scale": bad})

@@ -7,7 +7,9 @@ the text (dropped to the empty prompt with ``text_drop_prob``, for guidance) and
 sample from the training image (``imagedata.filters``): canny edges; the inpainting control with a random
 mask (a share ``outpaint_prob`` of them outpainting masks, fixed masks in validation); or the
 super-resolution control, the compressor's latents of the 2x downscaled image. The process is Stage C's
-own: its recorded denoiser (v2), or gdf's with P2 weights (v3). Validation: the loss at fixed noise and,
+own: its recorded denoiser (v2), or gdf's with P2 weights (v3); ``loss_weight`` may replace the weight only
+(a departure from the release: P2 weights the high-noise steps, where the control tells most about the
+image, by their eps error, which is small there). Validation: the loss at fixed noise and,
 given a decoder (``stage_b``), a grid: the val images, their controls, images sampled for their captions
 with the ControlNet and, same noise, without it.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffusion import CosineSchedule, Denoiser
+from diffusion import LOSS_WEIGHTS, CosineSchedule, Denoiser
 from imagedata.filters import random_masks
 from pipeline.cascade import load_any_decoder, load_cascade_prior
 from pipeline.cascade_conditioning import split
@@ -66,7 +68,9 @@ class ControlNetTraining(DiffusionTraining):
     inpaint or sr; ``size``: a ControlNet preset (``tiny`` for the tiny v2 Stage C, ``sc_tiny`` for the tiny
     v3 one, ``paper``, ``sc_big``) or its fields; ``compressor``: the one Stage C was trained on.
     ``pretrained``: the control encoder starts from ImageNet weights (``weights``: a local file for
-    EfficientNetV2-S). ``stage_b``: a decoder (v2 or v3, on the same compressor) for validation grids."""
+    EfficientNetV2-S). ``stage_b``: a decoder (v2 or v3, on the same compressor) for validation grids.
+    ``loss_weight``: the weight over noise levels (``diffusion.LOSS_WEIGHTS``; ``v_mse`` weighs each step by its
+    x_0 error, about); ``None`` keeps Stage C's own."""
 
     stage = STAGE
     frozen = ("stage_c.", "compressor.", "text_encoder.", "decoder.")
@@ -77,9 +81,13 @@ class ControlNetTraining(DiffusionTraining):
                  stage_b: str | None = None, outpaint_prob: float = 0.4, text_drop_prob: float = 0.05,
                  checkpointing: bool = True, ema_decay: float | None = 0.99, sample_steps: int = 20,
                  guidance: float = 4.0, decoder_steps: int = 12, grid_images: int = 8, cache_latents: bool = False,
-                 pretrained: bool = True, weights: str | None = None, init_from: str | None = None):
+                 pretrained: bool = True, weights: str | None = None, init_from: str | None = None,
+                 loss_weight: str | None = None):
         super().__init__()
         self.save_hyperparameters()
+        if loss_weight is not None and loss_weight not in LOSS_WEIGHTS:
+            raise ValueError(f"a ControlNet trains with loss_weight null (Stage C's own) or one of "
+                             f"{sorted(LOSS_WEIGHTS)}, got {loss_weight!r}")
         config = controlnet_config(size, control)
         stage_c_path = resolve_checkpoint(stage_c)
         self.version = read_metadata(stage_c_path).get("stage", "stage_c")
@@ -113,14 +121,16 @@ class ControlNetTraining(DiffusionTraining):
         return x0, [*texts, control]
 
     def denoiser(self, network: ControlNet) -> Denoiser:
-        """Stage C steered by ``network``, read as Stage C is (v3: gdf's training schedule, P2 weights)."""
+        """Stage C steered by ``network``, read as Stage C is (v3: gdf's training schedule, P2 weights), weighted by
+        ``loss_weight`` where given."""
         steered = ControlledStageC(self.stage_c, network, self.hparams.checkpointing,
                                    encoded=not network.config.train_encoder)
+        weight = self.hparams.loss_weight
         if self.version == "stage_c3":
-            return Denoiser(steered, self.stage_c.config.prediction, CosineSchedule(clamp_shifted=True), "p2",
+            return Denoiser(steered, self.stage_c.config.prediction, CosineSchedule(clamp_shifted=True), weight or "p2",
                             time_input=self.prior.time_input)
         own = self.prior.denoiser
-        return Denoiser(steered, own.parameterisation, own.schedule, own.loss_weight, own.sigmoid_bias,
+        return Denoiser(steered, own.parameterisation, own.schedule, weight or own.loss_weight, own.sigmoid_bias,
                         own.time_input)
 
     @torch.no_grad()
