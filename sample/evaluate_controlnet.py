@@ -119,12 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"controlnet": str(path), "control": kind, "stage_c": args.stage_c, "val_images": keep,
               "prior_steps": args.prior_steps, "decoder_steps": args.decoder_steps, "guidance": args.guidance,
               "seed": args.seed, "chance_top5": round(5 / len(gallery_captions), 4)}
+    control = canny(real) if kind == "canny" else None  # the val images' own edges
     edges = {}  # canny: the generated images' edge maps, by name
     for name, images in generated.items():
         feats = features(net, images, args.batch_size, f"Inception features ({name})")
         top5 = lambda targets: round(top5_hits(feats, gallery_feats, gallery_captions, targets), 4)  # noqa: E731
         if kind == "canny":
-            control, edges[name] = canny(real), canny(images)
+            edges[name] = canny(images)
             scores = {f"edges_tolerance_{t}px": edge_scores(edges[name], control, t) for t in tolerances}
             scores["top5_retrieval_own_caption"] = top5(captions)
         else:

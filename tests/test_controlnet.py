@@ -370,7 +370,6 @@ def test_loss_weight_replaces_stage_cs_own_weight_only(tiny_bundle):
         ControlNetTraining(**kwargs, loss_weight="adaptive")
 
 
-
 def test_input_scale_resizes_the_control_before_the_encoder():
     plain = ControlNet(TINY_CN, pretrained=False).eval()
     scaled = ControlNet({**TINY_CN, "input_scale": 2}, pretrained=False).eval()
