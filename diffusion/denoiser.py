@@ -207,3 +207,21 @@ class Guided:
             return eps
         uncond = self.denoiser(x, t, *self.unconditional)
         return rescaled_guidance(eps, uncond + self.scale * (eps - uncond), self.rescale)
+
+
+class KeepKnown:
+    """Inpainting by replacement (Song et al. 2021, "Score-Based Generative Modeling through SDEs", Sec. 5 and
+    App. I.2, imputation): where ``keep`` is 1 the prediction of the clean sample is the known ``x0``, so that
+    every sampler moves those entries toward it and ends on it; elsewhere ``model``'s prediction. ``model``:
+    ``(x_t, t) -> eps`` with a ``schedule`` (a ``Denoiser`` or ``Guided``); ``x0``: the known sample
+    (B or 1, ...); ``keep``: 0/1, broadcastable to it."""
+
+    def __init__(self, model, x0: torch.Tensor, keep: torch.Tensor):
+        self.model, self.x0, self.keep = model, x0, keep.bool()
+        self.schedule = model.schedule
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps = self.model(x, t)
+        ab = expand(self.schedule.alpha_bar(t), x)
+        known = (x - ab.sqrt() * self.x0.to(x)) / (1 - ab).clamp(min=1e-12).sqrt()
+        return torch.where(self.keep.to(x.device), known.to(eps.dtype), eps)

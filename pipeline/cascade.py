@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusion import CosineSchedule, Denoiser, Guided, check_start, sample, shift_from_factor
+from diffusion import CosineSchedule, Denoiser, Guided, KeepKnown, check_start, sample, shift_from_factor
 from pipeline.cascade_conditioning import build_pooled_text_encoder, split
 from semantic_compressor import PAPER_INPUT_SCALE, latent_grid
 from weights.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
@@ -80,10 +80,12 @@ class CascadePrior:
                guidance: float, generator: torch.Generator, progress: bool = True, sampler: str = "ddpm",
                eta: float | None = None, init: torch.Tensor | None = None,
                strength: float | None = None, callback: Callable[[dict], None] | None = None,
-               control: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+               control: list[torch.Tensor | None] | None = None,
+               known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Compressor latents (B, 16, *grid), float32. ``init`` (compressor latents) with ``strength``: img2img,
-        the latents noised to t = strength and denoised from there (no normalisation in v3). ``callback``
-        and ``control`` (ControlNet features, both guidance branches) as ``pipeline.text_to_image.Prior.sample``'s."""
+        the latents noised to t = strength and denoised from there (no normalisation in v3). ``callback``,
+        ``control`` (ControlNet features, both guidance branches) and ``known`` (inpainting: latents held where
+        kept) as ``pipeline.text_to_image.Prior.sample``'s."""
         b, device = len(prompts), next(self.model.parameters()).device
         text, pooled = _texts(self.text_encoder, prompts, b)
         uncond_text, uncond_pooled = _texts(self.text_encoder, negative, b)
@@ -97,6 +99,8 @@ class CascadePrior:
         conditions = (text, pooled, image if image is not None else None) + extra
         unconditional = (uncond_text, uncond_pooled, uncond_image if image is not None else None) + extra
         guided = Guided(self.denoiser, conditions, unconditional, guidance, self.rescale)
+        if known is not None:
+            guided = KeepKnown(guided, known[0].float(), known[1])
         noise = torch.randn((b, self.model.config.c_latent, *grid), generator=generator,
                             device=generator.device).to(device)
         if init is not None:

@@ -36,16 +36,32 @@ def sr_control(compressor: SemanticCompressor, low_res: torch.Tensor, factor: in
     return F.interpolate(latents, scale_factor=factor, mode="nearest")
 
 
+def inpaint_latents(compressor: SemanticCompressor, control: torch.Tensor) -> torch.Tensor:
+    """The inpainting control (B, 4, H, W) as latents (B, 17, h, w) for a bottleneck encoder: the compressor's
+    raw latents of the image with the masked region white, and the mask's share of each latent cell."""
+    device = next(compressor.parameters()).device
+    with torch.no_grad():
+        latents = compressor(control[:, :3].to(device, torch.float32)).float()
+    share = F.adaptive_avg_pool2d(control[:, 3:].to(device, torch.float32), latents.shape[-2:])
+    return torch.cat([latents, share], dim=1)
+
+
 def control_of(kind: str, images: torch.Tensor, mask: torch.Tensor | None = None,
-               compressor: SemanticCompressor | None = None) -> torch.Tensor:
+               compressor: SemanticCompressor | None = None, latents: bool = False) -> torch.Tensor:
     """The control ``kind`` of images in [0, 1] whose output has their size: canny edges, the inpainting
-    control with ``mask``, or the super-resolution control of their 2x downscale (``compressor``)."""
+    control with ``mask`` (``latents``: through ``compressor``, ``inpaint_latents``), or the super-resolution
+    control of their 2x downscale (``compressor``)."""
     if kind == "canny":
         return canny(images)
     if kind == "inpaint":
         if mask is None:
             raise ValueError("the inpaint control needs a mask (white: repaint, black: keep); CLI: --mask")
-        return inpaint_control(images, mask)
+        control = inpaint_control(images, mask)
+        if not latents:
+            return control
+        if compressor is None:
+            raise ValueError("an inpaint ControlNet on latents needs the semantic compressor Stage C was trained on")
+        return inpaint_latents(compressor, control)
     if kind == "sr":
         if compressor is None:
             raise ValueError("the sr control needs the semantic compressor Stage C was trained on")
@@ -63,7 +79,8 @@ def as_edge_map(image: torch.Tensor) -> torch.Tensor | None:
 
 @dataclass
 class Control:
-    """A loaded ControlNet (``path``) for one Stage C; ``compressor`` for the sr control."""
+    """A loaded ControlNet (``path``) for one Stage C; ``compressor`` for a control given as latents (sr, or
+    inpaint on a bottleneck encoder)."""
 
     controlnet: ControlNet
     path: str
@@ -101,13 +118,13 @@ class Control:
         if self.kind == "canny":
             edges = as_edge_map(image)
             control = canny(image) if edges is None else edges
+        elif self.controlnet.config.takes_latents and self.compressor is None:
+            raise ValueError(f"the {self.kind} ControlNet takes compressor latents: it needs the semantic compressor; "
+                             "load it with compressor= (CLI: --compressor)")
         elif self.kind == "sr":
-            if self.compressor is None:
-                raise ValueError("the sr ControlNet needs the semantic compressor; load it with compressor= "
-                                 "(CLI: --compressor)")
             control = sr_control(self.compressor, image)
         else:
-            control = control_of(self.kind, image, mask)
+            control = control_of(self.kind, image, mask, self.compressor, self.controlnet.config.takes_latents)
         weight = next(self.controlnet.parameters())
         features = self.controlnet(control.to(weight.device, weight.dtype))
         return [None if f is None else f * scale for f in features]
@@ -119,10 +136,17 @@ def controlnet_kind(path: str | os.PathLike) -> str | None:
     return (meta.get("config") or meta.get("model_config") or {}).get("control")
 
 
+def controlnet_takes_latents(path: str | os.PathLike) -> bool:
+    """Whether a ControlNet export or checkpoint takes its control as compressor latents (a bottleneck encoder)."""
+    meta = read_metadata(path)
+    return (meta.get("config") or meta.get("model_config") or {}).get("encoder") == "bottleneck"
+
+
 def load_control(path: str | os.PathLike, stage_c: torch.nn.Module, stage_c_path: str | os.PathLike,
                  compressor: SemanticCompressor | None = None) -> Control:
     """A trained ControlNet for ``stage_c`` (loaded from ``stage_c_path``, adapters allowed), refused in one
-    line naming both when it was made or trained for another Stage C, or for another compressor (sr)."""
+    line naming both when it was made or trained for another Stage C, or for another compressor (a control given
+    as latents)."""
     path = resolve_checkpoint(path)
     meta = read_metadata(path)
     if meta.get("stage") != "controlnet":
@@ -135,8 +159,8 @@ def load_control(path: str | os.PathLike, stage_c: torch.nn.Module, stage_c_path
         raise ValueError(f"the ControlNet {path} was trained for another {STAGE_KINDS[controlnet.config.stage]} "
                          f"({meta.get('stage_c_path', 'fingerprint ' + trained_for)}) than Stage C {stage_c_path} "
                          f"(fingerprint {ours}); pass the Stage C it was trained with")
-    if controlnet.config.control == "sr" and compressor is not None and meta.get("compressor_fingerprint") \
+    if controlnet.config.takes_latents and compressor is not None and meta.get("compressor_fingerprint") \
             and meta["compressor_fingerprint"] != fingerprint(compressor):
-        raise ValueError(f"the sr ControlNet {path} was trained on another semantic compressor's latents; pass the "
-                         "compressor Stage C was trained with")
+        raise ValueError(f"the {controlnet.config.control} ControlNet {path} was trained on another semantic "
+                         "compressor's latents; pass the compressor Stage C was trained with")
     return Control(controlnet.requires_grad_(False), str(path), compressor)

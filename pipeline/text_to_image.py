@@ -22,7 +22,7 @@ from PIL.PngImagePlugin import PngInfo
 from torch import nn
 from torchvision.utils import make_grid
 
-from diffusion import SAMPLERS, Guided, check_sampler, check_start, sample, takes_eta
+from diffusion import SAMPLERS, Guided, KeepKnown, check_sampler, check_start, sample, takes_eta
 from semantic_compressor import PAPER_INPUT_SCALE, SemanticCompressor, denormalize_latents, latent_grid, normalize_latents
 from weights.loaders import load_compressor, load_stage_c
 from weights.checkpoint import fingerprint, read_metadata, resolve_checkpoint
@@ -68,12 +68,14 @@ class Prior:
                guidance: float, generator: torch.Generator, progress: bool = True, sampler: str = "ddpm",
                eta: float | None = None, init: torch.Tensor | None = None,
                strength: float | None = None, callback: Callable[[dict], None] | None = None,
-               control: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+               control: list[torch.Tensor | None] | None = None,
+               known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Raw semantic latents (B, 16, *grid) for the prompts, ready for a decoder (float32, whatever
         the model's dtype: the sampler's state stays in float32).
 
         ``control``: a ControlNet's features (``pipeline.controlnet.Control.features``), given to both
-        guidance branches.
+        guidance branches. ``known``: (raw latents, keep) for inpainting: where ``keep`` (B or 1, 1, *grid)
+        is 1 the sample is held to the known latents (``diffusion.KeepKnown``).
 
         ``init`` (raw compressor latents, B x 16 x grid) and ``strength`` s in (0, 1]: img2img in the
         semantic space (SDEdit, Meng et al. 2022). The latents are normalised as Stage C's training
@@ -86,6 +88,9 @@ class Prior:
         """
         extra = () if control is None else (control,)
         guided = Guided(self.denoiser, self.conditions(prompts) + extra, self.conditions(negative) + extra, guidance)
+        if known is not None:
+            guided = KeepKnown(guided, normalize_latents(known[0].float(), self.latent_shift, self.latent_scale),
+                               known[1])
         device = next(self.model.parameters()).device
         noise = torch.randn((len(prompts), self.model.config.c_latent, *grid), generator=generator,
                             device=generator.device).to(device)
@@ -170,7 +175,7 @@ class TextToImage(nn.Module):
                 decoder_sampler: str = "ddpm", prior_eta: float | None = None, decoder_eta: float | None = None,
                 limits: Limits | None = Limits(), image: torch.Tensor | None = None, strength: float | None = None,
                 callback: Callable[[dict], None] | None = None, control_image: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, control_scale: float = 1.0,
+                mask: torch.Tensor | None = None, control_scale: float = 1.0, keep_unmasked: bool = False,
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images for every prompt, ``images_per_prompt`` each (prompt-major order).
 
@@ -193,6 +198,8 @@ class TextToImage(nn.Module):
         ``control_image`` (1, 3, H, W) in [0, 1] (with ``mask`` (1, 1, H, W) of 0s and 1s, 1 = repaint, for
         inpainting): steers Stage C through the pipeline's ControlNet (``control``), its features times
         ``control_scale``; the output size defaults to the control image's (twice it for sr).
+        ``keep_unmasked`` (inpainting): Stage C's latents are held to the control image's compressor latents in
+        the latent cells the mask leaves whole (``diffusion.KeepKnown``); needs the compressor.
         """
         check_sampler(prior_sampler, prior_eta), check_sampler(decoder_sampler, decoder_eta)
         if (control_image is not None or mask is not None) and self.control is None:
@@ -205,6 +212,13 @@ class TextToImage(nn.Module):
             check_images(control_image, "the control image")
             if self.control.kind == "inpaint" and mask is None:
                 raise ValueError("the inpaint ControlNet needs a mask (white: repaint, black: keep; CLI: --mask)")
+        if keep_unmasked and (self.control is None or self.control.kind != "inpaint"):
+            raise ValueError("keep_unmasked holds what the mask keeps of the control image: it needs the inpaint "
+                             "ControlNet with its control image and mask (CLI: --control inpaint --mask)")
+        if keep_unmasked and self.compressor is None:
+            raise ValueError("keep_unmasked needs the semantic compressor for the control image's latents; load it "
+                             "with compressor=PATH (CLI: --compressor)")
+        if self.control is not None:
             if mask is not None:
                 check_mask(mask)  # a mask that is not binary fails before any work
             if not math.isfinite(control_scale):
@@ -236,10 +250,15 @@ class TextToImage(nn.Module):
             init = init.expand(len(prompts), *init.shape[1:]).repeat_interleave(images_per_prompt, 0)
         control = None if self.control is None else self.control.features(control_image, mask, (h, w),
                                                                            control_scale)
+        known = None
+        if keep_unmasked:  # the latent cells the mask leaves whole
+            masked = F.interpolate(check_mask(mask).to(torch.float32), size=(h, w), mode="nearest")
+            share = F.adaptive_avg_pool2d(masked, self.prior.grid(h, w))
+            known = (self.encode(control_image, (h, w)), (share == 0).float())
         generator = torch.Generator().manual_seed(seed)
         semantic = self.prior.sample(batch, negatives, self.prior.grid(h, w), prior_steps, prior_guidance, generator,
                                      progress, prior_sampler, prior_eta, init=init, strength=strength,
-                                     callback=callback, control=control)
+                                     callback=callback, control=control, known=known)
         if self.dtype != torch.float32:
             check_half(semantic, "Stage C's latents", self.dtype)
         images = self.decoder(semantic, (h, w), batch, decoder_steps, decoder_guidance, generator,

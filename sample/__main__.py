@@ -56,7 +56,7 @@ from weights.loaders import load_any_previewer
 from pipeline.text_encoder import check_prompts
 from common.errors import run_command
 from imagedata.filters import check_mask
-from pipeline.controlnet import controlnet_kind, load_control
+from pipeline.controlnet import controlnet_kind, controlnet_takes_latents, load_control
 from stages.controlnet import CONTROLS
 from weights.lora import check_loras, parse_lora
 
@@ -178,6 +178,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
                          help="multiplies the ControlNet's features (default 1; 0 = no control)")
     control.add_argument("--mask", type=Path, default=None,
                          help="inpaint: a black-and-white image, white where the image is repainted")
+    control.add_argument("--keep-unmasked", action="store_true",
+                         help="inpaint: hold Stage C's latents to the control image's where the mask leaves a latent "
+                              "cell whole (imputation by replacement; needs the compressor)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     add_sampler_arguments(ap)
@@ -207,6 +210,8 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         ap.error("--controlnet, --control-scale and --mask apply with --control")
     if (args.mask is not None) != (args.control == "inpaint"):
         ap.error("--control inpaint takes --mask (white: repaint, black: keep), and only it")
+    if args.keep_unmasked and args.control != "inpaint":
+        ap.error("--keep-unmasked applies with --control inpaint (it keeps what --mask leaves black)")
     if args.control is not None and (not args.prompts or args.preview is not None):
         ap.error("--control steers Stage C for a prompt: give a prompt, and drop --preview")
     if args.strength is not None and (args.image is None or not args.prompts):
@@ -337,7 +342,8 @@ def _sample(args: argparse.Namespace):
     if args.preview is not None:
         return _preview(args, samplers, loras)
     control_inputs = check_control(args)
-    needs_compressor = image is not None or args.control == "sr"
+    needs_compressor = image is not None or args.keep_unmasked or (
+        args.control is not None and controlnet_takes_latents(resolve_checkpoint(controlnet_path(args))))
     pipe = load_pipeline(args, loras, find_compressor(args) if needs_compressor else None)
     if args.control is not None:
         pipe.attach_control(load_control(controlnet_path(args), pipe.prior.model, args.stage_c, pipe.compressor))
@@ -418,7 +424,7 @@ def render(args: argparse.Namespace, pipe, samplers: dict, image: torch.Tensor |
                   image=image, strength=args.strength, callback=callback, **samplers,
                   **({} if control is None else {"control_image": control[0], "mask": control[1],
                                                  "control_scale": 1.0 if args.control_scale is None else
-                                                 args.control_scale}))
+                                                 args.control_scale, "keep_unmasked": args.keep_unmasked}))
     # a row per prompt for several images each; otherwise as square a grid as the images make
     nrow = args.n if len(args.prompts) > 1 and args.n > 1 else math.ceil(len(images) ** 0.5)
     return save_images(images, args.out, nrow=nrow, overwrite=args.overwrite, text=text), images

@@ -11,7 +11,9 @@ how many images have the higher F1 with the ControlNet than without, and the sig
 top-5 caption retrieval of the generated images (``sample.evaluate``). For an inpaint ControlNet, each val image is kept outside a
 random mask (``imagedata.filters.random_masks``, fixed seed, no outpainting) and the prompt is the next
 val image's caption (new content for the masked region); scores: PSNR against the source image outside
-the mask (kept) and inside it, the top-5 retrieval of the prompt's caption and of the source image's.
+the mask (kept) and inside it, the top-5 retrieval of the prompt's caption and of the source image's;
+``--keep-unmasked`` holds Stage C's latents to the source's where the mask leaves a latent cell whole, with
+and without the ControlNet alike.
 """
 from __future__ import annotations
 
@@ -25,12 +27,12 @@ from common.cli import at_least, check_output, emit, positive_int
 from common.errors import run_command
 from imagedata.filters import canny, random_masks
 from pipeline.cascade import load_cascade_text_to_image
-from pipeline.controlnet import controlnet_kind, load_control
+from pipeline.controlnet import controlnet_kind, controlnet_takes_latents, load_control
 from pipeline.text_to_image import load_text_to_image
 from sample.__main__ import SHIPPED, is_cascade
 from common.metrics import InceptionFeatures
 from imagedata.embedded import openmoji_split
-from sample.evaluate import features, gallery, top5_hits
+from sample.evaluate import compressor_beside, features, gallery, top5_hits
 from weights.checkpoint import resolve_checkpoint
 
 
@@ -74,6 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stage-c", default=str(SHIPPED / "stage_c.safetensors"))
     ap.add_argument("--stage-b", default=str(SHIPPED / "stage_b.safetensors"))
     ap.add_argument("--stage-a", default=None, help="default: the Stage A that Stage B recorded")
+    ap.add_argument("--keep-unmasked", action="store_true",
+                    help="inpaint: hold the latents the mask leaves whole to the source's, with and without")
+    ap.add_argument("--compressor", default=None, help="for a ControlNet on compressor latents (default: "
+                    "compressor.safetensors beside Stage C or Stage B)")
     ap.add_argument("--data-dir", default="data/openmoji", help="the embedded set (its gallery cache is reused)")
     ap.add_argument("--limit", type=positive_int, default=None,
                     help="N val images evenly spaced over the split (default all 185; the split is ordered by category)")
@@ -95,8 +101,13 @@ def main(argv: list[str] | None = None) -> dict:
     if kind not in ("canny", "inpaint"):
         raise ValueError(f"{path} is a {kind} ControlNet; this evaluation scores canny and inpaint ControlNets")
     load = load_cascade_text_to_image if is_cascade(args.stage_c) else load_text_to_image
-    pipe = load(args.stage_c, args.stage_b, args.stage_a)
-    pipe.attach_control(load_control(path, pipe.prior.model, args.stage_c))
+    if args.keep_unmasked and kind != "inpaint":
+        raise ValueError("--keep-unmasked applies to an inpaint ControlNet")
+    compressor = None
+    if controlnet_takes_latents(path) or args.keep_unmasked:
+        compressor = args.compressor or compressor_beside(args.stage_c, args.stage_b)
+    pipe = load(args.stage_c, args.stage_b, args.stage_a, compressor=compressor)
+    pipe.attach_control(load_control(path, pipe.prior.model, args.stage_c, pipe.compressor))
     samples = openmoji_split(args.data_dir, "val", 128)
     keep = torch.linspace(0, len(samples) - 1, min(args.limit or len(samples), len(samples))).round().long().tolist()
     real = torch.stack([samples[i]["image"] for i in keep])
@@ -114,11 +125,12 @@ def main(argv: list[str] | None = None) -> dict:
             outputs[name].append(pipe(batch, height=128, width=128, prior_steps=args.prior_steps,
                                       decoder_steps=args.decoder_steps, prior_guidance=args.guidance,
                                       seed=args.seed + i, progress=False, limits=None, control_image=images,
-                                      mask=mask, control_scale=scale))
+                                      mask=mask, control_scale=scale, keep_unmasked=args.keep_unmasked))
     generated = {name: torch.cat(parts) for name, parts in outputs.items()}
     report = {"controlnet": str(path), "control": kind, "stage_c": args.stage_c, "val_images": keep,
               "prior_steps": args.prior_steps, "decoder_steps": args.decoder_steps, "guidance": args.guidance,
-              "seed": args.seed, "chance_top5": round(5 / len(gallery_captions), 4)}
+              "seed": args.seed, "chance_top5": round(5 / len(gallery_captions), 4),
+              **({"keep_unmasked": True} if args.keep_unmasked else {})}
     control = canny(real) if kind == "canny" else None  # the val images' own edges
     edges = {}  # canny: the generated images' edge maps, by name
     for name, images in generated.items():

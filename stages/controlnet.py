@@ -14,7 +14,10 @@ Encoders:
   widened the same way.
 * ``bottleneck``: for super-resolution, whose control is already compressor latents: 1x1 conv to ``expand``
   -> LeakyReLU -> 1x1 conv to ``width`` -> ``res_blocks`` residual blocks (LayerNorm, GELU, 3x3 conv, twice)
-  -> 1x1 conv to ``c_features`` (the release's ``large`` bottleneck: 16384, 1024, 8 blocks, 1280).
+  -> 1x1 conv to ``c_features`` (the release's ``large`` bottleneck: 16384, 1024, 8 blocks, 1280). It also
+  takes an inpainting control given as latents (``LATENT_CONTROLS``; a departure from the release, whose
+  inpainting encoder is an EfficientNet on the image and mask): the compressor's latents of the image with the
+  masked region white, and the mask's share of each latent cell.
 
 The backbone's BatchNorms stay in eval mode while the ControlNet trains, as in the release. ``input_scale``
 resizes the control before the encoder (as the semantic compressor's ``input_scale``): the release's stride-32
@@ -41,6 +44,9 @@ from stages.stage_c import StageC
 
 STAGE = "controlnet"  # what its checkpoints record as their stage
 CONTROLS = {"canny": 1, "inpaint": 4, "sr": 16}  # control kind -> input channels (sr: compressor latents)
+# controls given as semantic compressor latents, for the bottleneck encoder -> input channels: sr's latents, or the
+# latents of the image with the masked region white plus the mask's share of each latent cell (inpaint)
+LATENT_CONTROLS = {"sr": 16, "inpaint": 17}
 ENCODERS = ("efficientnet_v2_s", "efficientnet_lite0", "bottleneck")
 STAGE_KINDS = {"stage_c": "Würstchen v2 Stage C", "stage_c3": "Stable Cascade (v3) Stage C"}
 RELEASE_BLOCKS = (0, 4, 8, 12, 51, 55, 59, 63)  # the released 3.6B ControlNets' injection points
@@ -68,8 +74,11 @@ class ControlNetConfig(DictConfig):
             raise ValueError(f"unknown control {self.control!r}; choose one of {sorted(CONTROLS)}")
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown ControlNet encoder {self.encoder!r}; choose one of {list(ENCODERS)}")
-        if (self.control == "sr") != (self.encoder == "bottleneck"):
-            raise ValueError("the sr control (compressor latents) goes with the bottleneck encoder, and only it")
+        if self.control == "sr" and self.encoder != "bottleneck":
+            raise ValueError("the sr control (compressor latents) goes with the bottleneck encoder")
+        if self.encoder == "bottleneck" and self.control not in LATENT_CONTROLS:
+            raise ValueError("the bottleneck encoder takes compressor latents: control "
+                             f"{' or '.join(LATENT_CONTROLS)}, not {self.control}")
         if self.encoder != "bottleneck" and self.c_features != FEATURE_CHANNELS:
             raise ValueError(f"EfficientNet features have {FEATURE_CHANNELS} channels; c_features is only set for "
                              "the bottleneck encoder")
@@ -84,8 +93,13 @@ class ControlNetConfig(DictConfig):
             raise ValueError(f"blocks must be distinct block indices >= 0, got {list(self.blocks)}")
 
     @property
+    def takes_latents(self) -> bool:
+        """The control is given as semantic compressor latents (``LATENT_CONTROLS``), not as an image."""
+        return self.encoder == "bottleneck"
+
+    @property
     def c_in(self) -> int:
-        return CONTROLS[self.control]
+        return LATENT_CONTROLS[self.control] if self.takes_latents else CONTROLS[self.control]
 
 
 PRESETS: dict[str, ControlNetConfig] = {

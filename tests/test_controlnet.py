@@ -11,8 +11,10 @@ import torchvision
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from benchmarks.controlnet_probe import main as controlnet_probe
 from imagedata.filters import canny, check_mask, downscale, inpaint_control, random_masks
 from pipeline.controlnet import Control, as_edge_map, control_of, load_control
+from pipeline.text_to_image import load_text_to_image
 from sample.__main__ import main as sample_main
 from sample.evaluate_controlnet import edge_scores, paired_sign_test
 from sample.evaluate_controlnet import main as evaluate_controlnet
@@ -20,13 +22,14 @@ from semantic_compressor import SemanticCompressor
 from stages.controlnet import ControlledStageC, ControlNet, controlnet_config
 from stages.stable_cascade import StageC3
 from stages.stage_c import StageC
+from tests.bad_input.conftest import assert_error, run_main
 from tests.tiny_stages import TINY_C, randomised
 from train.cli import main as cli_main
 from train.controlnet import ControlNetTraining
 from weights.checkpoint import fingerprint, read_metadata, save_safetensors, save_tensors
 from weights.convert import main as convert_main
 from weights.convert_controlnet import config_from_release, to_release
-from weights.loaders import load_controlnet, load_stage_c
+from weights.loaders import load_compressor, load_controlnet, load_stage_c
 
 # a ControlNet for tests/tiny_stages.py's Stage C (width 32, one block): random Lite0, small projections
 TINY_CN = {"preset": "tiny", "c_out": 32, "c_hidden": 16, "blocks": [0]}
@@ -263,6 +266,9 @@ def test_sampler_control_refusals(tiny_bundle, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample_main([*base, "--control", "inpaint", "--control-image", str(image)])
     assert "--control inpaint takes --mask" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample_main([*base, "--control", "canny", "--control-image", str(image), "--keep-unmasked"])
+    assert "--keep-unmasked applies with --control inpaint" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--mask .*grey.png is not binary"):
         sample_main([*base, "--control", "inpaint", "--control-image", str(image), "--mask", str(grey),
                      "--controlnet", str(cn)])
@@ -383,3 +389,113 @@ def test_input_scale_resizes_the_control_before_the_encoder():
     for bad in (0, -1, float("nan")):
         with pytest.raises(ValueError, match="input_scale must be a positive number"):
             controlnet_config({**TINY_CN, "input_scale": bad})
+
+
+# an inpaint ControlNet on compressor latents: the bottleneck encoder (tiny sizes) for the tiny bundle's Stage C
+TINY_LATENT_INPAINT = {**TINY_CN, "control": "inpaint", "encoder": "bottleneck", "expand": 32, "width": 16,
+                       "res_blocks": 1, "c_features": 16, "train_encoder": True}
+
+
+def test_inpaint_control_as_latents_is_the_compressors_latents_of_the_masked_image_and_the_masks_share():
+    torch.manual_seed(0)
+    compressor = SemanticCompressor(pretrained=False, trainable="none").eval()
+    images = torch.rand(2, 3, 128, 128)
+    masks = torch.zeros(2, 1, 128, 128)
+    masks[0, :, :64] = 1  # the top half of the first image
+    control = control_of("inpaint", images, masks, compressor, latents=True)
+    with torch.no_grad():
+        expected = compressor(inpaint_control(images, masks)[:, :3])
+    assert control.shape == (2, 17, *expected.shape[-2:])
+    assert torch.equal(control[:, :16], expected)
+    h = expected.shape[-2]
+    assert control[0, 16, : h // 2].eq(1).all() and control[0, 16, h // 2 + 1:].eq(0).all()
+    assert control[1, 16].eq(0).all()
+    assert torch.equal(control_of("inpaint", images, masks), inpaint_control(images, masks))  # the image control
+    with pytest.raises(ValueError, match="needs the semantic compressor"):
+        control_of("inpaint", images, masks, latents=True)
+    config = controlnet_config(TINY_LATENT_INPAINT)
+    assert config.takes_latents and config.c_in == 17 and not controlnet_config(TINY_CN, "inpaint").takes_latents
+    assert ControlNet(config, pretrained=False)(control)[0].shape == (2, 32, *expected.shape[-2:])
+    with pytest.raises(ValueError, match="the bottleneck encoder takes compressor latents: control sr or inpaint, "
+                                         "not canny"):
+        controlnet_config({**TINY_LATENT_INPAINT, "control": "canny"})
+
+
+def _latent_inpaint_controlnet_for(bundle, out):
+    """A random (non-zero) inpaint ControlNet on compressor latents for the bundle's Stage C."""
+    torch.manual_seed(0)
+    stage_c = bundle / "stage_c.safetensors"
+    return _export(_nonzero(ControlNet(TINY_LATENT_INPAINT, pretrained=False)), out,
+                   stage_c_fingerprint=fingerprint(load_stage_c(str(stage_c))), stage_c_path=str(stage_c),
+                   compressor_fingerprint=fingerprint(load_compressor(bundle / "compressor.safetensors")))
+
+
+def test_sampling_and_evaluating_with_an_inpaint_controlnet_on_latents(tiny_bundle, openmoji_dir, tmp_path):
+    stage_c = tiny_bundle / "stage_c.safetensors"
+    compressor = tiny_bundle / "compressor.safetensors"
+    cn = _latent_inpaint_controlnet_for(tiny_bundle, tmp_path / "cn.safetensors")
+    image, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy()).save(image)
+    pixels = torch.zeros(64, 64, dtype=torch.uint8)
+    pixels[:32] = 255
+    Image.fromarray(pixels.numpy()).save(mask)
+    common = ["a cat", "--stage-c", str(stage_c), "--stage-b", str(tiny_bundle / "stage_b.safetensors"),
+              "--prior-steps", "2", "--decoder-steps", "2", "--quiet", "--control", "inpaint", "--control-image",
+              str(image), "--mask", str(mask), "--controlnet", str(cn)]
+    out = tmp_path / "steered.png"
+    sample_main([*common, "--out", str(out)])  # the compressor is found beside Stage C
+    zero = tmp_path / "zero.png"
+    sample_main([*common, "--control-scale", "0", "--out", str(zero)])
+    as_array = lambda p: torch.from_numpy(np.array(Image.open(p)))  # noqa: E731
+    assert not torch.equal(as_array(out), as_array(zero))
+    report = evaluate_controlnet(["--controlnet", str(cn), "--stage-c", str(stage_c), "--stage-b",
+                                  str(tiny_bundle / "stage_b.safetensors"), "--data-dir", str(openmoji_dir),
+                                  "--limit", "2",
+                                  "--stage-a", str(tiny_bundle / "stage_a.safetensors"), "--prior-steps", "2",
+                                  "--decoder-steps", "2", "--gallery-limit", "8"])
+    assert set(report["with_controlnet"]) >= {"psnr_outside_mask_db", "psnr_inside_mask_db"}
+    kept = tmp_path / "kept.png"  # the CLI flag: the compressor is found beside Stage C
+    sample_main([*common, "--keep-unmasked", "--out", str(kept)])
+    assert "--keep-unmasked" in Image.open(kept).text["command"]
+    # held latents: where the mask leaves a latent cell whole, Stage C's latents are the photo's
+    pipe = load_text_to_image(stage_c, tiny_bundle / "stage_b.safetensors", tiny_bundle / "stage_a.safetensors",
+                              compressor=compressor)
+    pipe.attach_control(load_control(cn, pipe.prior.model, stage_c, pipe.compressor))
+    photo, repaint = torch.rand(1, 3, 64, 64), torch.zeros(1, 1, 64, 64)
+    repaint[..., :32, :] = 1
+    request = dict(height=64, width=64, prior_steps=4, decoder_steps=2, progress=False, control_image=photo,
+                   mask=repaint, return_latents=True)
+    _, held = pipe("a cat", keep_unmasked=True, **request)
+    _, free = pipe("a cat", **request)
+    photo_latents = pipe.encode(photo)
+    grid = photo_latents.shape[-2]
+    whole = slice(grid // 2 + (grid % 2), None)  # rows below the mask's edge (64 px: 2x2 grid, row 1)
+    error = lambda latents, rows: float((latents[..., rows, :] - photo_latents[..., rows, :]).abs().max())  # noqa: E731
+    assert error(held, whole) < 0.01 * error(free, whole)  # up to the noise a sampler leaves at t = 0
+    assert not torch.equal(held[..., :grid // 2, :], photo_latents[..., :grid // 2, :])  # the masked rows: sampled
+    with pytest.raises(ValueError, match="keep_unmasked holds what the mask keeps"):
+        load_text_to_image(stage_c, tiny_bundle / "stage_b.safetensors", tiny_bundle / "stage_a.safetensors")(
+            "a cat", keep_unmasked=True, height=64, width=64, prior_steps=2, decoder_steps=2, progress=False)
+    control = load_control(cn, load_stage_c(str(stage_c)), stage_c)  # no compressor given: refused when used
+    with pytest.raises(ValueError, match="takes compressor latents: it needs the semantic compressor"):
+        control.features(torch.rand(1, 3, 64, 64), torch.zeros(1, 1, 64, 64), (64, 64))
+
+
+def test_controlnet_probe_scores_the_kept_and_masked_cells_with_both_controls(tiny_bundle, openmoji_dir, tmp_path,
+                                                                              capsys):
+    cn = _latent_inpaint_controlnet_for(tiny_bundle, tmp_path / "cn.safetensors")
+    common = ["--controlnet", str(cn), "--stage-c", str(tiny_bundle / "stage_c.safetensors"), "--compressor",
+              str(tiny_bundle / "compressor.safetensors"), "--data-dir", str(openmoji_dir), "--size", "64"]
+    out = tmp_path / "probe.json"
+    report = controlnet_probe([*common, "--images", "3", "--times", "0.5,0.9", "--out", str(out)])
+    assert json.loads(out.read_text()) == report and report["images"] == 3 and 0 < report["kept_cell_share"] < 1
+    assert set(report["x0_mse"]) == {"t=0.5", "t=0.9"}
+    scores = report["x0_mse"]["t=0.9"]
+    assert set(scores) == {"image_control", "fully_masked_control"}
+    assert all(v >= 0 for c in scores.values() for v in c.values())
+    assert scores["image_control"] != scores["fully_masked_control"]  # the (random) ControlNet sees the image
+    code, err = run_main(controlnet_probe, [*common, "--times", "0.5,1"], capsys)
+    assert_error(code, err, "--times must lie in (0, 1)")
+    canny = _canny_controlnet_for(tiny_bundle, tmp_path / "canny.safetensors")
+    code, err = run_main(controlnet_probe, [*common[2:], "--controlnet", str(canny)], capsys)
+    assert_error(code, err, "is a canny ControlNet; this probe scores inpaint ControlNets")

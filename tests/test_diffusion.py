@@ -220,3 +220,16 @@ def test_the_layer_imports_torch_only_and_the_networks_never_import_it():
     for net in ("stage_a", "stage_b", "stage_c", "pixel_decoder", "blocks"):
         assert "diffusion" not in re.findall(r"^\s*(?:from|import) (\w+)", (root.parent / "stages" / f"{net}.py")
                                              .read_text(), re.M)
+
+
+@pytest.mark.parametrize("name", sorted(d.SAMPLERS))
+def test_keep_known_ends_every_sampler_on_the_known_entries_and_leaves_the_others(name):
+    toy, gen = GaussianToy(), torch.Generator().manual_seed(0)
+    noise = torch.randn(4000, 2, 1, 1, generator=gen)
+    known = torch.full((1, 2, 1, 1), 2.0)
+    keep = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)  # channel 0 held to 2, channel 1 sampled
+    out = d.sample(name, d.KeepKnown(toy, known, keep), noise, 200, generator=torch.Generator().manual_seed(1))
+    # held to 2 up to the noise every sampler leaves at t = 0 (sqrt(1 - ab(0)), about 0.01)
+    assert out[:, 0].mean().item() == pytest.approx(2.0, abs=1e-3) and out[:, 0].std().item() < 0.02
+    assert out[:, 1].mean().item() == pytest.approx(0.5, abs=0.02)  # the toy data's mean, as without
+    assert out[:, 1].std().item() == pytest.approx(0.3, rel=0.04)

@@ -46,7 +46,8 @@ class ControlCondition:
             return control_of(self.kind, images, compressor=engine.compressor)
         generator = None if train else torch.Generator().manual_seed(0)  # the same val masks every time
         masks = random_masks(images.shape[0], *images.shape[-2:], generator, self.outpaint_prob)
-        return control_of("inpaint", images, masks.to(images.device))
+        return control_of("inpaint", images, masks.to(images.device), engine.compressor,
+                          engine.model.config.takes_latents)
 
     def __call__(self, engine: "ControlNetTraining", batch: dict, train: bool) -> torch.Tensor:
         frozen = not engine.model.config.train_encoder
@@ -152,7 +153,11 @@ class ControlNetTraining(DiffusionTraining):
             latents = self.prior.sample(captions, [""] * n, grid, h.sample_steps, h.guidance, generator,
                                         progress=False, control=steer)
             rows.append(self.decoder(latents, images.shape[-2:], captions, h.decoder_steps, 1.0, generator))
-        shown = control[:, :3] if control.shape[1] >= 3 and h.control != "sr" else control[:, :1].expand(-1, 3, -1, -1)
+        if not model.config.takes_latents:
+            shown = control[:, :3] if control.shape[1] >= 3 else control.expand(-1, 3, -1, -1)
+        else:  # latents: the inpainting mask's share per cell, or sr's first channel
+            shown = control[:, -1:] if h.control == "inpaint" else control[:, :1]
+            shown = shown.expand(-1, 3, -1, -1)
         shown = F.interpolate(shown.float(), size=images.shape[-2:], mode="nearest")
         return images, rows[0], shown, rows[1]
 
