@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from common.cli import check_output, emit, positive_int, shown
 from common.errors import run_command
 from diffusion import Denoiser
+from diffusion.parameterisations import x0_from_eps
 from imagedata.embedded import openmoji_split
-from imagedata.filters import random_masks
+from imagedata.filters import mask_share, random_masks
 from pipeline.cascade import load_cascade_prior
 from pipeline.controlnet import control_of, controlnet_kind, load_control
 from pipeline.text_to_image import load_prior
@@ -37,9 +37,8 @@ def x0_errors(denoiser: Denoiser, latents: torch.Tensor, conditions: tuple, cont
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     r = torch.full((len(latents),), t)
     x_t = denoiser.schedule.add_noise(latents, r, noise)
-    ab = denoiser.schedule.alpha_bar(r).view(-1, 1, 1, 1)
     eps = denoiser(x_t, r, *conditions, control)
-    error = ((x_t - (1 - ab).sqrt() * eps) / ab.sqrt() - latents) ** 2
+    error = (x0_from_eps(x_t, eps, denoiser.schedule.alpha_bar(r).view(-1, 1, 1, 1)) - latents) ** 2
     channels = latents.shape[1]
     return (float((error * keep).sum() / (keep.sum() * channels)),
             float((error * (1 - keep)).sum() / ((1 - keep).sum() * channels)))
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     latents = compressor(images)
     if not v3:
         latents = normalize_latents(latents, prior.latent_shift, prior.latent_scale)  # the v2 prior's space
-    keep = (F.adaptive_avg_pool2d(masks, latents.shape[-2:]) == 0).float()
+    keep = (mask_share(masks, latents.shape[-2:]) == 0).float()
     conditions = prior.conditions([samples[i]["caption"] for i in picked])
     if v3:
         conditions = (*conditions, None)  # no image embeddings

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from diffusion.parameterisations import Parameterisation, parameterisation
+from diffusion.parameterisations import Parameterisation, eps_from_x0, parameterisation
 from diffusion.schedules import CosineSchedule, expand, schedule_from
 
 
@@ -222,6 +222,5 @@ class KeepKnown:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         eps = self.model(x, t)
-        ab = expand(self.schedule.alpha_bar(t), x)
-        known = (x - ab.sqrt() * self.x0.to(x)) / (1 - ab).clamp(min=1e-12).sqrt()
+        known = eps_from_x0(x, self.x0.to(x), expand(self.schedule.alpha_bar(t), x))
         return torch.where(self.keep.to(x.device), known.to(eps.dtype), eps)

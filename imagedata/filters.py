@@ -61,6 +61,12 @@ def inpaint_control(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.where(mask.bool(), torch.ones_like(images), images), mask.to(images.dtype)], dim=1)
 
 
+def mask_share(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The masked share of each cell of a ``grid`` laid over (B, 1, H, W) masks: (B, 1, *grid), 0 where a cell
+    is kept whole, 1 where it is all repainted."""
+    return F.adaptive_avg_pool2d(mask.float(), tuple(grid))
+
+
 def random_masks(batch: int, height: int, width: int, generator: torch.Generator | None = None,
                  outpaint_prob: float = 0.4, min_share: float = 0.1, max_share: float = 0.5) -> torch.Tensor:
     """(batch, 1, H, W) binary masks: an ellipse or a rectangle covering about ``min_share``..``max_share`` of

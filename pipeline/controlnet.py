@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from common.checks import check_images
-from imagedata.filters import canny, check_mask, downscale, inpaint_control
+from imagedata.filters import canny, check_mask, downscale, inpaint_control, mask_share
 from semantic_compressor import SemanticCompressor
 from stages.controlnet import STAGE_KINDS, ControlNet, check_fits
 from weights.checkpoint import fingerprint, read_metadata, resolve_checkpoint
@@ -42,8 +42,7 @@ def inpaint_latents(compressor: SemanticCompressor, control: torch.Tensor) -> to
     device = next(compressor.parameters()).device
     with torch.no_grad():
         latents = compressor(control[:, :3].to(device, torch.float32)).float()
-    share = F.adaptive_avg_pool2d(control[:, 3:].to(device, torch.float32), latents.shape[-2:])
-    return torch.cat([latents, share], dim=1)
+    return torch.cat([latents, mask_share(control[:, 3:].to(device), latents.shape[-2:])], dim=1)
 
 
 def control_of(kind: str, images: torch.Tensor, mask: torch.Tensor | None = None,
@@ -132,14 +131,17 @@ class Control:
 
 def controlnet_kind(path: str | os.PathLike) -> str | None:
     """The control a ControlNet export or Lightning checkpoint was made for (canny, inpaint, sr), from its header."""
-    meta = read_metadata(path)
-    return (meta.get("config") or meta.get("model_config") or {}).get("control")
+    return _recorded_config(path).get("control")
 
 
 def controlnet_takes_latents(path: str | os.PathLike) -> bool:
     """Whether a ControlNet export or checkpoint takes its control as compressor latents (a bottleneck encoder)."""
+    return _recorded_config(path).get("encoder") == "bottleneck"
+
+
+def _recorded_config(path: str | os.PathLike) -> dict:
     meta = read_metadata(path)
-    return (meta.get("config") or meta.get("model_config") or {}).get("encoder") == "bottleneck"
+    return meta.get("config") or meta.get("model_config") or {}
 
 
 def load_control(path: str | os.PathLike, stage_c: torch.nn.Module, stage_c_path: str | os.PathLike,

@@ -31,7 +31,7 @@ from common.files import write_together
 from pipeline import inputs
 from weights.lora import check_loras, load_loras
 from common.checks import check_images
-from imagedata.filters import check_mask
+from imagedata.filters import check_mask, mask_share
 from pipeline.inputs import Limits, check_finite, check_half, check_image_request, check_request
 from stages.stage_c import StageC
 from pipeline.text_encoder import TextEncoder, build_text_encoder, check_prompts
@@ -253,8 +253,7 @@ class TextToImage(nn.Module):
         known = None
         if keep_unmasked:  # the latent cells the mask leaves whole
             masked = F.interpolate(check_mask(mask).to(torch.float32), size=(h, w), mode="nearest")
-            share = F.adaptive_avg_pool2d(masked, self.prior.grid(h, w))
-            known = (self.encode(control_image, (h, w)), (share == 0).float())
+            known = (self.encode(control_image, (h, w)), (mask_share(masked, self.prior.grid(h, w)) == 0).float())
         generator = torch.Generator().manual_seed(seed)
         semantic = self.prior.sample(batch, negatives, self.prior.grid(h, w), prior_steps, prior_guidance, generator,
                                      progress, prior_sampler, prior_eta, init=init, strength=strength,
