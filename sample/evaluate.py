@@ -10,7 +10,8 @@ For each of the 185 val captions one image is generated (fixed seed). Prints JSO
 * ``from_true_latents``: the same scores for the decoder alone, rendering each val image from its
   own compressor latents (no Stage C): the best the text-to-image scores can get with this decoder.
 * ``stage_c_latent_retrieval``: Stage C alone, before any decoder: is the emoji of the caption among
-  the 5 emoji whose compressor latents are nearest (cosine) to the latents Stage C sampled for it?
+  the 5 emoji whose compressor latents are nearest (cosine) to the latents Stage C sampled for it? And the
+  mean cosine of those latents to the caption's own emoji's latents.
 * ``stage_a_alone``: retrieval of the val images reconstructed by Stage A (encode, decode): the
   ceiling of every decoder that ends in Stage A.
 * ``everyday``: the same scores (but FID, which 48 images cannot estimate) for ``EVERYDAY``, 48
@@ -21,7 +22,10 @@ For each of the 185 val captions one image is generated (fixed seed). Prints JSO
 with the same prompts, seeds and scores (no Stage C latents, no decoder ceiling). ``--previewer PATH`` adds
 ``previewer``: the scores of Stage C's latents rendered by the previewer, no Stage B (paper App. D: how much
 of the prompt Stage C has fixed before any decoder). ``--skip-ceilings`` leaves out ``from_true_latents`` and
-``stage_a_alone`` (they do not depend on Stage C: score them once).
+``stage_a_alone`` (they do not depend on Stage C: score them once). ``--noised-latents 0.2,0.5`` adds
+``from_noised_latents``: the decoder's scores from the true latents noised to each time t of the cosine schedule,
+with their mean cosine to the true ones: how close to the true latents Stage C's must come for the decoder to
+draw the emoji.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffusion import CosineSchedule
 from sample.__main__ import SHIPPED, fill_sampling_defaults
 from sample.options import add_evaluation_arguments, parse_evaluation_arguments
 from pipeline.baseline_ldm import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_baseline_text_to_image
@@ -182,6 +187,22 @@ def latent_scores(latents: torch.Tensor, scorer: ValScorer, compressor: torch.nn
     return {"top5_own_caption": top5(scorer.captions), "top5_shuffled_captions": top5(scorer.shuffled)}
 
 
+def diffusion_times(text: str) -> list[float]:
+    """An argparse type: comma-separated times in (0, 1)."""
+    try:
+        times = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        times = []
+    if not times or not all(0 < t < 1 for t in times):
+        raise argparse.ArgumentTypeError(f"expected comma-separated times in (0, 1), got {text!r}")
+    return times
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity of paired latents (flattened)."""
+    return round(F.cosine_similarity(a.flatten(1), b.flatten(1)).mean().item(), 4)
+
+
 def compressor_beside(*checkpoints: str) -> Path:
     """``compressor.safetensors`` next to the first of these checkpoints that has one."""
     for c in checkpoints:
@@ -233,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--baseline-ldm", default=None, metavar="PATH",
                     help="score the single-stage baseline LDM (with --stage-a) instead of the cascade")
     ap.add_argument("--previewer", default=None, help="also score Stage C's latents rendered by this previewer")
+    ap.add_argument("--noised-latents", type=diffusion_times, default=[], metavar="T[,T...]",
+                    help="also decode the true latents noised to these times t in (0, 1) of the cosine schedule: "
+                         "how the decoder's scores fall as its latents stray from the true ones")
     ap.add_argument("--skip-ceilings", action="store_true",
                     help="leave out the decoder's and Stage A's ceilings (from_true_latents, stage_a_alone)")
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
@@ -284,35 +308,53 @@ def score_prompt_set(pipe, decoder, compressor: torch.nn.Module, stage_a: StageA
     """End-to-end images for a prompt set's captions and the ceilings of each stage on its real images:
     Stage A alone, the decoder from the true compressor latents, and Stage C's latents. Without a
     pipeline (``--stage-c none``) only the decoder's and Stage A's ceilings; with ``--skip-ceilings`` none.
-    ``previewer``: also Stage C's latents rendered by it (upscaled, nearest)."""
+    ``previewer``: also Stage C's latents rendered by it (upscaled, nearest); ``args.noised_latents``: also the
+    decoder from the true latents noised to those times."""
     scorer = ValScorer(args.data_dir, args.size, args.batch_size, args.limit, args.gallery_limit, name)
     real, captions = scorer.real, scorer.captions
-    generated, decoded, reconstructed, prior_latents, previews = [], [], [], [], []
+    generated, decoded, reconstructed, prior_latents, previews, true_latents = [], [], [], [], [], []
+    noised = {t: [] for t in args.noised_latents}
     ceilings = not args.skip_ceilings
+    decode = lambda latents, batch, seed: decoder(  # noqa: E731
+        latents, (args.size, args.size), batch, decoder_steps, args.decoder_guidance, torch.Generator().manual_seed(seed),
+        sampler=samplers["decoder_sampler"], eta=samplers["decoder_eta"])
     for i in tqdm(range(0, len(captions), args.batch_size), desc=f"generating ({name})"):
         batch = captions[i:i + args.batch_size]
+        semantic = compressor(real[i:i + args.batch_size])
+        true_latents.append(semantic)
         if pipe is not None:
             images, latents = pipe(batch, "", args.size, args.size, 1, args.prior_steps, decoder_steps,
                                    args.prior_guidance, args.decoder_guidance, args.seed + i, progress=False,
                                    return_latents=True, **samplers)
             generated.append(images)
-            prior_latents.append(latents.flatten(1))
+            prior_latents.append(latents)
             if previewer is not None:
                 previews.append(F.interpolate(previewer(latents), size=(args.size, args.size), mode="nearest"))
         if ceilings:
-            semantic = compressor(real[i:i + args.batch_size])
-            decoded.append(decoder(semantic, (args.size, args.size), batch, decoder_steps, args.decoder_guidance,
-                                   torch.Generator().manual_seed(args.seed + i), sampler=samplers["decoder_sampler"],
-                                   eta=samplers["decoder_eta"]))
+            decoded.append(decode(semantic, batch, args.seed + i))
+        for t, parts in noised.items():
+            noise = torch.randn(semantic.shape, generator=torch.Generator().manual_seed(args.seed + i))
+            parts.append(CosineSchedule().add_noise(semantic, torch.full(semantic.shape[:1], t), noise))
         if stage_a is not None and ceilings:
             reconstructed.append(stage_a.decode(stage_a.encode(real[i:i + args.batch_size])).clamp(0, 1))
+    true_latents = torch.cat(true_latents)
     scores = {"n_captions": len(captions)}
     if pipe is not None:
         scores.update(scorer(torch.cat(generated), "generated images"))
     if ceilings:
         scores["from_true_latents"] = scorer(torch.cat(decoded), "images decoded from their own latents")
+    if noised:
+        scores["from_noised_latents"] = {}
+        for t, parts in noised.items():
+            latents = torch.cat(parts)
+            images = torch.cat([decode(latents[i:i + args.batch_size], captions[i:i + args.batch_size], args.seed + i)
+                                for i in range(0, len(captions), args.batch_size)])
+            scores["from_noised_latents"][f"t={t}"] = {"mean_cosine_to_true_latents": mean_cosine(latents, true_latents),
+                                                       **scorer(images, f"images decoded from latents noised to t={t}")}
     if pipe is not None:
-        scores["stage_c_latent_retrieval"] = latent_scores(torch.cat(prior_latents), scorer, compressor, args)
+        prior_latents = torch.cat(prior_latents)
+        scores["stage_c_latent_retrieval"] = {**latent_scores(prior_latents.flatten(1), scorer, compressor, args),
+                                              "mean_cosine_to_own_latents": mean_cosine(prior_latents, true_latents)}
     if previews:
         scores["previewer"] = scorer(torch.cat(previews), "previews of Stage C's latents")
     if stage_a is not None and ceilings:

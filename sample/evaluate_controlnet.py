@@ -9,9 +9,13 @@ an edge pixel counting as matched when one of the other set lies within ``tolera
 distance, a square of side 2 * tolerance + 1), for each ``--tolerances``, pooled over the images; per image,
 how many images have the higher F1 with the ControlNet than without, and the sign test's p-value; and the
 top-5 caption retrieval of the generated images (``sample.evaluate``). For an inpaint ControlNet, each val image is kept outside a
-random mask (``imagedata.filters.random_masks``, fixed seed, no outpainting) and the prompt is the next
-val image's caption (new content for the masked region); scores: PSNR against the source image outside
-the mask (kept) and inside it, the top-5 retrieval of the prompt's caption and of the source image's;
+random mask (``imagedata.filters.random_masks``, fixed seed, no outpainting) and the prompt is the caption of
+the evaluated image half the list away (another category: new content for the masked region); scores: PSNR against the source image outside
+the mask (kept) and inside it, the top-5 retrieval of the prompt's caption and of the source image's, and
+``masked_region_top5``: the masked region of each generated image against the same region of every evaluated
+val image (Inception, cosine; white outside the mask): how often the prompt's emoji is among the 5 nearest,
+the source's, and an unrelated one's (the image a quarter of the list away: the level of a region that ignores
+the prompt), and the sign test of prompt against unrelated hits per image;
 ``--keep-unmasked`` holds Stage C's latents to the source's where the mask leaves a latent cell whole, with
 and without the ControlNet alike.
 """
@@ -70,6 +74,30 @@ def psnr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
     return round(10 * math.log10(1 / max(mse.item(), 1e-12)), 2)
 
 
+def masked_view(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The images inside the masks, white (the emoji's background) outside them."""
+    return images * masks + (1 - masks)
+
+
+@torch.no_grad()
+def masked_region_top5(net: InceptionFeatures, generated: dict[str, torch.Tensor], candidates: torch.Tensor,
+                       masks: torch.Tensor, targets: dict[str, list[int]], batch_size: int) -> dict[str, dict]:
+    """Is candidate ``targets[name][i]`` among the 5 whose masked region is nearest to generated image i's? The
+    Inception features (cosine) of image i's masked region against the same region of every candidate image
+    (``masked_view``); per set of generated images and named list of targets, a (N,) bool tensor of hits."""
+    embed = lambda views: torch.nn.functional.normalize(  # noqa: E731
+        torch.cat([net(views[j:j + batch_size]) for j in range(0, len(views), batch_size)]), dim=1)
+    own = {name: embed(masked_view(images, masks)) for name, images in generated.items()}
+    hits = {name: {t: torch.zeros(len(masks), dtype=torch.bool) for t in targets} for name in generated}
+    for i in tqdm(range(len(masks)), desc="masked regions against the candidates"):
+        nearby = embed(masked_view(candidates, masks[i:i + 1]))
+        for name, feats in own.items():
+            nearest = (nearby @ feats[i]).topk(min(5, len(candidates))).indices.tolist()
+            for target_name, target in targets.items():
+                hits[name][target_name][i] = target[i] in nearest
+    return hits
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m sample.evaluate_controlnet", description=__doc__.split("\n\n")[0])
     ap.add_argument("--controlnet", required=True, help="ControlNet export or run folder (canny or inpaint)")
@@ -114,8 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
     captions = [samples[i]["caption"] for i in keep]
     net = InceptionFeatures()
     gallery_feats, gallery_captions = gallery(args.data_dir, net, 128, args.batch_size, args.gallery_limit)
-    shuffled = captions[1:] + captions[:1]  # image i with the next image's caption: never its own
-    prompts = captions if kind == "canny" else shuffled
+    n = len(captions)  # inpaint: image i prompted with the caption of the image half the split away (another
+    away = [(i + n // 2) % n for i in range(n)]  # category: the split is ordered by category), never its own
+    prompts = captions if kind == "canny" else [captions[j] for j in away]
     masks = random_masks(len(real), 128, 128, torch.Generator().manual_seed(args.seed), outpaint_prob=0.0)
     outputs = {"with": [], "without": []}
     for i in tqdm(range(0, len(real), args.batch_size), desc=f"sampling with and without the {kind} ControlNet"):
@@ -143,9 +172,17 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             scores = {"psnr_outside_mask_db": psnr(images, real, 1 - masks),
                       "psnr_inside_mask_db": psnr(images, real, masks),
-                      "top5_retrieval_prompt_caption": top5(shuffled),
+                      "top5_retrieval_prompt_caption": top5(prompts),
                       "top5_retrieval_source_caption": top5(captions)}
         report[f"{name}_controlnet"] = scores
+    if kind == "inpaint":  # the masked region against the same region of each evaluated val image
+        targets = {"prompt": away, "source": list(range(n)), "unrelated": [(i + n // 4) % n for i in range(n)]}
+        regions = masked_region_top5(net, generated, real, masks, targets, args.batch_size)
+        for name, hits in regions.items():  # and paired: does the region find the prompt more than an unrelated one?
+            report[f"{name}_controlnet"]["masked_region_top5"] = {
+                **{t: round(h.float().mean().item(), 4) for t, h in hits.items()},
+                "prompt_vs_unrelated": paired_sign_test(hits["prompt"].float(), hits["unrelated"].float())}
+        report["masked_region_chance_top5"] = round(5 / n, 4)
     if kind == "canny":  # paired: the same prompt, seed and control with and without the ControlNet
         per_image = {name: {t: edge_f1_per_image(edges[name], control, t) for t in tolerances}
                      for name in generated}

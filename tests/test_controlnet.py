@@ -16,7 +16,7 @@ from imagedata.filters import canny, check_mask, downscale, inpaint_control, ran
 from pipeline.controlnet import Control, as_edge_map, control_of, load_control
 from pipeline.text_to_image import load_text_to_image
 from sample.__main__ import main as sample_main
-from sample.evaluate_controlnet import edge_scores, paired_sign_test
+from sample.evaluate_controlnet import edge_scores, masked_region_top5, masked_view, paired_sign_test
 from sample.evaluate_controlnet import main as evaluate_controlnet
 from semantic_compressor import SemanticCompressor
 from stages.controlnet import ControlledStageC, ControlNet, controlnet_config
@@ -346,6 +346,21 @@ def test_edge_scores_and_the_paired_sign_test():
     assert paired_sign_test(torch.tensor([0.6, 0.4]), torch.tensor([0.5, 0.5]))["sign_test_p"] == 1.0
 
 
+def test_masked_region_top5_compares_only_the_masked_region():
+    candidates = torch.rand(12, 3, 8, 8)
+    candidates[7], candidates[9] = 1 - candidates[3], 1 - candidates[5]  # the farthest (centred features: cosine -1)
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[:, :, 2:6, 2:6] = 1
+    generated = torch.rand(2, 3, 8, 8)  # outside the mask: noise, which must not count
+    generated[0] = torch.where(masks[0].bool(), candidates[3], generated[0])
+    generated[1] = torch.where(masks[1].bool(), candidates[5], generated[1])
+    assert torch.equal(masked_view(generated, masks)[:, :, 0], torch.ones(2, 3, 8))
+    centred = lambda views: views.flatten(1) - 0.5  # noqa: E731  (stands in for Inception)
+    scores = masked_region_top5(centred, {"with": generated}, candidates, masks,
+                                {"prompt": [3, 5], "unrelated": [7, 9]}, batch_size=5)
+    assert {t: h.tolist() for t, h in scores["with"].items()} == {"prompt": [True, True], "unrelated": [False, False]}
+
+
 def test_evaluate_controlnet_scores_with_and_without_per_image(tiny_bundle, openmoji_dir, tmp_path):
     cn = _canny_controlnet_for(tiny_bundle, tmp_path / "cn.safetensors")
     out = tmp_path / "eval.json"
@@ -454,6 +469,9 @@ def test_sampling_and_evaluating_with_an_inpaint_controlnet_on_latents(tiny_bund
                                   "--stage-a", str(tiny_bundle / "stage_a.safetensors"), "--prior-steps", "2",
                                   "--decoder-steps", "2", "--gallery-limit", "8"])
     assert set(report["with_controlnet"]) >= {"psnr_outside_mask_db", "psnr_inside_mask_db"}
+    regions = report["with_controlnet"]["masked_region_top5"]
+    assert set(regions) == {"prompt", "source", "unrelated", "prompt_vs_unrelated"}
+    assert sum(regions["prompt_vs_unrelated"][k] for k in ("images_higher_with", "images_lower_with", "images_tied")) == 2
     kept = tmp_path / "kept.png"  # the CLI flag: the compressor is found beside Stage C
     sample_main([*common, "--keep-unmasked", "--out", str(kept)])
     assert "--keep-unmasked" in Image.open(kept).text["command"]

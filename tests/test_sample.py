@@ -170,8 +170,10 @@ def test_evaluate_prints_scores_for_text_to_image_and_true_latents(bundle, openm
         assert scores["fid_vs_val"] > 0
         for key in ("top5_retrieval_own_caption", "top5_retrieval_shuffled_captions"):
             assert 0 <= scores[key] <= 1
-    assert set(report["stage_c_latent_retrieval"]) == {"top5_own_caption", "top5_shuffled_captions"}
-    assert all(0 <= v <= 1 for v in report["stage_c_latent_retrieval"].values())
+    latent_scores = report["stage_c_latent_retrieval"]
+    assert set(latent_scores) == {"top5_own_caption", "top5_shuffled_captions", "mean_cosine_to_own_latents"}
+    assert all(0 <= v <= 1 for v in latent_scores.values() if v is not latent_scores["mean_cosine_to_own_latents"])
+    assert -1 <= latent_scores["mean_cosine_to_own_latents"] <= 1
     with pytest.raises(FileExistsError, match="exists"):  # never overwrites a report
         evaluate(args)
     everyday = report["everyday"]
@@ -180,11 +182,21 @@ def test_evaluate_prints_scores_for_text_to_image_and_true_latents(bundle, openm
         assert 0 <= scores["top5_retrieval_own_caption"] <= 1
 
     # no Stage C: only the decoder's and Stage A's ceilings, on the sets asked for
-    ceilings = evaluate([*args[2:-2], "--stage-c", "none", "--prompt-sets", "val"])
+    ceilings = evaluate([*args[2:-2], "--stage-c", "none", "--prompt-sets", "val", "--noised-latents", "0.01,0.9"])
     assert ceilings["stage_c"] == "none" and "everyday" not in ceilings
+    noised = ceilings["from_noised_latents"]  # the decoder from noised true latents
+    assert set(noised) == {"t=0.01", "t=0.9"} and "fid_vs_val" in noised["t=0.9"]
+    assert all(-1 <= scores["mean_cosine_to_true_latents"] < 1 for scores in noised.values())
     assert "top5_retrieval_own_caption" not in ceilings and "stage_c_latent_retrieval" not in ceilings
     assert ceilings["from_true_latents"] == report["from_true_latents"]  # same seeds, same decoder
     assert ceilings["stage_a_alone"] == report["stage_a_alone"]
+
+
+def test_evaluate_refuses_noise_times_outside_the_schedule(capsys):
+    for bad in ("0", "1.5", "0.2,x", ""):
+        with pytest.raises(SystemExit):
+            evaluate(["--noised-latents", bad])
+        assert "times in (0, 1)" in capsys.readouterr().err
 
 
 def test_latent_gallery_follows_the_inception_gallery_order_and_is_cached(bundle, openmoji_dir, monkeypatch):

@@ -9,7 +9,7 @@ from PIL import Image
 from sample.__main__ import main as sample_main
 from sample.evaluate import main as evaluate_main
 from pipeline.cascade import load_cascade_text_to_image
-from weights.checkpoint import read_metadata
+from weights.checkpoint import read_metadata, read_weights
 from weights.lora import add_lora, save_adapter
 from pipeline.text_to_image import load_text_to_image
 from weights.loaders import load_stage_c3
@@ -65,6 +65,18 @@ def test_adaptive_state_is_restored_on_resume(runs):
     assert torch.equal(module.adaptive_weight.losses, ckpt["adaptive_loss_weight"]["losses"])
     with pytest.raises(ValueError, match="adaptive or p2"):
         StageC3Training(size=TINY_C3, compressor="checkpoints/tiny/compressor.safetensors", loss_weight="paper_p2")
+
+
+def test_init_from_may_change_the_head_but_not_the_size(runs):
+    _, c3 = runs  # trained with the release's eps head
+    module = StageC3Training(size=dict(TINY_C3, prediction="v"), compressor="checkpoints/tiny/compressor.safetensors",
+                             init_from=str(c3))
+    stored, _ = read_weights(c3 / "model.safetensors", "stage_c3")
+    assert module.model.config.prediction == "v"
+    assert all(torch.equal(p, stored[n]) for n, p in module.model.state_dict().items())
+    with pytest.raises(ValueError, match="another size"):
+        StageC3Training(size=dict(TINY_C3, prediction="v", c_cond=16),
+                        compressor="checkpoints/tiny/compressor.safetensors", init_from=str(c3))
 
 
 def test_sample_runs_the_v3_chain_with_img2img(runs, tmp_path, capsys):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -73,6 +73,13 @@ def initial_weights(init_from: str, stage: str, checks: dict[str, tuple[str, str
             raise ValueError(f"{path} was trained with another {what} ({meta[key]}) than this run's ({ours}); "
                              f"pass the {what} it was trained with")
     return state, config, {**meta, "path": str(path)}
+
+
+def same_but_head(stored, config):
+    """``stored`` with ``config``'s head (``prediction``), where both configs have one."""
+    if hasattr(stored, "prediction") and hasattr(config, "prediction"):
+        return replace(stored, prediction=config.prediction)
+    return stored
 
 
 def training_cost(meta: dict) -> dict:
@@ -353,12 +360,13 @@ class DiffusionTraining(StageTraining):
     def start_from(self, init_from: str | None, config_of, checks: dict, settings: dict | None = None) -> None:
         """Load ``init_from`` (an export or run of this stage) into ``model``; refused when it was trained on other
         frozen inputs (``checks``, as for ``initial_weights``), at another size (``config_of(stored) != config``)
-        or with other ``settings`` (``{metadata key: this run's value}``)."""
+        or with other ``settings`` (``{metadata key: this run's value}``). Another head (``prediction``, e.g.
+        eps -> v) is allowed where its weights have the same shapes: the network carries over, the head relearns."""
         self.init_cost: dict = {}
         if not init_from:
             return
         state, stored, meta = initial_weights(init_from, self.stage, checks)
-        if stored is not None and config_of(stored) != self.model.config:
+        if stored is not None and same_but_head(config_of(stored), self.model.config) != self.model.config:
             raise ValueError(f"{meta['path']} is a {self.title} of another size ({stored}); set size to match it")
         for key, ours in (settings or {}).items():
             if key in meta and meta[key] != ours:
