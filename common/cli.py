@@ -60,6 +60,17 @@ def positive_ints(text: str) -> list[int]:
     return [positive_int(s) for s in items]
 
 
+def diffusion_times(text: str) -> list[float]:
+    """An argparse type: comma-separated diffusion times in (0, 1) (``0.2,0.5``)."""
+    try:
+        times = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        times = []
+    if not times or not all(0 < t < 1 for t in times):
+        raise argparse.ArgumentTypeError(f"expected comma-separated times in (0, 1), got {text!r}")
+    return times
+
+
 def shown(path: str | os.PathLike) -> str:
     """A path as a report shows it: relative to the working directory when inside it."""
     relative = os.path.relpath(path)

@@ -47,7 +47,7 @@ from pipeline.text_to_image import (add_sampler_arguments, load_pixel_text_to_im
                                     sampler_options)
 from weights.loaders import load_any_previewer, load_compressor, load_stage_a
 from weights.checkpoint import fingerprint, resolve_checkpoint
-from common.cli import at_least, comma_list, positive_int, shown, emit
+from common.cli import at_least, comma_list, diffusion_times, positive_int, shown, emit
 from common.errors import run_command
 from common.files import write_atomic, write_json, write_text
 from imagedata.embedded import openmoji_split
@@ -185,17 +185,6 @@ def latent_scores(latents: torch.Tensor, scorer: ValScorer, compressor: torch.nn
     known = latent_gallery(args.data_dir, compressor, args.size, args.batch_size, args.gallery_limit)
     top5 = lambda targets: round(top5_hits(latents, known, scorer.gallery_captions, targets), 4)
     return {"top5_own_caption": top5(scorer.captions), "top5_shuffled_captions": top5(scorer.shuffled)}
-
-
-def diffusion_times(text: str) -> list[float]:
-    """An argparse type: comma-separated times in (0, 1)."""
-    try:
-        times = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        times = []
-    if not times or not all(0 < t < 1 for t in times):
-        raise argparse.ArgumentTypeError(f"expected comma-separated times in (0, 1), got {text!r}")
-    return times
 
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -209,6 +209,13 @@ def test_stage_b_lora_trains_only_adapters_and_loads_into_the_decoder(bundle, tm
                        lora={"rank": 2, "alhpa": 2.0})
 
 
+def test_init_from_into_a_head_of_other_shapes_names_them(bundle):
+    with pytest.raises(ValueError, match="shape mismatches"):  # the A/B pair's two maps against the v head's one
+        StageBTraining(size=dict(TINY_B.to_dict(), prediction="v"), stage_a=str(bundle / "stage_a.safetensors"),
+                       compressor=str(bundle / "compressor.safetensors"), init_from=str(bundle / "stage_b.safetensors"),
+                       val_fid=False, metric_net=None)
+
+
 def test_stage_c_init_from_is_checked_against_the_run(bundle):
     common = dict(size=TINY_C.to_dict(), compressor=str(bundle / "compressor.safetensors"),
                   init_from=str(bundle / "stage_c.safetensors"))
