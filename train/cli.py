@@ -34,7 +34,7 @@ CHANGEABLE_ON_RESUME = frozenset({
     "mse_weight", "perceptual_weight", "adv_start_step", "quantize_skip_prob", "loss_weight", "sigmoid_bias",
     "semantic_noise_prob", "semantic_noise_max_t", "semantic_drop_prob", "text_drop_prob", "unfreeze_step",
     "cache_latents", "sample_steps", "guidance", "decoder_steps", "grid_images", "val_fid", "stage_a", "stage_b",
-    "previewer",
+    "previewer", "prior_samples", "prior_samples_prob",
 })
 
 

@@ -37,6 +37,7 @@ from weights.lora import add_lora_from_config, save_adapter
 from common.metrics import Perceptual, fid_metric
 from imagedata.shards import FINGERPRINTS, check_made_with
 from pipeline.text_encoder import TextEncoder, build_text_encoder
+from train.prior_samples import load_prior_samples
 
 
 def ema_of(module: nn.Module, decay: float) -> AveragedModel:
@@ -286,15 +287,22 @@ class Pixels:
 class SemanticCondition:
     """The compressor's latents, (x + shift) / scale; in training noised at a random t < ``noise_max_t``
     with probability ``noise_prob`` (so the decoder accepts imperfect Stage C output) and zeroed with
-    probability ``drop_prob`` (classifier-free guidance), paper Sec. 3.2."""
+    probability ``drop_prob`` (classifier-free guidance), paper Sec. 3.2. ``prior_samples`` (``{sample key:
+    (K, C, h, w)}``, ``train.prior_samples``): in training each sample's latents are replaced with probability
+    ``prior_samples_prob`` by one of a Stage C's samples for its caption, before the noise and the drop."""
     shift: float = 0.0
     scale: float = 1.0
     noise_prob: float = 0.0
     noise_max_t: float = 0.0
     drop_prob: float = 0.0
+    prior_samples: dict[str, torch.Tensor] | None = None
+    prior_samples_prob: float = 0.0
 
     def __call__(self, engine: "DiffusionTraining", batch: dict, train: bool) -> torch.Tensor:
-        latents = normalize_latents(engine.encode("semantic", batch, train), self.shift, self.scale)
+        latents = engine.encode("semantic", batch, train)
+        if train and self.prior_samples is not None:
+            latents = self.drawn_by_prior(latents, batch["key"])
+        latents = normalize_latents(latents, self.shift, self.scale)
         if not train:
             return latents
         b, device = latents.shape[0], latents.device
@@ -304,6 +312,21 @@ class SemanticCondition:
             noisy = CosineSchedule().add_noise(latents, t, torch.randn_like(latents))
             latents = torch.where(noised[:, None, None, None], noisy, latents)
         return latents * (torch.rand(b, device=device) >= self.drop_prob)[:, None, None, None]
+
+    def drawn_by_prior(self, latents: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        missing = [k for k in keys if k not in self.prior_samples]
+        if missing:
+            raise ValueError(f"training sample {missing[0]!r} has no Stage C sample in prior_samples; make the file "
+                             "from this run's training data (python -m train.prior_samples --train ...)")
+        shape = next(iter(self.prior_samples.values())).shape[1:]
+        if shape != latents.shape[1:]:
+            raise ValueError(f"prior_samples hold latents of shape {tuple(shape)}, this run's compressor gives "
+                             f"{tuple(latents.shape[1:])}; sample at this run's image size (--image-size)")
+        rows = list(latents)
+        for i in (torch.rand(len(keys)) < self.prior_samples_prob).nonzero().flatten().tolist():
+            drawn = self.prior_samples[keys[i]]
+            rows[i] = drawn[torch.randint(len(drawn), ())].to(latents)
+        return torch.stack(rows)
 
 
 @dataclass
@@ -345,17 +368,29 @@ class DiffusionTraining(StageTraining):
             self.val_fid = fid_metric() if val_fid else None
 
     def setup_decoder(self, model: nn.Module, config_of, init_from: str | None, semantic_noise_prob: float,
-                      semantic_noise_max_t: float, semantic_drop_prob: float, text_drop_prob: float) -> None:
+                      semantic_noise_max_t: float, semantic_drop_prob: float, text_drop_prob: float,
+                      prior_samples: str | None = None, prior_samples_prob: float = 0.5) -> None:
         """A Stage B's parts (v2 and v3; paper Sec. 3.2): ``model`` (continued from ``init_from``, which must share
         this run's Stage A and compressor) generates Stage A's latents from the compressor's latents (noised at a
         random t < ``semantic_noise_max_t`` with probability ``semantic_noise_prob``, zeroed with
-        ``semantic_drop_prob``) and the text (dropped with ``text_drop_prob``)."""
+        ``semantic_drop_prob``) and the text (dropped with ``text_drop_prob``). ``prior_samples``: a file of
+        ``python -m train.prior_samples`` (a Stage C trained on this run's frozen compressor): with probability
+        ``prior_samples_prob`` a sample's latents are that Stage C's sample for its caption instead."""
         self.model = model
         self.start_from(init_from, config_of, {**self.trained_on(), "compressor_fingerprint": (
             fingerprint(self.compressor), "semantic compressor")})
         self.target = Latents("stage_a")
+        drawn = None
+        if prior_samples:
+            if not 0 < prior_samples_prob <= 1:
+                raise ValueError(f"prior_samples_prob must be in (0, 1], got {prior_samples_prob}")
+            if any(p.requires_grad for p in self.compressor.parameters()):
+                raise ValueError("prior_samples are latents of a frozen compressor, but this run trains it; set "
+                                 "compressor to the trained compressor.safetensors the Stage C was trained on")
+            drawn = load_prior_samples(prior_samples, fingerprint(self.compressor))
         self.conditions = [SemanticCondition(noise_prob=semantic_noise_prob, noise_max_t=semantic_noise_max_t,
-                                             drop_prob=semantic_drop_prob), TextCondition(text_drop_prob)]
+                                             drop_prob=semantic_drop_prob, prior_samples=drawn,
+                                             prior_samples_prob=prior_samples_prob), TextCondition(text_drop_prob)]
 
     def start_from(self, init_from: str | None, config_of, checks: dict, settings: dict | None = None) -> None:
         """Load ``init_from`` (an export or run of this stage) into ``model``; refused when it was trained on other

@@ -138,7 +138,8 @@ class StageB3Training(CascadeTraining):
                  pyramid_noise: bool = True, semantic_noise_prob: float = 0.3, semantic_noise_max_t: float = 0.3,
                  semantic_drop_prob: float = 0.1, text_drop_prob: float = 0.1, ema_decay: float | None = 0.999,
                  sample_steps: int = 10, guidance: float = 1.1, grid_images: int = 8, metric_net: str = "alex",
-                 val_fid: bool = True, lora: dict | None = None):
+                 val_fid: bool = True, lora: dict | None = None, prior_samples: str | None = None,
+                 prior_samples_prob: float = 0.5):
         super().__init__()
         self.save_hyperparameters()
         config = stage_b3_config(size)
@@ -150,7 +151,7 @@ class StageB3Training(CascadeTraining):
         self.compressor = compressor_for(compressor, config.c_semantic, "Stage B")
         self.text_encoder = self.pooled_text_encoder(text_encoder, {config.c_pooled}, f"Stage B size {size!r}")
         self.setup_decoder(StageB3(config), stage_b3_config, init_from, semantic_noise_prob, semantic_noise_max_t,
-                           semantic_drop_prob, text_drop_prob)
+                           semantic_drop_prob, text_drop_prob, prior_samples, prior_samples_prob)
         self.setup_parts(ema_decay, metric_net, val_fid, lora)
 
     def inputs(self, batch: dict, train: bool):

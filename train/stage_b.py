@@ -36,7 +36,8 @@ class StageBTraining(DiffusionTraining):
                  semantic_noise_prob: float = 0.3, semantic_noise_max_t: float = 0.3,
                  semantic_drop_prob: float = 0.1, text_drop_prob: float = 0.1,
                  ema_decay: float | None = 0.999, sample_steps: int = 12, guidance: float = 1.0,
-                 grid_images: int = 8, metric_net: str = "alex", val_fid: bool = True, lora: dict | None = None):
+                 grid_images: int = 8, metric_net: str = "alex", val_fid: bool = True, lora: dict | None = None,
+                 prior_samples: str | None = None, prior_samples_prob: float = 0.5):
         super().__init__()
         self.save_hyperparameters()
         config = stage_b_config(size)
@@ -47,7 +48,7 @@ class StageBTraining(DiffusionTraining):
             raise ValueError("cache_latents needs a frozen compressor backbone: set compressor to a trained "
                              "compressor.safetensors or Stage B run folder, or its trainable to 'head'")
         self.setup_decoder(StageB(config), stage_b_config, init_from, semantic_noise_prob, semantic_noise_max_t,
-                           semantic_drop_prob, text_drop_prob)
+                           semantic_drop_prob, text_drop_prob, prior_samples, prior_samples_prob)
         self.setup_parts(ema_decay, metric_net, val_fid, lora)
 
     def validation_images(self, batch: dict, batch_idx: int, gen: torch.Generator):
