@@ -246,12 +246,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--noised-latents", type=diffusion_times, default=[], metavar="T[,T...]",
                     help="also decode the true latents noised to these times t in (0, 1) of the cosine schedule: "
                          "how the decoder's scores fall as its latents stray from the true ones")
+    ap.add_argument("--draws", type=positive_int, default=1,
+                    help="end-to-end images per caption, each scored by top-5 (mean and per draw; default 1)")
     ap.add_argument("--skip-ceilings", action="store_true",
                     help="leave out the decoder's and Stage A's ceilings (from_true_latents, stage_a_alone)")
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
     args = parse_evaluation_arguments(ap, argv)
     if args.previewer is not None and (args.stage_c == "none" or args.baseline_ldm is not None):
         ap.error("--previewer renders Stage C's latents: give a --stage-c, without --baseline-ldm")
+    if args.draws > 1 and (args.stage_c == "none" or args.baseline_ldm is not None):
+        ap.error("--draws repeats the cascade's end-to-end images: give a --stage-c, without --baseline-ldm")
     if args.baseline_ldm is not None:
         return evaluate_baseline(args)
     cascade = fill_sampling_defaults(args)
@@ -330,6 +334,8 @@ def score_prompt_set(pipe, decoder, compressor: torch.nn.Module, stage_a: StageA
     scores = {"n_captions": len(captions)}
     if pipe is not None:
         scores.update(scorer(torch.cat(generated), "generated images"))
+    if pipe is not None and args.draws > 1:
+        scores["draws"] = more_draws(pipe, scorer, decoder_steps, samplers, args, scores["top5_retrieval_own_caption"])
     if ceilings:
         scores["from_true_latents"] = scorer(torch.cat(decoded), "images decoded from their own latents")
     if noised:
@@ -349,6 +355,21 @@ def score_prompt_set(pipe, decoder, compressor: torch.nn.Module, stage_a: StageA
     if stage_a is not None and ceilings:
         scores["stage_a_alone"] = scorer(torch.cat(reconstructed), "Stage A reconstructions")
     return {**scores, "gallery_size": len(scorer.gallery_captions), "chance_top5": scorer.chance_top5}
+
+
+def more_draws(pipe, scorer: ValScorer, decoder_steps: int, samplers: dict, args: argparse.Namespace,
+               first: float) -> dict:
+    """End-to-end top-5 over ``args.draws`` images per caption (the first is the report's; draw k of the batch at
+    caption i has seed ``seed + i + k * captions``): one image is 1 / captions, so single draws are noisy."""
+    captions, per_draw = scorer.captions, [first]
+    for k in range(1, args.draws):
+        images = [pipe(captions[i:i + args.batch_size], "", args.size, args.size, 1, args.prior_steps, decoder_steps,
+                       args.prior_guidance, args.decoder_guidance, args.seed + i + k * len(captions), progress=False,
+                       **samplers) for i in tqdm(range(0, len(captions), args.batch_size), desc=f"draw {k + 1}")]
+        feats = features(scorer.net, torch.cat(images), args.batch_size, f"Inception features of draw {k + 1}")
+        per_draw.append(round(top5_hits(feats, scorer.gallery_feats, scorer.gallery_captions, captions), 4))
+    return {"n": args.draws, "top5_retrieval_own_caption_mean": round(sum(per_draw) / len(per_draw), 4),
+            "per_draw": per_draw}
 
 
 @torch.no_grad()

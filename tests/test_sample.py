@@ -191,12 +191,25 @@ def test_evaluate_prints_scores_for_text_to_image_and_true_latents(bundle, openm
     assert ceilings["from_true_latents"] == report["from_true_latents"]  # same seeds, same decoder
     assert ceilings["stage_a_alone"] == report["stage_a_alone"]
 
+    # more draws per caption: the first is the single-draw report's (same seeds)
+    drawn = evaluate([*args[:-2], "--prompt-sets", "everyday", "--skip-ceilings", "--draws", "3"])["everyday"]
+    assert drawn["draws"]["n"] == 3 and len(drawn["draws"]["per_draw"]) == 3
+    assert drawn["draws"]["per_draw"][0] == everyday["top5_retrieval_own_caption"]
+    assert drawn["draws"]["top5_retrieval_own_caption_mean"] == pytest.approx(sum(drawn["draws"]["per_draw"]) / 3,
+                                                                              abs=1e-4)
 
-def test_evaluate_refuses_noise_times_outside_the_schedule(capsys):
+
+def test_evaluate_refuses_noise_times_outside_the_schedule_and_draws_without_a_cascade(capsys):
     for bad in ("0", "1.5", "0.2,x", ""):
         with pytest.raises(SystemExit):
             evaluate(["--noised-latents", bad])
         assert "times in (0, 1)" in capsys.readouterr().err
+    for bad in (["--stage-c", "none"], ["--baseline-ldm", "x.safetensors"]):
+        with pytest.raises(SystemExit):
+            evaluate(["--draws", "2", *bad])
+        assert "--draws repeats the cascade's" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate(["--draws", "0"])
 
 
 def test_latent_gallery_follows_the_inception_gallery_order_and_is_cached(bundle, openmoji_dir, monkeypatch):
