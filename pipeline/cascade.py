@@ -24,7 +24,7 @@ from semantic_compressor import PAPER_INPUT_SCALE, latent_grid
 from weights.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
 from pipeline.decoders import SemanticDecoder, load_semantic_decoder, sample_stage_a_images, staged
 from weights.lora import load_loras
-from pipeline.text_to_image import TextToImage, _cast, _with_compressor, split_loras
+from pipeline.text_to_image import Prior, TextToImage, _cast, _with_compressor, load_prior, split_loras
 from stages.stable_cascade import StageB3, StageC3
 from weights.loaders import load_stage_b3, load_stage_c3, load_stage_a
 from stages.stage_a import StageA
@@ -193,6 +193,16 @@ def load_cascade_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike 
 def is_stage_b3(stage_b: str | os.PathLike) -> bool:
     """Whether a Stage B checkpoint (file or run folder) is a Stable Cascade (v3) one, by its recorded stage."""
     return read_metadata(resolve_checkpoint(stage_b)).get("stage") == "stage_b3"
+
+
+def load_any_prior(stage_c: str | os.PathLike) -> Prior | CascadePrior:
+    """A v3 (``stage_c3``) or v2 Stage C (file or run folder) with its text encoder, by the checkpoint's recorded
+    stage; anything else is refused with one line."""
+    path = resolve_checkpoint(stage_c)
+    stage = read_metadata(path).get("stage", "stage_c")
+    if stage not in ("stage_c", "stage_c3"):
+        raise ValueError(f"{stage_c} is a {stage} checkpoint, not a Stage C; give a Stage C export or run folder")
+    return load_cascade_prior(path) if stage == "stage_c3" else load_prior(path)
 
 
 def load_any_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike | None = None,

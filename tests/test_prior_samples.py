@@ -92,5 +92,8 @@ def test_command_refuses_bad_input_before_sampling(samples_file, tiny_bundle, sh
     with pytest.raises(ValueError, match="not a Stage C"):
         main(["--stage-c", str(tiny_bundle / "stage_b.safetensors"), "--out", str(samples_file.with_name("x.safetensors")),
               *base])
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        main(["--stage-c", str(tiny_bundle / "stage_c.safetensors"), "--out", str(samples_file.with_name("y.safetensors")),
+              "--guidance", "nan", *base])
     with pytest.raises(ValueError, match="must end in .safetensors"):
         main(["--stage-c", str(tiny_bundle / "stage_c.safetensors"), "--out", str(samples_file.with_suffix(".pt")), *base])

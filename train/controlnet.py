@@ -23,10 +23,9 @@ import torch.nn.functional as F
 
 from diffusion import LOSS_WEIGHTS, CosineSchedule, Denoiser
 from imagedata.filters import random_masks
-from pipeline.cascade import load_any_decoder, load_cascade_prior
+from pipeline.cascade import load_any_decoder, load_any_prior
 from pipeline.cascade_conditioning import split
 from pipeline.controlnet import control_of
-from pipeline.text_to_image import load_prior
 from stages.controlnet import STAGE, ControlledStageC, ControlNet, check_fits, controlnet_config
 from weights.checkpoint import fingerprint, read_metadata, resolve_checkpoint, save_tensors
 from train.engine import DiffusionTraining, Latents, TextCondition, compressor_for
@@ -92,7 +91,7 @@ class ControlNetTraining(DiffusionTraining):
         config = controlnet_config(size, control)
         stage_c_path = resolve_checkpoint(stage_c)
         self.version = read_metadata(stage_c_path).get("stage", "stage_c")
-        self.prior = (load_cascade_prior if self.version == "stage_c3" else load_prior)(stage_c_path)
+        self.prior = load_any_prior(stage_c_path)
         self.stage_c = self.prior.model.requires_grad_(False)
         self.stage_c_path = str(stage_c_path.resolve())
         self.stage_c_fingerprint = fingerprint(self.stage_c)

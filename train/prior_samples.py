@@ -27,8 +27,8 @@ from common.cli import at_least, check_output, positive_int, seed
 from common.errors import run_command
 from imagedata.embedded import openmoji_shards
 from imagedata.shards import shard_sets
-from pipeline.cascade import load_cascade_prior
-from pipeline.text_to_image import load_prior
+from pipeline import inputs
+from pipeline.cascade import load_any_prior
 from weights.checkpoint import load_safetensors, read_metadata, resolve_checkpoint, save_tensors
 
 STAGE = "prior_samples"
@@ -62,14 +62,6 @@ def training_captions(train: str, embedded_dir: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_any_prior(path: str):
-    """A v3 (``stage_c3``) or v2 Stage C with its text encoder, by the checkpoint's recorded stage."""
-    stage = read_metadata(resolve_checkpoint(path)).get("stage")
-    if stage not in ("stage_c", "stage_c3"):
-        raise ValueError(f"{path} is a {stage} checkpoint, not a Stage C; give a Stage C export or run folder")
-    return load_cascade_prior(path) if stage == "stage_c3" else load_prior(path)
-
-
 def load_prior_samples(path: str | os.PathLike, compressor_fingerprint: str) -> dict[str, torch.Tensor]:
     """``{sample key: (K, 16, h, w) raw latents}`` of a file this command wrote, refused (one line) when its
     prior was trained on another compressor than ``compressor_fingerprint``."""
@@ -88,8 +80,7 @@ def load_prior_samples(path: str | os.PathLike, compressor_fingerprint: str) -> 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = check_output(args.out, (".safetensors",), args.overwrite)
-    if not torch.isfinite(torch.tensor(args.guidance)):
-        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+    inputs.guidance(args.guidance, "--guidance")
     prior = load_any_prior(args.stage_c)
     if not prior.compressor_fingerprint:
         raise ValueError(f"{args.stage_c} does not record the compressor it was trained on; export it with this "
