@@ -3,7 +3,7 @@
 Two sides train from scratch on the same data, seed, text encoder, engine, process layer and samplers:
 
 * ``stage_c``: the Stage C config (default ``configs/stage_c/tiny.yaml``; ``configs/stage_c/sc_tiny.yaml`` for
-  the Stable Cascade v3 prior) on the given compressor; its images are decoded by the given (shipped) Stage B
+  the Stable Cascade v3 prior) on the given compressor; its images are decoded by the given Stage B (default: the paper-grid set in checkpoints/tiny_grid3/)
   and Stage A;
 * ``baseline``: the single-stage baseline LDM (``configs/baseline_ldm/tiny.yaml``): text -> U-Net -> Stage A.
 
@@ -19,7 +19,7 @@ prompt Stage C has fixed before Stage B). Finally the last snapshots' sampling t
 batch 1, 4 and 16 with the paper's step counts (Fig. 4; cascade: 60 Stage C + 12 Stage B steps, baseline: 60).
 
 Two accountings: Stage C alone against the baseline (the paper's: Stage B's 11,000 GPU-hours are outside its
-match), and Stage B + Stage C (the shipped Stage B's recorded training time and FLOPs added to every Stage C
+match), and Stage B + Stage C (the paper-grid Stage B's recorded training time and FLOPs added to every Stage C
 point: the honest total when no decoder exists yet).
 
 Resumable: rerun the same command; each side continues from its last checkpoint, snapshots and scores already
@@ -57,14 +57,14 @@ from train.cli import main as train_main
 from weights.checkpoint import read_metadata, read_weights, save_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "checkpoints" / "tiny"
+GRID3 = ROOT / "checkpoints" / "tiny_grid3"
 SIDES = ("stage_c", "baseline")
 UNITS = ("minutes", "pflop")
 STEMS = ("equal_compute.json", "equal_compute.csv", "equal_compute.md", "equal_compute.png")
 PRIOR_STEPS, DECODER_STEPS = 60, 12  # the paper's defaults (Fig. 4); the baseline takes Stage C's 60
-# the shipped Stage B's recipe (checkpoints/tiny/model_card.json: steps and wall minutes per phase); the batch of
+# the paper-grid (3x3) Stage B's recipe (checkpoints/tiny_grid3/model_card.json: steps and wall minutes per phase); the batch of
 # each phase is read from the config that trained it; the first phase also fine-tuned the compressor
-SHIPPED_STAGE_B_PHASES = ("configs/stage_b/tiny.yaml", "configs/stage_b/tiny_refine.yaml",
+GRID3_STAGE_B_PHASES = ("configs/stage_b/tiny.yaml", "configs/stage_b/tiny_refine.yaml",
                           "configs/stage_b/tiny_refine.yaml")
 
 
@@ -179,16 +179,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the Stage C side (configs/stage_c/sc_tiny.yaml: the v3 prior, with a --stage-b that "
                          "decodes its latents)")
     ap.add_argument("--baseline-config", default="configs/baseline_ldm/tiny.yaml")
-    ap.add_argument("--stage-b", default=str(SHIPPED / "stage_b.safetensors"), help="the decoder of the Stage C side")
-    ap.add_argument("--stage-a", default=str(SHIPPED / "stage_a.safetensors"), help="Stage A of both sides")
-    ap.add_argument("--compressor", default=str(SHIPPED / "compressor.safetensors"),
+    ap.add_argument("--stage-b", default=str(GRID3 / "stage_b.safetensors"), help="the decoder of the Stage C side")
+    ap.add_argument("--stage-a", default=str(GRID3 / "stage_a.safetensors"), help="Stage A of both sides")
+    ap.add_argument("--compressor", default=str(GRID3 / "compressor.safetensors"),
                     help="the compressor the Stage C side trains on (the one --stage-b was trained with)")
-    ap.add_argument("--previewer", default=str(SHIPPED / "previewer.safetensors"),
+    ap.add_argument("--previewer", default=str(GRID3 / "previewer.safetensors"),
                     help="previewer of that compressor's latents (App. D), or none")
     ap.add_argument("--stage-b-cost", type=numbers(2, "MINUTES,PFLOP such as 93.2,0.5"), default=None,
                     metavar="MINUTES,PFLOP",
-                    help="the decoder's training compute for the B + C accounting (default: the shipped Stage B's, "
-                         "from checkpoints/tiny/model_card.json and its configs)")
+                    help="the decoder's training compute for the B + C accounting (default: the paper-grid Stage B's, "
+                         "from checkpoints/tiny_grid3/model_card.json and its configs)")
     ap.add_argument("--val-every", type=positive_int, default=1000, help="validation and checkpoint every N steps")
     ap.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                     help="an extra python -m train argument for both sides (repeatable, e.g. "
@@ -217,8 +217,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("stage_c_config", "baseline_config", "stage_b", "stage_a", "compressor"):
         if not Path(getattr(args, name)).exists():
             raise FileNotFoundError(f"--{name.replace('_', '-')} {getattr(args, name)} does not exist")
-    if args.stage_b_cost is None and Path(args.stage_b).resolve() != (SHIPPED / "stage_b.safetensors").resolve():
-        raise ValueError(f"--stage-b {args.stage_b} is not the shipped Stage B, whose training compute is on record; "
+    if args.stage_b_cost is None and Path(args.stage_b).resolve() != (GRID3 / "stage_b.safetensors").resolve():
+        raise ValueError(f"--stage-b {args.stage_b} is not the paper-grid Stage B (checkpoints/tiny_grid3), whose training compute is on record; "
                          "pass its training compute as --stage-b-cost MINUTES,PFLOP")
     if args.previewer != "none" and not Path(args.previewer).exists():
         raise FileNotFoundError(f"--previewer {args.previewer} does not exist; pass --previewer none to skip App. D")
@@ -289,18 +289,18 @@ def score(args: argparse.Namespace, side: str, snapshot: Path) -> dict:
 
 
 def stage_b_cost(args: argparse.Namespace) -> dict:
-    """The decoder's training compute: ``--stage-b-cost``, or the shipped Stage B's phases (model card: steps and
+    """The decoder's training compute: ``--stage-b-cost``, or the paper-grid Stage B's phases (model card: steps and
     wall minutes; FLOPs: each phase's steps x batch x the network's training FLOPs per 128 px sample, plus the
     compressor's in the phase that fine-tuned it)."""
     if args.stage_b_cost:
         minutes, pflop = args.stage_b_cost
         return {"minutes": minutes, "pflop": pflop, "source": "--stage-b-cost"}
-    card = json.loads((SHIPPED / "model_card.json").read_text())["stages"]["stage_b"]
+    card = json.loads((GRID3 / "model_card.json").read_text())["stages"]["stage_b"]
     steps = [int(x) for x in re.findall(r"\d+", str(card["steps"]))]
     minutes = [float(x) for x in re.findall(r"[\d.]+", str(card["wall_time_min"]))]
     flops = 0
     b_per_sample = train_flops(FACTORIES["stage_b"]("tiny"), 128, 1)
-    for i, (n, config) in enumerate(zip(steps, SHIPPED_STAGE_B_PHASES)):
+    for i, (n, config) in enumerate(zip(steps, GRID3_STAGE_B_PHASES)):
         init = yaml.safe_load((ROOT / config).read_text())
         batch = init["data"]["init_args"]["batch_size"]
         compressor = init["model"]["init_args"].get("compressor")
@@ -309,8 +309,8 @@ def stage_b_cost(args: argparse.Namespace) -> dict:
             per_sample += train_flops(FACTORIES["compressor"](compressor.get("backbone", "efficientnet_lite0")), 128, 1)
         flops += n * batch * per_sample
     return {"minutes": round(sum(minutes), 1), "pflop": flops / 1e15, "steps": sum(steps),
-            "source": "checkpoints/tiny/model_card.json (steps and wall minutes per phase: "
-                      f"{card['steps']}; {card['wall_time_min']}); FLOPs: steps x batch ({', '.join(SHIPPED_STAGE_B_PHASES)})"
+            "source": "checkpoints/tiny_grid3/model_card.json (steps and wall minutes per phase: "
+                      f"{card['steps']}; {card['wall_time_min']}); FLOPs: steps x batch ({', '.join(GRID3_STAGE_B_PHASES)})"
                       " x training FLOPs per 128 px sample of the tiny Stage B (and of the compressor it fine-tuned)"}
 
 

@@ -195,14 +195,15 @@ def is_stage_b3(stage_b: str | os.PathLike) -> bool:
     return read_metadata(resolve_checkpoint(stage_b)).get("stage") == "stage_b3"
 
 
-def load_any_prior(stage_c: str | os.PathLike) -> Prior | CascadePrior:
-    """A v3 (``stage_c3``) or v2 Stage C (file or run folder) with its text encoder, by the checkpoint's recorded
-    stage; anything else is refused with one line."""
+def load_any_prior(stage_c: str | os.PathLike,
+                   loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> Prior | CascadePrior:
+    """A v3 (``stage_c3``) or v2 Stage C (file or run folder) with its text encoder and LoRA adapters, by the
+    checkpoint's recorded stage; anything else is refused with one line."""
     path = resolve_checkpoint(stage_c)
     stage = read_metadata(path).get("stage", "stage_c")
     if stage not in ("stage_c", "stage_c3"):
         raise ValueError(f"{stage_c} is a {stage} checkpoint, not a Stage C; give a Stage C export or run folder")
-    return load_cascade_prior(path) if stage == "stage_c3" else load_prior(path)
+    return load_cascade_prior(path, loras=loras) if stage == "stage_c3" else load_prior(path, loras=loras)
 
 
 def load_any_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike | None = None,

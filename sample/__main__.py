@@ -192,8 +192,7 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     ap = parser or build_parser()
     args = ap.parse_args(argv)
     check_out(args.out, args.overwrite)
-    if fill_sampling_defaults(args) and args.decoder == "pixel":
-        ap.error("--decoder pixel renders Würstchen v2 Stage C latents; a Stable Cascade Stage C goes with its Stage B")
+    fill_sampling_defaults(args)
     if not args.prompts and args.image is None:
         ap.error("give one or more prompts, or --image for variations of an image")
     if args.preview is not None and (args.image is not None or args.decoder == "pixel"):
@@ -390,9 +389,10 @@ def check_request(args: argparse.Namespace) -> tuple[dict, list[tuple[Path, floa
 
 def load_pipeline(args: argparse.Namespace, loras: list[tuple[Path, float]], compressor: Path | None):
     """Stage C with the decoder ``--decoder`` names (``TextToImage``), in ``--dtype``, with the adapters."""
-    if args.decoder == "pixel":
-        return load_pixel_text_to_image(args.stage_c, args.pixel_decoder, compressor=compressor, dtype=args.dtype,
-                                        loras=loras)
+    if args.decoder == "pixel":  # a v3 prior's latents are the same compressor's: the pixel decoder renders them too
+        prior = load_cascade_prior(args.stage_c, loras=loras) if is_cascade(args.stage_c) else None
+        return load_pixel_text_to_image(args.stage_c, args.pixel_decoder, prior=prior, compressor=compressor,
+                                        dtype=args.dtype, loras=() if prior else loras)
     stage_a = args.stage_a
     if stage_a is None:  # a bundle keeps Stage A next to Stage B; else the path Stage B recorded
         beside = resolve_checkpoint(args.stage_b).with_name("stage_a.safetensors")

@@ -32,7 +32,7 @@ from common.cli import positive_int
 from imagedata.embedded import emoji_captions, openmoji_split
 from common.errors import run_command
 from weights.lora import parse_lora
-from pipeline.text_to_image import load_prior
+from pipeline.cascade import load_any_prior
 
 
 def is_flag(emoji: str) -> bool:
@@ -85,7 +85,7 @@ def score(args: argparse.Namespace) -> dict:
     members = {caption for emoji, caption in emoji_captions() if CATEGORIES[args.category](emoji, caption)}
     in_category = torch.tensor([c in members for c in gallery_captions])
     grid = compressor.latent_grid(args.size, args.size)
-    priors = {"base": load_prior(args.stage_c), "lora": load_prior(args.stage_c, loras=[lora])}
+    priors = {"base": load_any_prior(args.stage_c), "lora": load_any_prior(args.stage_c, loras=[lora])}
 
     def scores(model: str, prompts: list[str], captions: list[str]) -> dict:
         gen = torch.Generator().manual_seed(args.seed)

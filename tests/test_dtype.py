@@ -11,16 +11,16 @@ from pipeline.text_to_image import load_pixel_text_to_image, load_text_to_image
 from weights.loaders import load_stage_c
 from tests.bad_input.conftest import assert_error, run_main
 
-SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
+GRID3 = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny_grid3"
 STEPS = dict(prior_steps=4, decoder_steps=3, seed=0, progress=False)
 
 
-def _pipe(dtype=None, stage_c=SHIPPED / "stage_c.safetensors", pixel=False):
+def _pipe(dtype=None, stage_c=GRID3 / "stage_c.safetensors", pixel=False):
     if pixel:
-        return load_pixel_text_to_image(stage_c, SHIPPED / "pixel_decoder.safetensors", dtype=dtype,
-                                        compressor=SHIPPED / "compressor.safetensors")
-    return load_text_to_image(stage_c, SHIPPED / "stage_b.safetensors", SHIPPED / "stage_a.safetensors", dtype=dtype,
-                              compressor=SHIPPED / "compressor.safetensors")
+        return load_pixel_text_to_image(stage_c, GRID3 / "pixel_decoder.safetensors", dtype=dtype,
+                                        compressor=GRID3 / "compressor.safetensors")
+    return load_text_to_image(stage_c, GRID3 / "stage_b.safetensors", GRID3 / "stage_a.safetensors", dtype=dtype,
+                              compressor=GRID3 / "compressor.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +51,11 @@ def test_pixel_decoder_variations_and_img2img_in_bfloat16():
 def overflowing_stage_c(tmp_path_factory):
     """The shipped Stage C with its input projection scaled by 10^5: the activations stay finite in
     float32 and bfloat16 (range 3e38) but pass float16's largest value, 65504."""
-    model = load_stage_c(str(SHIPPED / "stage_c.safetensors"))
+    model = load_stage_c(str(GRID3 / "stage_c.safetensors"))
     with torch.no_grad():
         model.projection.weight.mul_(1e5)
         model.projection.bias.mul_(1e5)
-    meta = read_metadata(SHIPPED / "stage_c.safetensors")
+    meta = read_metadata(GRID3 / "stage_c.safetensors")
     path = tmp_path_factory.mktemp("overflow") / "stage_c.safetensors"
     save_safetensors(model, path, "stage_c", model.config.to_dict(),
                      extra={k: meta[k] for k in ("text_encoder", "latent_shift", "latent_scale",
@@ -88,7 +88,7 @@ def test_cli_dtype(overflowing_stage_c, tmp_path, capsys):
                                 "--quiet", "--out", str(out)], capsys)
     assert code == 0 and out.exists(), err
     code, err = run_main(main, ["red apple", "--dtype", "float16", "--stage-c", str(overflowing_stage_c),
-                                "--prior-steps", "2", "--decoder-steps", "2", "--quiet",
+                                "--stage-b", str(GRID3 / "stage_b.safetensors"), "--prior-steps", "2", "--decoder-steps", "2", "--quiet",
                                 "--out", str(tmp_path / "black.png")], capsys)
     assert_error(code, err, "float16", "--dtype bfloat16")
     assert not (tmp_path / "black.png").exists()

@@ -23,7 +23,7 @@ from train.precompute import main as precompute
 from semantic_compressor import SemanticCompressor
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_COMPRESSOR = ROOT / "checkpoints" / "tiny" / "compressor.safetensors"
+GRID3_COMPRESSOR = ROOT / "checkpoints" / "tiny_grid3" / "compressor.safetensors"
 
 
 def test_ema_warms_up_then_decays_at_the_set_rate():
@@ -63,7 +63,7 @@ def test_warmup_cosine_factors():
 
 def test_precomputed_shards_of_other_encoders_are_refused(tmp_path):
     module = StageCTraining(size=dict(width=32, depth=1, heads=2, c_text=384, dropout=0.0),
-                            compressor=str(SHIPPED_COMPRESSOR))
+                            compressor=str(GRID3_COMPRESSOR))
 
     class Trainer:  # what setup() reads: the data module's manifest
         datamodule = type("Data", (), {"precomputed": {"compressor_fingerprint": "0123456789abcdef"}})()
@@ -71,7 +71,7 @@ def test_precomputed_shards_of_other_encoders_are_refused(tmp_path):
     module._trainer = Trainer()
     with pytest.raises(ValueError, match="precompute them again"):
         module.setup("fit")
-    Trainer.datamodule.precomputed = {"compressor_fingerprint": fingerprint(load_compressor(SHIPPED_COMPRESSOR))}
+    Trainer.datamodule.precomputed = {"compressor_fingerprint": fingerprint(load_compressor(GRID3_COMPRESSOR))}
     module.setup("fit")  # the same weights: accepted
     # a batch that carries the latents is not encoded again
     latents = torch.randn(2, 16, 2, 2)
@@ -128,7 +128,7 @@ def test_every_stage_trains_validates_and_exports_under_ddp_in_bf16(openmoji_dir
                  "--model.init_args.compressor", str(b), "--model.init_args.stage_b", str(b),
                  "--model.init_args.sample_steps", "2", "--model.init_args.decoder_steps", "2")
     assert list((c / "samples").glob("text_to_image_step*.png"))
-    common = ("--model.init_args.size", _size(SMALL_PD), "--model.init_args.compressor", str(SHIPPED_COMPRESSOR),
+    common = ("--model.init_args.size", _size(SMALL_PD), "--model.init_args.compressor", str(GRID3_COMPRESSOR),
               "--model.init_args.sample_steps", "2")
     p1 = _ddp_fit("configs/pixel_decoder/tiny_phase1.yaml", tmp_path / "p1", openmoji_dir, *common)
     p2 = _ddp_fit("configs/pixel_decoder/tiny_phase2.yaml", tmp_path / "p2", openmoji_dir, *common,
@@ -189,11 +189,11 @@ def test_stage_c_trains_from_precomputed_shards_and_refuses_other_encoders(openm
     carry the latents and text states: no image is encoded); another compressor is refused before any step."""
     latents = tmp_path / "latents"
     precompute(["--shards", str(openmoji_dir / "val-*.tar"), "--out", str(latents), "--compressor",
-                str(SHIPPED_COMPRESSOR), "--text-encoder", "minilm", "--image-size", "64"])
+                str(GRID3_COMPRESSOR), "--text-encoder", "minilm", "--image-size", "64"])
     args = ["fit", "--config", "configs/stage_c/tiny.yaml", "--trainer.default_root_dir", str(tmp_path / "runs"),
             "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
             "--model.init_args.size", _size(TINY_C), "--model.init_args.stage_b", "null",
-            "--model.init_args.compressor", str(SHIPPED_COMPRESSOR), "--data.init_args.train", str(latents),
+            "--model.init_args.compressor", str(GRID3_COMPRESSOR), "--data.init_args.train", str(latents),
             "--data.init_args.val", "null", "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]
     cli = cli_main(args)
     assert cli.trainer.global_step == 2 and cli.datamodule.precomputed["compressor_fingerprint"] == \

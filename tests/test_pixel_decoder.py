@@ -26,8 +26,8 @@ from sample.__main__ import main as sample_main, main
 from common.errors import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_COMPRESSOR = ROOT / "checkpoints" / "tiny" / "compressor.safetensors"
-SHIPPED_STAGE_C = ROOT / "checkpoints" / "tiny" / "stage_c.safetensors"
+GRID3_COMPRESSOR = ROOT / "checkpoints" / "tiny_grid3" / "compressor.safetensors"
+GRID3_STAGE_C = ROOT / "checkpoints" / "tiny_grid3" / "stage_c.safetensors"
 # phase 1 at 32 px on an 8x8 grid; grows to 64 px (three levels: 64, 32, 16 px)
 SMALL = dict(resolution=32, core_grid=8, entry_channels=16, width=32, depth=1, heads=2, c_t=32,
              **{k: list(v) for k, v in growth_plan((8, 16, 16), blocks=(0, 1, 1)).items()})
@@ -150,14 +150,14 @@ def phase1_export(tmp_path_factory):
     """A phase-1 export as the training module writes it, on the shipped compressor."""
     out = tmp_path_factory.mktemp("phase1") / "model.safetensors"
     model = _randomised(ShallowUViT(SMALL))
-    fp = fingerprint(load_compressor(SHIPPED_COMPRESSOR))
+    fp = fingerprint(load_compressor(GRID3_COMPRESSOR))
     save_safetensors(model, out, "pixel_decoder", model.config.to_dict(),
                      extra={"phase": 1, "compressor_fingerprint": fp, "logsnr_shift": 0.0, "semantic_size": 64})
     return out
 
 
 def test_phase2_core_mismatch_and_bad_phase_settings_are_clear_errors(phase1_export):
-    kw = dict(phase=2, init_from=str(phase1_export), resolution=64, compressor=str(SHIPPED_COMPRESSOR))
+    kw = dict(phase=2, init_from=str(phase1_export), resolution=64, compressor=str(GRID3_COMPRESSOR))
     with pytest.raises(ValueError, match=r"does not match the phase 1 checkpoint .*width: 48 vs 32"):
         PixelDecoderTraining(size=dict(SMALL, width=48), **kw)
     with pytest.raises(ValueError, match=r"depth: 2 vs 1.*core_grid: 4 vs 8|core_grid: 4 vs 8.*depth: 2 vs 1"):
@@ -185,7 +185,8 @@ def test_phase2_command_with_a_mismatched_core_ends_with_the_message_alone(phase
 
     cmd = [sys.executable, "-m", "train", "fit", "--config", "configs/pixel_decoder/tiny_phase2.yaml",
            "--model.init_args.size", json.dumps(dict(SMALL, width=48)), "--model.init_args.init_from",
-           str(phase1_export), "--model.init_args.resolution", "64", "--trainer.default_root_dir", str(tmp_path)]
+           str(phase1_export), "--model.init_args.resolution", "64", "--model.init_args.compressor", str(GRID3_COMPRESSOR),
+           "--trainer.default_root_dir", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2  # common.errors.run_command: bad input exits with 2
     assert "error: the phase 2 config's core does not match the phase 1 checkpoint" in done.stderr
@@ -197,7 +198,7 @@ def _fit(config, root, openmoji_dir, *extra):
     cli_main(["fit", "--config", config, "--trainer.default_root_dir", str(root),
               "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
               "--trainer.log_every_n_steps", "1", "--model.init_args.size", json.dumps(SMALL),
-              "--model.init_args.compressor", str(SHIPPED_COMPRESSOR), "--model.init_args.sample_steps", "2",
+              "--model.init_args.compressor", str(GRID3_COMPRESSOR), "--model.init_args.sample_steps", "2",
               "--data.init_args.embedded_dir", str(openmoji_dir), "--data.init_args.image_size", "64",
               "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
               "--data.init_args.val_batch_size", "4", *extra])
@@ -221,7 +222,7 @@ def test_cli_phase1_then_phase2_then_sampling(openmoji_dir, tmp_path, capsys):
     assert meta["logsnr_shift"] == pytest.approx(2 * math.log(32 / 64))
     p1_meta = read_metadata(p1 / "model.safetensors")  # phase 1's cost travels with phase 2
     assert (meta["init_global_step"], meta["init_wall_time_s"]) == (p1_meta["global_step"], p1_meta["wall_time_s"])
-    assert meta["compressor_fingerprint"] == fingerprint(load_compressor(SHIPPED_COMPRESSOR))
+    assert meta["compressor_fingerprint"] == fingerprint(load_compressor(GRID3_COMPRESSOR))
     one, _ = read_weights(p1 / "model.safetensors", "pixel_decoder")
     two, config = read_weights(p2 / "model.safetensors", "pixel_decoder")
     assert config["target_resolution"] == 64
@@ -229,7 +230,7 @@ def test_cli_phase1_then_phase2_then_sampling(openmoji_dir, tmp_path, capsys):
     assert frozen and all(torch.equal(one[k], two[k]) for k in frozen)  # frozen through phase-2 steps
 
     out = tmp_path / "apple.png"
-    sample_main(["a red apple", "--decoder", "pixel", "--pixel-decoder", str(p2), "--stage-c", str(SHIPPED_STAGE_C),
+    sample_main(["a red apple", "--decoder", "pixel", "--pixel-decoder", str(p2), "--stage-c", str(GRID3_STAGE_C),
                  "--height", "64", "--width", "64", "--prior-steps", "2", "--decoder-steps", "2", "--quiet",
                  "--out", str(out)])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -237,7 +238,7 @@ def test_cli_phase1_then_phase2_then_sampling(openmoji_dir, tmp_path, capsys):
     assert printed["image"] == str(out) and Image.open(out).size == (64, 64)
     # a phase-1 export renders at its own scale (32 px from 64 px latents here), resized to the request
     out1 = tmp_path / "apple1.png"
-    sample_main(["a red apple", "--decoder", "pixel", "--pixel-decoder", str(p1), "--stage-c", str(SHIPPED_STAGE_C),
+    sample_main(["a red apple", "--decoder", "pixel", "--pixel-decoder", str(p1), "--stage-c", str(GRID3_STAGE_C),
                  "--height", "64", "--width", "64", "--prior-steps", "2", "--decoder-steps", "2", "--quiet",
                  "--out", str(out1)])
     assert Image.open(out1).size == (64, 64)
@@ -258,7 +259,7 @@ def test_sampler_errors_for_pixel_decoders(tmp_path, capsys):
     save_safetensors(grown, other, "pixel_decoder", grown.config.to_dict(),
                      extra={"compressor_fingerprint": "0123456789abcdef", "semantic_size": 64})
     with pytest.raises(SystemExit):
-        sample_main(["sun", "--decoder", "pixel", "--pixel-decoder", str(other), "--stage-c", str(SHIPPED_STAGE_C),
+        sample_main(["sun", "--decoder", "pixel", "--pixel-decoder", str(other), "--stage-c", str(GRID3_STAGE_C),
                      "--quiet", "--out", str(tmp_path / "y.png")])
     assert "different semantic compressor" in capsys.readouterr().err
 
@@ -266,9 +267,11 @@ def test_sampler_errors_for_pixel_decoders(tmp_path, capsys):
 def test_shipped_pixel_decoder_is_the_greedy_grown_one_and_samples_by_default(tmp_path, capsys):
     from PIL import Image
 
-    meta = read_metadata(ROOT / "checkpoints" / "tiny" / "pixel_decoder.safetensors")
-    assert (meta["phase"], meta["mode"], meta["resolution"]) == (2, "greedy", 128)
-    assert meta["compressor_fingerprint"] == fingerprint(load_compressor(SHIPPED_COMPRESSOR))
+    for shipped in ("tiny", "tiny_grid3"):  # the shipped set's and the paper-grid set's, each on its compressor
+        meta = read_metadata(ROOT / "checkpoints" / shipped / "pixel_decoder.safetensors")
+        assert (meta["phase"], meta["mode"], meta["resolution"]) == (2, "greedy", 128)
+        assert meta["compressor_fingerprint"] == fingerprint(load_compressor(ROOT / "checkpoints" / shipped /
+                                                                              "compressor.safetensors"))
     out = tmp_path / "apple.png"
     sample_main(["a red apple", "--decoder", "pixel", "--prior-steps", "2", "--decoder-steps", "2", "--quiet",
                  "--out", str(out)])

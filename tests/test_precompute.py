@@ -19,8 +19,8 @@ from tests.test_data import write_tar
 from train.data import ImageTextData
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_A = str(ROOT / "checkpoints" / "tiny" / "stage_a.safetensors")
-COMPRESSOR = str(ROOT / "checkpoints" / "tiny" / "compressor.safetensors")
+STAGE_A = str(ROOT / "checkpoints" / "tiny_grid3" / "stage_a.safetensors")
+COMPRESSOR = str(ROOT / "checkpoints" / "tiny_grid3" / "compressor.safetensors")
 
 
 def photo(seed: int, size) -> bytes:

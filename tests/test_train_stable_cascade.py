@@ -99,7 +99,7 @@ def test_sample_runs_the_v3_chain_with_img2img(runs, tmp_path, capsys):
                  "--decoder-steps", "2", "--quiet"])
     settings = json.loads(Image.open(tmp_path / "mixed.png").text["settings"])
     assert settings["decoder_guidance"] == 3.0 and settings["prior_guidance"] == 4.0
-    code, err = run_main(sample_main, ["a cat", "--stage-c", "checkpoints/tiny/stage_c.safetensors", "--stage-b",
+    code, err = run_main(sample_main, ["a cat", "--stage-c", "checkpoints/tiny_grid3/stage_c.safetensors", "--stage-b",
                                        str(b3), "--out", str(tmp_path / "mixed_v2.png"), "--quiet"], capsys)
     assert_error(code, err, "holds a stage_b3 model, not a stage_b model")  # a v2 prior takes v2 decoders
 
@@ -127,7 +127,7 @@ def test_a_v3_lora_changes_what_the_chain_samples(runs, tmp_path):
     with_lora = load_cascade_text_to_image(c3, b3, loras=[(adapter, 1.0)])(["a cat"], **kw)
     assert plain.shape == with_lora.shape and not torch.allclose(plain, with_lora)
     with pytest.raises(ValueError, match="stage_c3"):
-        load_text_to_image("checkpoints/tiny/stage_c.safetensors", "checkpoints/tiny/stage_b.safetensors",
+        load_text_to_image("checkpoints/tiny_grid3/stage_c.safetensors", "checkpoints/tiny_grid3/stage_b.safetensors",
                            loras=[(adapter, 1.0)])
 
 

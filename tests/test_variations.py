@@ -26,7 +26,7 @@ from stages.stage_c import StageC, StageCConfig
 from tests.tiny_stages import randomised
 from weights.checkpoint import read_metadata, save_safetensors
 
-SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
+GRID3 = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny_grid3"
 FAST = dict(prior_steps=4, decoder_steps=2, progress=False)
 
 
@@ -105,8 +105,8 @@ def test_img2img_runs_the_stage_c_steps_below_the_strength(pipes, monkeypatch):
 def test_shipped_variations_resemble_their_image(openmoji_dir):
     """With the shipped checkpoints, each variation's compressor latents are nearer its own emoji's than
     any other image's of the batch (cosine)."""
-    pipe = load_text_to_image(SHIPPED / "stage_c.safetensors", SHIPPED / "stage_b.safetensors",
-                              SHIPPED / "stage_a.safetensors", compressor=SHIPPED / "compressor.safetensors")
+    pipe = load_text_to_image(GRID3 / "stage_c.safetensors", GRID3 / "stage_b.safetensors",
+                              GRID3 / "stage_a.safetensors", compressor=GRID3 / "compressor.safetensors")
     samples = openmoji_split(openmoji_dir, "val", 128, 40)[::10]  # 4 different emoji
     images = torch.stack([s["image"] for s in samples])
     out = pipe.variations(images, progress=False)

@@ -24,6 +24,7 @@ from weights.loaders import load_stage_a
 from .conftest import ROOT, assert_error, assert_cli_error, run_cli, run_main
 from sample.__main__ import main as sample_main
 from stages.stage_b import StageB, StageBConfig
+from semantic_compressor import SemanticCompressor
 from pipeline.decoders import load_semantic_decoder
 from sample import quickstart
 from sample.bundle import main as bundle_main
@@ -192,11 +193,12 @@ def test_missing_recorded_stage_a_is_named(tmp_path, monkeypatch):
 
 def test_quickstart_finds_its_configs_from_any_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for stage in ("stage_a", "stage_b", "stage_c"):
-        path = quickstart.stage_config(stage)
-        assert path.is_absolute() and path.is_file()
+    for _, _, args in quickstart.PHASES + quickstart.QUICK:  # every --config, found from here
+        words = quickstart.expand(args, tmp_path / "out")
+        configs = [Path(w) for flag, w in zip(words, words[1:]) if flag == "--config"]
+        assert all(path.is_absolute() and path.is_file() for path in configs)
     monkeypatch.setattr(quickstart, "CONFIGS", tmp_path / "configs")
-    _raises(FileNotFoundError, lambda: quickstart.stage_config("stage_a"), str(tmp_path / "configs"),
+    _raises(FileNotFoundError, lambda: quickstart.config_file("stage_a/tiny.yaml"), str(tmp_path / "configs"),
             "needs the configs/ folder of a source checkout")
 
 
@@ -216,6 +218,19 @@ def test_bundle_never_replaces_a_file_already_in_out(tmp_path, capsys, unchanged
     with unchanged(tmp_path):
         code, err = run_main(bundle_main, _bundle_args(out), capsys)
     assert_error(code, err, str(out / "stage_b.safetensors"), "exists", "choose another --out")
+
+
+def test_bundle_refuses_a_compressor_its_stages_were_not_trained_on(tiny_bundle, tmp_path, capsys, unchanged):
+    torch.manual_seed(1)
+    other = SemanticCompressor(pretrained=False, trainable="none")
+    path = save_safetensors(other, tmp_path / "other" / "compressor.safetensors", "semantic_compressor",
+                            other.config.to_dict())
+    args = ["--stage-a", str(tiny_bundle / "stage_a.safetensors"), "--stage-b", str(tiny_bundle / "stage_b.safetensors"),
+            "--stage-c", str(tiny_bundle / "stage_c.safetensors"), "--out", str(tmp_path / "bundle")]
+    with unchanged(tmp_path):
+        code, err = run_main(bundle_main, [*args, "--compressor", str(path)], capsys)
+    assert_error(code, err, "Stage B", "was not trained on the compressor", str(path), "--compressor")
+    assert bundle_main([*args, "--compressor", str(tiny_bundle / "compressor.safetensors")]) == tmp_path / "bundle"
 
 
 def test_bundle_out_below_a_file(tmp_path, capsys, unchanged):
@@ -304,6 +319,12 @@ def test_quickstart_out_is_a_file(tmp_path, capsys, unchanged):
     with unchanged(tmp_path):
         code, err = run_main(quickstart_main, ["--out", str(tmp_path / "qs")], capsys)
     assert_error(code, err, "is a file", "--out")
+
+
+def test_quickstart_names_a_missing_training_source(tmp_path, capsys, unchanged):
+    with unchanged(tmp_path):
+        code, err = run_main(quickstart_main, ["--out", str(tmp_path / "qs"), "--train", str(tmp_path / "no.tar")], capsys)
+    assert_error(code, err, "--train", "does not exist", "give openmoji")
 
 
 # -- arguments that make no sense are refused when parsed, naming the flag ----------------------------
