@@ -24,7 +24,8 @@ from semantic_compressor import PAPER_INPUT_SCALE, latent_grid
 from weights.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
 from pipeline.decoders import SemanticDecoder, load_semantic_decoder, sample_stage_a_images, staged
 from weights.lora import load_loras
-from pipeline.text_to_image import Prior, TextToImage, _cast, _with_compressor, load_prior, split_loras
+from pipeline.text_to_image import (Prior, TextToImage, _cast, _with_compressor, load_pixel_text_to_image, load_prior,
+                                    split_loras)
 from stages.stable_cascade import StageB3, StageC3
 from weights.loaders import load_stage_b3, load_stage_c3, load_stage_a
 from stages.stage_a import StageA
@@ -204,6 +205,15 @@ def load_any_prior(stage_c: str | os.PathLike,
     if stage not in ("stage_c", "stage_c3"):
         raise ValueError(f"{stage_c} is a {stage} checkpoint, not a Stage C; give a Stage C export or run folder")
     return load_cascade_prior(path, loras=loras) if stage == "stage_c3" else load_prior(path, loras=loras)
+
+
+def load_any_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os.PathLike, compressor=None,
+                                 dtype: torch.dtype | str | None = None,
+                                 loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> TextToImage:
+    """A v2 or v3 Stage C -> the greedy-grown pixel decoder: both priors sample the raw latents of the compressor
+    they were trained on, which the decoder renders when it was trained on the same one (checked)."""
+    prior = load_any_prior(stage_c, loras=loras)
+    return load_pixel_text_to_image(stage_c, pixel_decoder, prior=prior, compressor=compressor, dtype=dtype)
 
 
 def load_any_decoder(stage_b: str | os.PathLike, stage_a: str | os.PathLike | None = None,

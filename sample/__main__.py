@@ -48,10 +48,10 @@ from diffusion import TIME_LISTS
 from semantic_compressor import latent_grid
 from pipeline import inputs
 from weights.checkpoint import read_metadata, recorded_path, resolve_checkpoint
-from pipeline.text_to_image import (DEFAULT_STRENGTH, add_sampler_arguments, load_pixel_text_to_image, load_prior,
-                                    load_text_to_image, sampler_options, save_images)
+from pipeline.text_to_image import (DEFAULT_STRENGTH, add_sampler_arguments, load_text_to_image, sampler_options,
+                                    save_images)
 from pipeline.baseline_ldm import load_baseline_text_to_image
-from pipeline.cascade import RELEASE, load_cascade_prior, load_cascade_text_to_image
+from pipeline.cascade import RELEASE, load_any_pixel_text_to_image, load_any_prior, load_cascade_text_to_image
 from weights.loaders import load_any_previewer
 from pipeline.text_encoder import check_prompts
 from common.errors import run_command
@@ -389,10 +389,9 @@ def check_request(args: argparse.Namespace) -> tuple[dict, list[tuple[Path, floa
 
 def load_pipeline(args: argparse.Namespace, loras: list[tuple[Path, float]], compressor: Path | None):
     """Stage C with the decoder ``--decoder`` names (``TextToImage``), in ``--dtype``, with the adapters."""
-    if args.decoder == "pixel":  # a v3 prior's latents are the same compressor's: the pixel decoder renders them too
-        prior = load_cascade_prior(args.stage_c, loras=loras) if is_cascade(args.stage_c) else None
-        return load_pixel_text_to_image(args.stage_c, args.pixel_decoder, prior=prior, compressor=compressor,
-                                        dtype=args.dtype, loras=() if prior else loras)
+    if args.decoder == "pixel":
+        return load_any_pixel_text_to_image(args.stage_c, args.pixel_decoder, compressor=compressor, dtype=args.dtype,
+                                            loras=loras)
     stage_a = args.stage_a
     if stage_a is None:  # a bundle keeps Stage A next to Stage B; else the path Stage B recorded
         beside = resolve_checkpoint(args.stage_b).with_name("stage_a.safetensors")
@@ -444,7 +443,7 @@ def _preview(args: argparse.Namespace, samplers: dict, loras: list):
     if not Path(args.preview).exists():
         raise FileNotFoundError(f"no previewer at {args.preview}; train one with python -m train fit --config "
                                 "configs/previewer/tiny.yaml and pass --preview runs/previewer/tiny")
-    prior = (load_cascade_prior if is_cascade(args.stage_c) else load_prior)(args.stage_c, loras=loras)
+    prior = load_any_prior(args.stage_c, loras=loras)
     previewer = load_any_previewer(args.preview, prior.compressor_fingerprint)
     h, w = args.height or 128, args.width or 128
     batch = [p for p in check_prompts(args.prompts) for _ in range(args.n)]

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sample.__main__ import SHIPPED, fill_sampling_defaults
+from sample.__main__ import SHIPPED, fill_sampling_defaults, is_cascade
 from sample.evaluate import ValScorer, add_common_arguments, compressor_beside, write_outputs
-from pipeline.text_to_image import load_pixel_text_to_image, load_prior, load_text_to_image, sampler_options
+from pipeline.cascade import load_any_prior, load_cascade_text_to_image
+from pipeline.text_to_image import load_pixel_text_to_image, load_text_to_image, sampler_options
 from weights.loaders import load_compressor
 from weights.checkpoint import fingerprint, read_metadata
 from common.cli import check_output, positive_int, shown
@@ -123,10 +124,11 @@ def main(argv: list[str] | None = None) -> dict:
     compressor_path = args.compressor or compressor_beside(args.stage_c)
 
     # every decoder is loaded (and checked against Stage C's compressor) before any work
-    prior = load_prior(args.stage_c)
+    prior = load_any_prior(args.stage_c)
     decoders: dict[str, tuple] = {}
     if not args.no_semantic:
-        decoder = load_text_to_image(args.stage_c, args.stage_b, args.stage_a, prior).decoder
+        decoder = (load_cascade_text_to_image(args.stage_c, args.stage_b, args.stage_a) if is_cascade(args.stage_c)
+                   else load_text_to_image(args.stage_c, args.stage_b, args.stage_a, prior)).decoder
         cost = training_cost(read_metadata(args.stage_b))
         a_wall = read_metadata(args.stage_a).get("wall_time_s")
         if cost["train_wall_min"] is not None and a_wall is not None:

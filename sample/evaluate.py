@@ -41,10 +41,9 @@ from diffusion import CosineSchedule
 from sample.__main__ import SHIPPED, fill_sampling_defaults
 from sample.options import add_evaluation_arguments, parse_evaluation_arguments
 from pipeline.baseline_ldm import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_baseline_text_to_image
-from pipeline.cascade import load_any_decoder, load_cascade_text_to_image
+from pipeline.cascade import load_any_decoder, load_any_pixel_text_to_image, load_cascade_text_to_image
 from pipeline.decoders import load_pixel_decoder
-from pipeline.text_to_image import (add_sampler_arguments, load_pixel_text_to_image, load_text_to_image, non_default,
-                                    sampler_options)
+from pipeline.text_to_image import add_sampler_arguments, load_text_to_image, non_default, sampler_options
 from weights.loaders import load_any_previewer, load_compressor, load_stage_a
 from weights.checkpoint import fingerprint, resolve_checkpoint
 from common.cli import at_least, comma_list, diffusion_times, positive_int, shown, emit
@@ -269,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         compressor_path = args.compressor or compressor_beside(args.stage_c, decoder_path)
         if args.decoder == "pixel":
-            pipe = load_pixel_text_to_image(args.stage_c, args.pixel_decoder)
+            pipe = load_any_pixel_text_to_image(args.stage_c, args.pixel_decoder)
         else:
             pipe = (load_cascade_text_to_image if cascade else load_text_to_image)(args.stage_c, args.stage_b,
                                                                                     args.stage_a)

@@ -10,9 +10,8 @@ from sample.__main__ import main as sample_main
 from sample.evaluate import main as evaluate_main
 from pipeline.cascade import load_cascade_text_to_image
 from weights.checkpoint import read_metadata, read_weights
-from weights.lora import add_lora, save_adapter
+from tests.tiny_stages import random_v3_lora
 from pipeline.text_to_image import load_text_to_image
-from weights.loaders import load_stage_c3
 from tests.bad_input.conftest import assert_error, run_main
 from train.cli import main as cli_main
 from train.stable_cascade import StageC3Training
@@ -115,13 +114,7 @@ def test_the_time_estimate_of_a_v3_chain_times_both_stages(runs):
 def test_a_v3_lora_changes_what_the_chain_samples(runs, tmp_path):
     """A LoRA adapter on the v3 Stage C (random up-projections) is found by its stage and moves the samples."""
     b3, c3 = runs
-    model = load_stage_c3(str(c3))
-    settings = add_lora(model, rank=2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(0, 0.5)
-    adapter = save_adapter(model, tmp_path / "adapter.safetensors", "stage_c3", settings)
+    adapter = random_v3_lora(c3 / "model.safetensors", tmp_path / "adapter.safetensors")
     kw = dict(height=64, width=64, prior_steps=2, decoder_steps=2, progress=False, seed=1)
     plain = load_cascade_text_to_image(c3, b3)(["a cat"], **kw)
     with_lora = load_cascade_text_to_image(c3, b3, loras=[(adapter, 1.0)])(["a cat"], **kw)

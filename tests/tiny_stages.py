@@ -7,6 +7,8 @@ import torch
 
 from semantic_compressor import SemanticCompressor
 from weights.checkpoint import fingerprint, save_safetensors
+from weights.loaders import load_stage_c3
+from weights.lora import add_lora, save_adapter
 from stages.stage_a import StageA
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig
@@ -61,3 +63,15 @@ def save_tiny_bundle(out: Path) -> Path:
                      extra={"stage_a_fingerprint": fingerprint(a), "compressor_fingerprint": fingerprint(compressor)})
     save_safetensors(c, out / "stage_c.safetensors", "stage_c", c.config.to_dict(), extra=stage_c_extra(compressor))
     return out
+
+
+def random_v3_lora(stage_c3: Path, out: Path) -> Path:
+    """A rank-2 LoRA adapter for a v3 Stage C export whose up-projections are random (a zero one changes nothing)."""
+    model = load_stage_c3(str(stage_c3))
+    settings = add_lora(model, rank=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.5)
+    return save_adapter(model, out, "stage_c3", settings)
+
