@@ -25,7 +25,7 @@ from weights.checkpoint import fingerprint, read_metadata, recorded_path, resolv
 from pipeline.decoders import SemanticDecoder, load_semantic_decoder, sample_stage_a_images, staged
 from weights.lora import load_loras
 from pipeline.text_to_image import (Prior, TextToImage, _cast, _with_compressor, load_pixel_text_to_image, load_prior,
-                                    split_loras)
+                                    load_text_to_image, split_loras)
 from stages.stable_cascade import StageB3, StageC3
 from weights.loaders import load_stage_b3, load_stage_c3, load_stage_a
 from stages.stage_a import StageA
@@ -205,6 +205,16 @@ def load_any_prior(stage_c: str | os.PathLike,
     if stage not in ("stage_c", "stage_c3"):
         raise ValueError(f"{stage_c} is a {stage} checkpoint, not a Stage C; give a Stage C export or run folder")
     return load_cascade_prior(path, loras=loras) if stage == "stage_c3" else load_prior(path, loras=loras)
+
+
+def load_any_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
+                           stage_a: str | os.PathLike | None = None, compressor=None,
+                           dtype: torch.dtype | str | None = None,
+                           loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> TextToImage:
+    """The C -> B -> A sampler for a v3 or a v2 Stage C (by the checkpoint's recorded stage)."""
+    stage = read_metadata(resolve_checkpoint(stage_c)).get("stage")
+    load = load_cascade_text_to_image if stage == "stage_c3" else load_text_to_image
+    return load(stage_c, stage_b, stage_a, compressor=compressor, dtype=dtype, loras=loras)
 
 
 def load_any_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os.PathLike, compressor=None,

@@ -41,9 +41,9 @@ from diffusion import CosineSchedule
 from sample.__main__ import SHIPPED, fill_sampling_defaults
 from sample.options import add_evaluation_arguments, parse_evaluation_arguments
 from pipeline.baseline_ldm import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_baseline_text_to_image
-from pipeline.cascade import load_any_decoder, load_any_pixel_text_to_image, load_cascade_text_to_image
+from pipeline.cascade import load_any_decoder, load_any_pixel_text_to_image, load_any_text_to_image
 from pipeline.decoders import load_pixel_decoder
-from pipeline.text_to_image import add_sampler_arguments, load_text_to_image, non_default, sampler_options
+from pipeline.text_to_image import add_sampler_arguments, non_default, sampler_options
 from weights.loaders import load_any_previewer, load_compressor, load_stage_a
 from weights.checkpoint import fingerprint, resolve_checkpoint
 from common.cli import at_least, comma_list, diffusion_times, positive_int, shown, emit
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--draws repeats the cascade's end-to-end images: give a --stage-c, without --baseline-ldm")
     if args.baseline_ldm is not None:
         return evaluate_baseline(args)
-    cascade = fill_sampling_defaults(args)
+    fill_sampling_defaults(args)
     samplers = sampler_options(args)
     decoder_path = args.pixel_decoder if args.decoder == "pixel" else args.stage_b
     if args.stage_c == "none":  # the decoder's ceilings only: no Stage C (e.g. before one is trained)
@@ -270,8 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.decoder == "pixel":
             pipe = load_any_pixel_text_to_image(args.stage_c, args.pixel_decoder)
         else:
-            pipe = (load_cascade_text_to_image if cascade else load_text_to_image)(args.stage_c, args.stage_b,
-                                                                                    args.stage_a)
+            pipe = load_any_text_to_image(args.stage_c, args.stage_b, args.stage_a)
         decoder = pipe.decoder
     decoder_steps = args.decoder_steps if args.decoder_steps is not None else decoder.default_steps
     compressor = load_compressor(compressor_path)

@@ -24,14 +24,13 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from sample.__main__ import SHIPPED, is_cascade
+from sample.__main__ import SHIPPED
 from sample.evaluate import features, gallery, latent_gallery, top5_hits
 from common.cli import check_output, emit, positive_int, seed, shown
 from imagedata.embedded import openmoji_split
 from common.errors import run_command
 from common.metrics import InceptionFeatures, Perceptual
-from pipeline.cascade import load_any_pixel_text_to_image, load_cascade_text_to_image
-from pipeline.text_to_image import load_text_to_image
+from pipeline.cascade import load_any_pixel_text_to_image, load_any_text_to_image
 
 
 def strengths_arg(text: str) -> list[float]:
@@ -81,8 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.decoder == "pixel":
         pipe = load_any_pixel_text_to_image(args.stage_c, args.pixel_decoder, compressor=args.compressor)
     else:
-        load = load_cascade_text_to_image if is_cascade(args.stage_c) else load_text_to_image
-        pipe = load(args.stage_c, args.stage_b, args.stage_a, compressor=args.compressor)
+        pipe = load_any_text_to_image(args.stage_c, args.stage_b, args.stage_a, compressor=args.compressor)
     steps = args.decoder_steps or pipe.decoder.default_steps
     samples = openmoji_split(args.data_dir, "val", args.size, args.limit)
     if len(samples) < args.limit:
