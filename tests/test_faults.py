@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from common import files
-from weights.checkpoint import read_weights, save_safetensors
+from weights.checkpoint import read_metadata, read_weights, save_safetensors
 from stages.stage_a import StageA
 from tests.bad_input.conftest import ROOT, assert_error, full_disk, run_cli, run_main, snapshot
 from train.cli import main as train_main
@@ -149,6 +149,9 @@ def test_sigterm_saves_the_current_step_and_the_run_resumes_from_it(openmoji_dir
     assert restored.step == 5 and cli.trainer.global_step == 8
     for k, v in saved["state_dict"].items():
         assert torch.equal(restored.weights[k], v), k
+    # the export's wall time counts the fit before the SIGTERM as well as after the resume
+    assert saved["wall_time_s"] > 0
+    assert read_metadata(root / "tiny" / "version_1" / "model.safetensors")["wall_time_s"] > saved["wall_time_s"]
 
 
 # -- precompute shards ---------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ validation and exports, the CLI's ``optimizer:`` / ``lr_scheduler:``, NaN checks
 
 ``DiffusionTraining`` (Stages B, C and the pixel decoder): the network and its ``diffusion.Denoiser``;
 a ``target`` to noise (``Latents`` of a frozen encoder, or ``Pixels``); ``conditions``, each with its
-own augmentation (``SemanticCondition``: noised and dropped, paper Sec. 3.2; ``TextCondition``:
+own augmentation (``SemanticCondition``: noised and dropped, paper Sec. 3.1; ``TextCondition``:
 dropped for classifier-free guidance); frozen encoders by name (``stage_a``, ``semantic``, ``text``),
 or the same names read from precomputed shards; validation loss at fixed noise and the stage's
 ``validation_images``. A stage is a thin subclass that builds these from its configuration.
@@ -157,6 +157,7 @@ class StageTraining(L.LightningModule):
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["stage"] = self.stage
+        checkpoint.update(wall_time_s=self.run_metadata().get("wall_time_s", 0.0))  # a resumed run keeps counting
         checkpoint["model_config"] = self.model.config.to_dict()
         checkpoint.update({key: fp for key, (fp, _) in self.trained_on().items()})
         for k in [k for k in checkpoint["state_dict"] if k.startswith(self.frozen)]:
@@ -165,6 +166,7 @@ class StageTraining(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if checkpoint.get("stage", self.stage) != self.stage:
             raise ValueError(f"this is a {checkpoint['stage']} checkpoint, not a {self.title} one")
+        self._wall_time_before = float(checkpoint.get("wall_time_s", 0.0))
         for key, (fp, what) in self.trained_on().items():
             saved = checkpoint.get(key)
             if saved is not None and saved != fp:
@@ -229,9 +231,12 @@ class StageTraining(L.LightningModule):
             write_text(out.with_suffix(".txt"), "\n".join(captions[:n]) + "\n")
 
     def run_metadata(self) -> dict:
-        """Step and wall time of this fit (since it started or resumed)."""
+        """Step and wall time of this fit (a resumed fit's includes the time before its ``--ckpt_path``)."""
         started = getattr(self, "_fit_started", None)
-        return {"global_step": self.global_step, **({"wall_time_s": round(time.time() - started, 1)} if started else {})}
+        if started is None:
+            return {"global_step": self.global_step}
+        before = getattr(self, "_wall_time_before", 0.0)
+        return {"global_step": self.global_step, "wall_time_s": round(before + time.time() - started, 1)}
 
     def export_metadata(self) -> dict:
         """What the export records besides the weights and config (subclasses add theirs)."""
@@ -370,7 +375,7 @@ class DiffusionTraining(StageTraining):
     def setup_decoder(self, model: nn.Module, config_of, init_from: str | None, semantic_noise_prob: float,
                       semantic_noise_max_t: float, semantic_drop_prob: float, text_drop_prob: float,
                       prior_samples: str | None = None, prior_samples_prob: float = 0.5) -> None:
-        """A Stage B's parts (v2 and v3; paper Sec. 3.2): ``model`` (continued from ``init_from``, which must share
+        """A Stage B's parts (v2 and v3; paper Sec. 3.1): ``model`` (continued from ``init_from``, which must share
         this run's Stage A and compressor) generates Stage A's latents from the compressor's latents (noised at a
         random t < ``semantic_noise_max_t`` with probability ``semantic_noise_prob``, zeroed with
         ``semantic_drop_prob``) and the text (dropped with ``text_drop_prob``). ``prior_samples``: a file of
