@@ -16,7 +16,7 @@ from diffusion.schedules import CosineSchedule, expand, schedule_from
 
 
 def paper_p2(t: torch.Tensor, schedule: CosineSchedule, bias: float) -> torch.Tensor:
-    """(1 - ab) / (1 + ab): the weight Würstchen's paper calls p2 (Sec. 3.3)."""
+    """(1 - ab) / (1 + ab): the weight Würstchen's paper calls p2 (Sec. 3.2)."""
     ab = schedule.alpha_bar(t)
     return (1 - ab) / (1 + ab)
 

@@ -41,7 +41,7 @@ class SigmoidAB(Parameterisation):
 
 
 class AbsAB(Parameterisation):
-    """Stage C's A/B head (paper Sec. 3.3): eps = (x_t - A) / (|1 - B| + 1e-5)."""
+    """Stage C's A/B head (paper Sec. 3.2): eps = (x_t - A) / (|1 - B| + 1e-5)."""
 
     name = "abs_ab"
 

@@ -1,6 +1,6 @@
 """Noise schedules on continuous time t in [0, 1] (1 = pure noise): x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps.
 
-The cosine schedule of Nichol & Dhariwal as Würstchen uses it (paper Sec. 3.3; released
+The cosine schedule of Nichol & Dhariwal as Würstchen uses it (paper Sec. 3.2; released
 ``DDPMWuerstchenScheduler``): ab(t) = cos^2(((t+s)/(1+s)) pi/2) / cos^2((s/(1+s)) pi/2), s = 0.008,
 clamped to [1e-4, 0.9999]. ``shift`` moves its log signal-to-noise ratio, logSNR(t) + shift, the
 shifted cosine of simple diffusion that the pixel decoder trains with (shift = 2 log(base / d)

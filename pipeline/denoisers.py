@@ -1,6 +1,6 @@
 """How each network's head is read (``diffusion.Denoiser``), and rebuilding that from an export.
 
-Stage B's A/B head is ``sigmoid_ab`` (released decoder), Stage C's ``abs_ab`` (paper Sec. 3.3),
+Stage B's A/B head is ``sigmoid_ab`` (released decoder), Stage C's ``abs_ab`` (paper Sec. 3.2),
 the pixel decoder's ``v`` or ``eps``, the baseline LDM's ``v`` or ``sigmoid_ab`` (their config's ``prediction``),
 on the cosine schedule shifted
 by its ``logsnr_shift``. Exports record ``Denoiser.describe()`` as their ``diffusion`` metadata;

@@ -8,7 +8,7 @@ Sampling limits (``Limits``) refuse requests whose rough cost is absurd on the d
 * memory: the decoder's widest activation, ``images x H x W x`` floats per pixel ``x`` bytes per
   float ``x PEAK_FACTOR``. Floats per pixel come from the loaded decoder's config: the largest
   ``4 x width / d^2`` over its levels (ConvNeXt and mixing blocks expand to 4 x width; a level of
-  side H/d). For Stage B + Stage A (paper Sec. 3.1-3.2) Stage A's first decoder level, at H/2,
+  side H/d). For Stage B + Stage A (paper Sec. 3.1) Stage A's first decoder level, at H/2,
   is the widest; for the pixel decoder its highest-resolution level. ``PEAK_FACTOR`` (4) covers the
   block's input, residual and the U-Net skips alive beside it: the shipped tiny Stage B + A peaked
   at 2.9-4.2 times the widest activation on CPU (256-1024 px). The limit is the device's free

@@ -144,7 +144,7 @@ DEFAULT_STRENGTH = 0.6
 class TextToImage(nn.Module):
     """The composable sampler: prompts (and optionally an image) -> images ``(B, 3, H, W)`` in [0, 1].
 
-    ``compressor``: the semantic compressor Stage C and the decoder were trained on (paper Sec. 3.2);
+    ``compressor``: the semantic compressor Stage C and the decoder were trained on (paper Sec. 3.1);
     needed only for image variations and img2img (``variations``, ``forward(image=...)``). ``control``: a
     ControlNet on Stage C (``pipeline.controlnet.load_control``), used by ``forward(control_image=...)``.
     """
@@ -274,7 +274,7 @@ class TextToImage(nn.Module):
                    return_latents: bool = False, callback: Callable[[dict], None] | None = None,
                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Variations of ``images`` ``(B, 3, H, W)`` in [0, 1]: each image's semantic latents (the
-        compressor's 42:1 code, paper Sec. 3.2) rendered ``images_per_image`` times by the decoder with
+        compressor's 42:1 code, paper Sec. 3.1) rendered ``images_per_image`` times by the decoder with
         different noise (image-major order). Stage C is not used; output size defaults to the image's.
         ``decoder_steps`` defaults to the decoder's own (Stage B 12, pixel decoder 50); ``callback`` as
         for ``forward``.

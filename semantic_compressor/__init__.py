@@ -1,4 +1,4 @@
-"""Semantic compressor: EfficientNetV2-S features -> 16 channels at ~42:1 spatial compression (paper Sec. 3.2)."""
+"""Semantic compressor: EfficientNetV2-S features -> 16 channels at ~42:1 spatial compression (paper Sec. 3.1)."""
 from semantic_compressor.compressor import (
     BACKBONES,
     LATENT_SCALE,

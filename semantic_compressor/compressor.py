@@ -1,4 +1,4 @@
-"""The semantic compressor (Würstchen paper Sec. 3.2 and 4.1).
+"""The semantic compressor (Würstchen paper Sec. 3.1 and 4.1).
 
 An ImageNet feature backbone (1280 channels at stride 32) followed by a 1x1 convolution to 16
 channels and a BatchNorm. Images ``(B, 3, H, W)`` in [0, 1] are resized (bicubic, antialiased) to
@@ -33,7 +33,7 @@ from common.state_dict import load_into
 LATENT_SHIFT = 1.0
 LATENT_SCALE = 42.0
 
-PAPER_INPUT_SCALE = 0.75  # paper Sec. 3.2: images are resized to 3/4 of their side (1024 px -> 768 -> 24x24)
+PAPER_INPUT_SCALE = 0.75  # paper Sec. 3.1: images are resized to 3/4 of their side (1024 px -> 768 -> 24x24)
 BACKBONE_STRIDE = 32
 FEATURE_CHANNELS = 1280
 TRAINABLE_MODES = ("none", "head", "all")

@@ -1,4 +1,4 @@
-"""The previewer: Stage C's semantic latents (the compressor's 16 channels, paper Sec. 3.2) straight to a
+"""The previewer: Stage C's semantic latents (the compressor's 16 channels, paper Sec. 3.1) straight to a
 small RGB image, without Stage B or Stage A, to see what the prior sampled (in the spirit of the
 released Würstchen v3 previewer: a small convolutional decoder of the latents).
 

@@ -1,4 +1,4 @@
-"""Stage B: the ConvNeXt U-Net diffusion model in Stage A's latent space (paper Sec. 3.2, App. E.2).
+"""Stage B: the ConvNeXt U-Net diffusion model in Stage A's latent space (paper Sec. 3.1, App. E.2).
 
 Input: noised Stage A latents ``x_t`` (B, 4, H/4, W/4), time ``r`` in [0, 1], the semantic
 compressor's latents (B, 16, h, w) and, optionally, text token states (B, T, c_text). The semantic
@@ -54,7 +54,7 @@ class StageBConfig(DictConfig):
 
 
 PRESETS: dict[str, StageBConfig] = {
-    # 128 px images -> 32x32 latents; no text: the semantic latents alone carry the image (paper Sec. 3.2)
+    # 128 px images -> 32x32 latents; no text: the semantic latents alone carry the image (paper Sec. 3.1)
     "tiny": StageBConfig(widths=(48, 96, 192), blocks=(1, 2, 2), heads=(0, 4, 8),
                          inject_semantic=(False, True, True), c_cond=64, c_text=None, dropout=0.0),
     "paper": StageBConfig(),  # 1055.4 M parameters, as WuerstchenDiffNeXt's defaults

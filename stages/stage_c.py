@@ -1,4 +1,4 @@
-"""Stage C: the text-conditional prior in the semantic latent space (paper Sec. 3.3, App. E.3).
+"""Stage C: the text-conditional prior in the semantic latent space (paper Sec. 3.2, App. E.3).
 
 Input: noised, normalised compressor latents ``x_t`` (B, 16, h, w), time ``r`` in [0, 1] and
 text token states (B, T, c_text). A 1x1 conv lifts the latents to ``width`` channels; ``depth``

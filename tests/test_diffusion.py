@@ -1,4 +1,4 @@
-"""The diffusion layer: the cosine schedule (paper Sec. 3.3), parameterisations, loss weights, the
+"""The diffusion layer: the cosine schedule (paper Sec. 3.2), parameterisations, loss weights, the
 Denoiser and guidance, and every sampler on a Gaussian toy with a closed-form denoiser."""
 import math
 
@@ -67,7 +67,7 @@ def test_loss_weights():
     ab = sched.alpha_bar(t)
     weights = {name: d.Denoiser(torch.nn.Identity(), "eps", sched, name, sigmoid_bias=-1.0).weight(t)
                for name in d.LOSS_WEIGHTS}
-    assert torch.allclose(weights["paper_p2"], (1 - ab) / (1 + ab))  # paper Sec. 3.3
+    assert torch.allclose(weights["paper_p2"], (1 - ab) / (1 + ab))  # paper Sec. 3.2
     assert torch.allclose(weights["p2"], 1 / (1 + ab / (1 - ab)))  # released code: (1 + SNR)^-1
     assert torch.equal(weights["constant"], torch.ones(3))
     assert torch.allclose(weights["sigmoid"], torch.sigmoid(-1.0 - sched.logsnr(t)))  # SiD2

@@ -1,7 +1,7 @@
 """A frozen semantic compressor whose 16-channel head is the principal components of its backbone's
 features on the training images (a closed-form alternative to fine-tuning the head with Stage B).
 
-The paper (Sec. 3.2) fine-tunes the whole compressor with Stage B. On 2 CPU cores that costs about
+The paper (Sec. 3.1) fine-tunes the whole compressor with Stage B. On 2 CPU cores that costs about
 1.8 s per Stage B step at an 8x8 grid; with this head the compressor is fixed before Stage B starts,
 so Stage B trains on cached latents from its first step. The 1x1 projection holds the 16 leading
 principal directions of the backbone's 1280 features (over every grid cell of every image) and the

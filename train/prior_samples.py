@@ -2,7 +2,7 @@
 latents, so that a Stage B can be trained on what the prior draws as well as on the compressor's latents of
 the true image (``StageBTraining(prior_samples=...)``).
 
-Stage B learns to decode the compressor's latents of real images (paper Sec. 3.2), noised a little so that it
+Stage B learns to decode the compressor's latents of real images (paper Sec. 3.1), noised a little so that it
 accepts imperfect Stage C output; at sampling time it gets Stage C's samples, which sit further from any
 image's latents than that noise. Training it on the prior's own samples for the caption of each training
 image (a fraction of the steps, the rest on the true latents) closes that gap for the captions it sees.

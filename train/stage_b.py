@@ -1,4 +1,4 @@
-"""Training Stage B (Würstchen paper Sec. 3.2 and App. E.2) as a configuration of the diffusion engine.
+"""Training Stage B (Würstchen paper Sec. 3.1 and App. E.2) as a configuration of the diffusion engine.
 
 Target: the frozen Stage A's unquantised latents. Conditions: the semantic compressor's latents
 (trained with Stage B; noised at a small random t 30% of the time, zeroed 10%) and optional text

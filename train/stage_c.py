@@ -1,4 +1,4 @@
-"""Training Stage C, the text-to-latent prior (Würstchen paper Sec. 3.3 and App. E.3), as a configuration
+"""Training Stage C, the text-to-latent prior (Würstchen paper Sec. 3.2 and App. E.3), as a configuration
 of the diffusion engine.
 
 Target: the frozen compressor's latents, (x + shift) / scale (the release: 1 and 42). Condition: the

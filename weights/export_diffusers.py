@@ -97,7 +97,7 @@ def stage_a_to_diffusers(model: StageA) -> tuple[dict, dict[str, torch.Tensor]]:
 
 # -- Stage B -> WuerstchenDiffNeXt -------------------------------------------------------------------
 def stage_b_to_diffusers(model: StageB) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(WuerstchenDiffNeXt config, state dict) of our Stage B (paper Sec. 3.2; the released decoder)."""
+    """(WuerstchenDiffNeXt config, state dict) of our Stage B (paper Sec. 3.1; the released decoder)."""
     cfg = model.config
     if not cfg.c_text:
         raise NotExpressible("WuerstchenDiffNeXt always attends to CLIP text states (clip_embd); this Stage B has "
@@ -114,7 +114,7 @@ def stage_b_to_diffusers(model: StageB) -> tuple[dict, dict[str, torch.Tensor]]:
 
 # -- Stage C -> WuerstchenPrior ----------------------------------------------------------------------
 def stage_c_to_diffusers(model: StageC) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(WuerstchenPrior config, state dict) of our Stage C (paper Sec. 3.3; the released prior)."""
+    """(WuerstchenPrior config, state dict) of our Stage C (paper Sec. 3.2; the released prior)."""
     cfg = model.config
     config = {"_class_name": "WuerstchenPrior", "c_in": cfg.c_latent, "c": cfg.width, "c_cond": cfg.c_text,
               "c_r": cfg.c_r, "depth": cfg.depth, "nhead": cfg.heads, "dropout": cfg.dropout}
