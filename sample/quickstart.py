@@ -74,10 +74,9 @@ PHASES = [
      "--trainer.max_steps 4000 --lr_scheduler.init_args.total_steps 6000 --trainer.val_check_interval 1000"),
     ("the 10,000-step v prior's samples, two per training caption", 40.0,
      "train.prior_samples --stage-c {out}/stage_c3/v3 --out {out}/prior_samples_v3.safetensors --samples 2 --seed 1000"),
-    ("Stage B on those samples: 3,000 of 6,000 steps", 52.6,
+    ("Stage B on those samples, 6,000 steps", 94.8,
      REFINE + " --run_name prior2 --model.init_args.init_from {out}/stage_b_refine/prior "
-     "--model.init_args.prior_samples {out}/prior_samples_v3.safetensors "
-     "--trainer.max_steps 3000 --lr_scheduler.init_args.total_steps 6000 --trainer.val_check_interval 500"),
+     "--model.init_args.prior_samples {out}/prior_samples_v3.safetensors --trainer.val_check_interval 500"),
 ]
 BUNDLE = ("--stage-a {out}/stage_a/tiny --stage-b {out}/stage_b_refine/prior2 --compressor {out}/stage_b/grid8 "
           "--stage-c {out}/stage_c3/v3")
