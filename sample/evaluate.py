@@ -14,6 +14,9 @@ For each of the 185 val captions one image is generated (fixed seed). Prints JSO
   mean cosine of those latents to the caption's own emoji's latents.
 * ``stage_a_alone``: retrieval of the val images reconstructed by Stage A (encode, decode): the
   ceiling of every decoder that ends in Stage A.
+* ``by_skin_tone`` (in each score of a set with skin-tone captions, as val): own-caption retrieval of the captions
+  with a skin-tone modifier and of the others apart, and of the former with any skin tone of the same emoji counted
+  (``without_skin_tone``): whether an image misses the emoji or only its skin tone.
 * ``everyday``: the same scores (but FID, which 48 images cannot estimate) for ``EVERYDAY``, 48
   training captions of food, animals, vehicles, weather and symbols: what a new user types first.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 from pathlib import Path
 
 import torch
@@ -65,6 +69,12 @@ EVERYDAY = (
     "red heart", "blue heart", "star", "key", "guitar", "trophy", "house", "wrapped gift",  # symbols, objects
 )
 PROMPT_SETS = ("val", "everyday")
+SKIN_TONE = re.compile(r"\b(?:medium-light|medium-dark|light|medium|dark) skin tone\b")
+
+
+def without_skin_tone(caption: str) -> str:
+    """The caption without its skin-tone modifiers: 'kiss man man medium skin tone' -> 'kiss man man'."""
+    return " ".join(SKIN_TONE.sub(" ", caption).split())
 
 
 def prompt_set(data_dir: str, name: str, size: int, limit: int | None = None) -> list[dict]:
@@ -131,11 +141,12 @@ def latent_gallery(data_dir: str, compressor: torch.nn.Module, size: int, batch_
 
 
 def top5_hits(generated: torch.Tensor, gallery_feats: torch.Tensor, gallery_captions: list[str],
-              targets: list[str]) -> float:
-    """Share of generated images whose target caption's real emoji is among their 5 nearest (cosine)."""
+              targets: list[str], key=lambda caption: caption) -> float:
+    """Share of generated images whose target caption's real emoji is among their 5 nearest (cosine); ``key``:
+    captions compared after it (``without_skin_tone``: any skin tone of the emoji counts)."""
     sims = F.normalize(generated, dim=1) @ F.normalize(gallery_feats, dim=1).T
     nearest = sims.topk(5, dim=1).indices
-    hits = [target in {gallery_captions[j] for j in row.tolist()} for row, target in zip(nearest, targets)]
+    hits = [key(target) in {key(gallery_captions[j]) for j in row.tolist()} for row, target in zip(nearest, targets)]
     return sum(hits) / len(hits)
 
 
@@ -174,8 +185,23 @@ class ValScorer:
             scores["fid_vs_val"] = round(self.fid.compute().item(), 2)
         feats = features(self.net, images, self.batch_size, f"Inception features of the {what}")
         top5 = lambda targets: round(top5_hits(feats, self.gallery_feats, self.gallery_captions, targets), 4)
-        return {**scores, "top5_retrieval_own_caption": top5(self.captions),
-                "top5_retrieval_shuffled_captions": top5(self.shuffled)}
+        scores.update(top5_retrieval_own_caption=top5(self.captions), top5_retrieval_shuffled_captions=top5(self.shuffled))
+        toned = [i for i, c in enumerate(self.captions) if SKIN_TONE.search(c)]
+        if toned:
+            scores["by_skin_tone"] = self.by_skin_tone(feats, toned)
+        return scores
+
+    def by_skin_tone(self, feats: torch.Tensor, toned: list[int]) -> dict:
+        """Own-caption top-5 of the skin-tone captions (exact, and any skin tone of the emoji) and of the others."""
+        others = [i for i in range(len(self.captions)) if i not in set(toned)]
+
+        def top5(rows: list[int], key=lambda caption: caption) -> float:
+            targets = [self.captions[i] for i in rows]
+            return round(top5_hits(feats[rows], self.gallery_feats, self.gallery_captions, targets, key), 4)
+
+        return {"skin_tone_captions": {"n": len(toned), "top5_own": top5(toned),
+                                       "top5_own_any_skin_tone": top5(toned, without_skin_tone)},
+                "other_captions": {"n": len(others), **({"top5_own": top5(others)} if others else {})}}
 
 
 def latent_scores(latents: torch.Tensor, scorer: ValScorer, compressor: torch.nn.Module,

@@ -9,7 +9,7 @@ from common.errors import run_command
 from pipeline.text_to_image import load_text_to_image
 from sample.__main__ import main
 from sample.compare import main as compare
-from sample.evaluate import latent_gallery, top5_hits, whole_set
+from sample.evaluate import ValScorer, latent_gallery, top5_hits, whole_set, without_skin_tone
 from sample.evaluate import main as evaluate
 from sample.sweep import main as sweep
 from stages.pixel_decoder import ShallowUViT, grow, growth_plan
@@ -233,6 +233,21 @@ def test_top5_hits_counts_the_target_among_the_five_nearest():
     far = torch.eye(8)[[7, 7]]  # nearest: emoji 7, then 3-6; emoji 0 is sixth or later
     far[:, 3:7] = 0.5
     assert top5_hits(far, gallery, captions, ["emoji 0", "emoji 0"]) == 0.0
+
+
+def test_skin_tone_scores_tell_a_missed_emoji_from_a_missed_skin_tone():
+    assert without_skin_tone("kiss person person medium-light skin tone dark skin tone") == "kiss person person"
+    assert without_skin_tone("dark sunglasses") == "dark sunglasses"
+    scorer = object.__new__(ValScorer)  # the gallery and captions only; no Inception network needed
+    scorer.gallery_feats = torch.eye(8)
+    scorer.gallery_captions = ["wave", "wave light skin tone", "wave dark skin tone", "apple", *"bcde"]
+    scorer.captions = ["wave dark skin tone", "apple", "wave"]
+    feats = torch.eye(8)[[1, 3, 7]]
+    feats[0, 3:] = 0.5  # nearest: wave light skin tone, then apple, b-e: the right emoji, the wrong skin tone
+    feats[2, 3:7] = 0.5  # nearest: e, then apple, b-d: no wave
+    scores = scorer.by_skin_tone(feats, [0])
+    assert scores == {"skin_tone_captions": {"n": 1, "top5_own": 0.0, "top5_own_any_skin_tone": 1.0},
+                      "other_captions": {"n": 2, "top5_own": 0.5}}  # apple found, wave not
 
 
 @pytest.mark.slow
