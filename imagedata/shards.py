@@ -58,6 +58,7 @@ MANIFEST = "manifest.json"
 FORMAT = "wuerstchen-precomputed/1"
 LATENT_KEYS = ("stage_a", "semantic", "text")  # precomputed tensors, stored as ``<key>.npy`` (fp16)
 FINGERPRINTS = ("stage_a_fingerprint", "compressor_fingerprint", "text_encoder_fingerprint")
+FLIPPED = "#flipped"  # key suffix of a horizontally flipped training image (ImagePrep.flip)
 # a shard that cannot be read counts under its cause: a local file not there, a URL that cannot be fetched, a
 # pipe: command that fails, or data that is not a readable tar
 SHARD_REASONS = ("missing_shard", "unreachable_shard", "failed_command", "corrupt_shard")
@@ -416,13 +417,16 @@ def caption_of(sample: dict) -> str:
 @dataclass
 class ImagePrep:
     """Decoding, filtering and cropping of image samples: to ``size`` (square; shorter side resized
-    to ``resize`` first) or, with ``buckets``, to the bucket of nearest aspect ratio (cover, crop)."""
+    to ``resize`` first) or, with ``buckets``, to the bucket of nearest aspect ratio (cover, crop). ``flip``:
+    the probability of a horizontal flip; a flipped sample's key ends in ``FLIPPED`` (another image: latents
+    cached per key stay apart)."""
 
     size: int
     resize: int | None = None
     crop: str = "center"
     filters: Filters = field(default_factory=Filters)
     buckets: list[tuple[int, int]] | None = None
+    flip: float = 0.0
 
     def target(self, width: int, height: int) -> int | tuple[int, int]:
         return nearest_bucket(width, height, self.buckets) if self.buckets else self.size
@@ -452,8 +456,11 @@ class ImagePrep:
                 continue
             resize = None if self.buckets else self.resize
             tensor = resize_crop(image, self.target(*image.size), resize, self.crop, rng=rng)
+            key = sample["__key__"]
+            if self.flip and rng.random() < self.flip:
+                tensor, key = tensor.flip(-1), key + FLIPPED
             counts.add("yielded")
-            yield {"image": tensor, "caption": caption, "key": sample["__key__"]}
+            yield {"image": tensor, "caption": caption, "key": key}
 
 
 def precomputed_samples(samples: Iterable[dict], counts: SampleCounts) -> Iterator[dict]:

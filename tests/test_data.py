@@ -24,7 +24,7 @@ import imagedata.shards as stream
 from imagedata.embedded import (build_openmoji, emoji_captions, openmoji_shards, split_of, HELDOUT_SKIMAGE,
                                 HELDOUT_SKLEARN, heldout_photos, training_photos)
 from imagedata.images import FolderDataset, decode_image, resize_crop, to_rgb, PhotoCrops
-from imagedata.shards import (Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, existing_shards, list_shards,
+from imagedata.shards import (FLIPPED, Filters, ImagePrep, SampleCounts, ShardSet, ShardStream, existing_shards, list_shards,
                               shard_samples, interleave)
 from train.data import ImageTextData
 
@@ -445,6 +445,27 @@ def test_caption_weights_rebalance_training_and_leave_validation_alone(tmp_path)
     assert len(train_keys) == 80  # the epoch keeps its batches: more passes over the rest
     assert sum(k.startswith("tone") for k in train_keys) < 30
     assert len([k for b in dm.val_dataloader() for k in b["key"]]) == 80  # validation: the data as it is
+
+
+def test_flip_mirrors_training_images_under_their_own_key_and_leaves_validation_alone(tmp_path):
+    stripes = io.BytesIO()
+    _stripes(12, 12).save(stripes, format="PNG")
+    write_tar(tmp_path / "s.tar", [(f"k{i}", {"png": stripes.getvalue(), "txt": "flag"}) for i in range(40)])
+    dm = ImageTextData(train=str(tmp_path / "s.tar"), val=str(tmp_path / "s.tar"), image_size=12, batch_size=4,
+                       num_workers=0, train_count=40, val_count=40, flip=0.5)
+    dm.setup("fit")
+    train = samples_of(dm.train_dataloader())
+    flipped = [s for s in train if s["key"].endswith(FLIPPED)]
+    assert 5 <= len(flipped) <= 35 and len({s["key"].removesuffix(FLIPPED) for s in train}) == 40
+    for s in train:  # red on the left, or on the right when flipped
+        assert s["image"][0, :, -1 if s["key"].endswith(FLIPPED) else 0].min() == 1
+    assert not any(k.endswith(FLIPPED) for b in dm.val_dataloader() for k in b["key"])
+    with pytest.raises(ValueError, match="flip is a probability"):
+        ImageTextData(train="openmoji", val=None, flip=1.5)
+    (tmp_path / "folder").mkdir()
+    _stripes(12, 12).save(tmp_path / "folder" / "a.png")
+    with pytest.raises(ValueError, match="flip works with image shards"):
+        ImageTextData(train=str(tmp_path / "folder"), val=None, flip=0.5)
 
 
 @pytest.mark.parametrize("weights", [{"skin tone": 0}, {"skin tone": 1.5}, {"": 0.5}, {"skin tone": True}, ["skin"]])

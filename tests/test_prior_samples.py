@@ -3,6 +3,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from imagedata.shards import FLIPPED
 from semantic_compressor import SemanticCompressor, normalize_latents
 from train.prior_samples import load_prior_samples, main, training_captions
 from train.stage_b import StageBTraining
@@ -64,6 +65,11 @@ def test_stage_b_trains_on_the_prior_samples_with_their_probability(samples_file
 
     with pytest.raises(ValueError, match="'other' has no Stage C sample"):
         module.conditions[0](module, {**batch, "key": ["k0", "other"]}, train=True)
+    # a flipped image (imagedata.shards.FLIPPED) keeps its own latents: the prior drew its emoji unflipped
+    module.conditions[0].prior_samples_prob = 1.0
+    flipped = module.conditions[0](module, {**batch, "key": ["k2", "k0" + FLIPPED]}, train=True)
+    assert any(torch.allclose(flipped[0], normalize_latents(z, 0.0, 1.0)) for z in drawn["k2"])
+    assert torch.allclose(flipped[1], module.compressor(batch["image"][1:])[0])
     with pytest.raises(ValueError, match="sample at this run's image size"):
         module.conditions[0](module, {**batch, "image": torch.rand(2, 3, 128, 128)}, train=True)
 

@@ -81,6 +81,10 @@ class ImageTextData(L.LightningDataModule):
 
     ``photo_crops_every`` (Stage A only; 0 = off): every n-th training sample is a random crop of
     one of the real photos that ship with scikit-image and are not in the held-out set.
+
+    ``flip`` (shard sources): each training image is flipped horizontally with this probability, as another
+    image (its key ends in ``imagedata.shards.FLIPPED``): more images for a decoder to learn from. Not for a
+    prior whose captions name a direction.
     """
 
     def __init__(self, train: str | list | None = "openmoji", val: str | list | None = "openmoji", image_size: int = 128,
@@ -91,7 +95,8 @@ class ImageTextData(L.LightningDataModule):
                  val_batch_size: int | None = None, num_workers: int = 2, shuffle_buffer: int = 1000,
                  embedded_dir: str = "data/openmoji", train_count: int | None = None, val_count: int | None = None,
                  seed: int = 0, photo_crops_every: int = 0, resampled: bool = False,
-                 precomputed: bool | str | None = None, caption_weights: dict[str, float] | None = None):
+                 precomputed: bool | str | None = None, caption_weights: dict[str, float] | None = None,
+                 flip: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         # every check runs now, not mid-fit: a missing path, a pattern matching nothing, a bad filter or bucket
@@ -114,6 +119,11 @@ class ImageTextData(L.LightningDataModule):
         if photo_crops_every and (photo_crops_every < 2 or self.precomputed or is_folder_of_images(train)):
             raise ValueError(f"photo_crops_every {photo_crops_every}: every n-th sample (n >= 2, 0 = off) of image "
                              "shards (openmoji or .tar shards of images, not precomputed ones or a folder)")
+        if not 0 <= flip <= 1:
+            raise ValueError(f"flip is a probability in [0, 1], got {flip}")
+        if flip and (self.precomputed or is_folder_of_images(train)):
+            raise ValueError("flip works with image shards (openmoji or .tar shards of images), not precomputed "
+                             "shards or a folder of images; set flip to 0")
         self.train_set = self.val_set = None  # datasets (imagedata.images) or streams (imagedata.shards), made in setup
 
     def _source(self, name: str, train: bool):
@@ -136,7 +146,7 @@ class ImageTextData(L.LightningDataModule):
                 log.warning("buckets and filters do not apply to the precomputed shards of %s (they hold latents); "
                             "pass --buckets / --min-size to python -m train.precompute instead", spec)
         else:
-            prep = ImagePrep(size, resize, crop, self.filters[name], self.buckets)
+            prep = ImagePrep(size, resize, crop, self.filters[name], self.buckets, h.flip if train else 0.0)
         extra = None
         if train and h.photo_crops_every:
             extra = (PhotoCrops(training_photos(), h.image_size, h.seed, self.buckets), h.photo_crops_every)

@@ -35,7 +35,7 @@ from common.files import write_atomic, write_text
 from imagedata.images import image_bytes
 from weights.lora import add_lora_from_config, save_adapter
 from common.metrics import Perceptual, fid_metric
-from imagedata.shards import FINGERPRINTS, check_made_with
+from imagedata.shards import FINGERPRINTS, FLIPPED, check_made_with
 from pipeline.text_encoder import TextEncoder, build_text_encoder
 from train.prior_samples import load_prior_samples
 
@@ -294,7 +294,8 @@ class SemanticCondition:
     with probability ``noise_prob`` (so the decoder accepts imperfect Stage C output) and zeroed with
     probability ``drop_prob`` (classifier-free guidance), paper Sec. 3.2. ``prior_samples`` (``{sample key:
     (K, C, h, w)}``, ``train.prior_samples``): in training each sample's latents are replaced with probability
-    ``prior_samples_prob`` by one of a Stage C's samples for its caption, before the noise and the drop."""
+    ``prior_samples_prob`` by one of a Stage C's samples for its caption, before the noise and the drop (never a
+    flipped image's: the prior drew the caption's emoji unflipped)."""
     shift: float = 0.0
     scale: float = 1.0
     noise_prob: float = 0.0
@@ -319,7 +320,7 @@ class SemanticCondition:
         return latents * (torch.rand(b, device=device) >= self.drop_prob)[:, None, None, None]
 
     def drawn_by_prior(self, latents: torch.Tensor, keys: list[str]) -> torch.Tensor:
-        missing = [k for k in keys if k not in self.prior_samples]
+        missing = [k for k in keys if k not in self.prior_samples and not k.endswith(FLIPPED)]
         if missing:
             raise ValueError(f"training sample {missing[0]!r} has no Stage C sample in prior_samples; make the file "
                              "from this run's training data (python -m train.prior_samples --train ...)")
@@ -329,6 +330,8 @@ class SemanticCondition:
                              f"{tuple(latents.shape[1:])}; sample at this run's image size (--image-size)")
         rows = list(latents)
         for i in (torch.rand(len(keys)) < self.prior_samples_prob).nonzero().flatten().tolist():
+            if keys[i].endswith(FLIPPED):
+                continue
             drawn = self.prior_samples[keys[i]]
             rows[i] = drawn[torch.randint(len(drawn), ())].to(latents)
         return torch.stack(rows)
