@@ -193,7 +193,7 @@ class ValScorer:
 
     def by_skin_tone(self, feats: torch.Tensor, toned: list[int]) -> dict:
         """Own-caption top-5 of the skin-tone captions (exact, and any skin tone of the emoji) and of the others."""
-        others = [i for i in range(len(self.captions)) if i not in set(toned)]
+        others = sorted(set(range(len(self.captions))) - set(toned))
 
         def top5(rows: list[int], key=lambda caption: caption) -> float:
             targets = [self.captions[i] for i in rows]
