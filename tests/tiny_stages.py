@@ -74,4 +74,3 @@ def random_v3_lora(stage_c3: Path, out: Path) -> Path:
             if ".lora_B." in name:
                 p.normal_(0, 0.5)
     return save_adapter(model, out, "stage_c3", settings)
-
