@@ -120,6 +120,7 @@ class CascadeDecoder(torch.nn.Module):
     (``pipeline.decoders.SemanticDecoder``'s call)."""
 
     default_steps = RELEASE["decoder"]["steps"]
+    default_guidance = RELEASE["decoder"]["guidance"]
     progress_name = "Stage B"
 
     def __init__(self, stage_b: StageB3, stage_a: StageA, text_encoder: TextEncoder,

@@ -46,6 +46,7 @@ class SemanticDecoder(torch.nn.Module):
     """Stage B samples Stage A latents from the semantic latents (12 DDPM steps), Stage A decodes them."""
 
     default_steps = 12
+    default_guidance = 2.0  # paper Sec. 4: w = 4; the tiny checkpoints decode best at 2 (docs/evaluation.md)
     progress_name = "Stage B"
 
     def __init__(self, stage_b: StageB, stage_a: StageA, text_encoder: TextEncoder | None = None,
@@ -139,6 +140,7 @@ class PixelDecoder(torch.nn.Module):
     """
 
     default_steps = 50
+    default_guidance = 3.0
     progress_name = "pixel decoder"
 
     def __init__(self, model: torch.nn.Module, latent_shift: float = 0.0, latent_scale: float = 1.0,

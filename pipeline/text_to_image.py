@@ -170,7 +170,8 @@ class TextToImage(nn.Module):
     @torch.no_grad()
     def forward(self, prompts: list[str] | str, negative_prompt: str | None = None, height: int | None = None,
                 width: int | None = None, images_per_prompt: int = 1, prior_steps: int | str | list[float] = 60,
-                decoder_steps: int | str | list[float] = 12, prior_guidance: float = 4.0, decoder_guidance: float = 3.0,
+                decoder_steps: int | str | list[float] = 12, prior_guidance: float = 4.0,
+                decoder_guidance: float | None = None,
                 seed: int = 0, progress: bool = True, return_latents: bool = False, prior_sampler: str = "ddpm",
                 decoder_sampler: str = "ddpm", prior_eta: float | None = None, decoder_eta: float | None = None,
                 limits: Limits | None = Limits(), image: torch.Tensor | None = None, strength: float | None = None,
@@ -236,6 +237,7 @@ class TextToImage(nn.Module):
                                  "for all prompts or one per prompt")
         height, width = self._size(image, height, width)
         negative_prompt = "" if negative_prompt is None else negative_prompt  # None: no negative prompt (diffusers)
+        decoder_guidance = self.decoder.default_guidance if decoder_guidance is None else decoder_guidance
         check_request(self, prompts, negative_prompt, height, width, images_per_prompt, prior_steps, decoder_steps,
                       prior_guidance, decoder_guidance, seed, limits)  # everything else, before any work
         prompts = check_prompts([prompts] if isinstance(prompts, str) else prompts)
@@ -269,20 +271,21 @@ class TextToImage(nn.Module):
     @torch.no_grad()
     def variations(self, images: torch.Tensor, images_per_image: int = 1, height: int | None = None,
                    width: int | None = None, decoder_steps: int | str | list[float] | None = None,
-                   decoder_guidance: float = 3.0, seed: int = 0, progress: bool = True,
+                   decoder_guidance: float | None = None, seed: int = 0, progress: bool = True,
                    decoder_sampler: str = "ddpm", decoder_eta: float | None = None, limits: Limits | None = Limits(),
                    return_latents: bool = False, callback: Callable[[dict], None] | None = None,
                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Variations of ``images`` ``(B, 3, H, W)`` in [0, 1]: each image's semantic latents (the
         compressor's 42:1 code, paper Sec. 3.1) rendered ``images_per_image`` times by the decoder with
         different noise (image-major order). Stage C is not used; output size defaults to the image's.
-        ``decoder_steps`` defaults to the decoder's own (Stage B 12, pixel decoder 50); ``callback`` as
-        for ``forward``.
+        ``decoder_steps`` and ``decoder_guidance`` default to the decoder's own (Stage B 12 steps at guidance 2,
+        pixel decoder 50 at 3); ``callback`` as for ``forward``.
         """
         check_sampler(decoder_sampler, decoder_eta)
         self._check_image(images, "variations")
         height, width = self._size(images, height, width)
         steps = self.decoder.default_steps if decoder_steps is None else decoder_steps
+        decoder_guidance = self.decoder.default_guidance if decoder_guidance is None else decoder_guidance
         check_image_request(self, images.shape[0], images_per_image, height, width, steps, decoder_guidance, seed,
                             limits)
         h, w = snap_size(height, width, self.decoder.size_multiple)

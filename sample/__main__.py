@@ -51,6 +51,7 @@ from weights.checkpoint import read_metadata, recorded_path, resolve_checkpoint
 from pipeline.text_to_image import (DEFAULT_STRENGTH, add_sampler_arguments, load_text_to_image, sampler_options,
                                     save_images)
 from pipeline.baseline_ldm import load_baseline_text_to_image
+from pipeline.decoders import PixelDecoder, SemanticDecoder
 from pipeline.cascade import RELEASE, load_any_pixel_text_to_image, load_any_prior, load_cascade_text_to_image
 from weights.loaders import load_any_previewer
 from pipeline.text_encoder import check_prompts
@@ -140,7 +141,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     ap.add_argument("--prior-guidance", type=checked(inputs.guidance, float, "a number"), default=None,
                     help="Stage C guidance (default 4)")
     ap.add_argument("--decoder-guidance", type=checked(inputs.guidance, float, "a number"), default=None,
-                    help="Stage B guidance (default 3; paper: 4; Stable Cascade: 1.1; 1 = none)")
+                    help="decoder guidance (default: Stage B 2, pixel decoder 3; paper: 4; Stable "
+                         "Cascade: 1.1; 1 = none)")
     ap.add_argument("--stage-c", default=str(SHIPPED / "stage_c.safetensors"))
     ap.add_argument("--stage-b", default=str(SHIPPED / "stage_b.safetensors"))
     ap.add_argument("--stage-a", default=None, help="default: stage_a.safetensors next to Stage B, else the one it recorded")
@@ -309,7 +311,9 @@ def fill_sampling_defaults(args: argparse.Namespace) -> bool:
     cascade = is_cascade(args.stage_c)
     decoder_v3 = getattr(args, "decoder", "semantic") != "pixel" and _recorded_stage(args.stage_b) == "stage_b3"
     defaults = (*((RELEASE["prior"]["steps"], RELEASE["prior"]["guidance"]) if cascade else (60, 4.0)),
-                RELEASE["decoder"]["guidance"] if decoder_v3 else 3.0)
+                RELEASE["decoder"]["guidance"] if decoder_v3 else
+                PixelDecoder.default_guidance if getattr(args, "decoder", "semantic") == "pixel" else
+                SemanticDecoder.default_guidance)
     for name, value in zip(("prior_steps", "prior_guidance", "decoder_guidance"), defaults):
         if getattr(args, name) is None:
             setattr(args, name, value)

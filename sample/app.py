@@ -292,7 +292,8 @@ class Studio:
                     with gr.Row():
                         decoder_steps = gr.Textbox(label="Decoder steps", value="", elem_id="decoder-steps",
                                                    info="empty: Stage B 12, pixel decoder 50")
-                        decoder_guidance = gr.Number(label="Decoder guidance", value=3.0,
+                        decoder_guidance = gr.Number(label="Decoder guidance", value=None,
+                                                     info="empty: Stage B 2, Stable Cascade 1.1, pixel decoder 3",
                                                      elem_id="decoder-guidance")
                         decoder_sampler = gr.Dropdown(names, value="ddpm", label="Decoder sampler",
                                                       elem_id="decoder-sampler")

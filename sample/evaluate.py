@@ -249,7 +249,7 @@ def add_common_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--decoder-steps", type=positive_int, default=None,
                     help="default: Stage B 12, Stable Cascade's 10, pixel decoder 50")
     ap.add_argument("--prior-guidance", type=float, default=None, help="default 4")
-    ap.add_argument("--decoder-guidance", type=float, default=None, help="default 3 (Stable Cascade: 1.1)")
+    ap.add_argument("--decoder-guidance", type=float, default=None, help="default: Stage B 2, pixel decoder 3, Stable Cascade's Stage B 1.1")
     ap.add_argument("--gallery-limit", type=at_least(5), default=None,
                     help="search only the first N emoji, N >= 5 (quick checks)")
     add_evaluation_arguments(ap, batch_size=32, json_out=False)

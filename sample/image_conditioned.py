@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prior-steps", type=positive_int, default=60)
     ap.add_argument("--decoder-steps", type=positive_int, default=None, help="default: Stage B 12, pixel decoder 50")
     ap.add_argument("--prior-guidance", type=float, default=4.0)
-    ap.add_argument("--decoder-guidance", type=float, default=3.0)
+    ap.add_argument("--decoder-guidance", type=float, default=None, help="default: the decoder's (Stage B 2, pixel "
+                    "decoder 3)")
     ap.add_argument("--batch-size", type=positive_int, default=32)
     ap.add_argument("--gallery-limit", type=positive_int, default=None, help="search only the first N emoji")
     ap.add_argument("--seed", type=seed, default=0)
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         pipe = load_any_text_to_image(args.stage_c, args.stage_b, args.stage_a, compressor=args.compressor)
     steps = args.decoder_steps or pipe.decoder.default_steps
+    args.decoder_guidance = pipe.decoder.default_guidance if args.decoder_guidance is None else args.decoder_guidance
     samples = openmoji_split(args.data_dir, "val", args.size, args.limit)
     if len(samples) < args.limit:
         raise ValueError(f"the val split has {len(samples)} images, fewer than --limit {args.limit}")

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from diffusion import SAMPLERS
 from sample.compare import decode_all
 from sample.evaluate import ValScorer, add_common_arguments, write_outputs
+from pipeline.decoders import SemanticDecoder
 from pipeline.text_to_image import load_text_to_image
 from common.cli import check_output, comma_list, positive_ints, shown
 from common.errors import run_command
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"sample.sweep sets {', '.join(given)} itself; use --samplers, --prior-step-list, "
                          "--decoder-step-list and --fast")
     args.prior_guidance = 4.0 if args.prior_guidance is None else args.prior_guidance  # Würstchen's defaults
-    args.decoder_guidance = 3.0 if args.decoder_guidance is None else args.decoder_guidance
+    args.decoder_guidance = (SemanticDecoder.default_guidance if args.decoder_guidance is None
+                             else args.decoder_guidance)
     args.prior_steps, args.decoder_steps = sorted(set(args.prior_steps_list)), sorted(set(args.decoder_steps_list))
     if len(args.fast) != 2:
         raise ValueError(f"--fast takes two step counts, Stage C's and Stage B's (e.g. 20,12), got {args.fast}")

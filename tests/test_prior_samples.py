@@ -43,6 +43,20 @@ def test_one_sample_per_caption_and_draw_in_the_compressors_space(samples_file, 
     assert not torch.equal(drawn["k0"][0], drawn["k0"][1])  # two draws, not one repeated
 
 
+def test_files_of_several_seeds_pool_their_samples_per_caption(samples_file, tiny_bundle, shards, tmp_path):
+    other = tmp_path / "seed7.safetensors"
+    main(["--stage-c", str(tiny_bundle / "stage_c.safetensors"), "--train", str(shards), "--out", str(other),
+          "--image-size", "64", "--steps", "2", "--seed", "7"])
+    fp = read_metadata(samples_file)["compressor_fingerprint"]
+    one, two = load_prior_samples(samples_file, fp), load_prior_samples(other, fp)
+    pooled = load_prior_samples([str(samples_file), str(other)], fp)
+    assert all(torch.equal(pooled[k], torch.cat([one[k], two[k]])) and len(pooled[k]) == 3 for k in one)
+    module = StageBTraining(size=TINY_B, stage_a=str(tiny_bundle / "stage_a.safetensors"),
+                            compressor=str(tiny_bundle / "compressor.safetensors"),
+                            prior_samples=[str(samples_file), str(other)])
+    assert all(len(z) == 3 for z in module.conditions[0].prior_samples.values())
+
+
 def test_openmoji_training_captions_in_shard_order(openmoji_dir):
     pairs = training_captions("openmoji", str(openmoji_dir))
     assert len(pairs) > 3000 and len({k for k, _ in pairs}) == len(pairs) and all(c for _, c in pairs)

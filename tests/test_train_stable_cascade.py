@@ -97,7 +97,7 @@ def test_sample_runs_the_v3_chain_with_img2img(runs, tmp_path, capsys):
                  str(tmp_path / "mixed.png"), "--height", "64", "--width", "64", "--prior-steps", "2",
                  "--decoder-steps", "2", "--quiet"])
     settings = json.loads(Image.open(tmp_path / "mixed.png").text["settings"])
-    assert settings["decoder_guidance"] == 3.0 and settings["prior_guidance"] == 4.0
+    assert settings["decoder_guidance"] == 2.0 and settings["prior_guidance"] == 4.0
     code, err = run_main(sample_main, ["a cat", "--stage-c", "checkpoints/tiny_grid3/stage_c.safetensors", "--stage-b",
                                        str(b3), "--out", str(tmp_path / "mixed_v2.png"), "--quiet"], capsys)
     assert_error(code, err, "holds a stage_b3 model, not a stage_b model")  # a v2 prior takes v2 decoders

@@ -377,13 +377,14 @@ class DiffusionTraining(StageTraining):
 
     def setup_decoder(self, model: nn.Module, config_of, init_from: str | None, semantic_noise_prob: float,
                       semantic_noise_max_t: float, semantic_drop_prob: float, text_drop_prob: float,
-                      prior_samples: str | None = None, prior_samples_prob: float = 0.5) -> None:
+                      prior_samples: str | list[str] | None = None, prior_samples_prob: float = 0.5) -> None:
         """A Stage B's parts (v2 and v3; paper Sec. 3.1): ``model`` (continued from ``init_from``, which must share
         this run's Stage A and compressor) generates Stage A's latents from the compressor's latents (noised at a
         random t < ``semantic_noise_max_t`` with probability ``semantic_noise_prob``, zeroed with
         ``semantic_drop_prob``) and the text (dropped with ``text_drop_prob``). ``prior_samples``: a file of
-        ``python -m train.prior_samples`` (a Stage C trained on this run's frozen compressor): with probability
-        ``prior_samples_prob`` a sample's latents are that Stage C's sample for its caption instead."""
+        ``python -m train.prior_samples`` or a list of them, pooled (of a Stage C trained on this run's frozen
+        compressor): with probability ``prior_samples_prob`` a sample's latents are that Stage C's sample for its
+        caption instead."""
         self.model = model
         self.start_from(init_from, config_of, {**self.trained_on(), "compressor_fingerprint": (
             fingerprint(self.compressor), "semantic compressor")})

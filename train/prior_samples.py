@@ -61,19 +61,24 @@ def training_captions(train: str, embedded_dir: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_prior_samples(path: str | os.PathLike, compressor_fingerprint: str) -> dict[str, torch.Tensor]:
-    """``{sample key: (K, 16, h, w) raw latents}`` of a file this command wrote, refused (one line) when its
-    prior was trained on another compressor than ``compressor_fingerprint``."""
-    path = resolve_checkpoint(path)
-    tensors, raw = load_safetensors(path)
-    if raw.get("stage") != STAGE or "latents" not in tensors:
-        raise ValueError(f"{path} is not a prior-samples file; make one with python -m train.prior_samples")
-    meta = read_metadata(path)
-    if meta.get("compressor_fingerprint") != compressor_fingerprint:
-        raise ValueError(f"{path} holds samples of a Stage C trained on another semantic compressor "
-                         f"({meta.get('compressor_fingerprint')}; this run's is {compressor_fingerprint}); "
-                         "sample a Stage C trained on this run's compressor")
-    return dict(zip(meta["keys"], tensors["latents"].float()))
+def load_prior_samples(paths: str | os.PathLike | list, compressor_fingerprint: str) -> dict[str, torch.Tensor]:
+    """``{sample key: (K, 16, h, w) raw latents}`` of one file this command wrote, or of several pooled (each
+    caption's samples from all of them, e.g. two runs with different ``--seed``); refused (one line) when a
+    file's prior was trained on another compressor than ``compressor_fingerprint``."""
+    pooled: dict[str, list[torch.Tensor]] = {}
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        path = resolve_checkpoint(path)
+        tensors, raw = load_safetensors(path)
+        if raw.get("stage") != STAGE or "latents" not in tensors:
+            raise ValueError(f"{path} is not a prior-samples file; make one with python -m train.prior_samples")
+        meta = read_metadata(path)
+        if meta.get("compressor_fingerprint") != compressor_fingerprint:
+            raise ValueError(f"{path} holds samples of a Stage C trained on another semantic compressor "
+                             f"({meta.get('compressor_fingerprint')}; this run's is {compressor_fingerprint}); "
+                             "sample a Stage C trained on this run's compressor")
+        for key, latents in zip(meta["keys"], tensors["latents"].float()):
+            pooled.setdefault(key, []).append(latents)
+    return {key: torch.cat(parts) for key, parts in pooled.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -138,7 +138,7 @@ class StageB3Training(CascadeTraining):
                  pyramid_noise: bool = True, semantic_noise_prob: float = 0.3, semantic_noise_max_t: float = 0.3,
                  semantic_drop_prob: float = 0.1, text_drop_prob: float = 0.1, ema_decay: float | None = 0.999,
                  sample_steps: int = 10, guidance: float = 1.1, grid_images: int = 8, metric_net: str = "alex",
-                 val_fid: bool = True, lora: dict | None = None, prior_samples: str | None = None,
+                 val_fid: bool = True, lora: dict | None = None, prior_samples: str | list[str] | None = None,
                  prior_samples_prob: float = 0.5):
         super().__init__()
         self.save_hyperparameters()

@@ -37,7 +37,7 @@ class StageBTraining(DiffusionTraining):
                  semantic_drop_prob: float = 0.1, text_drop_prob: float = 0.1,
                  ema_decay: float | None = 0.999, sample_steps: int = 12, guidance: float = 1.0,
                  grid_images: int = 8, metric_net: str = "alex", val_fid: bool = True, lora: dict | None = None,
-                 prior_samples: str | None = None, prior_samples_prob: float = 0.5):
+                 prior_samples: str | list[str] | None = None, prior_samples_prob: float = 0.5):
         super().__init__()
         self.save_hyperparameters()
         config = stage_b_config(size)
