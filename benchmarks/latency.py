@@ -34,7 +34,8 @@ from stages.stage_c import StageC
 
 PRIOR_STEPS, DECODER_STEPS = 60, 12  # the paper's Fig. 4
 PIXEL_STEPS = PixelDecoder.default_steps  # 50
-PRIOR_GUIDANCE, DECODER_GUIDANCE = 4.0, SemanticDecoder.default_guidance  # sampler defaults: guidance > 1 runs each model twice per step
+# sampler defaults: guidance > 1 runs each model twice per step
+PRIOR_GUIDANCE, DECODER_GUIDANCE = 4.0, SemanticDecoder.default_guidance
 STAGES = ("text", "stage_c", "stage_b", "stage_a", "pixel_decoder")
 
 

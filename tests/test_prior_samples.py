@@ -55,6 +55,13 @@ def test_files_of_several_seeds_pool_their_samples_per_caption(samples_file, tin
                             compressor=str(tiny_bundle / "compressor.safetensors"),
                             prior_samples=[str(samples_file), str(other)])
     assert all(len(z) == 3 for z in module.conditions[0].prior_samples.values())
+    small = tmp_path / "small.safetensors"  # the same prior sampled for another image size: another grid
+    main(["--stage-c", str(tiny_bundle / "stage_c.safetensors"), "--train", str(shards), "--out", str(small),
+          "--image-size", "128", "--steps", "1"])
+    with pytest.raises(ValueError, match="latents of different shapes .* sample them all at the Stage B run's"):
+        load_prior_samples([str(samples_file), str(small)], fp)
+    with pytest.raises(ValueError, match="prior_samples is an empty list"):
+        load_prior_samples([], fp)
 
 
 def test_openmoji_training_captions_in_shard_order(openmoji_dir):

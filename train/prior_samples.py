@@ -65,8 +65,12 @@ def load_prior_samples(paths: str | os.PathLike | list, compressor_fingerprint: 
     """``{sample key: (K, 16, h, w) raw latents}`` of one file this command wrote, or of several pooled (each
     caption's samples from all of them, e.g. two runs with different ``--seed``); refused (one line) when a
     file's prior was trained on another compressor than ``compressor_fingerprint``."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise ValueError("prior_samples is an empty list; give one or more files of python -m train.prior_samples")
     pooled: dict[str, list[torch.Tensor]] = {}
-    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+    shapes = {}
+    for path in paths:
         path = resolve_checkpoint(path)
         tensors, raw = load_safetensors(path)
         if raw.get("stage") != STAGE or "latents" not in tensors:
@@ -76,6 +80,10 @@ def load_prior_samples(paths: str | os.PathLike | list, compressor_fingerprint: 
             raise ValueError(f"{path} holds samples of a Stage C trained on another semantic compressor "
                              f"({meta.get('compressor_fingerprint')}; this run's is {compressor_fingerprint}); "
                              "sample a Stage C trained on this run's compressor")
+        shapes[str(path)] = tuple(tensors["latents"].shape[2:])
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"the prior-samples files hold latents of different shapes ({shapes}); sample them all "
+                             "at the Stage B run's --image-size")
         for key, latents in zip(meta["keys"], tensors["latents"].float()):
             pooled.setdefault(key, []).append(latents)
     return {key: torch.cat(parts) for key, parts in pooled.items()}
