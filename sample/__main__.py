@@ -52,7 +52,8 @@ from pipeline.text_to_image import (DEFAULT_STRENGTH, add_sampler_arguments, loa
                                     save_images)
 from pipeline.baseline_ldm import load_baseline_text_to_image
 from pipeline.decoders import PixelDecoder, SemanticDecoder
-from pipeline.cascade import RELEASE, load_any_pixel_text_to_image, load_any_prior, load_cascade_text_to_image
+from pipeline.cascade import (RELEASE, CascadeDecoder, load_any_pixel_text_to_image, load_any_prior,
+                              load_cascade_text_to_image)
 from weights.loaders import load_any_previewer
 from pipeline.text_encoder import check_prompts
 from common.errors import run_command
@@ -306,14 +307,13 @@ def is_cascade(stage_c: str) -> bool:
 
 def fill_sampling_defaults(args: argparse.Namespace) -> bool:
     """Unset --prior-steps and --prior-guidance: Würstchen's (60, 4), or the released Stable Cascade settings
-    (20, 4) for a v3 --stage-c; unset --decoder-guidance: 3, or 1.1 for a v3 --stage-b. Returns whether
-    --stage-c is v3."""
+    (20, 4) for a v3 --stage-c; unset --decoder-guidance: the decoder's own (Stage B 2, a v3 Stage B 1.1, the
+    pixel decoder 3). Returns whether --stage-c is v3."""
     cascade = is_cascade(args.stage_c)
-    decoder_v3 = getattr(args, "decoder", "semantic") != "pixel" and _recorded_stage(args.stage_b) == "stage_b3"
+    decoder = (PixelDecoder if getattr(args, "decoder", "semantic") == "pixel" else
+               CascadeDecoder if _recorded_stage(args.stage_b) == "stage_b3" else SemanticDecoder)
     defaults = (*((RELEASE["prior"]["steps"], RELEASE["prior"]["guidance"]) if cascade else (60, 4.0)),
-                RELEASE["decoder"]["guidance"] if decoder_v3 else
-                PixelDecoder.default_guidance if getattr(args, "decoder", "semantic") == "pixel" else
-                SemanticDecoder.default_guidance)
+                decoder.default_guidance)
     for name, value in zip(("prior_steps", "prior_guidance", "decoder_guidance"), defaults):
         if getattr(args, name) is None:
             setattr(args, name, value)
