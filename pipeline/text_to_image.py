@@ -170,7 +170,7 @@ class TextToImage(nn.Module):
     @torch.no_grad()
     def forward(self, prompts: list[str] | str, negative_prompt: str | None = None, height: int | None = None,
                 width: int | None = None, images_per_prompt: int = 1, prior_steps: int | str | list[float] = 60,
-                decoder_steps: int | str | list[float] = 12, prior_guidance: float = 4.0,
+                decoder_steps: int | str | list[float] | None = None, prior_guidance: float = 4.0,
                 decoder_guidance: float | None = None,
                 seed: int = 0, progress: bool = True, return_latents: bool = False, prior_sampler: str = "ddpm",
                 decoder_sampler: str = "ddpm", prior_eta: float | None = None, decoder_eta: float | None = None,
@@ -183,7 +183,8 @@ class TextToImage(nn.Module):
         The same arguments and seed give the same images. H and W (default 128, or the image's size)
         are rounded up to the decoder's grid with a note; step counts (or explicit decreasing time
         lists ending in 0, or a named list of ``diffusion.TIME_LISTS``) are per stage, and so are the
-        samplers (``diffusion.SAMPLERS``) and their eta. ``negative_prompt`` (None: none) replaces the empty prompt
+        samplers (``diffusion.SAMPLERS``) and their eta; ``decoder_steps`` and ``decoder_guidance`` default to
+        the decoder's own (as for ``variations``). ``negative_prompt`` (None: none) replaces the empty prompt
         in the guidance of Stage C and of a text-conditional decoder (the released pipelines use it in
         both); a decoder without text ignores it. ``return_latents``: also return Stage C's semantic
         latents, ``(images, latents)``. ``limits``: refuse work too large for the device
@@ -237,6 +238,7 @@ class TextToImage(nn.Module):
                                  "for all prompts or one per prompt")
         height, width = self._size(image, height, width)
         negative_prompt = "" if negative_prompt is None else negative_prompt  # None: no negative prompt (diffusers)
+        decoder_steps = self.decoder.default_steps if decoder_steps is None else decoder_steps
         decoder_guidance = self.decoder.default_guidance if decoder_guidance is None else decoder_guidance
         check_request(self, prompts, negative_prompt, height, width, images_per_prompt, prior_steps, decoder_steps,
                       prior_guidance, decoder_guidance, seed, limits)  # everything else, before any work

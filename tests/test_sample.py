@@ -94,6 +94,10 @@ def test_callback_sees_every_step_of_each_stage_and_can_stop_the_work(bundle):
     assert [(s["stage"], s["i"], s["steps"]) for s in seen] == [("Stage C", 0, 3), ("Stage C", 1, 3), ("Stage C", 2, 3),
                                                                 ("Stage B", 0, 2), ("Stage B", 1, 2)]
     assert seen[0]["semantic"].shape[:2] == (1, 16) and seen[0]["x0"] is not None  # DDPM reports its x0 too
+    seen.clear()
+    pipe.decoder.default_steps = 3  # no decoder_steps: the decoder's own default, as for variations
+    pipe("sun", height=64, width=64, prior_steps=1, progress=False, callback=seen.append)
+    assert [(s["stage"], s["steps"]) for s in seen][1:] == [("Stage B", 3)] * 3
 
     def stop(state):
         if state["i"] == 1:
