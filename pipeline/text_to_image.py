@@ -359,6 +359,16 @@ def _timed(call, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def check_same_compressor(prior: Prior, stage_c: str | os.PathLike, decoder_fingerprint: str | None, decoder: str,
+                          fix: str) -> None:
+    """Refuse a decoder trained on another compressor's latents than the ones Stage C samples (paper Sec. 3:
+    both stages work in the compressor's latent space); unrecorded fingerprints pass."""
+    c_fp = prior.compressor_fingerprint
+    if c_fp and decoder_fingerprint and c_fp != decoder_fingerprint:
+        raise ValueError(f"Stage C {stage_c} was trained on a different semantic compressor ({c_fp}) than the one "
+                         f"{decoder} was trained with ({decoder_fingerprint}); {fix}")
+
+
 def _with_compressor(pipe: TextToImage, compressor: str | os.PathLike | SemanticCompressor | None,
                      decoder_fingerprint: str | None, decoder_name: str) -> TextToImage:
     """Attach the compressor, refusing one other than the compressor Stage C and the decoder were trained on."""
@@ -418,11 +428,8 @@ def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
     decoder = load_semantic_decoder(stage_b, stage_a)
     if by_stage["stage_b"]:
         load_loras(decoder.stage_b, by_stage["stage_b"], "stage_b")
-    b_meta = read_metadata(stage_b)
-    c_fp, b_fp = prior.compressor_fingerprint, b_meta.get("compressor_fingerprint")
-    if c_fp and b_fp and c_fp != b_fp:
-        raise ValueError(f"Stage C {stage_c} was trained on a different semantic compressor ({c_fp}) than the one "
-                         f"Stage B {stage_b} was trained with ({b_fp}); use the Stage B whose compressor trained C")
+    b_fp = read_metadata(stage_b).get("compressor_fingerprint")
+    check_same_compressor(prior, stage_c, b_fp, f"Stage B {stage_b}", "use the Stage B whose compressor trained C")
     pipe = _with_compressor(TextToImage(prior, decoder), compressor, b_fp, "Stage B")
     return _cast(pipe, dtype).eval()
 
@@ -441,12 +448,9 @@ def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os
     dtype = None if dtype is None else inputs.dtype(dtype)
     prior = prior or load_prior(stage_c, loras=split_loras(loras, ("stage_c",), prior)["stage_c"])
     decoder = load_pixel_decoder(pixel_decoder)
-    c_fp, p_fp = prior.compressor_fingerprint, decoder.compressor_fingerprint
-    if c_fp and p_fp and c_fp != p_fp:
-        raise ValueError(f"Stage C {stage_c} was trained on a different semantic compressor ({c_fp}) than the one "
-                         f"pixel decoder {pixel_decoder} was trained with ({p_fp}); train the pixel decoder with "
-                         "the compressor that trained Stage C")
-    pipe = _with_compressor(TextToImage(prior, decoder), compressor, p_fp, "the pixel decoder")
+    check_same_compressor(prior, stage_c, decoder.compressor_fingerprint, f"pixel decoder {pixel_decoder}",
+                          "train the pixel decoder with the compressor that trained Stage C")
+    pipe = _with_compressor(TextToImage(prior, decoder), compressor, decoder.compressor_fingerprint, "the pixel decoder")
     return _cast(pipe, dtype).eval()
 
 

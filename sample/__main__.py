@@ -48,12 +48,11 @@ from diffusion import TIME_LISTS
 from semantic_compressor import latent_grid
 from pipeline import inputs
 from weights.checkpoint import read_metadata, recorded_path, resolve_checkpoint
-from pipeline.text_to_image import (DEFAULT_STRENGTH, add_sampler_arguments, load_text_to_image, sampler_options,
-                                    save_images)
+from pipeline.text_to_image import DEFAULT_STRENGTH, add_sampler_arguments, sampler_options, save_images
 from pipeline.baseline_ldm import load_baseline_text_to_image
 from pipeline.decoders import PixelDecoder, SemanticDecoder
 from pipeline.cascade import (RELEASE, CascadeDecoder, load_any_pixel_text_to_image, load_any_prior,
-                              load_cascade_text_to_image)
+                              load_any_text_to_image)
 from weights.loaders import load_any_previewer
 from pipeline.text_encoder import check_prompts
 from common.errors import run_command
@@ -400,8 +399,8 @@ def load_pipeline(args: argparse.Namespace, loras: list[tuple[Path, float]], com
     if stage_a is None:  # a bundle keeps Stage A next to Stage B; else the path Stage B recorded
         beside = resolve_checkpoint(args.stage_b).with_name("stage_a.safetensors")
         stage_a = beside if beside.exists() else None
-    load = load_cascade_text_to_image if is_cascade(args.stage_c) else load_text_to_image
-    return load(args.stage_c, args.stage_b, stage_a, compressor=compressor, dtype=args.dtype, loras=loras)
+    return load_any_text_to_image(args.stage_c, args.stage_b, stage_a, compressor=compressor, dtype=args.dtype,
+                                  loras=loras)
 
 
 def render(args: argparse.Namespace, pipe, samplers: dict, image: torch.Tensor | None,

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sample.__main__ import SHIPPED, fill_sampling_defaults, is_cascade
+from sample.__main__ import SHIPPED, fill_sampling_defaults
 from sample.evaluate import ValScorer, add_common_arguments, compressor_beside, write_outputs
-from pipeline.cascade import load_any_prior, load_cascade_text_to_image
-from pipeline.text_to_image import load_pixel_text_to_image, load_text_to_image, sampler_options
+from pipeline.cascade import load_any_decoder, load_any_prior
+from pipeline.text_to_image import check_same_compressor, load_pixel_text_to_image, sampler_options
 from weights.loaders import load_compressor
-from weights.checkpoint import fingerprint, read_metadata
+from weights.checkpoint import fingerprint, read_metadata, resolve_checkpoint
 from common.cli import check_output, positive_int, shown
 from common.errors import run_command
 from sample.evaluate_stage_a import Scores
@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     prior = load_any_prior(args.stage_c)
     decoders: dict[str, tuple] = {}
     if not args.no_semantic:
-        decoder = (load_cascade_text_to_image(args.stage_c, args.stage_b, args.stage_a) if is_cascade(args.stage_c)
-                   else load_text_to_image(args.stage_c, args.stage_b, args.stage_a, prior)).decoder
+        decoder = load_any_decoder(args.stage_b, args.stage_a)
+        check_same_compressor(prior, args.stage_c, read_metadata(resolve_checkpoint(args.stage_b)).get(
+            "compressor_fingerprint"), f"Stage B {args.stage_b}", "use the Stage B whose compressor trained C")
         cost = training_cost(read_metadata(args.stage_b))
         a_wall = read_metadata(args.stage_a).get("wall_time_s")
         if cost["train_wall_min"] is not None and a_wall is not None:

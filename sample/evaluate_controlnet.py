@@ -30,10 +30,9 @@ from tqdm.auto import tqdm
 from common.cli import at_least, check_output, emit, positive_int
 from common.errors import run_command
 from imagedata.filters import canny, random_masks
-from pipeline.cascade import load_cascade_text_to_image
+from pipeline.cascade import load_any_text_to_image
 from pipeline.controlnet import controlnet_kind, controlnet_takes_latents, load_control
-from pipeline.text_to_image import load_text_to_image
-from sample.__main__ import SHIPPED, is_cascade
+from sample.__main__ import SHIPPED
 from common.metrics import InceptionFeatures
 from imagedata.embedded import openmoji_split
 from sample.evaluate import compressor_beside, features, gallery, top5_hits
@@ -128,13 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     kind = controlnet_kind(path)
     if kind not in ("canny", "inpaint"):
         raise ValueError(f"{path} is a {kind} ControlNet; this evaluation scores canny and inpaint ControlNets")
-    load = load_cascade_text_to_image if is_cascade(args.stage_c) else load_text_to_image
     if args.keep_unmasked and kind != "inpaint":
         raise ValueError("--keep-unmasked applies to an inpaint ControlNet")
     compressor = None
     if controlnet_takes_latents(path) or args.keep_unmasked:
         compressor = args.compressor or compressor_beside(args.stage_c, args.stage_b)
-    pipe = load(args.stage_c, args.stage_b, args.stage_a, compressor=compressor)
+    pipe = load_any_text_to_image(args.stage_c, args.stage_b, args.stage_a, compressor=compressor)
     pipe.attach_control(load_control(path, pipe.prior.model, args.stage_c, pipe.compressor))
     samples = openmoji_split(args.data_dir, "val", 128)
     keep = torch.linspace(0, len(samples) - 1, min(args.limit or len(samples), len(samples))).round().long().tolist()

@@ -254,6 +254,16 @@ def test_skin_tone_scores_tell_a_missed_emoji_from_a_missed_skin_tone():
                       "other_captions": {"n": 2, "top5_own": 0.5}}  # apple found, wave not
 
 
+def test_compare_refuses_a_stage_b_of_another_compressor_before_work(bundle, tmp_path):
+    c = StageC(TINY_C)
+    save_safetensors(c, tmp_path / "c.safetensors", "stage_c", c.config.to_dict(),
+                     extra={"compressor_fingerprint": "0123456789abcdef", "text_encoder": "minilm"})
+    with pytest.raises(ValueError, match=r"different semantic compressor .* than the one Stage B"):
+        compare(["--stage-c", str(tmp_path / "c.safetensors"), "--stage-b", str(bundle / "stage_b.safetensors"),
+                 "--stage-a", str(bundle / "stage_a.safetensors"), "--compressor", str(bundle / "compressor.safetensors"),
+                 "--out", str(tmp_path / "cmp")])
+
+
 @pytest.mark.slow
 def test_compare_writes_table_json_and_grid_for_every_decoder(bundle, openmoji_dir, tmp_path, capsys):
     small = dict(resolution=32, core_grid=8, entry_channels=16, width=32, depth=1, heads=2, c_t=32,
