@@ -344,12 +344,16 @@ def _sample(args: argparse.Namespace):
     if args.preview is not None:
         return _preview(args, samplers, loras)
     control_inputs = check_control(args)
-    needs_compressor = image is not None or args.keep_unmasked or (
-        args.control is not None and controlnet_takes_latents(resolve_checkpoint(controlnet_path(args))))
-    pipe = load_pipeline(args, loras, find_compressor(args) if needs_compressor else None)
-    if args.control is not None:
-        pipe.attach_control(load_control(controlnet_path(args), pipe.prior.model, args.stage_c, pipe.compressor))
+    pipe = load_pipeline(args, loras, request_compressor(args, image))
     return render(args, pipe, samplers, image, control=control_inputs)
+
+
+def request_compressor(args: argparse.Namespace, image: torch.Tensor | None) -> Path | None:
+    """The compressor a request needs (its image's latents: img2img, variations, a latent ControlNet,
+    --keep-unmasked), or None."""
+    needs = image is not None or args.keep_unmasked or (
+        args.control is not None and controlnet_takes_latents(resolve_checkpoint(controlnet_path(args))))
+    return find_compressor(args) if needs else None
 
 
 def controlnet_path(args: argparse.Namespace) -> Path:
@@ -391,16 +395,21 @@ def check_request(args: argparse.Namespace) -> tuple[dict, list[tuple[Path, floa
 
 
 def load_pipeline(args: argparse.Namespace, loras: list[tuple[Path, float]], compressor: Path | None):
-    """Stage C with the decoder ``--decoder`` names (``TextToImage``), in ``--dtype``, with the adapters."""
+    """Stage C with the decoder ``--decoder`` names (``TextToImage``), in ``--dtype``, with the adapters and the
+    ``--control`` ControlNet."""
     if args.decoder == "pixel":
-        return load_any_pixel_text_to_image(args.stage_c, args.pixel_decoder, compressor=compressor, dtype=args.dtype,
+        pipe = load_any_pixel_text_to_image(args.stage_c, args.pixel_decoder, compressor=compressor, dtype=args.dtype,
                                             loras=loras)
-    stage_a = args.stage_a
-    if stage_a is None:  # a bundle keeps Stage A next to Stage B; else the path Stage B recorded
-        beside = resolve_checkpoint(args.stage_b).with_name("stage_a.safetensors")
-        stage_a = beside if beside.exists() else None
-    return load_any_text_to_image(args.stage_c, args.stage_b, stage_a, compressor=compressor, dtype=args.dtype,
-                                  loras=loras)
+    else:
+        stage_a = args.stage_a
+        if stage_a is None:  # a bundle keeps Stage A next to Stage B; else the path Stage B recorded
+            beside = resolve_checkpoint(args.stage_b).with_name("stage_a.safetensors")
+            stage_a = beside if beside.exists() else None
+        pipe = load_any_text_to_image(args.stage_c, args.stage_b, stage_a, compressor=compressor, dtype=args.dtype,
+                                      loras=loras)
+    if args.control is not None:
+        pipe.attach_control(load_control(controlnet_path(args), pipe.prior.model, args.stage_c, pipe.compressor))
+    return pipe
 
 
 def render(args: argparse.Namespace, pipe, samplers: dict, image: torch.Tensor | None,

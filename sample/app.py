@@ -4,12 +4,11 @@ Every request is the command ``python -m sample`` would run: the page's fields b
 checked by its parser and checks (so bad input gets the command's one-line errors), and the images
 are rendered by the same code (``sample.__main__.render``) into ``--out-dir``, each PNG carrying its
 settings and the command that reproduces it bit for bit (text chunks ``settings`` and ``command``).
-One pipeline stays loaded (reloaded only when a request names another decoder, adapters or the
-compressor); requests wait in Gradio's queue and run one at a time. While Stage C samples, the
+One pipeline stays loaded (reloaded only when a request names another decoder, adapters, ControlNet or
+the compressor); requests wait in Gradio's queue and run one at a time. While Stage C samples, the
 previewer (``stages.previewer``) renders its prediction of the clean latents every few steps; each
-stage has a progress bar; Cancel stops the work at the next sampler step.
-
-Not here yet: a ControlNet input (``python -m sample --control`` has one).
+stage has a progress bar; Cancel stops the work at the next sampler step. A ControlNet (``--control``:
+canny, inpaint with its mask, sr) steers Stage C with a control image, as on the command line.
 """
 import argparse
 import html
@@ -30,8 +29,9 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from diffusion import SAMPLERS
-from sample.__main__ import (SHIPPED, build_parser, check_request, find_compressor, load_pipeline, parse_args,
-                             render)
+from sample.__main__ import (SHIPPED, build_parser, check_control, check_request, controlnet_path, load_pipeline,
+                             parse_args, render, request_compressor)
+from stages.controlnet import CONTROLS
 from common.errors import USER_ERRORS, one_line, run_command
 from pipeline.text_to_image import TextToImage, snap_size
 from stages.previewer import Previewer
@@ -43,6 +43,7 @@ except ImportError:
     gr = None
 
 DECODERS = {"Stage B + Stage A": "semantic", "pixel decoder": "pixel"}
+NO_CONTROL = "none"  # the page's ControlNet choice without one
 PREVIEW_SIDE = 256  # px: the previews are upscaled (nearest) to at least this, in whole multiples of the image size
 # the command's flags that choose checkpoints: given to the app, they go into every request
 CHECKPOINT_FLAGS = ("--stage-c", "--stage-b", "--stage-a", "--pixel-decoder", "--compressor", "--dtype")
@@ -59,21 +60,29 @@ class RaisingParser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def number_text(value: float | None) -> str | None:
-    """A page number as the command line takes it: whole numbers without '.0'; None stays None."""
+def number_text(value: float | str | None) -> str | None:
+    """A page number as the command line takes it: whole numbers without '.0'; a text field's words as
+    typed (empty: None, the command's default); None stays None."""
     if value is None:
         return None
+    if isinstance(value, str):
+        return value.strip() or None
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def request_argv(prompt: str, negative: str, seed: str, n: float | None, height: float | None, width: float | None,
-                 prior_steps: str, decoder_steps: str, prior_guidance: float | None, decoder_guidance: float | None,
-                 prior_sampler: str, decoder_sampler: str, decoder: str, loras: str, image: str | None,
-                 strength: float | None, checkpoints: list[str], out: Path) -> list[str]:
+                 prior_steps: str, decoder_steps: str, prior_guidance: float | None,
+                 decoder_guidance: float | str | None, prior_sampler: str, decoder_sampler: str, decoder: str,
+                 loras: str, image: str | None, strength: float | None, checkpoints: list[str], out: Path, control: str = NO_CONTROL,
+                 control_image: str | None = None, mask: str | None = None, control_scale: float | None = None,
+                 keep_unmasked: bool = False) -> list[str]:
     """The ``python -m sample`` arguments of the page's fields (checked later by the command's parser).
 
     An empty prompt with an image asks for variations of it; with a prompt and an image it is img2img
-    at ``strength``. Seed "random" draws one (below 2**32, so the page shows it exactly).
+    at ``strength``. Seed "random" draws one (below 2**32, so the page shows it exactly). ``control``
+    (``NO_CONTROL`` or a kind of ``stages.controlnet.CONTROLS``) with its image, mask and scale: the
+    ``--control`` options; a control image or mask without a control still goes to the parser, which
+    names the mistake.
     """
     seed = str(secrets.randbelow(2**32)) if seed.strip().lower() == "random" else seed.strip()
     argv = [*checkpoints, "--seed", seed, "--decoder", DECODERS.get(decoder, decoder), "--out", str(out), "--quiet"]
@@ -93,6 +102,16 @@ def request_argv(prompt: str, negative: str, seed: str, n: float | None, height:
         argv += ["--image", str(image)]
         if prompt:
             argv += ["--strength", number_text(strength) or ""]
+    if control and control != NO_CONTROL:
+        argv += ["--control", control]
+        scale = number_text(control_scale)
+        if scale and scale != "1":
+            argv += ["--control-scale", scale]
+    for flag, path in (("--control-image", control_image), ("--mask", mask)):
+        if path:
+            argv += [flag, str(path)]
+    if keep_unmasked:
+        argv.append("--keep-unmasked")
     return argv + ["--"] + ([prompt] if prompt or not image else [])
 
 
@@ -127,9 +146,10 @@ class Studio:
     # --- the model -----------------------------------------------------------------------------------------
     def pipeline(self, args: argparse.Namespace, loras: list, image: torch.Tensor | None) -> TextToImage:
         """The request's pipeline: the one loaded when its checkpoints, adapters and compressor are the same."""
-        compressor = find_compressor(args) if image is not None else None
+        compressor = request_compressor(args, image)
+        control = str(controlnet_path(args)) if args.control is not None else None
         key = (args.decoder, args.stage_c, args.stage_b, args.stage_a, args.pixel_decoder, str(compressor),
-               args.dtype, tuple((str(p), s) for p, s in loras))
+               args.dtype, tuple((str(p), s) for p, s in loras), control)
         if self.loaded is None or self.loaded[0] != key:
             self.loaded = None  # one pipeline in memory: drop the old before loading the new
             pipe = load_pipeline(args, loras, compressor)
@@ -177,22 +197,23 @@ class Studio:
 
     def generate(self, prompt: str, negative: str, seed: str, n: float | None, height: float | None,
                  width: float | None, prior_steps: str, decoder_steps: str, prior_guidance: float | None,
-                 decoder_guidance: float | None, prior_sampler: str, decoder_sampler: str, decoder: str, loras: str,
-                 image: str | None, strength: float | None, request: "gr.Request" = None) -> Iterator[tuple]:
+                 decoder_guidance: float | str | None, prior_sampler: str, decoder_sampler: str, decoder: str,
+                 loras: str, image: str | None, strength: float | None, control: str = NO_CONTROL,
+                 control_image: str | None = None, mask: str | None = None, control_scale: float | None = None,
+                 keep_unmasked: bool = False, request: "gr.Request" = None) -> Iterator[tuple]:
         """(preview, progress, gallery, files, command, status) updates while the request runs."""
         skip, session = gr.skip(), request.session_hash if request is not None else ""
         self.count += 1
         stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{self.count:04d}"
         out = self.out_dir / f"{stem}.png"
         try:
-            if image:  # keep the input beside the result, so the command names a file that stays
-                kept = self.out_dir / f"{stem}-input{Path(image).suffix.lower() or '.png'}"
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(image, kept)
-                image = str(kept.resolve())
+            # keep the inputs beside the result, so the command names files that stay
+            image, control_image, mask = (self._keep(path, f"{stem}-{name}") for path, name in (
+                (image, "input"), (control_image, "control"), (mask, "mask")))
             argv = request_argv(prompt, negative, seed, n, height, width, prior_steps, decoder_steps, prior_guidance,
                                 decoder_guidance, prior_sampler, decoder_sampler, decoder, loras, image, strength,
-                                self.checkpoints, out.resolve())
+                                self.checkpoints, out.resolve(), control, control_image, mask, control_scale,
+                                keep_unmasked)
             args = parse_args(argv, build_parser(RaisingParser))
         except USER_ERRORS as e:
             yield None, "", skip, skip, "", f"error: {one_line(e)}"
@@ -222,12 +243,22 @@ class Studio:
             if self.cancels.get(session) is cancel:
                 del self.cancels[session]
 
+    def _keep(self, path: str | None, stem: str) -> str | None:
+        """An uploaded file copied into the output folder as ``stem`` (its suffix kept): its new path."""
+        if not path:
+            return None
+        kept = self.out_dir / f"{stem}{Path(path).suffix.lower() or '.png'}"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, kept)
+        return str(kept.resolve())
+
     def _work(self, args: argparse.Namespace, cancel: threading.Event, events: queue.Queue, command_out: str):
         """Check, load and sample one request (in a thread), reporting progress and the result to ``events``."""
         try:
             with self.lock, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)
                 samplers, loras, image = check_request(args)
+                control = check_control(args)
                 pipe = self.pipeline(args, loras, image)
                 previewer, preview_note = self.load_previewer(pipe)
                 bars = ({} if image is not None and not args.prompts else {"Stage C": (0, 0)})
@@ -250,7 +281,8 @@ class Studio:
                                                 (size[0] * zoom, size[1] * zoom))
                     events.put(("progress", dict(bars), preview))
 
-                paths, images = render(args, pipe, samplers, image, callback=step, command_out=command_out)
+                paths, images = render(args, pipe, samplers, image, callback=step, command_out=command_out,
+                                       control=control)
                 notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
             status = (f"done: {len(images)} image(s) of {images.shape[-2]} x {images.shape[-1]} px, seed "
                       f"{args.seed}" + "".join(f"\n\nnote: {n}" for n in dict.fromkeys(notes + [preview_note])
@@ -292,9 +324,10 @@ class Studio:
                     with gr.Row():
                         decoder_steps = gr.Textbox(label="Decoder steps", value="", elem_id="decoder-steps",
                                                    info="empty: Stage B 12, pixel decoder 50")
-                        decoder_guidance = gr.Number(label="Decoder guidance", value=None,
-                                                     info="empty: Stage B 2, Stable Cascade 1.1, pixel decoder 3",
-                                                     elem_id="decoder-guidance")
+                        # a text field: an empty Number reads as 0 in the browser, not as "the decoder's own"
+                        decoder_guidance = gr.Textbox(label="Decoder guidance", value="",
+                                                      info="empty: Stage B 2, Stable Cascade 1.1, pixel decoder 3",
+                                                      elem_id="decoder-guidance")
                         decoder_sampler = gr.Dropdown(names, value="ddpm", label="Decoder sampler",
                                                       elem_id="decoder-sampler")
                     with gr.Row():
@@ -307,6 +340,20 @@ class Studio:
                                          image_mode=None, elem_id="image", height=150)
                         strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="img2img strength",
                                              elem_id="strength")
+                    with gr.Accordion("ControlNet: steer Stage C with a control image", open=False):
+                        with gr.Row():
+                            control = gr.Dropdown([NO_CONTROL, *CONTROLS], value=NO_CONTROL, label="ControlNet",
+                                                  elem_id="control",
+                                                  info="the shipped checkpoints/tiny/controlnet_<kind>")
+                            control_scale = gr.Number(label="Control scale", value=1.0, elem_id="control-scale")
+                            keep_unmasked = gr.Checkbox(label="inpaint: keep the unmasked part", value=False,
+                                                        elem_id="keep-unmasked")
+                        with gr.Row():
+                            control_image = gr.Image(label="Control image (canny: photo or edge map; inpaint: the "
+                                                           "image; sr: the small image)", type="filepath",
+                                                     image_mode=None, elem_id="control-image", height=150)
+                            mask = gr.Image(label="Inpaint mask (white: repaint, black: keep)", type="filepath",
+                                            image_mode=None, elem_id="mask", height=150)
                     with gr.Row():
                         run = gr.Button("Run", variant="primary", elem_id="run")
                         stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -322,7 +369,8 @@ class Studio:
                     command = gr.Textbox(label="Copy as command", elem_id="command", buttons=["copy"],
                                          interactive=False, lines=3)
             fields = [prompt, negative, seed, n, height, width, prior_steps, decoder_steps, prior_guidance,
-                      decoder_guidance, prior_sampler, decoder_sampler, decoder, loras, image, strength]
+                      decoder_guidance, prior_sampler, decoder_sampler, decoder, loras, image, strength, control,
+                      control_image, mask, control_scale, keep_unmasked]
 
             job = run.click(self.generate, fields, [preview, progress, gallery, files, command, status],
                             api_name="generate", concurrency_limit=1, concurrency_id="model",

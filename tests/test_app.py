@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 gr = pytest.importorskip("gradio", reason="the web app needs the app extra: pip install -e '.[app]'")
@@ -133,7 +134,7 @@ def page_run(page, server):
             for b in page.find_elements(By.CSS_SELECTOR, "#stage-progress .stage-bar")}
     previews = page.find_elements(By.CSS_SELECTOR, "#preview img")
     if os.environ.get("APP_SCREENSHOT"):  # the picture of the page in docs/sampling.md
-        page.set_window_size(1400, 1250)
+        page.set_window_size(1400, 1330)
         page.execute_script("window.scrollTo(0, 0)")
         time.sleep(0.5)
         page.save_screenshot(os.environ["APP_SCREENSHOT"])
@@ -155,6 +156,8 @@ def test_page_runs_a_prompt_and_its_png_carries_the_settings(page_run):
     assert (settings["prior_steps"], settings["decoder_steps"], settings["decoder"]) == (4, 2, "semantic")
     assert image.text["command"] == page_run["command"]
     assert page_run["command"].startswith("python -m sample 'red apple' --seed 7 ")
+    # the empty decoder-guidance field is the decoder's own (2 for Stage B), not 0
+    assert settings["decoder_guidance"] == 2.0 and "--decoder-guidance 2.0 " in page_run["command"]
 
 
 @pytest.mark.slow
@@ -206,7 +209,7 @@ def test_two_requests_at_once_finish_in_order_with_their_own_settings(server):
     client = Client(server[0], verbose=False)
 
     def submit(prompt, seed, height):
-        return client.submit(prompt, "", str(seed), 1, height, 64, "4", "2", 4.0, 3.0, "ddpm", "ddpm",
+        return client.submit(prompt, "", str(seed), 1, height, 64, "4", "2", 4.0, "3", "ddpm", "ddpm",
                              "Stage B + Stage A", "", None, 0.6, api_name="/generate")
 
     first = submit("red apple", 1, 64)
@@ -228,7 +231,7 @@ def test_two_requests_at_once_finish_in_order_with_their_own_settings(server):
 
 
 def test_page_fields_become_the_commands_arguments(tmp_path):
-    argv = request_argv("-minus sign", "blue", "random", 2.0, 96.0, None, "1,0.5,0", "", 4.5, 1.0, "ddim", "ddpm",
+    argv = request_argv("-minus sign", "blue", "random", 2.0, 96.0, None, "1,0.5,0", "", 4.5, " 1 ", "ddim", "ddpm",
                         "pixel decoder", "a.safetensors:0.5\n\n b.safetensors ", None, 0.6, ["--stage-c", "c.st"],
                         tmp_path / "x.png")
     seed = argv[argv.index("--seed") + 1]
@@ -242,3 +245,54 @@ def test_page_fields_become_the_commands_arguments(tmp_path):
                         [], tmp_path / "x.png")[-3:] == ["--image", "in.png", "--"]
     assert request_argv("sun", "", "0", 1, None, None, "4", "", 4, 3, "ddpm", "ddpm", "pixel decoder", "", "in.png",
                         0.6, [], tmp_path / "x.png")[-6:] == ["--image", "in.png", "--strength", "0.6", "--", "sun"]
+
+
+def test_control_fields_become_the_commands_control_options(tmp_path):
+    base = ("sun", "", "0", 1, None, None, "4", "", 4, 3, "ddpm", "ddpm", "Stage B + Stage A", "", None, 0.6, [],
+            tmp_path / "x.png")
+    assert request_argv(*base, "inpaint", "c.png", "m.png", 0.5, True)[-11:] == [
+        "--control", "inpaint", "--control-scale", "0.5", "--control-image", "c.png", "--mask", "m.png",
+        "--keep-unmasked", "--", "sun"]
+    assert request_argv(*base, "canny", "c.png", None, 1.0, False)[-6:] == [
+        "--control", "canny", "--control-image", "c.png", "--", "sun"]  # scale 1 is the default
+    # a control image without a ControlNet goes to the parser, which names the mistake
+    assert request_argv(*base, "none", "c.png", None, 1.0, False)[-4:] == ["--control-image", "c.png", "--", "sun"]
+
+
+def _final(studio, prompt, **control):
+    """The last (files, command, status) of one request run through the page's handler."""
+    fields = dict(negative="", seed="3", n=1, height=64, width=64, prior_steps="3", decoder_steps="2",
+                  prior_guidance=4.0, decoder_guidance=None, prior_sampler="ddpm", decoder_sampler="ddpm",
+                  decoder="Stage B + Stage A", loras="", image=None, strength=0.6)
+    *_, last = studio.generate(prompt, *fields.values(), **control)
+    return last[3:]
+
+
+def test_page_runs_the_controlnets_and_names_their_mistakes(tmp_path):
+    studio = Studio([], tmp_path / "out", None)
+    edges = np.zeros((64, 64, 3), np.uint8)
+    edges[16:48, 16] = edges[16:48, 47] = edges[16, 16:48] = edges[47, 16:48] = 255  # a white square outline
+    Image.fromarray(edges).save(tmp_path / "edges.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255  # repaint the right half
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+
+    files, command, status = _final(studio, "red apple", control="canny", control_image=str(tmp_path / "edges.png"))
+    assert status.startswith("done: 1 image(s) of 64 x 64"), status
+    with Image.open(files[0]) as image:
+        settings, embedded = json.loads(image.text["settings"]), image.text["command"]
+    kept = settings["control_image"]  # the upload is kept beside the result, so the command stays runnable
+    assert settings["control"] == "canny" and Path(kept).parent == (tmp_path / "out").resolve()
+    assert command == embedded and f"--control canny --control-image {kept}" in command
+
+    files, command, status = _final(studio, "blue heart", control="inpaint",
+                                    control_image=str(tmp_path / "edges.png"), mask=str(tmp_path / "mask.png"),
+                                    control_scale=0.8, keep_unmasked=True)
+    assert status.startswith("done"), status
+    assert all(part in command for part in ("--control inpaint", "--control-scale 0.8", "--mask ", "--keep-unmasked"))
+
+    *_, status = _final(studio, "sun", control="canny", control_image=str(tmp_path / "edges.png"),
+                        mask=str(tmp_path / "mask.png"))
+    assert status.startswith("error: ") and "--mask" in status and "\n" not in status
+    *_, status = _final(studio, "sun", control_image=str(tmp_path / "edges.png"))
+    assert status.startswith("error: ") and "--control and --control-image go together" in status
