@@ -347,7 +347,7 @@ def test_bad_image_requests_are_refused_before_any_model_is_loaded(bundle, image
     paths = {"IMAGE": image_file, "MISSING": tmp_path / "none.png", "FOLDER": tmp_path / "folder",
              "TEXT": tmp_path / "notes.png", "TINY": tmp_path / "tiny.png"}
     extra = [str(paths.get(e, e)) for e in extra]
-    monkeypatch.setattr(cli, "load_text_to_image", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(cli, "load_any_text_to_image", lambda *a, **k: pytest.fail("a model was loaded"))
     prompt = [] if "--no-prompt" in extra else ["sun"]
     extra = [e for e in extra if e != "--no-prompt"]
     argv = _argv(bundle, tmp_path / "x.png", *extra)[1:]  # _argv starts with the prompt
