@@ -24,8 +24,8 @@ from semantic_compressor import PAPER_INPUT_SCALE, latent_grid
 from weights.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
 from pipeline.decoders import SemanticDecoder, load_semantic_decoder, sample_stage_a_images, staged
 from weights.lora import load_loras
-from pipeline.text_to_image import (Prior, TextToImage, _cast, _with_compressor, check_same_compressor, load_pixel_text_to_image, load_prior,
-                                    load_text_to_image, split_loras)
+from pipeline.text_to_image import (Prior, TextToImage, _cast, _with_compressor, check_same_compressor,
+                                    load_pixel_text_to_image, load_prior, load_text_to_image, split_loras)
 from stages.stable_cascade import StageB3, StageC3
 from weights.loaders import load_stage_b3, load_stage_c3, load_stage_a
 from stages.stage_a import StageA

@@ -450,7 +450,8 @@ def load_pixel_text_to_image(stage_c: str | os.PathLike, pixel_decoder: str | os
     decoder = load_pixel_decoder(pixel_decoder)
     check_same_compressor(prior, stage_c, decoder.compressor_fingerprint, f"pixel decoder {pixel_decoder}",
                           "train the pixel decoder with the compressor that trained Stage C")
-    pipe = _with_compressor(TextToImage(prior, decoder), compressor, decoder.compressor_fingerprint, "the pixel decoder")
+    pipe = _with_compressor(TextToImage(prior, decoder), compressor, decoder.compressor_fingerprint,
+                            "the pixel decoder")
     return _cast(pipe, dtype).eval()
 
 

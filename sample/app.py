@@ -73,9 +73,9 @@ def number_text(value: float | str | None) -> str | None:
 def request_argv(prompt: str, negative: str, seed: str, n: float | None, height: float | None, width: float | None,
                  prior_steps: str, decoder_steps: str, prior_guidance: float | None,
                  decoder_guidance: float | str | None, prior_sampler: str, decoder_sampler: str, decoder: str,
-                 loras: str, image: str | None, strength: float | None, checkpoints: list[str], out: Path, control: str = NO_CONTROL,
-                 control_image: str | None = None, mask: str | None = None, control_scale: float | None = None,
-                 keep_unmasked: bool = False) -> list[str]:
+                 loras: str, image: str | None, strength: float | None, checkpoints: list[str], out: Path,
+                 control: str = NO_CONTROL, control_image: str | None = None, mask: str | None = None,
+                 control_scale: float | None = None, keep_unmasked: bool = False) -> list[str]:
     """The ``python -m sample`` arguments of the page's fields (checked later by the command's parser).
 
     An empty prompt with an image asks for variations of it; with a prompt and an image it is img2img
