@@ -247,12 +247,12 @@ def load_cascade_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.Pat
     b_stage = "stage_b3" if is_stage_b3(stage_b) else "stage_b"
     by_stage = split_loras(loras, ("stage_c3", b_stage), None)
     prior = load_cascade_prior(stage_c, loras=by_stage["stage_c3"])
-    same_text = read_metadata(resolve_checkpoint(stage_b)).get("text_encoder") == read_metadata(
-        resolve_checkpoint(stage_c)).get("text_encoder")
+    b_meta = read_metadata(resolve_checkpoint(stage_b))
+    same_text = b_meta.get("text_encoder") == read_metadata(resolve_checkpoint(stage_c)).get("text_encoder")
     decoder = load_any_decoder(stage_b, stage_a, prior.text_encoder if same_text else None)
     if by_stage[b_stage]:
         load_loras(decoder.stage_b, by_stage[b_stage], b_stage)
-    b_fp = read_metadata(resolve_checkpoint(stage_b)).get("compressor_fingerprint")
+    b_fp = b_meta.get("compressor_fingerprint")
     check_same_compressor(prior, stage_c, b_fp, f"Stage B {stage_b}", "use the Stage B whose compressor trained C")
     pipe = _with_compressor(TextToImage(prior, decoder), compressor, b_fp, "Stage B")
     return _cast(pipe, dtype).eval()

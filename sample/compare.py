@@ -128,9 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
     decoders: dict[str, tuple] = {}
     if not args.no_semantic:
         decoder = load_any_decoder(args.stage_b, args.stage_a)
-        check_same_compressor(prior, args.stage_c, read_metadata(resolve_checkpoint(args.stage_b)).get(
-            "compressor_fingerprint"), f"Stage B {args.stage_b}", "use the Stage B whose compressor trained C")
-        cost = training_cost(read_metadata(args.stage_b))
+        b_meta = read_metadata(resolve_checkpoint(args.stage_b))
+        check_same_compressor(prior, args.stage_c, b_meta.get("compressor_fingerprint"), f"Stage B {args.stage_b}",
+                              "use the Stage B whose compressor trained C")
+        cost = training_cost(b_meta)
         a_wall = read_metadata(args.stage_a).get("wall_time_s")
         if cost["train_wall_min"] is not None and a_wall is not None:
             cost["train_wall_min"] = round(cost["train_wall_min"] + a_wall / 60, 1)

@@ -41,6 +41,11 @@ PRIOR = ("train fit --config stage_c/sc_tiny.yaml --trainer.default_root_dir {ou
          "--model.init_args.compressor {out}/stage_b/grid8" + BALANCED)
 V_PRIOR = PRIOR + " --model.init_args.size '{\"preset\": \"tiny\", \"prediction\": \"v\"}'"
 
+
+def pooled(*names: str) -> str:
+    """The prior-sample files ``{out}/prior_samples_<name>.safetensors`` as one pooled list argument."""
+    return "'[" + ", ".join(f"{{out}}/prior_samples_{name}.safetensors" for name in names) + "]'"
+
 # (phase, minutes measured on 2 CPU cores, python -m <arguments>); {out} is --out, --config is under configs/
 PHASES = [
     ("Stage A", 7.1, "train fit --config stage_a/tiny.yaml --trainer.default_root_dir {out}/stage_a"),
@@ -90,19 +95,18 @@ PHASES = [
      "--seed 2000"),
     ("Stage B on all four samples per caption, 4,000 steps at lr 2.5e-4", 54.1,
      REFINE + " --run_name prior5 --model.init_args.init_from {out}/stage_b_refine/prior4 "
-     "--model.init_args.prior_samples '[{out}/prior_samples_v3.safetensors, {out}/prior_samples_v3_seed2000.safetensors]' "
+     "--model.init_args.prior_samples " + pooled("v3", "v3_seed2000") + " "
      "--optimizer.init_args.lr 2.5e-4 --trainer.max_steps 4000 --trainer.val_check_interval 1000"),
     ("Stage B on the same four samples per caption, 4,000 steps at lr 1.5e-4", 58.6,
      REFINE + " --run_name prior6 --model.init_args.init_from {out}/stage_b_refine/prior5 "
-     "--model.init_args.prior_samples '[{out}/prior_samples_v3.safetensors, {out}/prior_samples_v3_seed2000.safetensors]' "
+     "--model.init_args.prior_samples " + pooled("v3", "v3_seed2000") + " "
      "--optimizer.init_args.lr 1.5e-4 --trainer.max_steps 4000 --trainer.val_check_interval 1000"),
     ("two more samples per training caption, a third seed", 31.0,
      "train.prior_samples --stage-c {out}/stage_c3/v3 --out {out}/prior_samples_v3_seed3000.safetensors --samples 2 "
      "--seed 3000"),
     ("Stage B on all six samples per caption, 4,000 steps at lr 2.5e-4", 48.3,
      REFINE + " --run_name prior7 --model.init_args.init_from {out}/stage_b_refine/prior6 "
-     "--model.init_args.prior_samples '[{out}/prior_samples_v3.safetensors, {out}/prior_samples_v3_seed2000.safetensors, "
-     "{out}/prior_samples_v3_seed3000.safetensors]' "
+     "--model.init_args.prior_samples " + pooled("v3", "v3_seed2000", "v3_seed3000") + " "
      "--optimizer.init_args.lr 2.5e-4 --trainer.max_steps 4000 --trainer.val_check_interval 1000"),
 ]
 BUNDLE = ("--stage-a {out}/stage_a/tiny --stage-b {out}/stage_b_refine/prior7 --compressor {out}/stage_b/grid8 "
