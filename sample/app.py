@@ -71,11 +71,11 @@ def number_text(value: float | str | None) -> str | None:
 
 
 def request_argv(prompt: str, negative: str, seed: str, n: float | None, height: float | None, width: float | None,
-                 prior_steps: str, decoder_steps: str, prior_guidance: float | None,
+                 prior_steps: str, decoder_steps: str, prior_guidance: float | str | None,
                  decoder_guidance: float | str | None, prior_sampler: str, decoder_sampler: str, decoder: str,
                  loras: str, image: str | None, strength: float | None, checkpoints: list[str], out: Path,
                  control: str = NO_CONTROL, control_image: str | None = None, mask: str | None = None,
-                 control_scale: float | None = None, keep_unmasked: bool = False) -> list[str]:
+                 control_scale: float | str | None = None, keep_unmasked: bool = False) -> list[str]:
     """The ``python -m sample`` arguments of the page's fields (checked later by the command's parser).
 
     An empty prompt with an image asks for variations of it; with a prompt and an image it is img2img
@@ -196,10 +196,10 @@ class Studio:
         return "cancelled"
 
     def generate(self, prompt: str, negative: str, seed: str, n: float | None, height: float | None,
-                 width: float | None, prior_steps: str, decoder_steps: str, prior_guidance: float | None,
+                 width: float | None, prior_steps: str, decoder_steps: str, prior_guidance: float | str | None,
                  decoder_guidance: float | str | None, prior_sampler: str, decoder_sampler: str, decoder: str,
                  loras: str, image: str | None, strength: float | None, control: str = NO_CONTROL,
-                 control_image: str | None = None, mask: str | None = None, control_scale: float | None = None,
+                 control_image: str | None = None, mask: str | None = None, control_scale: float | str | None = None,
                  keep_unmasked: bool = False, request: "gr.Request" = None) -> Iterator[tuple]:
         """(preview, progress, gallery, files, command, status) updates while the request runs."""
         skip, session = gr.skip(), request.session_hash if request is not None else ""
@@ -316,15 +316,18 @@ class Studio:
                         width = gr.Number(label="Width (px)", value=128, elem_id="width")
                     size_note = gr.Markdown(self.size_note(128, 128, "Stage B + Stage A"), elem_id="size-note")
                     with gr.Row():
-                        prior_steps = gr.Textbox(label="Stage C steps", value="60", elem_id="prior-steps",
-                                                 info="a count, times 1,0.5,0 or wuerstchen_prior")
-                        prior_guidance = gr.Number(label="Stage C guidance", value=4.0, elem_id="prior-guidance")
+                        prior_steps = gr.Textbox(label="Stage C steps", value="", elem_id="prior-steps",
+                                                 info="a count, times 1,0.5,0 or wuerstchen_prior; empty: "
+                                                      "Würstchen 60, Stable Cascade 20")
+                        # guidance and control scale are text fields: an empty Number reads as 0 in the browser,
+                        # not as the command's default
+                        prior_guidance = gr.Textbox(label="Stage C guidance", value="4", info="empty: 4",
+                                                    elem_id="prior-guidance")
                         prior_sampler = gr.Dropdown(names, value="ddpm", label="Stage C sampler",
                                                     elem_id="prior-sampler")
                     with gr.Row():
                         decoder_steps = gr.Textbox(label="Decoder steps", value="", elem_id="decoder-steps",
                                                    info="empty: Stage B 12, pixel decoder 50")
-                        # a text field: an empty Number reads as 0 in the browser, not as "the decoder's own"
                         decoder_guidance = gr.Textbox(label="Decoder guidance", value="",
                                                       info="empty: Stage B 2, Stable Cascade 1.1, pixel decoder 3",
                                                       elem_id="decoder-guidance")
@@ -345,7 +348,8 @@ class Studio:
                             control = gr.Dropdown([NO_CONTROL, *CONTROLS], value=NO_CONTROL, label="ControlNet",
                                                   elem_id="control",
                                                   info="the shipped checkpoints/tiny/controlnet_<kind>")
-                            control_scale = gr.Number(label="Control scale", value=1.0, elem_id="control-scale")
+                            control_scale = gr.Textbox(label="Control scale", value="1", info="empty: 1",
+                                                       elem_id="control-scale")
                             keep_unmasked = gr.Checkbox(label="inpaint: keep the unmasked part", value=False,
                                                         elem_id="keep-unmasked")
                         with gr.Row():

@@ -209,7 +209,7 @@ def test_two_requests_at_once_finish_in_order_with_their_own_settings(server):
     client = Client(server[0], verbose=False)
 
     def submit(prompt, seed, height):
-        return client.submit(prompt, "", str(seed), 1, height, 64, "4", "2", 4.0, "3", "ddpm", "ddpm",
+        return client.submit(prompt, "", str(seed), 1, height, 64, "4", "2", "4", "3", "ddpm", "ddpm",
                              "Stage B + Stage A", "", None, 0.6, api_name="/generate")
 
     first = submit("red apple", 1, 64)
@@ -255,6 +255,13 @@ def test_control_fields_become_the_commands_control_options(tmp_path):
         "--keep-unmasked", "--", "sun"]
     assert request_argv(*base, "canny", "c.png", None, 1.0, False)[-6:] == [
         "--control", "canny", "--control-image", "c.png", "--", "sun"]  # scale 1 is the default
+    # the page's text fields: an empty scale or guidance is the command's default, not 0
+    assert request_argv(*base, "canny", "c.png", None, " ", False)[-6:] == [
+        "--control", "canny", "--control-image", "c.png", "--", "sun"]
+    assert "--control-scale 0.5" in " ".join(request_argv(*base, "canny", "c.png", None, "0.5", False))
+    no_guidance = list(base)
+    no_guidance[8] = ""
+    assert "--prior-guidance" not in request_argv(*no_guidance)
     # a control image without a ControlNet goes to the parser, which names the mistake
     assert request_argv(*base, "none", "c.png", None, 1.0, False)[-4:] == ["--control-image", "c.png", "--", "sun"]
 
@@ -296,3 +303,17 @@ def test_page_runs_the_controlnets_and_names_their_mistakes(tmp_path):
     assert status.startswith("error: ") and "--mask" in status and "\n" not in status
     *_, status = _final(studio, "sun", control_image=str(tmp_path / "edges.png"))
     assert status.startswith("error: ") and "--control and --control-image go together" in status
+
+
+
+
+@pytest.mark.slow
+def test_a_cleared_guidance_field_means_the_commands_default(page_run):
+    """Guidance is a text field: a cleared Number would reach the command as guidance 0 (unconditional)."""
+    page = page_run["page"]
+    _type(page, "prior-guidance", "")
+    _click(page, "run")
+    _status(page, "done")
+    command = _field(page, "command").get_attribute("value")
+    assert "--prior-guidance 4.0 " in command, command
+    _type(page, "prior-guidance", "4")
