@@ -1,5 +1,5 @@
 """Retrain the shipped tiny checkpoints from scratch on the embedded data (``PHASES``: the 8x8-grid chain, a v-head
-Stable Cascade prior and a Stage B trained on that prior's samples), bundle them and sample a grid: about 19 hours
+Stable Cascade prior and a Stage B trained on that prior's samples), bundle them and sample a grid: about 20 hours
 on 2 CPU cores, the sum of the phases' measured times. Most phases continue the previous one's export and several
 stop early on a longer cosine schedule, so fewer steps train other weights, not the same ones sooner. ``--quick``
 (45.5 minutes on 2 CPU cores, ``QUICK``) reproduces the paper's grid recipe of the earlier shipped set before
@@ -112,8 +112,15 @@ PHASES = [
      REFINE + " --run_name prior8 --model.init_args.init_from {out}/stage_b_refine/prior7 "
      "--model.init_args.prior_samples " + pooled("v3", "v3_seed2000", "v3_seed3000") + " "
      "--optimizer.init_args.lr 1.5e-4 --trainer.max_steps 4000 --trainer.val_check_interval 1000"),
+    ("two more samples per training caption, a fourth seed", 29.5,
+     "train.prior_samples --stage-c {out}/stage_c3/v3 --out {out}/prior_samples_v3_seed4000.safetensors --samples 2 "
+     "--seed 4000"),
+    ("Stage B on all eight samples per caption, 4,000 steps at lr 2.5e-4", 51.1,
+     REFINE + " --run_name prior9 --model.init_args.init_from {out}/stage_b_refine/prior8 "
+     "--model.init_args.prior_samples " + pooled("v3", "v3_seed2000", "v3_seed3000", "v3_seed4000") + " "
+     "--optimizer.init_args.lr 2.5e-4 --trainer.max_steps 4000 --trainer.val_check_interval 1000"),
 ]
-BUNDLE = ("--stage-a {out}/stage_a/tiny --stage-b {out}/stage_b_refine/prior8 --compressor {out}/stage_b/grid8 "
+BUNDLE = ("--stage-a {out}/stage_a/tiny --stage-b {out}/stage_b_refine/prior9 --compressor {out}/stage_b/grid8 "
           "--stage-c {out}/stage_c3/v3")
 
 QUICK = [  # the paper's 3x3 grid: compressor fine-tuned with Stage B, Stage C on it

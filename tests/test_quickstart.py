@@ -37,11 +37,11 @@ def test_full_recipe_chains_its_phases(tmp_path, monkeypatch):
     shard.touch()
     commands = _commands(monkeypatch, ["--out", str(out), "--max-steps", "3", "--train", str(shard)])
     fits = [cmd for cmd in commands if cmd[:2] == ["train", "fit"]]
-    assert len(fits) == 17 and all(cmd[-4:] == ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3"]
+    assert len(fits) == 18 and all(cmd[-4:] == ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3"]
                                    for cmd in fits)
     assert all(cmd[cmd.index("--data.init_args.train") + 1] == str(shard) for cmd in fits)
-    prior, prior2, prior3, prior4 = [cmd for cmd in commands if cmd[0] == "train.prior_samples"]
-    for samples in (prior, prior2, prior3, prior4):  # the same captions as the Stage B that reads them
+    prior, prior2, prior3, prior4, prior5 = [cmd for cmd in commands if cmd[0] == "train.prior_samples"]
+    for samples in (prior, prior2, prior3, prior4, prior5):  # the same captions as the Stage B that reads them
         assert samples[-4:] == ["--train", str(shard), "--steps", "3"]
     runs = [f"{cmd[cmd.index('--trainer.default_root_dir') + 1]}/{cmd[cmd.index('--run_name') + 1]}"
             for cmd in fits[1:]]  # each phase continues a run made before it
@@ -51,13 +51,14 @@ def test_full_recipe_chains_its_phases(tmp_path, monkeypatch):
                 assert cmd[cmd.index(flag) + 1] in runs[:i]
     assert prior[1:5] == ["--stage-c", f"{out}/stage_c3/v2", "--out", f"{out}/prior_samples.safetensors"]
     assert prior2[1:5] == ["--stage-c", f"{out}/stage_c3/v3", "--out", f"{out}/prior_samples_v3.safetensors"]
-    for fit, samples in ((fits[-8], prior), (fits[-7], prior2), (fits[-6], prior2), (fits[-5], prior2),
-                         (fits[-4], prior2), (fits[-4], prior3), (fits[-3], prior2), (fits[-3], prior3),
+    for fit, samples in ((fits[-9], prior), (fits[-8], prior2), (fits[-7], prior2), (fits[-6], prior2),
+                         (fits[-5], prior2), (fits[-5], prior3), (fits[-4], prior2), (fits[-4], prior3),
+                         (fits[-3], prior2), (fits[-3], prior3), (fits[-3], prior4),
                          (fits[-2], prior2), (fits[-2], prior3), (fits[-2], prior4),
-                         (fits[-1], prior2), (fits[-1], prior3), (fits[-1], prior4)):
+                         (fits[-1], prior2), (fits[-1], prior3), (fits[-1], prior4), (fits[-1], prior5)):
         assert samples[2] in runs and samples[4] in fit[fit.index("--model.init_args.prior_samples") + 1]
     assert fits[1][fits[1].index("--lr_scheduler.init_args.total_steps") + 1] == "6000"
-    assert 18.5 < sum(minutes for _, minutes, _ in quickstart.PHASES) / 60 < 19.5  # the docstring's "about 19 hours"
+    assert 19.5 < sum(minutes for _, minutes, _ in quickstart.PHASES) / 60 < 20.5  # the docstring's "about 20 hours"
 
 
 def test_refusals_come_before_any_phase(tmp_path, monkeypatch):
@@ -94,7 +95,7 @@ def test_full_recipe_smoke(tmp_path, openmoji_dir):
     card = json.loads((out / "checkpoints" / "model_card.json").read_text())
     stages = card["stages"]
     assert stages["stage_c"]["stage"] == "stage_c3" and stages["stage_c"]["chain_steps"] == 8  # 4 Stage C phases
-    assert stages["stage_b"]["chain_steps"] == 24  # 12 Stage B phases, the last eight on the prior's samples
+    assert stages["stage_b"]["chain_steps"] == 26  # 13 Stage B phases, the last nine on the prior's samples
     assert stages["compressor"]["source"] == str((out / "stage_b/grid8/version_0/compressor.safetensors").resolve())
     assert read_metadata(out / "prior_samples.safetensors")["steps"] == 2
     assert (out / "grid.png").exists()  # python -m sample read the bundle
