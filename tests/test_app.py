@@ -305,8 +305,6 @@ def test_page_runs_the_controlnets_and_names_their_mistakes(tmp_path):
     assert status.startswith("error: ") and "--control and --control-image go together" in status
 
 
-
-
 @pytest.mark.slow
 def test_a_cleared_guidance_field_means_the_commands_default(page_run):
     """Guidance is a text field: a cleared Number would reach the command as guidance 0 (unconditional)."""
