@@ -24,7 +24,7 @@ from semantic_compressor import PAPER_INPUT_SCALE, latent_grid
 from weights.checkpoint import fingerprint, read_metadata, recorded_path, resolve_checkpoint
 from pipeline.decoders import SemanticDecoder, load_semantic_decoder, sample_stage_a_images, staged
 from weights.lora import load_loras
-from pipeline.text_to_image import (Prior, TextToImage, _cast, _with_compressor, check_same_compressor,
+from pipeline.text_to_image import (Prior, TextToImage, _cast, _with_compressor, check_stage_b_fits,
                                     load_pixel_text_to_image, load_prior, load_text_to_image, split_loras)
 from stages.stable_cascade import StageB3, StageC3
 from weights.loaders import load_stage_b3, load_stage_c3, load_stage_a
@@ -253,6 +253,6 @@ def load_cascade_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.Pat
     if by_stage[b_stage]:
         load_loras(decoder.stage_b, by_stage[b_stage], b_stage)
     b_fp = b_meta.get("compressor_fingerprint")
-    check_same_compressor(prior, stage_c, b_fp, f"Stage B {stage_b}", "use the Stage B whose compressor trained C")
+    check_stage_b_fits(prior, stage_c, stage_b, b_fp)
     pipe = _with_compressor(TextToImage(prior, decoder), compressor, b_fp, "Stage B")
     return _cast(pipe, dtype).eval()

@@ -369,6 +369,12 @@ def check_same_compressor(prior: Prior, stage_c: str | os.PathLike, decoder_fing
                          f"{decoder} was trained with ({decoder_fingerprint}); {fix}")
 
 
+def check_stage_b_fits(prior: Prior, stage_c: str | os.PathLike, stage_b: str | os.PathLike,
+                       b_fingerprint: str | None) -> None:
+    """``check_same_compressor`` for a Stage B (its recorded compressor fingerprint ``b_fingerprint``)."""
+    check_same_compressor(prior, stage_c, b_fingerprint, f"Stage B {stage_b}", "use the Stage B whose compressor trained C")
+
+
 def _with_compressor(pipe: TextToImage, compressor: str | os.PathLike | SemanticCompressor | None,
                      decoder_fingerprint: str | None, decoder_name: str) -> TextToImage:
     """Attach the compressor, refusing one other than the compressor Stage C and the decoder were trained on."""
@@ -429,7 +435,7 @@ def load_text_to_image(stage_c: str | os.PathLike, stage_b: str | os.PathLike,
     if by_stage["stage_b"]:
         load_loras(decoder.stage_b, by_stage["stage_b"], "stage_b")
     b_fp = read_metadata(stage_b).get("compressor_fingerprint")
-    check_same_compressor(prior, stage_c, b_fp, f"Stage B {stage_b}", "use the Stage B whose compressor trained C")
+    check_stage_b_fits(prior, stage_c, stage_b, b_fp)
     pipe = _with_compressor(TextToImage(prior, decoder), compressor, b_fp, "Stage B")
     return _cast(pipe, dtype).eval()
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from sample.__main__ import SHIPPED, fill_sampling_defaults
 from sample.evaluate import ValScorer, add_common_arguments, compressor_beside, write_outputs
 from pipeline.cascade import load_any_decoder, load_any_prior
-from pipeline.text_to_image import check_same_compressor, load_pixel_text_to_image, sampler_options
+from pipeline.text_to_image import check_stage_b_fits, load_pixel_text_to_image, sampler_options
 from weights.loaders import load_compressor
 from weights.checkpoint import fingerprint, read_metadata, resolve_checkpoint
 from common.cli import check_output, positive_int, shown
@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_semantic:
         decoder = load_any_decoder(args.stage_b, args.stage_a)
         b_meta = read_metadata(resolve_checkpoint(args.stage_b))
-        check_same_compressor(prior, args.stage_c, b_meta.get("compressor_fingerprint"), f"Stage B {args.stage_b}",
-                              "use the Stage B whose compressor trained C")
+        check_stage_b_fits(prior, args.stage_c, args.stage_b, b_meta.get("compressor_fingerprint"))
         cost = training_cost(b_meta)
         a_wall = read_metadata(args.stage_a).get("wall_time_s")
         if cost["train_wall_min"] is not None and a_wall is not None:
