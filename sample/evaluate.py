@@ -9,6 +9,9 @@ For each of the 185 val captions one image is generated (fixed seed). Prints JSO
   with captions shuffled (each image scored against another image's caption) gives chance level.
 * ``from_true_latents``: the same scores for the decoder alone, rendering each val image from its
   own compressor latents (no Stage C): the best the text-to-image scores can get with this decoder.
+* ``nearest_training_image``: each real image replaced by the training image of another caption whose
+  compressor latents are nearest (cosine): what a decoder that only recalled its training set would score, the
+  bar ``from_true_latents`` must clear to show that the decoder renders latents it has not seen.
 * ``stage_c_latent_retrieval``: Stage C alone, before any decoder: is the emoji of the caption among
   the 5 emoji whose compressor latents are nearest (cosine) to the latents Stage C sampled for it? And the
   mean cosine of those latents to the caption's own emoji's latents.
@@ -24,8 +27,8 @@ For each of the 185 val captions one image is generated (fixed seed). Prints JSO
 ``--baseline-ldm PATH`` scores the single-stage baseline (text -> U-Net -> Stage A) in place of the cascade,
 with the same prompts, seeds and scores (no Stage C latents, no decoder ceiling). ``--previewer PATH`` adds
 ``previewer``: the scores of Stage C's latents rendered by the previewer, no Stage B (paper App. D: how much
-of the prompt Stage C has fixed before any decoder). ``--skip-ceilings`` leaves out ``from_true_latents`` and
-``stage_a_alone`` (they do not depend on Stage C: score them once). ``--noised-latents 0.2,0.5`` adds
+of the prompt Stage C has fixed before any decoder). ``--skip-ceilings`` leaves out ``from_true_latents``,
+``nearest_training_image`` and ``stage_a_alone`` (they do not depend on Stage C: score them once). ``--noised-latents 0.2,0.5`` adds
 ``from_noised_latents``: the decoder's scores from the true latents noised to each time t of the cosine schedule,
 with their mean cosine to the true ones: how close to the true latents Stage C's must come for the decoder to
 draw the emoji.
@@ -212,6 +215,22 @@ def latent_scores(latents: torch.Tensor, scorer: ValScorer, compressor: torch.nn
     return {"top5_own_caption": top5(scorer.captions), "top5_shuffled_captions": top5(scorer.shuffled)}
 
 
+@torch.no_grad()
+def nearest_training_images(latents: torch.Tensor, captions: list[str], compressor: torch.nn.Module,
+                            args: argparse.Namespace) -> torch.Tensor | None:
+    """For each of ``latents`` (one per caption) the training image of another caption whose compressor latents
+    are nearest (cosine); None when the gallery (``--gallery-limit``) holds no training image."""
+    known = latent_gallery(args.data_dir, compressor, args.size, args.batch_size, args.gallery_limit)
+    n_val = len(openmoji_split(args.data_dir, "val", args.size, args.gallery_limit))  # the gallery: val, then train
+    if len(known) <= n_val:
+        return None
+    train = openmoji_split(args.data_dir, "train", args.size, len(known) - n_val)
+    sims = F.normalize(latents.flatten(1), dim=1) @ F.normalize(known[n_val:], dim=1).T
+    own = torch.tensor([[caption == s["caption"] for s in train] for caption in captions])
+    nearest = sims.masked_fill(own, -float("inf")).argmax(dim=1)
+    return torch.stack([train[j]["image"] for j in nearest.tolist()])
+
+
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean cosine similarity of paired latents (flattened)."""
     return round(F.cosine_similarity(a.flatten(1), b.flatten(1)).mean().item(), 4)
@@ -274,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--draws", type=positive_int, default=1,
                     help="end-to-end images per caption, each scored by top-5 (mean and per draw; default 1)")
     ap.add_argument("--skip-ceilings", action="store_true",
-                    help="leave out the decoder's and Stage A's ceilings (from_true_latents, stage_a_alone)")
+                    help="leave out the decoder's and Stage A's ceilings (from_true_latents, nearest_training_image, "
+                         "stage_a_alone)")
     ap.add_argument("--out", default=None, help="also write the JSON here (never overwrites)")
     args = parse_evaluation_arguments(ap, argv)
     if args.previewer is not None and (args.stage_c == "none" or args.baseline_ldm is not None):
@@ -362,6 +382,9 @@ def score_prompt_set(pipe, decoder, compressor: torch.nn.Module, stage_a: StageA
         scores["draws"] = more_draws(pipe, scorer, decoder_steps, samplers, args, scores["top5_retrieval_own_caption"])
     if ceilings:
         scores["from_true_latents"] = scorer(torch.cat(decoded), "images decoded from their own latents")
+        recalled = nearest_training_images(true_latents, captions, compressor, args)
+        if recalled is not None:
+            scores["nearest_training_image"] = scorer(recalled, "nearest training images by compressor latents")
     if noised:
         scores["from_noised_latents"] = {}
         for t, parts in noised.items():

@@ -1,4 +1,5 @@
 """The C -> B -> A sampler: CLI outputs, reproducibility, sizes, and clear errors for bad input."""
+import argparse
 import json
 
 import pytest
@@ -6,10 +7,11 @@ import torch
 
 import sample.evaluate as evaluate_module
 from common.errors import run_command
+from imagedata.embedded import openmoji_split
 from pipeline.text_to_image import load_text_to_image
 from sample.__main__ import main
 from sample.compare import main as compare
-from sample.evaluate import ValScorer, latent_gallery, top5_hits, whole_set, without_skin_tone
+from sample.evaluate import ValScorer, latent_gallery, nearest_training_images, top5_hits, whole_set, without_skin_tone
 from sample.evaluate import main as evaluate
 from sample.sweep import main as sweep
 from stages.pixel_decoder import ShallowUViT, grow, growth_plan
@@ -227,6 +229,23 @@ def test_latent_gallery_follows_the_inception_gallery_order_and_is_cached(bundle
     assert cache.is_file()  # the next evaluation with this compressor reads it instead of encoding the set
     monkeypatch.setattr(evaluate_module, "whole_set", None)
     assert torch.equal(latent_gallery(str(openmoji_dir), compressor, 64, batch_size=4, limit=6), latents)
+
+
+def test_nearest_training_image_is_the_nearest_of_another_caption_by_compressor_latents(bundle, openmoji_dir):
+    compressor = load_compressor(bundle / "compressor.safetensors")
+    args = argparse.Namespace(data_dir=str(openmoji_dir), size=64, batch_size=8, gallery_limit=190)  # 185 val, 5 train
+    train = openmoji_split(str(openmoji_dir), "train", 64, limit=5)
+    images = torch.stack([s["image"] for s in train])
+    with torch.no_grad():
+        latents = compressor(images)
+    # captions the training set lacks: each training image's own latents recall that very image
+    assert torch.equal(nearest_training_images(latents, ["no such emoji"] * 5, compressor, args), images)
+    # their own captions: the image itself is never recalled, another training image is
+    recalled = nearest_training_images(latents, [s["caption"] for s in train], compressor, args)
+    assert recalled.shape == images.shape and not any(torch.equal(r, i) for r, i in zip(recalled, images))
+    assert all(any(torch.equal(r, i) for i in images) for r in recalled)
+    args.gallery_limit = 20  # val images only: nothing to recall
+    assert nearest_training_images(latents, ["no such emoji"] * 5, compressor, args) is None
 
 
 def test_top5_hits_counts_the_target_among_the_five_nearest():

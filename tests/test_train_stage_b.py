@@ -172,5 +172,10 @@ def test_refine_continues_with_the_frozen_compressor_on_cached_latents(openmoji_
     with pytest.raises(ValueError, match="another size"):
         StageBTraining(size=dict(TINY_B, c_cond=8), stage_a=str(stage_a_file), compressor=str(first),
                        init_from=str(first), val_fid=False)
+    # dropout changes no weight: a run may continue an export with another (regularising a trained decoder)
+    dropped = StageBTraining(size=dict(TINY_B, dropout=0.2), stage_a=str(stage_a_file), compressor=str(first),
+                             init_from=str(first), val_fid=False)
+    assert dropped.model.config.dropout == 0.2
+    assert all(torch.equal(p, q) for p, q in zip(dropped.model.parameters(), before.parameters()))
     with pytest.raises(ValueError, match="another semantic compressor"):  # a fresh compressor is not the one it used
         StageBTraining(size=TINY_B, stage_a=str(stage_a_file), init_from=str(first), val_fid=False)

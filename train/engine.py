@@ -76,11 +76,13 @@ def initial_weights(init_from: str, stage: str, checks: dict[str, tuple[str, str
     return state, config, {**meta, "path": str(path)}
 
 
-def same_but_head(stored, config):
-    """``stored`` with ``config``'s head (``prediction``), where both configs have one."""
-    if hasattr(stored, "prediction") and hasattr(config, "prediction"):
-        return replace(stored, prediction=config.prediction)
-    return stored
+# config fields an init_from export may differ in: they change no weight's shape (another head relearns)
+WEIGHTLESS_FIELDS = ("prediction", "dropout", "activation_checkpointing")
+
+
+def with_weightless_fields(stored, config):
+    """``stored`` with ``config``'s values of ``WEIGHTLESS_FIELDS`` (those both configs have)."""
+    return replace(stored, **{f: getattr(config, f) for f in WEIGHTLESS_FIELDS if hasattr(stored, f) and hasattr(config, f)})
 
 
 def training_cost(meta: dict) -> dict:
@@ -405,12 +407,13 @@ class DiffusionTraining(StageTraining):
         """Load ``init_from`` (an export or run of this stage) into ``model``; refused when it was trained on other
         frozen inputs (``checks``, as for ``initial_weights``), at another size (``config_of(stored) != config``)
         or with other ``settings`` (``{metadata key: this run's value}``). Another head (``prediction``, e.g.
-        eps -> v) is allowed where its weights have the same shapes: the network carries over, the head relearns."""
+        eps -> v) is allowed where its weights have the same shapes: the network carries over, the head relearns;
+        so are another dropout and activation checkpointing (``WEIGHTLESS_FIELDS``)."""
         self.init_cost: dict = {}
         if not init_from:
             return
         state, stored, meta = initial_weights(init_from, self.stage, checks)
-        if stored is not None and same_but_head(config_of(stored), self.model.config) != self.model.config:
+        if stored is not None and with_weightless_fields(config_of(stored), self.model.config) != self.model.config:
             raise ValueError(f"{meta['path']} is a {self.title} of another size ({stored}); set size to match it")
         for key, ours in (settings or {}).items():
             if key in meta and meta[key] != ours:
