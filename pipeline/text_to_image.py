@@ -372,7 +372,8 @@ def check_same_compressor(prior: Prior, stage_c: str | os.PathLike, decoder_fing
 def check_stage_b_fits(prior: Prior, stage_c: str | os.PathLike, stage_b: str | os.PathLike,
                        b_fingerprint: str | None) -> None:
     """``check_same_compressor`` for a Stage B (its recorded compressor fingerprint ``b_fingerprint``)."""
-    check_same_compressor(prior, stage_c, b_fingerprint, f"Stage B {stage_b}", "use the Stage B whose compressor trained C")
+    check_same_compressor(prior, stage_c, b_fingerprint, f"Stage B {stage_b}",
+                          "use the Stage B whose compressor trained C")
 
 
 def _with_compressor(pipe: TextToImage, compressor: str | os.PathLike | SemanticCompressor | None,

@@ -28,10 +28,10 @@ For each of the 185 val captions one image is generated (fixed seed). Prints JSO
 with the same prompts, seeds and scores (no Stage C latents, no decoder ceiling). ``--previewer PATH`` adds
 ``previewer``: the scores of Stage C's latents rendered by the previewer, no Stage B (paper App. D: how much
 of the prompt Stage C has fixed before any decoder). ``--skip-ceilings`` leaves out ``from_true_latents``,
-``nearest_training_image`` and ``stage_a_alone`` (they do not depend on Stage C: score them once). ``--noised-latents 0.2,0.5`` adds
-``from_noised_latents``: the decoder's scores from the true latents noised to each time t of the cosine schedule,
-with their mean cosine to the true ones: how close to the true latents Stage C's must come for the decoder to
-draw the emoji.
+``nearest_training_image`` and ``stage_a_alone`` (they do not depend on Stage C: score them once).
+``--noised-latents 0.2,0.5`` adds ``from_noised_latents``: the decoder's scores from the true latents noised to
+each time t of the cosine schedule, with their mean cosine to the true ones: how close to the true latents Stage C's
+must come for the decoder to draw the emoji.
 """
 from __future__ import annotations
 

@@ -82,7 +82,8 @@ WEIGHTLESS_FIELDS = ("prediction", "dropout", "activation_checkpointing")
 
 def with_weightless_fields(stored, config):
     """``stored`` with ``config``'s values of ``WEIGHTLESS_FIELDS`` (those both configs have)."""
-    return replace(stored, **{f: getattr(config, f) for f in WEIGHTLESS_FIELDS if hasattr(stored, f) and hasattr(config, f)})
+    shared = [f for f in WEIGHTLESS_FIELDS if hasattr(stored, f) and hasattr(config, f)]
+    return replace(stored, **{f: getattr(config, f) for f in shared})
 
 
 def training_cost(meta: dict) -> dict:
