@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Container
 from pathlib import Path
 
 import numpy as np
@@ -134,9 +135,10 @@ def openmoji_shards(data_dir: str | os.PathLike, split: str, build: bool = True)
 
 
 def openmoji_split(data_dir: str | os.PathLike, split: str, size: int = 128,
-                   limit: int | None = None) -> list[dict]:
+                   limit: int | None = None, captions: Container[str] | None = None) -> list[dict]:
     """The ``{"image", "caption", "key"}`` samples of a split in shard order (centre-cropped to ``size``),
-    for evaluation; training streams the shards through ``train.data``."""
+    for evaluation; training streams the shards through ``train.data``. ``captions``: only the samples with
+    these captions (the others are not decoded)."""
     shards, _ = openmoji_shards(data_dir, split)
     samples: list[dict] = []
     for shard in shards:
@@ -148,8 +150,9 @@ def openmoji_split(data_dir: str | os.PathLike, split: str, size: int = 128,
         for key, files in members.items():
             if limit is not None and len(samples) >= limit:
                 return samples
-            image = resize_crop(decode_image(files["png"]), size)
-            samples.append({"image": image, "caption": files["txt"].decode("utf-8").strip(), "key": key})
+            caption = files["txt"].decode("utf-8").strip()
+            if captions is None or caption in captions:
+                samples.append({"image": resize_crop(decode_image(files["png"]), size), "caption": caption, "key": key})
     return samples
 
 

@@ -22,6 +22,8 @@ For each of the 185 val captions one image is generated (fixed seed). Prints JSO
   (``without_skin_tone``): whether an image misses the emoji or only its skin tone.
 * ``everyday``: the same scores (but FID, which 48 images cannot estimate) for ``EVERYDAY``, 48
   training captions of food, animals, vehicles, weather and symbols: what a new user types first.
+* ``people`` (only when asked for in ``--prompt-sets``): the same for ``PEOPLE`` training captions with a skin
+  tone, drawn with a fixed seed: how well the models render the people they were trained on.
 
 ``--decoder pixel --pixel-decoder PATH`` scores the greedy-grown pixel decoder in place of B + A.
 ``--baseline-ldm PATH`` scores the single-stage baseline (text -> U-Net -> Stage A) in place of the cascade,
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import random
 import re
 from pathlib import Path
 
@@ -56,7 +59,7 @@ from weights.checkpoint import fingerprint, resolve_checkpoint
 from common.cli import at_least, comma_list, diffusion_times, positive_int, shown, emit
 from common.errors import run_command
 from common.files import write_atomic, write_json, write_text
-from imagedata.embedded import openmoji_split
+from imagedata.embedded import emoji_captions, openmoji_shards, openmoji_split, split_of
 from common.metrics import InceptionFeatures, fid_metric
 from stages.stage_a import StageA
 
@@ -71,7 +74,9 @@ EVERYDAY = (
     "sun", "cloud", "cloud with rain", "snowflake", "snowman", "rainbow", "fire", "umbrella",  # weather
     "red heart", "blue heart", "star", "key", "guitar", "trophy", "house", "wrapped gift",  # symbols, objects
 )
-PROMPT_SETS = ("val", "everyday")
+PEOPLE = 64  # training captions with a skin tone in the ``people`` prompt set (seeded choice)
+PROMPT_SETS = ("val", "everyday", "people")
+DEFAULT_PROMPT_SETS = ("val", "everyday")
 SKIN_TONE = re.compile(r"\b(?:medium-light|medium-dark|light|medium|dark) skin tone\b")
 
 
@@ -80,17 +85,25 @@ def without_skin_tone(caption: str) -> str:
     return " ".join(SKIN_TONE.sub(" ", caption).split())
 
 
+def people_captions() -> list[str]:
+    """``PEOPLE`` training captions with a skin-tone modifier, a fixed-seed choice in caption order."""
+    toned = [caption for _, caption in emoji_captions() if split_of(caption) == "train" and SKIN_TONE.search(caption)]
+    return sorted(random.Random(0).sample(toned, PEOPLE))
+
+
 def prompt_set(data_dir: str, name: str, size: int, limit: int | None = None) -> list[dict]:
-    """The ``{"image", "caption"}`` samples of a prompt set: the val split, or ``EVERYDAY``'s emoji."""
+    """The ``{"image", "caption"}`` samples of a prompt set: the val split, ``EVERYDAY``'s or ``people_captions``'
+    emoji."""
     if name == "val":
         return openmoji_split(data_dir, "val", size, limit)
-    if name != "everyday":
+    if name not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {name!r}; choose one of {list(PROMPT_SETS)}")
-    found = {s["caption"]: s for s in openmoji_split(data_dir, "train", size) if s["caption"] in EVERYDAY}
-    missing = [c for c in EVERYDAY if c not in found]
+    wanted = EVERYDAY if name == "everyday" else people_captions()
+    found = {s["caption"]: s for s in openmoji_split(data_dir, "train", size, captions=set(wanted))}
+    missing = [c for c in wanted if c not in found]
     if missing:
-        raise ValueError(f"everyday prompts missing from the embedded training set: {missing}")
-    return [found[c] for c in EVERYDAY[:limit]]
+        raise ValueError(f"{name} prompts missing from the embedded training set: {missing}")
+    return [found[c] for c in wanted[:limit]]
 
 
 @torch.no_grad()
@@ -217,18 +230,19 @@ def latent_scores(latents: torch.Tensor, scorer: ValScorer, compressor: torch.nn
 
 @torch.no_grad()
 def nearest_training_images(latents: torch.Tensor, captions: list[str], compressor: torch.nn.Module,
-                            args: argparse.Namespace) -> torch.Tensor | None:
+                            gallery_captions: list[str], args: argparse.Namespace) -> torch.Tensor | None:
     """For each of ``latents`` (one per caption) the training image of another caption whose compressor latents
-    are nearest (cosine); None when the gallery (``--gallery-limit``) holds no training image."""
+    are nearest (cosine); None when the gallery (``gallery_captions``: val, then train) holds no training image."""
     known = latent_gallery(args.data_dir, compressor, args.size, args.batch_size, args.gallery_limit)
-    n_val = len(openmoji_split(args.data_dir, "val", args.size, args.gallery_limit))  # the gallery: val, then train
-    if len(known) <= n_val:
+    n_val = min(openmoji_shards(args.data_dir, "val")[1], len(known))
+    train = gallery_captions[n_val:]
+    if not train:
         return None
-    train = openmoji_split(args.data_dir, "train", args.size, len(known) - n_val)
     sims = F.normalize(latents.flatten(1), dim=1) @ F.normalize(known[n_val:], dim=1).T
-    own = torch.tensor([[caption == s["caption"] for s in train] for caption in captions])
-    nearest = sims.masked_fill(own, -float("inf")).argmax(dim=1)
-    return torch.stack([train[j]["image"] for j in nearest.tolist()])
+    own = torch.tensor([[caption == other for other in train] for caption in captions])
+    chosen = [train[j] for j in sims.masked_fill(own, -float("inf")).argmax(dim=1).tolist()]
+    images = {s["caption"]: s["image"] for s in openmoji_split(args.data_dir, "train", args.size, captions=set(chosen))}
+    return torch.stack([images[caption] for caption in chosen])
 
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -282,8 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--decoder", choices=("semantic", "pixel"), default="semantic",
                     help="semantic: Stage B + Stage A; pixel: the greedy-grown pixel decoder")
     ap.add_argument("--pixel-decoder", default=str(SHIPPED / "pixel_decoder.safetensors"))
-    ap.add_argument("--prompt-sets", type=comma_list(PROMPT_SETS), default=",".join(PROMPT_SETS),
-                    help="which prompt sets to score (val: the 185 val captions; everyday: EVERYDAY)")
+    ap.add_argument("--prompt-sets", type=comma_list(PROMPT_SETS), default=",".join(DEFAULT_PROMPT_SETS),
+                    help="which prompt sets to score (val: the 185 val captions; everyday: EVERYDAY; people: "
+                         "PEOPLE training captions with a skin tone; default val,everyday)")
     ap.add_argument("--baseline-ldm", default=None, metavar="PATH",
                     help="score the single-stage baseline LDM (with --stage-a) instead of the cascade")
     ap.add_argument("--previewer", default=None, help="also score Stage C's latents rendered by this previewer")
@@ -382,7 +397,7 @@ def score_prompt_set(pipe, decoder, compressor: torch.nn.Module, stage_a: StageA
         scores["draws"] = more_draws(pipe, scorer, decoder_steps, samplers, args, scores["top5_retrieval_own_caption"])
     if ceilings:
         scores["from_true_latents"] = scorer(torch.cat(decoded), "images decoded from their own latents")
-        recalled = nearest_training_images(true_latents, captions, compressor, args)
+        recalled = nearest_training_images(true_latents, captions, compressor, scorer.gallery_captions, args)
         if recalled is not None:
             scores["nearest_training_image"] = scorer(recalled, "nearest training images by compressor latents")
     if noised:

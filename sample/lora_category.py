@@ -49,7 +49,7 @@ CATEGORIES = {  # (emoji, caption) -> in the category
 def category(data_dir: str, split: str, name: str, size: int) -> list[dict]:
     """The samples of ``split`` in category ``name`` (``CATEGORIES``)."""
     members = {caption for emoji, caption in emoji_captions() if CATEGORIES[name](emoji, caption)}
-    return [s for s in openmoji_split(data_dir, split, size) if s["caption"] in members]
+    return openmoji_split(data_dir, split, size, captions=members)
 
 
 def prepare(args: argparse.Namespace) -> dict:

@@ -235,17 +235,18 @@ def test_nearest_training_image_is_the_nearest_of_another_caption_by_compressor_
     compressor = load_compressor(bundle / "compressor.safetensors")
     args = argparse.Namespace(data_dir=str(openmoji_dir), size=64, batch_size=8, gallery_limit=190)  # 185 val, 5 train
     train = openmoji_split(str(openmoji_dir), "train", 64, limit=5)
+    gallery = [s["caption"] for s in openmoji_split(str(openmoji_dir), "val", 64)] + [s["caption"] for s in train]
     images = torch.stack([s["image"] for s in train])
     with torch.no_grad():
         latents = compressor(images)
     # captions the training set lacks: each training image's own latents recall that very image
-    assert torch.equal(nearest_training_images(latents, ["no such emoji"] * 5, compressor, args), images)
+    assert torch.equal(nearest_training_images(latents, ["no such emoji"] * 5, compressor, gallery, args), images)
     # their own captions: the image itself is never recalled, another training image is
-    recalled = nearest_training_images(latents, [s["caption"] for s in train], compressor, args)
+    recalled = nearest_training_images(latents, [s["caption"] for s in train], compressor, gallery, args)
     assert recalled.shape == images.shape and not any(torch.equal(r, i) for r, i in zip(recalled, images))
     assert all(any(torch.equal(r, i) for i in images) for r in recalled)
     args.gallery_limit = 20  # val images only: nothing to recall
-    assert nearest_training_images(latents, ["no such emoji"] * 5, compressor, args) is None
+    assert nearest_training_images(latents, ["no such emoji"] * 5, compressor, gallery[:20], args) is None
 
 
 def test_top5_hits_counts_the_target_among_the_five_nearest():

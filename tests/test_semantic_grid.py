@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sample.evaluate import EVERYDAY, prompt_set
+from sample.evaluate import EVERYDAY, PEOPLE, people_captions, prompt_set, without_skin_tone
 from semantic_compressor import PAPER_INPUT_SCALE, SemanticCompressor, latent_grid
 from weights.loaders import load_compressor
 from weights.checkpoint import save_safetensors
@@ -82,6 +82,14 @@ def test_everyday_prompts_are_training_captions(openmoji_dir):
     assert len(prompt_set(openmoji_dir, "everyday", 64, limit=3)) == 3
     with pytest.raises(ValueError, match="unknown prompt set"):
         prompt_set(openmoji_dir, "holiday", 64)
+
+
+def test_people_prompts_are_a_fixed_choice_of_training_captions_with_a_skin_tone(openmoji_dir):
+    samples = prompt_set(openmoji_dir, "people", 64)
+    captions = [s["caption"] for s in samples]
+    assert len(set(captions)) == PEOPLE and captions == people_captions()
+    assert all(split_of(c) == "train" and without_skin_tone(c) != c for c in captions)
+    assert len({without_skin_tone(c) for c in captions}) > PEOPLE // 2  # many emoji, not one in five tones
 
 
 def test_v3_prior_samples_its_compressors_grid(tmp_path):
