@@ -23,6 +23,7 @@ from common.state_dict import load_into
 
 REDOWNLOAD = "re-export or re-download it"
 TEXT_KEYS = ("stage", "checksum")  # safetensors metadata stored as plain text; every other value is JSON
+WRITTEN_KEYS = ("stage", "config", "checksum")  # the metadata save_tensors writes itself; the rest is ``extra``
 TRAINING_STATE = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks", "hyper_parameters")
 
 

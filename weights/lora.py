@@ -24,8 +24,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from weights.checkpoint import (load_model, load_safetensors, read_metadata, resolve_checkpoint, save_tensors,
-                                tensor_digest)
+from weights.checkpoint import (WRITTEN_KEYS, load_model, load_safetensors, read_metadata, resolve_checkpoint,
+                                save_tensors, tensor_digest)
 from common.errors import run_command
 from stages.stage_b import StageB
 from stages.stage_c import StageC
@@ -35,7 +35,6 @@ ADAPTER_STAGE = "lora"  # the ``stage`` an adapter file records (its base's stag
 # Stage C and Stage B attention: queries, keys, values, output, and the mapping of the condition (text) into keys/values
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out", "kv_mapper.1")
 BUILDERS = {"stage_c": StageC, "stage_b": StageB, "stage_c3": StageC3, "stage_b3": StageB3}
-META_KEYS = ("stage", "config", "checksum")
 
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -214,7 +213,7 @@ def merge(base: str | os.PathLike, loras: Sequence[tuple[str | os.PathLike, floa
     if stage not in BUILDERS:
         raise ValueError(f"{path} is a {stage or 'unknown'} export; LoRA merges into Stage C or Stage B exports")
     model = load_loras(load_model(path, stage, BUILDERS[stage]), loras, stage)
-    extra = {k: v for k, v in meta.items() if k not in META_KEYS}
+    extra = {k: v for k, v in meta.items() if k not in WRITTEN_KEYS}
     extra["merged_loras"] = extra.get("merged_loras", []) + [
         {"path": str(p), "scale": s, "base_fingerprint": m["base_fingerprint"], **m["config"]} for p, s, m in checked]
     return save_tensors(merged_state(model), out, stage, meta["config"], overwrite, extra)
