@@ -6,7 +6,7 @@ import torch
 from common.errors import run_command
 from pipeline.text_to_image import load_text_to_image
 from weights.average import main as average_main
-from weights.checkpoint import WRITTEN_KEYS, load_safetensors, read_metadata, save_tensors
+from weights.checkpoint import carried_metadata, load_safetensors, read_metadata, save_tensors
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def two_decoders(tiny_bundle_copy):
     meta = read_metadata(out / "stage_b.safetensors")
     torch.manual_seed(3)
     other = {k: v + torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
-    extra = {k: v for k, v in meta.items() if k not in WRITTEN_KEYS}
+    extra = carried_metadata(meta)
     save_tensors(other, out / "stage_b_later.safetensors", "stage_b", meta["config"], extra={**extra, "global_step": 7})
     return out
 

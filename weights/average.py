@@ -21,7 +21,7 @@ import torch
 
 from common.cli import check_output
 from common.errors import run_command
-from weights.checkpoint import WRITTEN_KEYS, load_safetensors, read_metadata, resolve_checkpoint, save_tensors
+from weights.checkpoint import carried_metadata, load_safetensors, read_metadata, resolve_checkpoint, save_tensors
 
 
 def must_agree(key: str) -> bool:
@@ -64,7 +64,7 @@ def average(paths: Sequence[str | Path], weights: Sequence[float] | None, out: s
         else:
             raise ValueError(f"{key} is an integer tensor that differs between the exports; it cannot be averaged")
     last_meta = read_metadata(files[-1])
-    extra = {k: v for k, v in last_meta.items() if k not in WRITTEN_KEYS}
+    extra = carried_metadata(last_meta)
     extra["averaged_from"] = [{"path": str(p), "weight": w} for p, w in zip(paths, weights)]
     return save_tensors(soup, out, last_meta["stage"], last_meta["config"], overwrite, extra)
 

@@ -143,6 +143,11 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return _decoded(path, _header(path))
 
 
+def carried_metadata(meta: dict) -> dict:
+    """``meta`` without what ``save_tensors`` writes itself: the ``extra`` a re-save of the same export carries over."""
+    return {k: v for k, v in meta.items() if k not in WRITTEN_KEYS}
+
+
 def _decoded(path: Path, raw: dict[str, str]) -> dict:
     meta = {}
     for key, value in raw.items():

@@ -24,7 +24,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from weights.checkpoint import (WRITTEN_KEYS, load_model, load_safetensors, read_metadata, resolve_checkpoint,
+from weights.checkpoint import (carried_metadata, load_model, load_safetensors, read_metadata, resolve_checkpoint,
                                 save_tensors, tensor_digest)
 from common.errors import run_command
 from stages.stage_b import StageB
@@ -213,7 +213,7 @@ def merge(base: str | os.PathLike, loras: Sequence[tuple[str | os.PathLike, floa
     if stage not in BUILDERS:
         raise ValueError(f"{path} is a {stage or 'unknown'} export; LoRA merges into Stage C or Stage B exports")
     model = load_loras(load_model(path, stage, BUILDERS[stage]), loras, stage)
-    extra = {k: v for k, v in meta.items() if k not in WRITTEN_KEYS}
+    extra = carried_metadata(meta)
     extra["merged_loras"] = extra.get("merged_loras", []) + [
         {"path": str(p), "scale": s, "base_fingerprint": m["base_fingerprint"], **m["config"]} for p, s, m in checked]
     return save_tensors(merged_state(model), out, stage, meta["config"], overwrite, extra)
